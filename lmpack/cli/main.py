@@ -1,0 +1,36 @@
+"""The `lmpack` command group."""
+
+from __future__ import annotations
+
+import click
+
+from lmpack import __version__
+from lmpack.cli.build import build_command, pull_command
+from lmpack.cli.catalog import profiles_group, targets_group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="lmpack")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def cli(debug: bool) -> None:
+    """Build, bundle and serve language models on your own hardware.
+
+    \b
+    Examples:
+      lmpack targets list
+      lmpack targets show a100
+      lmpack build ./SmolLM2-135M-Instruct.Q4_1.gguf --target cpu-x86 --profile int8 -o dist/
+      lmpack build sentence-transformers/all-MiniLM-L6-v2 --target cpu-x86 --profile int8
+
+    Exit codes are listed in docs/cli.md.
+    """
+
+
+cli.add_command(targets_group)
+cli.add_command(profiles_group)
+cli.add_command(pull_command)
+cli.add_command(build_command)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,75 @@
+"""One exception tree for everything a user can cause; the CLI maps each to a message and exit code.
+
+Exit codes are stable and documented in docs/cli.md.
+"""
+
+from __future__ import annotations
+
+
+class LmpackError(Exception):
+    """Base of every expected failure: one line of what went wrong, and a hint for what to do next."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class ConfigError(LmpackError):
+    """A target, profile or other TOML file is malformed or names an unknown field or value."""
+
+    exit_code = 3
+
+
+class NotFoundError(LmpackError):
+    """A named target, profile, model path or repository does not exist."""
+
+    exit_code = 4
+
+
+class PlanError(LmpackError):
+    """A target and a profile cannot be combined (fp8 on t4, TensorRT on a CPU target)."""
+
+    exit_code = 5
+
+
+class UnsupportedModelError(LmpackError):
+    """The model's architecture or format is not one lmpack can export."""
+
+    exit_code = 6
+
+
+class UnsafeModelError(LmpackError):
+    """The model needs pickle loading or remote code, and the user did not allow it by flag."""
+
+    exit_code = 7
+
+
+class QualityGateError(LmpackError):
+    """The optimized model differs from the reference by more than the profile allows."""
+
+    exit_code = 8
+
+    def __init__(self, message: str, *, hint: str | None = None, measured: dict | None = None):
+        super().__init__(message, hint=hint)
+        self.measured = measured or {}
+
+
+class DiskFullError(LmpackError):
+    """The disk filled up while writing; nothing partial was left behind."""
+
+    exit_code = 9
+
+
+class SourceError(LmpackError):
+    """The model source (the Hub, a file server) could not be reached or answered with an error."""
+
+    exit_code = 10
+
+
+class StepError(LmpackError):
+    """A build step failed for a reason that is not the user's input (a tool crashed)."""
+
+    exit_code = 11

@@ -1,0 +1,1 @@
+"""The build pipeline: step interface and registry, content-addressed step cache, plan and runner."""

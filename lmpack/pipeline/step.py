@@ -1,0 +1,117 @@
+"""The one interface every build step implements, and the registry that finds steps by name."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+from lmpack.config.profiles import Profile
+from lmpack.config.targets import Target
+from lmpack.errors import ConfigError
+from lmpack.pipeline.params import NoParams
+
+# Artifact kinds a step consumes and produces.
+SOURCE = "source"          # a model reference before pull: Hub repo, local directory or GGUF file
+HF_MODEL = "hf-model"      # a Hugging Face directory with safetensors weights and tokenizer files
+ONNX_MODEL = "onnx-model"  # an ONNX model directory with tokenizer files and lmpack-model.json
+
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: str
+    path: Path
+    digest: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager]
+
+
+@contextlib.contextmanager
+def silent_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n=1: None
+
+
+@dataclass
+class StepContext:
+    """What a running step may see beyond its input: the target, the profile, earlier artifacts."""
+
+    target: Target
+    profile: Profile
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
+    progress: ProgressFactory = silent_progress
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def reference(self) -> Artifact:
+        """The unoptimized ONNX export every later step is compared against."""
+        return self.artifacts["export"]
+
+
+class Step:
+    """A build step: typed parameters, a plan-time check against the target, and a run into a fresh directory.
+
+    `run` writes its output into `out_dir` (which the runner created empty) and returns a dict of
+    measurements for the build report. Steps with `writes_output = False` (validate) only measure;
+    their input passes through unchanged.
+    """
+
+    name: ClassVar[str]
+    consumes: ClassVar[str]
+    produces: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+    uses_target: ClassVar[bool] = False
+    writes_output: ClassVar[bool] = True
+    tools: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: Any):
+        self.params = params
+
+    def check(self, target: Target, profile: Profile) -> None:
+        """Raise PlanError when this step cannot run for `target`."""
+
+    def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def finish(self, ctx: StepContext, source: Artifact, metrics: dict[str, Any]) -> None:
+        """Called after run or a cache hit; the quality gate lives here, so a cached measurement is still judged."""
+
+    def cache_extra(self, ctx: StepContext) -> dict[str, Any]:
+        """Anything besides the input that the output depends on (validate: the reference's digest)."""
+        return {}
+
+    def tool_versions(self) -> dict[str, str]:
+        versions = {}
+        for name in self.tools:
+            try:
+                versions[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                versions[name] = "absent"
+        return versions
+
+
+_REGISTRY: dict[str, type[Step]] = {}
+
+
+def register(cls: type[Step]) -> type[Step]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_steps() -> dict[str, type[Step]]:
+    # Steps register themselves on import; their modules import nothing heavy at the top.
+    from lmpack.steps import STEP_MODULES
+
+    for module in STEP_MODULES:
+        importlib.import_module(f"lmpack.steps.{module}")
+    return dict(_REGISTRY)
+
+
+def step_class(name: str, *, where: str) -> type[Step]:
+    steps = registered_steps()
+    if name not in steps:
+        raise ConfigError(f"{where}: unknown step {name!r}; known steps: {', '.join(sorted(steps))}")
+    return steps[name]

@@ -1,0 +1,82 @@
+"""Which files of a Hugging Face model directory lmpack takes, and the safety checks on them."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import struct
+from pathlib import Path
+
+from lmpack.errors import UnsafeModelError, UnsupportedModelError
+
+# Weights come only as safetensors; everything else is configuration, tokenizer or documentation.
+WANTED_PATTERNS = (
+    "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "*/config.json",
+    "README.md", "LICENSE", "LICENSE.*", "LICENSE*",
+)
+PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def is_wanted(relpath: str) -> bool:
+    return any(fnmatch.fnmatch(relpath, pattern) for pattern in WANTED_PATTERNS)
+
+
+def is_pickle_checkpoint(relpath: str) -> bool:
+    return any(fnmatch.fnmatch(Path(relpath).name, pattern) for pattern in PICKLE_PATTERNS)
+
+
+def check_safetensors(path: Path) -> None:
+    """Check by content that a .safetensors file really is one: bounded header length, JSON header."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise UnsafeModelError(f"{path}: not a safetensors file (shorter than its 8-byte header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_SAFETENSORS_HEADER or header_len > size - 8:
+            raise UnsafeModelError(f"{path}: not a safetensors file (header length {header_len} out of bounds)")
+        try:
+            json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UnsafeModelError(f"{path}: not a safetensors file (header is not JSON)") from None
+
+
+def check_model_dir(directory: Path, *, trust_remote_code: bool) -> dict:
+    """Safety and sanity checks on a pulled directory; returns its config.json."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UnsupportedModelError(f"{directory}: no config.json; lmpack needs a Hugging Face model directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UnsupportedModelError(f"{config_path}: not valid JSON ({exc})") from None
+    weights = sorted(directory.rglob("*.safetensors"))
+    if not weights:
+        raise UnsafeModelError(f"{directory}: no safetensors weights found",
+                               hint="lmpack never loads pickle checkpoints; pass --allow-pickle to convert them once")
+    for weight in weights:
+        check_safetensors(weight)
+    if config.get("auto_map") and not trust_remote_code:
+        raise UnsafeModelError(f"{config_path}: the model needs its own Python code (auto_map) to load",
+                               hint="pass --trust-remote-code only if you trust this repository")
+    return config
+
+
+def read_license(directory: Path) -> str | None:
+    """The `license:` field of the model card's front matter, if any."""
+    readme = directory / "README.md"
+    if not readme.is_file():
+        return None
+    lines = readme.read_text(errors="replace").splitlines()
+    if not lines or lines[0].strip() != "---":
+        return None
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        if line.startswith("license:"):
+            return line.split(":", 1)[1].strip().strip("'\"") or None
+    return None

@@ -1,0 +1,108 @@
+"""Small ONNX graph rewrites the quantizers need, and load/save with external data when large."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# Protobuf cannot hold more than 2 GiB; keep a margin and move weights to a side file well before it.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def load_model(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def save_model(model, path: Path) -> None:
+    import onnx
+
+    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data" if large else None)
+
+
+def _consumers(graph, name: str) -> list:
+    return [n for n in graph.node if name in n.input]
+
+
+def logits_matmul(model) -> str | None:
+    """Name of the MatMul that produces the `logits` output (the LM head), if there is one."""
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and "logits" in node.output:
+            return node.name
+    return None
+
+
+def fold_transposed_weights(model) -> int:
+    """Replace Transpose(initializer) feeding only MatMuls by a transposed initializer, so they can be quantized."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "Transpose" or node.input[0] not in initializers:
+            continue
+        users = _consumers(graph, node.output[0])
+        if not users or any(u.op_type != "MatMul" for u in users):
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        weight = numpy_helper.to_array(initializers[node.input[0]])
+        transposed = np.ascontiguousarray(np.transpose(weight, perm))
+        new_name = f"{node.input[0]}_transposed_folded"
+        graph.initializer.append(numpy_helper.from_array(transposed, new_name))
+        for user in users:
+            for index, name in enumerate(user.input):
+                if name == node.output[0]:
+                    user.input[index] = new_name
+        graph.node.remove(node)
+        folded += 1
+    return folded
+
+
+def quantize_embeddings_int8(model) -> int:
+    """Per-row symmetric int8 for fp32 Gather tables (token embeddings): Gather rows, Gather scales, multiply.
+
+    ONNX Runtime's GatherBlockQuantized takes 4 bits only; this keeps an 8-bit model's embedding at 8 bits.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    count = 0
+    for node in list(graph.node):
+        if node.op_type != "Gather" or node.input[0] not in initializers:
+            continue
+        table = initializers[node.input[0]]
+        if table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or table.dims[0] < 256:
+            continue  # small tables (positions, types) are not worth it
+        weight = numpy_helper.to_array(table)
+        scale = np.maximum(np.abs(weight).max(axis=1, keepdims=True) / 127.0, 1e-12).astype(np.float32)
+        quantized = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
+        base = node.input[0]
+        graph.initializer.remove(table)
+        graph.initializer.extend([numpy_helper.from_array(quantized, f"{base}_int8"),
+                                  numpy_helper.from_array(scale, f"{base}_scale")])
+        out = node.output[0]
+        index = list(graph.node).index(node)
+        new_nodes = [
+            helper.make_node("Gather", [f"{base}_int8", node.input[1]], [f"{out}_q"], name=f"{node.name}_q"),
+            helper.make_node("Gather", [f"{base}_scale", node.input[1]], [f"{out}_s"], name=f"{node.name}_s"),
+            helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], to=TensorProto.FLOAT, name=f"{node.name}_cast"),
+            helper.make_node("Mul", [f"{out}_f", f"{out}_s"], [out], name=f"{node.name}_dequant"),
+        ]
+        graph.node.remove(node)
+        for offset, new_node in enumerate(new_nodes):
+            graph.node.insert(index + offset, new_node)
+        count += 1
+    # Another consumer of a replaced fp32 table (an unfolded tied head) would now dangle: refuse rather than break.
+    known = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    known |= {name for n in graph.node for name in n.output}
+    for node in graph.node:
+        missing = [name for name in node.input if name and name not in known]
+        if missing:
+            raise ValueError(f"{node.op_type} {node.name} still reads the replaced table {missing[0]}")
+    return count

@@ -1,0 +1,165 @@
+"""Pull: turn a Hub repo, a local directory or a GGUF file into a clean Hugging Face directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lmpack.config import paths
+from lmpack.errors import NotFoundError, SourceError, UnsafeModelError, UnsupportedModelError
+from lmpack.pipeline.digest import file_sha256, json_sha256, tree_files
+from lmpack.pipeline.step import HF_MODEL, SOURCE, Artifact, Step, StepContext, register
+from lmpack.steps.model_files import (PICKLE_PATTERNS, WANTED_PATTERNS, check_model_dir, is_pickle_checkpoint,
+                                      is_wanted, read_license)
+
+GGUF_MAGIC = b"GGUF"
+SOURCE_FILE = "lmpack-source.json"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class PullParams:
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+def resolve_source(model: str, *, revision: str | None = None, allow_pickle: bool = False) -> Artifact:
+    """Find what `model` names and give it a stable identity; Hub repos are downloaded (or read offline) here."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        wanted = [p for p in tree_files(path) if _relpath_ok(p.relative_to(path).as_posix(), allow_pickle)]
+        entries = [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in wanted]
+        return Artifact(kind=SOURCE, path=path.resolve(), digest=json_sha256(["dir", entries]),
+                        info={"kind": "directory", "ref": str(path.resolve())})
+    if path.is_file():
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic != GGUF_MAGIC:
+            raise UnsupportedModelError(f"{path}: not a GGUF file (detected by content) and not a model directory",
+                                        hint="pass a Hugging Face directory, a .gguf file or a Hub repo id")
+        sha = file_sha256(path)
+        return Artifact(kind=SOURCE, path=path.resolve(), digest=f"gguf:{sha}",
+                        info={"kind": "gguf", "ref": str(path.resolve()), "sha256": sha})
+    if model.startswith((".", "/", "~")) or model.endswith(".gguf") or not _REPO_ID.match(model):
+        raise NotFoundError(f"model path {model} does not exist")
+    return _resolve_hub(model, revision=revision, allow_pickle=allow_pickle)
+
+
+def _relpath_ok(relpath: str, allow_pickle: bool) -> bool:
+    return is_wanted(relpath) or (allow_pickle and is_pickle_checkpoint(relpath))
+
+
+def _resolve_hub(repo_id: str, *, revision: str | None, allow_pickle: bool) -> Artifact:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    patterns = list(WANTED_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else [])
+    try:
+        # The token comes from the usual places (HF_TOKEN, the login cache); HF_HUB_OFFLINE is honoured.
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except hub_errors.RevisionNotFoundError:
+        raise NotFoundError(f"revision {revision!r} not found in Hub repo {repo_id}") from None
+    except hub_errors.GatedRepoError:
+        raise SourceError(f"Hub repo {repo_id} is gated", hint="accept its terms and set HF_TOKEN") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise NotFoundError(f"Hub repo {repo_id} not found (or private without a token)",
+                            hint="check the name, or set HF_TOKEN for a private repo") from None
+    except hub_errors.LocalEntryNotFoundError:
+        if paths.hub_offline():
+            raise SourceError(f"Hub repo {repo_id} is not in the local cache and HF_HUB_OFFLINE is set",
+                              hint="pull it once on a connected machine, or pass a local directory") from None
+        raise SourceError(f"could not reach the Hub to download {repo_id}",
+                          hint="check the network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use the cache") from None
+    except hub_errors.HfHubHTTPError as exc:
+        raise SourceError(f"the Hub answered an error for {repo_id}: {exc}") from None
+    commit = snapshot.name
+    return Artifact(kind=SOURCE, path=snapshot, digest=f"hub:{repo_id}@{commit}",
+                    info={"kind": "hub", "ref": repo_id, "revision": revision or "main", "commit": commit})
+
+
+@register
+class PullStep(Step):
+    name = "pull"
+    consumes = SOURCE
+    produces = HF_MODEL
+    Params = PullParams
+    tools = ("transformers", "gguf")
+
+    def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
+        info = dict(source.info)
+        if info["kind"] == "gguf":
+            info.update(_dequantize_gguf(source.path, out_dir))
+        else:
+            _copy_wanted(source.path, out_dir, allow_pickle=self.params.allow_pickle)
+            if not any(out_dir.rglob("*.safetensors")):
+                _refuse_or_convert_pickle(out_dir, allow=self.params.allow_pickle)
+        for pickle_file in [p for p in out_dir.rglob("*") if is_pickle_checkpoint(p.name)]:
+            pickle_file.unlink()
+        config = check_model_dir(out_dir, trust_remote_code=self.params.trust_remote_code)
+        info.setdefault("license", read_license(out_dir))
+        info["architecture"] = (config.get("architectures") or ["unknown"])[0]
+        info["model_type"] = config.get("model_type", "unknown")
+        (out_dir / SOURCE_FILE).write_text(__import__("json").dumps(info, indent=2, sort_keys=True))
+        return info
+
+
+def _copy_wanted(src: Path, dst: Path, *, allow_pickle: bool) -> None:
+    for file in tree_files(src) if src.is_dir() else []:
+        rel = file.relative_to(src).as_posix()
+        if _relpath_ok(rel, allow_pickle):
+            target = dst / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
+    # The Hub cache stores files as links into a blob store; tree_files skips links, so copy those too.
+    for link in (p for p in src.rglob("*") if p.is_symlink() and p.is_file()):
+        rel = link.relative_to(src).as_posix()
+        if _relpath_ok(rel, allow_pickle) and not (dst / rel).exists():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(link.resolve(), dst / rel)
+
+
+def _refuse_or_convert_pickle(directory: Path, *, allow: bool) -> None:
+    pickles = [p for p in directory.rglob("*") if is_pickle_checkpoint(p.name)]
+    if not allow:
+        what = f" (found {pickles[0].name})" if pickles else ""
+        raise UnsafeModelError(f"the model has no safetensors weights, only pickle checkpoints{what}"
+                               if pickles else "the model has no safetensors weights",
+                               hint="lmpack never loads pickle at build or run time; pass --allow-pickle to convert "
+                                    "it to safetensors once, with torch's weights-only loader")
+    if not pickles:
+        raise UnsafeModelError("the model has no weights lmpack can read (no safetensors, no checkpoint)")
+    from transformers import AutoModel
+
+    # weights_only loading is what transformers uses for .bin files; the result is saved as safetensors.
+    model = AutoModel.from_pretrained(directory, use_safetensors=False, trust_remote_code=False)
+    model.save_pretrained(directory, safe_serialization=True)
+
+
+def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
+    """Load a GGUF with transformers (dequantized to fp32) and save it as a standard HF directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise UnsupportedModelError(f"{gguf_path}: transformers cannot load this GGUF ({exc})",
+                                    hint="GGUF loading supports the architectures listed in transformers' gguf docs") from None
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return {"license": _gguf_license(gguf_path)}
+
+
+def _gguf_license(path: Path) -> str | None:
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(path).fields.get("general.license")
+        if field is None:
+            return None
+        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+    except Exception:  # the license is informational; an odd header must not fail the build
+        return None

@@ -1,0 +1,113 @@
+"""Quantize: weight-only block-wise MatMulNBits (8 or 4 bit), ONNX Runtime dynamic int8, or fp16 for GPUs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from lmpack.errors import PlanError
+from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext, register
+from lmpack.steps.export import onnx_model_path, read_model_info
+from lmpack.steps.onnx_graph import (fold_transposed_weights, load_model, logits_matmul, quantize_embeddings_int8,
+                                     save_model)
+
+_PRECISION_OF_METHOD = {"dynamic_int8": "int8", "fp16": "fp16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeParams:
+    method: Literal["matmul_nbits", "dynamic_int8", "fp16"] = "matmul_nbits"
+    bits: Literal[4, 8] = 8
+    block_size: Literal[16, 32, 64, 128] = 32
+    symmetric: bool = True
+    # 4 = int8 compute inside MatMulNBits: several times faster on CPU (docs/build.md has the numbers).
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    # The token embedding is a Gather, not a MatMul: 8 = per-row int8, 4 = GatherBlockQuantized, 32 = keep fp32.
+    embedding_bits: Literal[4, 8, 32] = 8
+    # The LM head (the MatMul that produces the logits) is the most sensitive weight; 0 = same as `bits`.
+    head_bits: Literal[0, 4, 8] = 0
+
+
+@register
+class QuantizeStep(Step):
+    name = "quantize"
+    consumes = ONNX_MODEL
+    produces = ONNX_MODEL
+    Params = QuantizeParams
+    tools = ("onnx", "onnxruntime")
+
+    def check(self, target, profile) -> None:
+        needed = _PRECISION_OF_METHOD.get(self.params.method, f"int{self.params.bits}")
+        if needed not in target.precisions:
+            raise PlanError(f"quantize method {self.params.method} produces {needed}, which target "
+                            f"{target.name!r} does not support (supported: {', '.join(target.precisions)})")
+
+    def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
+        shutil.copytree(source.path, out_dir, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data", "*.onnx.data"))
+        src_model = onnx_model_path(source.path)
+        dst_model = out_dir / src_model.name
+        method = self.params.method
+        if method == "matmul_nbits":
+            stats = _matmul_nbits(src_model, dst_model, self.params)
+        elif method == "dynamic_int8":
+            stats = _dynamic_int8(src_model, dst_model)
+        else:
+            stats = _fp16(src_model, dst_model)
+        info = read_model_info(out_dir)
+        info["quantization"] = {"method": method, **({"bits": self.params.bits, "block_size": self.params.block_size,
+                                                      "embedding_bits": self.params.embedding_bits,
+                                                      "head_bits": self.params.head_bits or self.params.bits}
+                                                     if method == "matmul_nbits" else {})}
+        (out_dir / "lmpack-model.json").write_text(__import__("json").dumps(info, indent=2, sort_keys=True))
+        return stats
+
+
+def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any]:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = load_model(src)
+    folded = fold_transposed_weights(model)  # a tied LM head reaches MatMul through a Transpose
+    op_types = ("MatMul", "Gather") if params.embedding_bits == 4 else ("MatMul",)
+    head = logits_matmul(model)
+    # nodes_to_include widens rather than narrows the quantizer's selection, so the head pass excludes the rest.
+    passes = [(params.bits, op_types, [head] if head and params.head_bits else [])]
+    if head and params.head_bits:
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
+        passes.insert(0, (params.head_bits, ("MatMul",), others))
+    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # it logs one INFO line per node
+    try:
+        for bits, types, exclude in passes:
+            quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=params.block_size,
+                                             is_symmetric=params.symmetric, accuracy_level=params.accuracy_level,
+                                             nodes_to_exclude=exclude, op_types_to_quantize=types,
+                                             quant_axes=(("MatMul", 0), ("Gather", 1)))
+            quantizer.process()
+            model = quantizer.model.model
+    finally:
+        quiet.setLevel(level)
+    embeddings = quantize_embeddings_int8(model) if params.embedding_bits == 8 else 0
+    save_model(model, dst)
+    ops = [n.op_type for n in model.graph.node]
+    return {"matmul_nbits_nodes": ops.count("MatMulNBits"), "gather_block_quantized_nodes":
+            ops.count("GatherBlockQuantized"), "int8_embeddings": embeddings, "folded_transposes": folded}
+
+
+def _dynamic_int8(src: Path, dst: Path) -> dict[str, Any]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    return {}
+
+
+def _fp16(src: Path, dst: Path) -> dict[str, Any]:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(load_model(src), keep_io_types=True)
+    save_model(model, dst)
+    return {}
