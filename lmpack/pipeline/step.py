@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import inspect
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -84,7 +86,12 @@ class Step:
         return {}
 
     def tool_versions(self) -> dict[str, str]:
-        versions = {}
+        """Versions of the libraries the output depends on, plus lmpack's and a digest of the step's own code."""
+        from lmpack import __version__
+
+        code = Path(inspect.getsourcefile(type(self)) or "")
+        versions = {"lmpack": __version__,
+                    "step_code": hashlib.sha256(code.read_bytes()).hexdigest()[:16] if code.is_file() else "?"}
         for name in self.tools:
             try:
                 versions[name] = metadata.version(name)

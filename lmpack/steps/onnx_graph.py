@@ -28,6 +28,14 @@ def _consumers(graph, name: str) -> list:
     return [n for n in graph.node if name in n.input]
 
 
+def upgrade_opset(model, version: int):
+    """Convert the default-domain opset up to `version` (attributes that became inputs are moved)."""
+    from onnx import version_converter
+
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), version)
+    return model if current >= version else version_converter.convert_version(model, version)
+
+
 def logits_matmul(model) -> str | None:
     """Name of the MatMul that produces the `logits` output (the LM head), if there is one."""
     for node in model.graph.node:

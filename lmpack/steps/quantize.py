@@ -12,7 +12,7 @@ from lmpack.errors import PlanError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext, register
 from lmpack.steps.export import onnx_model_path, read_model_info
 from lmpack.steps.onnx_graph import (fold_transposed_weights, load_model, logits_matmul, quantize_embeddings_int8,
-                                     save_model)
+                                     save_model, upgrade_opset)
 
 _PRECISION_OF_METHOD = {"dynamic_int8": "int8", "fp16": "fp16"}
 
@@ -72,6 +72,9 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
     model = load_model(src)
     folded = fold_transposed_weights(model)  # a tied LM head reaches MatMul through a Transpose
     op_types = ("MatMul", "Gather") if params.embedding_bits == 4 else ("MatMul",)
+    if params.embedding_bits == 4:
+        # GatherBlockQuantized needs int4 types (opset 21); the quantizer only bumps the number, so convert for real.
+        model = upgrade_opset(model, 21)
     head = logits_matmul(model)
     # nodes_to_include widens rather than narrows the quantizer's selection, so the head pass excludes the rest.
     passes = [(params.bits, op_types, [head] if head and params.head_bits else [])]
