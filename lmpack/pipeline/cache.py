@@ -80,7 +80,14 @@ class guard_disk_full:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None and self.cleanup is not None and issubclass(exc_type, BaseException):
             shutil.rmtree(self.cleanup, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"disk full while writing {exc.filename or self.cleanup}; nothing partial was kept",
+        if _is_disk_full(exc):
+            raise DiskFullError(f"disk full while writing {getattr(exc, 'filename', None) or self.cleanup}; "
+                                "nothing partial was kept",
                                 hint="free some space (or point LMPACK_CACHE / -o at a larger disk) and run again") from exc
         return False
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    if isinstance(exc, shutil.Error):  # copytree gathers per-file errors as (src, dst, message) text
+        return any(f"[Errno {errno.ENOSPC}]" in str(e) or f"[Errno {errno.EDQUOT}]" in str(e) for e in exc.args[0])
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -5,9 +5,12 @@ Why optimum and not onnxruntime-genai's model builder: see docs/build.md ("Expor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +71,12 @@ class ExportStep(Step):
         from optimum.exporters.onnx import main_export
 
         try:
-            main_export(str(source.path), output=out_dir, task=_OPTIMUM_TASK[task], opset=self.params.opset,
-                        device="cpu", library_name="transformers", trust_remote_code=False,
-                        do_validation=self.params.validate_export, local_files_only=True)
+            # optimum prints progress to stdout; stdout belongs to the command's own (--json) output.
+            with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about shapes are expected for decoders
+                main_export(str(source.path), output=out_dir, task=_OPTIMUM_TASK[task], opset=self.params.opset,
+                            device="cpu", library_name="transformers", trust_remote_code=False,
+                            do_validation=self.params.validate_export, local_files_only=True)
         except Exception as exc:  # optimum raises many types; the user needs the architecture and the cause
             raise StepError(f"ONNX export of {model_type} failed: {type(exc).__name__}: {exc}") from exc
         _copy_side_files(source.path, out_dir)

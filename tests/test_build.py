@@ -1,0 +1,156 @@
+"""End-to-end builds of tiny models: real optimum export, real quantization, real quality gate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from lmpack.cli.main import cli
+
+
+def build(*args: str, cache: Path):
+    return CliRunner().invoke(cli, ["build", *args, "--cache-dir", str(cache)])
+
+
+def test_int8_build_writes_a_complete_variant(tiny_llama, session_cache, tmp_path):
+    result = build(str(tiny_llama), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path), "--json",
+                   cache=session_cache)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    variant = Path(out["variant_dir"])
+    assert variant.parent == tmp_path
+    model = variant / "model"
+    for name in ("model.onnx", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json", "lmpack-model.json", "lmpack-source.json"):
+        assert (model / name).is_file(), name
+    report = json.loads((variant / "report.json").read_text())
+    assert report == out["report"]
+    assert report["quality"]["gate"] == "passed"
+    assert report["quality"]["perplexity_increase"] <= 0.02
+    assert report["sizes"]["model_bytes"] < report["sizes"]["reference_bytes"]
+    assert [s["step"] for s in report["steps"]] == ["pull", "export", "quantize", "validate"]
+    assert report["source"]["license"] == "apache-2.0"
+    ops = {n.op_type for n in onnx.load(str(model / "model.onnx")).graph.node}
+    assert "MatMulNBits" in ops
+    info = json.loads((model / "lmpack-model.json").read_text())
+    assert info["task"] == "text-generation" and info["num_layers"] == 4
+    assert info["quantization"]["bits"] == 8
+    variant_meta = json.loads((variant / "variant.json").read_text())
+    assert variant_meta["target"]["name"] == "cpu-x86" and variant_meta["precision"] == "int8"
+    assert "perplexity" in (variant / "report.txt").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_second_target_reuses_the_export(tiny_llama, session_cache, tmp_path):
+    first = build(str(tiny_llama), "--target", "cpu-x86", "--profile", "int4", "-o", str(tmp_path), "--json",
+                  cache=session_cache)
+    second = build(str(tiny_llama), "--target", "cpu-arm64", "--profile", "int4", "-o", str(tmp_path), "--json",
+                   cache=session_cache)
+    assert first.exit_code == 0 and second.exit_code == 0, second.output
+    steps = {s["step"]: s for s in json.loads(second.stdout)["report"]["steps"]}
+    assert steps["pull"]["cached"] and steps["export"]["cached"] and steps["quantize"]["cached"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"{tiny_llama.name}-cpu-arm64-int4", f"{tiny_llama.name}-cpu-x86-int4"]
+
+
+def test_encoder_build_measures_cosine_similarity(tiny_bert, session_cache, tmp_path):
+    result = build(str(tiny_bert), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path), "--json",
+                   cache=session_cache)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["report"]
+    assert report["task"] == "feature-extraction"
+    assert report["quality"]["cosine_similarity_mean"] >= 0.99
+    assert (Path(json.loads(result.stdout)["variant_dir"]) / "model" / "modules.json").is_file()
+
+
+def _strict_profile(tmp_path: Path) -> Path:
+    path = tmp_path / "strict-int4.toml"
+    path.write_text('schema_version = 1\nname = "strict-int4"\nprecision = "int4"\n'
+                    '[[steps]]\nname = "export"\n[[steps]]\nname = "quantize"\nbits = 4\nhead_bits = 4\n'
+                    'embedding_bits = 4\n[[steps]]\nname = "validate"\n'
+                    '[quality]\nmax_perplexity_increase = 0.0\nmin_top1_agreement = 1.0\n')
+    return path
+
+
+def test_quality_gate_failure_writes_nothing_and_shows_the_numbers(tiny_llama, session_cache, tmp_path):
+    out = tmp_path / "dist"
+    result = build(str(tiny_llama), "--target", "cpu-x86", "--profile", str(_strict_profile(tmp_path)),
+                   "-o", str(out), cache=session_cache)
+    assert result.exit_code == 8
+    assert "quality gate" in result.output and "allowed +0.00%" in result.output
+    assert not out.exists() or not any(out.iterdir())
+    kept = build(str(tiny_llama), "--target", "cpu-x86", "--profile", str(_strict_profile(tmp_path)),
+                 "-o", str(out), "--allow-quality-loss", "--json", cache=session_cache)
+    assert kept.exit_code == 0
+    assert json.loads(kept.stdout)["report"]["quality"]["gate"] == "overridden"
+
+
+@pytest.mark.parametrize("args,code,fragment", [
+    (["--target", "z80"], 4, "unknown target"),
+    (["--target", "cpu-x86", "--profile", "fp16"], 5, "does not support"),
+    (["--target", "cpu-x86", "--profile", "nope"], 4, "unknown profile"),
+])
+def test_bad_requests_fail_before_any_work(tiny_llama, tmp_path, args, code, fragment):
+    result = build(str(tiny_llama), *args, "-o", str(tmp_path / "dist"), cache=tmp_path / "cache")
+    assert result.exit_code == code
+    assert fragment in result.output
+    assert not (tmp_path / "dist").exists() and not (tmp_path / "cache").exists()
+
+
+def test_missing_model_path(tmp_path):
+    result = build("./no-such-model", "--target", "cpu-x86", cache=tmp_path / "cache")
+    assert result.exit_code == 4 and "does not exist" in result.output
+
+
+def test_unsupported_architecture_is_named(tiny_llama, tmp_path):
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_llama, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config.update({"architectures": ["T5ForConditionalGeneration"], "model_type": "t5"})
+    (odd / "config.json").write_text(json.dumps(config))
+    result = build(str(odd), "--target", "cpu-x86", "-o", str(tmp_path / "dist"), cache=tmp_path / "cache")
+    assert result.exit_code == 6
+    assert "T5ForConditionalGeneration" in result.output and "ForCausalLM" in result.output
+
+
+def test_unexportable_model_type_lists_supported_ones(tiny_llama, tmp_path):
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_llama, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config.update({"architectures": ["WeirdForCausalLM"], "model_type": "weird"})
+    (odd / "config.json").write_text(json.dumps(config))
+    result = build(str(odd), "--target", "cpu-x86", "-o", str(tmp_path / "dist"), cache=tmp_path / "cache")
+    assert result.exit_code == 6
+    assert "'weird'" in result.output and "llama" in result.output
+
+
+def _can_mount_tmpfs() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root and unshare to mount a small tmpfs")
+def test_disk_full_leaves_nothing_behind(tiny_llama, session_cache, tmp_path):
+    """A real full disk: the variant is written to a 300 KiB tmpfs that cannot hold it."""
+    out = tmp_path / "small-disk"
+    out.mkdir()
+    warm = build(str(tiny_llama), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path / "warm"),
+                 cache=session_cache)
+    assert warm.exit_code == 0
+    script = (f"mount -t tmpfs -o size=300k tmpfs {out} && "
+              f"{sys.executable} -m lmpack build {tiny_llama} --target cpu-x86 --profile int8 -o {out} "
+              f"--cache-dir {session_cache}; code=$?; ls -A {out}; exit $code")
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 9, result.stderr
+    assert "disk full" in result.stderr
+    assert result.stdout.strip() == ""  # nothing left on the full disk, not even a hidden partial directory
