@@ -75,9 +75,7 @@ def _pull(model: str, ctx: StepContext, cache: StepCache, *, revision: str | Non
 def pull(model: str, *, revision: str | None = None, output: Path | None = None, allow_pickle: bool = False,
          trust_remote_code: bool = False, cache_dir: Path | None = None) -> PullResult:
     """Fetch a model into the step cache as a clean Hugging Face directory; copy it to `output` if given."""
-    cpu = load_target("cpu-x86")  # pulling does not depend on the target; the context needs one
-    ctx = StepContext(target=cpu, profile=load_profile("fp32"))
-    artifact, record = _pull(model, ctx, _cache(cache_dir), revision=revision, allow_pickle=allow_pickle,
+    artifact, record = _pull(model, StepContext(), _cache(cache_dir), revision=revision, allow_pickle=allow_pickle,
                              trust_remote_code=trust_remote_code)
     path = artifact.path
     if output is not None:
@@ -167,8 +165,9 @@ def _write_variant(staging: Path, final: Artifact, build_plan: BuildPlan, report
 
 def _report(build_plan: BuildPlan, pull_record: StepRecord, records: list[StepRecord], ctx: StepContext,
             final: Artifact, started: float) -> dict[str, Any]:
-    reference_bytes = tree_size(ctx.reference().path) if "export" in ctx.artifacts else None
+    reference_bytes = tree_size(ctx.reference().path)
     final_bytes = tree_size(final.path)
+    reference_onnx, final_onnx = _onnx_bytes(ctx.reference().path), _onnx_bytes(final.path)
     quality = next((r.metrics for r in records if r.step == "validate"), {})
     tools: dict[str, str] = {}
     for step in build_plan.steps:
@@ -185,12 +184,19 @@ def _report(build_plan: BuildPlan, pull_record: StepRecord, records: list[StepRe
         "task": export_metrics.get("task"),
         "steps": [asdict(r) for r in [pull_record, *records]],
         "sizes": {"reference_bytes": reference_bytes, "model_bytes": final_bytes,
-                  "ratio": round(final_bytes / reference_bytes, 4) if reference_bytes else None},
+                  "ratio": round(final_bytes / reference_bytes, 4),
+                  "reference_onnx_bytes": reference_onnx, "onnx_bytes": final_onnx,
+                  "onnx_ratio": round(final_onnx / reference_onnx, 4)},
         "quality": quality,
         "quality_gate": asdict(build_plan.profile.quality),
         "tools": tools,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _onnx_bytes(directory: Path) -> int:
+    """Bytes of the ONNX graph and its external data, without tokenizer and side files."""
+    return sum(p.stat().st_size for p in directory.iterdir() if p.name.endswith((".onnx", ".onnx.data", ".onnx_data")))
 
 
 def render_report(report: dict[str, Any]) -> str:
@@ -206,9 +212,9 @@ def render_report(report: dict[str, Any]) -> str:
         size = f"{step['output_bytes'] / 1e6:9.1f} MB" if step["output_bytes"] else " " * 12
         lines.append(f"  {step['step']:<10} {step['seconds']:8.1f} s {size}{'  (cached)' if step['cached'] else ''}")
     sizes = report["sizes"]
-    if sizes["reference_bytes"]:
-        lines.append(f"size:      {sizes['model_bytes'] / 1e6:.1f} MB, {sizes['ratio']:.1%} of the fp32 export "
-                     f"({sizes['reference_bytes'] / 1e6:.1f} MB)")
+    lines.append(f"size:      ONNX {sizes['onnx_bytes'] / 1e6:.1f} MB, {sizes['onnx_ratio']:.1%} of the fp32 export "
+                 f"({sizes['reference_onnx_bytes'] / 1e6:.1f} MB); with tokenizer and side files "
+                 f"{sizes['model_bytes'] / 1e6:.1f} MB")
     quality = report["quality"]
     if "perplexity" in quality:
         lines.append(f"quality:   perplexity {quality['perplexity']:.3f} vs {quality['perplexity_reference']:.3f} "

@@ -36,6 +36,7 @@ def test_int8_build_writes_a_complete_variant(tiny_llama, session_cache, tmp_pat
     assert report["quality"]["gate"] == "passed"
     assert report["quality"]["perplexity_increase"] <= 0.02
     assert report["sizes"]["model_bytes"] < report["sizes"]["reference_bytes"]
+    assert report["sizes"]["onnx_ratio"] < 0.6
     assert [s["step"] for s in report["steps"]] == ["pull", "export", "quantize", "validate"]
     assert report["source"]["license"] == "apache-2.0"
     ops = {n.op_type for n in onnx.load(str(model / "model.onnx")).graph.node}

@@ -53,7 +53,13 @@ def test_smollm2_gguf_int8_meets_the_size_and_quality_targets(smollm2_gguf, real
     assert report["source"]["kind"] == "gguf" and report["source"]["license"] == "apache-2.0"
     assert report["source"]["architecture"] == "LlamaForCausalLM"
     assert report["quality"]["perplexity_increase"] <= 0.02
-    assert report["sizes"]["ratio"] <= 0.35
+    assert report["sizes"]["onnx_ratio"] <= 0.35
+
+
+def test_smollm2_gguf_int4_meets_the_size_and_quality_targets(smollm2_gguf, real_cache, tmp_path):
+    report = _build(smollm2_gguf, "int4", tmp_path, real_cache)
+    assert report["quality"]["perplexity_increase"] <= 0.25
+    assert report["sizes"]["onnx_ratio"] <= 0.20
 
 
 def test_minilm_int8_keeps_embeddings(minilm_dir, real_cache, tmp_path):

@@ -31,7 +31,7 @@ def _ignore(event: str, data: dict[str, Any]) -> None:
 def run_step(step: Step, ctx: StepContext, source: Artifact, cache: StepCache) -> tuple[Artifact, StepRecord]:
     """Run one step through the cache; return its output artifact and a record for the report."""
     key = cache_key(step=step.name, params=vars(step.params), input_digest=source.digest,
-                    target_digest=ctx.target.digest if step.uses_target else None,
+                    target_digest=ctx.target.digest if step.uses_target and ctx.target else None,
                     tool_versions=step.tool_versions(), extra=step.cache_extra(ctx))
     started = time.perf_counter()
     entry = cache.get(key)

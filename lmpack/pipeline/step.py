@@ -42,8 +42,8 @@ def silent_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
 class StepContext:
     """What a running step may see beyond its input: the target, the profile, earlier artifacts."""
 
-    target: Target
-    profile: Profile
+    target: Target | None = None  # None only where no step depends on it (a plain pull)
+    profile: Profile | None = None
     artifacts: dict[str, Artifact] = field(default_factory=dict)
     progress: ProgressFactory = silent_progress
     options: dict[str, Any] = field(default_factory=dict)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shutil
 from pathlib import Path
@@ -102,7 +103,7 @@ class PullStep(Step):
         info.setdefault("license", read_license(out_dir))
         info["architecture"] = (config.get("architectures") or ["unknown"])[0]
         info["model_type"] = config.get("model_type", "unknown")
-        (out_dir / SOURCE_FILE).write_text(__import__("json").dumps(info, indent=2, sort_keys=True))
+        (out_dir / SOURCE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         return info
 
 

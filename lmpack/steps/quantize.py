@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any, Literal
 
 from lmpack.errors import PlanError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext, register
-from lmpack.steps.export import onnx_model_path, read_model_info
+from lmpack.steps.export import MODEL_INFO, onnx_model_path, read_model_info
 from lmpack.steps.onnx_graph import (fold_transposed_weights, load_model, logits_matmul, quantize_embeddings_int8,
                                      save_model, upgrade_opset)
 
@@ -62,7 +63,7 @@ class QuantizeStep(Step):
                                                       "embedding_bits": self.params.embedding_bits,
                                                       "head_bits": self.params.head_bits or self.params.bits}
                                                      if method == "matmul_nbits" else {})}
-        (out_dir / "lmpack-model.json").write_text(__import__("json").dumps(info, indent=2, sort_keys=True))
+        (out_dir / MODEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
         return stats
 
 
