@@ -84,7 +84,7 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
         passes.insert(0, (params.head_bits, ("MatMul",), others))
     quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = quiet.level
-    quiet.setLevel(logging.WARNING)  # it logs one INFO line per node
+    quiet.setLevel(logging.ERROR)  # one INFO line per node, and warnings about the opset it raises itself
     try:
         for bits, types, exclude in passes:
             quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=params.block_size,
