@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,9 +119,49 @@ def session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lmpack-cache")
 
 
+@pytest.fixture
+def model_copy(tiny_llama, tmp_path):
+    """An editable copy of tiny_llama: model_copy("name", files={"onnx/model.onnx": b"..."}, drop=("config.json",))."""
+
+    def copy(name: str, *, files: dict[str, bytes | str] | None = None, drop: tuple[str, ...] = ()) -> Path:
+        directory = shutil.copytree(tiny_llama, tmp_path / name)
+        for relpath in drop:
+            (directory / relpath).unlink()
+        for relpath, content in (files or {}).items():
+            target = directory / relpath
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+        return directory
+
+    return copy
+
+
+@pytest.fixture
+def lmpack_cli():
+    """Run the lmpack CLI in this process; the result keeps stdout and stderr apart."""
+    from click.testing import CliRunner
+
+    from lmpack.cli.main import cli
+
+    return lambda *args: CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     """No test reads or writes the real user configuration or cache."""
     monkeypatch.setenv("LMPACK_HOME", str(tmp_path / "lmpack-home"))
     monkeypatch.setenv("LMPACK_CACHE", str(tmp_path / "lmpack-cache"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+
+@pytest.fixture
+def fake_hub(isolated_home, monkeypatch):
+    """A local Hugging Face Hub (tests/hub_server.py) that huggingface_hub uses, in this process and in children."""
+    from hub_server import FakeHub
+
+    with FakeHub() as hub:
+        hub.install(monkeypatch)
+        yield hub

@@ -51,3 +51,11 @@ def cache_dir() -> Path:
 def hub_offline() -> bool:
     """True when the user asked for no network access to the Hub (HF_HUB_OFFLINE)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_endpoint() -> str | None:
+    """The Hub's address (HF_ENDPOINT), or None for huggingface_hub's default.
+
+    Read at each call: huggingface_hub reads it once, when it is first imported.
+    """
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None

@@ -18,6 +18,9 @@ WANTED_PATTERNS = (
     "README.md", "LICENSE", "LICENSE.*", "LICENSE*",
 )
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+# What --allow-pickle fetches and converts: transformers' PyTorch checkpoint, whole or sharded with its index.
+# Other pickles (optimizer.pt, training_args.bin) are never fetched.
+CONVERTIBLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
@@ -29,40 +32,60 @@ def is_pickle_checkpoint(relpath: str) -> bool:
     return any(fnmatch.fnmatch(Path(relpath).name, pattern) for pattern in PICKLE_PATTERNS)
 
 
-def check_safetensors(path: Path) -> None:
-    """Check by content that a .safetensors file really is one: bounded header length, JSON header."""
+def is_convertible(relpath: str) -> bool:
+    return any(fnmatch.fnmatch(relpath, pattern) for pattern in CONVERTIBLE_PATTERNS)
+
+
+def check_safetensors(path: Path, *, shown: str | None = None) -> None:
+    """Check by content that a .safetensors file really is one: bounded header length, JSON header.
+
+    Messages name the file as `shown` when given (where the user knows it from).
+    """
+    name = shown or str(path)
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise UnsafeModelError(f"{path}: not a safetensors file (shorter than its 8-byte header)")
+            raise UnsafeModelError(f"{name}: not a safetensors file (shorter than its 8-byte header)")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > MAX_SAFETENSORS_HEADER or header_len > size - 8:
-            raise UnsafeModelError(f"{path}: not a safetensors file (header length {header_len} out of bounds)")
+            raise UnsafeModelError(f"{name}: not a safetensors file (header length {header_len} out of bounds)")
         try:
             json.loads(handle.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise UnsafeModelError(f"{path}: not a safetensors file (header is not JSON)") from None
+            raise UnsafeModelError(f"{name}: not a safetensors file (header is not JSON)") from None
 
 
-def check_model_dir(directory: Path, *, trust_remote_code: bool) -> dict:
-    """Safety and sanity checks on a pulled directory; returns its config.json."""
+def read_config(directory: Path, *, trust_remote_code: bool, shown: str | None = None) -> dict:
+    """A model directory's config.json, checked: present, JSON, and no remote code unless trusted.
+
+    Messages name files under `shown` when given (the model the user passed) rather than `directory`,
+    which may be a step's scratch directory that is gone by the time the message is read.
+    """
+    where = shown or str(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise UnsupportedModelError(f"{directory}: no config.json; lmpack needs a Hugging Face model directory")
+        raise UnsupportedModelError(f"{where}: no config.json; lmpack needs a Hugging Face model directory")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
-        raise UnsupportedModelError(f"{config_path}: not valid JSON ({exc})") from None
+        raise UnsupportedModelError(f"{where}/config.json: not valid JSON ({exc})") from None
+    if config.get("auto_map") and not trust_remote_code:
+        raise UnsafeModelError(f"{where}/config.json: the model needs its own Python code (auto_map) to load",
+                               hint="pass --trust-remote-code only if you trust this repository")
+    return config
+
+
+def check_model_dir(directory: Path, *, trust_remote_code: bool, shown: str | None = None) -> dict:
+    """Safety and sanity checks on a pulled directory (config, then safetensors weights); returns its config.json."""
+    config = read_config(directory, trust_remote_code=trust_remote_code, shown=shown)
+    where = shown or str(directory)
     weights = sorted(directory.rglob("*.safetensors"))
     if not weights:
-        raise UnsafeModelError(f"{directory}: no safetensors weights found",
+        raise UnsafeModelError(f"{where}: no safetensors weights found",
                                hint="lmpack never loads pickle checkpoints; pass --allow-pickle to convert them once")
     for weight in weights:
-        check_safetensors(weight)
-    if config.get("auto_map") and not trust_remote_code:
-        raise UnsafeModelError(f"{config_path}: the model needs its own Python code (auto_map) to load",
-                               hint="pass --trust-remote-code only if you trust this repository")
+        check_safetensors(weight, shown=f"{where}/{weight.relative_to(directory).as_posix()}")
     return config
 
 

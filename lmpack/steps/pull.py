@@ -11,10 +11,10 @@ from typing import Any
 
 from lmpack.config import paths
 from lmpack.errors import NotFoundError, SourceError, UnsafeModelError, UnsupportedModelError
-from lmpack.pipeline.digest import file_sha256, json_sha256, tree_files
+from lmpack.pipeline.digest import file_sha256, json_sha256
 from lmpack.pipeline.step import HF_MODEL, SOURCE, Artifact, Step, StepContext, register
-from lmpack.steps.model_files import (PICKLE_PATTERNS, WANTED_PATTERNS, check_model_dir, is_pickle_checkpoint,
-                                      is_wanted, read_license)
+from lmpack.steps.model_files import (CONVERTIBLE_PATTERNS, WANTED_PATTERNS, check_model_dir, is_convertible,
+                                      is_pickle_checkpoint, is_wanted, read_config, read_license)
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "lmpack-source.json"
@@ -31,7 +31,7 @@ def resolve_source(model: str, *, revision: str | None = None, allow_pickle: boo
     """Find what `model` names and give it a stable identity; Hub repos are downloaded (or read offline) here."""
     path = Path(model).expanduser()
     if path.is_dir():
-        wanted = [p for p in tree_files(path) if _relpath_ok(p.relative_to(path).as_posix(), allow_pickle)]
+        wanted = [p for p in _model_files(path) if _relpath_ok(p.relative_to(path).as_posix(), allow_pickle)]
         entries = [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in wanted]
         return Artifact(kind=SOURCE, path=path.resolve(), digest=json_sha256(["dir", entries]),
                         info={"kind": "directory", "ref": str(path.resolve())})
@@ -49,18 +49,25 @@ def resolve_source(model: str, *, revision: str | None = None, allow_pickle: boo
     return _resolve_hub(model, revision=revision, allow_pickle=allow_pickle)
 
 
+def _model_files(root: Path) -> list[Path]:
+    """Files under a model directory, sorted; links to files count (a Hub cache snapshot is all links)."""
+    return sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+
+
 def _relpath_ok(relpath: str, allow_pickle: bool) -> bool:
-    return is_wanted(relpath) or (allow_pickle and is_pickle_checkpoint(relpath))
+    return is_wanted(relpath) or (allow_pickle and is_convertible(relpath))
 
 
 def _resolve_hub(repo_id: str, *, revision: str | None, allow_pickle: bool) -> Artifact:
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
 
-    patterns = list(WANTED_PATTERNS) + (list(PICKLE_PATTERNS) if allow_pickle else [])
+    patterns = list(WANTED_PATTERNS) + (list(CONVERTIBLE_PATTERNS) if allow_pickle else [])
     try:
-        # The token comes from the usual places (HF_TOKEN, the login cache); HF_HUB_OFFLINE is honoured.
-        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        # The token comes from the usual places (HF_TOKEN, the login cache). HF_ENDPOINT and HF_HUB_OFFLINE are
+        # passed explicitly: huggingface_hub reads them only once, at import.
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                          endpoint=paths.hub_endpoint(), local_files_only=paths.hub_offline()))
     except hub_errors.RevisionNotFoundError:
         raise NotFoundError(f"revision {revision!r} not found in Hub repo {repo_id}") from None
     except hub_errors.GatedRepoError:
@@ -91,15 +98,18 @@ class PullStep(Step):
 
     def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
         info = dict(source.info)
+        trust_remote_code = self.params.trust_remote_code
         if info["kind"] == "gguf":
             info.update(_dequantize_gguf(source.path, out_dir))
         else:
             _copy_wanted(source.path, out_dir, allow_pickle=self.params.allow_pickle)
+            # The config is checked (remote code included) before any weights are loaded for conversion.
+            config = read_config(out_dir, trust_remote_code=trust_remote_code, shown=info["ref"])
             if not any(out_dir.rglob("*.safetensors")):
-                _refuse_or_convert_pickle(out_dir, allow=self.params.allow_pickle)
-        for pickle_file in [p for p in out_dir.rglob("*") if is_pickle_checkpoint(p.name)]:
+                _refuse_or_convert_pickle(source.path, out_dir, config, allow=self.params.allow_pickle)
+        for pickle_file in [p for p in _model_files(out_dir) if is_convertible(p.relative_to(out_dir).as_posix())]:
             pickle_file.unlink()
-        config = check_model_dir(out_dir, trust_remote_code=self.params.trust_remote_code)
+        config = check_model_dir(out_dir, trust_remote_code=trust_remote_code, shown=info["ref"])
         info.setdefault("license", read_license(out_dir))
         info["architecture"] = (config.get("architectures") or ["unknown"])[0]
         info["model_type"] = config.get("model_type", "unknown")
@@ -108,35 +118,39 @@ class PullStep(Step):
 
 
 def _copy_wanted(src: Path, dst: Path, *, allow_pickle: bool) -> None:
-    for file in tree_files(src) if src.is_dir() else []:
+    for file in _model_files(src):
         rel = file.relative_to(src).as_posix()
         if _relpath_ok(rel, allow_pickle):
             target = dst / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, target)
-    # The Hub cache stores files as links into a blob store; tree_files skips links, so copy those too.
-    for link in (p for p in src.rglob("*") if p.is_symlink() and p.is_file()):
-        rel = link.relative_to(src).as_posix()
-        if _relpath_ok(rel, allow_pickle) and not (dst / rel).exists():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(link.resolve(), dst / rel)
 
 
-def _refuse_or_convert_pickle(directory: Path, *, allow: bool) -> None:
-    pickles = [p for p in directory.rglob("*") if is_pickle_checkpoint(p.name)]
+def _refuse_or_convert_pickle(source: Path, directory: Path, config: dict, *, allow: bool) -> None:
+    """`directory` (the copy of `source`) has no safetensors: refuse, or convert its pickle checkpoint if allowed."""
     if not allow:
-        what = f" (found {pickles[0].name})" if pickles else ""
-        raise UnsafeModelError(f"the model has no safetensors weights, only pickle checkpoints{what}"
+        # A Hub download never fetches pickles it would refuse, so only a local source can name one here.
+        pickles = [p.name for p in _model_files(source) if is_pickle_checkpoint(p.name)]
+        raise UnsafeModelError(f"the model has no safetensors weights, only pickle checkpoints (found {pickles[0]})"
                                if pickles else "the model has no safetensors weights",
                                hint="lmpack never loads pickle at build or run time; pass --allow-pickle to convert "
                                     "it to safetensors once, with torch's weights-only loader")
-    if not pickles:
-        raise UnsafeModelError("the model has no weights lmpack can read (no safetensors, no checkpoint)")
-    from transformers import AutoModel
-
+    if not any(is_convertible(p.relative_to(directory).as_posix()) for p in _model_files(directory)):
+        raise UnsafeModelError("the model has no weights lmpack can read (no safetensors, no pytorch_model.bin)")
     # weights_only loading is what transformers uses for .bin files; the result is saved as safetensors.
-    model = AutoModel.from_pretrained(directory, use_safetensors=False, trust_remote_code=False)
+    model = _model_class(config).from_pretrained(directory, use_safetensors=False, trust_remote_code=False)
     model.save_pretrained(directory, safe_serialization=True)
+
+
+def _model_class(config: dict) -> type:
+    """The class config.json's `architectures` names (AutoModel would drop a head: LlamaForCausalLM -> LlamaModel)."""
+    import transformers
+
+    name = (config.get("architectures") or [None])[0]
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+        return model_class
+    return transformers.AutoModel
 
 
 def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
