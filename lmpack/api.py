@@ -67,7 +67,7 @@ def _cache(cache_dir: Path | None) -> StepCache:
 
 def _pull(model: str, ctx: StepContext, cache: StepCache, *, revision: str | None, allow_pickle: bool,
           trust_remote_code: bool) -> tuple[Artifact, StepRecord]:
-    source = resolve_source(model, revision=revision, allow_pickle=allow_pickle)
+    source = resolve_source(model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     step = PullStep(PullParams(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
     return run_step(step, ctx, source, cache)
 
@@ -103,7 +103,7 @@ def build(model: str, *, target: str, profile: str | None = None, output_dir: Pa
     build_plan = plan(target=target, profile=profile)
     events = on_event or (lambda event, data: None)
     ctx = StepContext(target=build_plan.target, profile=build_plan.profile, progress=progress,
-                      options={"allow_quality_loss": allow_quality_loss})
+                      options={"allow_quality_loss": allow_quality_loss, "trust_remote_code": trust_remote_code})
     cache = _cache(cache_dir)
     total = len(build_plan.steps) + 1
     events("step-start", {"index": 1, "total": total, "step": "pull"})

@@ -215,3 +215,9 @@ def test_trust_remote_code_accepts_it(remote_code_repo, lmpack_cli):
     out = pull_json(lmpack_cli, REPO, "--trust-remote-code")
     assert out["source"]["commit"] == remote_code_repo.commit(REPO)
     assert "auto_map" in json.loads((Path(out["path"]) / "config.json").read_text())
+    assert (Path(out["path"]) / "modeling_tiny.py").is_file()  # the code auto_map names comes along
+
+
+def test_remote_code_files_stay_behind_without_the_flag(remote_code_repo, lmpack_cli):
+    lmpack_cli("pull", REPO)
+    assert "modeling_tiny.py" not in remote_code_repo.files_downloaded()

@@ -75,7 +75,8 @@ class ExportStep(Step):
             with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings about shapes are expected for decoders
                 main_export(str(source.path), output=out_dir, task=_OPTIMUM_TASK[task], opset=self.params.opset,
-                            device="cpu", library_name="transformers", trust_remote_code=False,
+                            device="cpu", library_name="transformers",
+                            trust_remote_code=bool(ctx.options.get("trust_remote_code")),
                             do_validation=self.params.validate_export, local_files_only=True)
         except Exception as exc:  # optimum raises many types; the user needs the architecture and the cause
             raise StepError(f"ONNX export of {model_type} failed: {type(exc).__name__}: {exc}") from exc

@@ -21,11 +21,9 @@ PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 # What --allow-pickle fetches and converts: transformers' PyTorch checkpoint, whole or sharded with its index.
 # Other pickles (optimizer.pt, training_args.bin) are never fetched.
 CONVERTIBLE_PATTERNS = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
+# With --trust-remote-code, the model's own Python modules come along (auto_map points at them).
+REMOTE_CODE_PATTERNS = ("*.py",)
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
-
-
-def is_wanted(relpath: str) -> bool:
-    return any(fnmatch.fnmatch(relpath, pattern) for pattern in WANTED_PATTERNS)
 
 
 def is_pickle_checkpoint(relpath: str) -> bool:

@@ -53,7 +53,7 @@ class PruneStep(Step):
     def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
         import torch
 
-        model, config = _load(source.path)
+        model, config = _load(source.path, trust_remote_code=bool(ctx.options.get("trust_remote_code")))
         layers, attr_path = _layer_stack(model)
         with torch.no_grad():
             if self.params.method == "layers":
@@ -69,14 +69,14 @@ class PruneStep(Step):
         return metrics
 
 
-def _load(path: Path):
+def _load(path: Path, *, trust_remote_code: bool):
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = json.loads((path / "config.json").read_text())
     arch = (config.get("architectures") or [""])[0]
     loader = AutoModelForCausalLM if arch.endswith("ForCausalLM") else AutoModel
-    model = loader.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=False)
+    model = loader.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval()
     return model, config
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import re
 import shutil
@@ -13,8 +14,8 @@ from lmpack.config import paths
 from lmpack.errors import NotFoundError, SourceError, UnsafeModelError, UnsupportedModelError
 from lmpack.pipeline.digest import file_sha256, json_sha256
 from lmpack.pipeline.step import HF_MODEL, SOURCE, Artifact, Step, StepContext, register
-from lmpack.steps.model_files import (CONVERTIBLE_PATTERNS, WANTED_PATTERNS, check_model_dir, is_convertible,
-                                      is_pickle_checkpoint, is_wanted, read_config, read_license)
+from lmpack.steps.model_files import (CONVERTIBLE_PATTERNS, REMOTE_CODE_PATTERNS, WANTED_PATTERNS, check_model_dir,
+                                      is_convertible, is_pickle_checkpoint, read_config, read_license)
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "lmpack-source.json"
@@ -27,11 +28,13 @@ class PullParams:
     trust_remote_code: bool = False
 
 
-def resolve_source(model: str, *, revision: str | None = None, allow_pickle: bool = False) -> Artifact:
+def resolve_source(model: str, *, revision: str | None = None, allow_pickle: bool = False,
+                   trust_remote_code: bool = False) -> Artifact:
     """Find what `model` names and give it a stable identity; Hub repos are downloaded (or read offline) here."""
     path = Path(model).expanduser()
     if path.is_dir():
-        wanted = [p for p in _model_files(path) if _relpath_ok(p.relative_to(path).as_posix(), allow_pickle)]
+        wanted = [p for p in _model_files(path)
+                  if _relpath_ok(p.relative_to(path).as_posix(), allow_pickle, trust_remote_code)]
         entries = [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in wanted]
         return Artifact(kind=SOURCE, path=path.resolve(), digest=json_sha256(["dir", entries]),
                         info={"kind": "directory", "ref": str(path.resolve())})
@@ -46,7 +49,7 @@ def resolve_source(model: str, *, revision: str | None = None, allow_pickle: boo
                         info={"kind": "gguf", "ref": str(path.resolve()), "sha256": sha})
     if model.startswith((".", "/", "~")) or model.endswith(".gguf") or not _REPO_ID.match(model):
         raise NotFoundError(f"model path {model} does not exist")
-    return _resolve_hub(model, revision=revision, allow_pickle=allow_pickle)
+    return _resolve_hub(model, revision=revision, patterns=_patterns(allow_pickle, trust_remote_code))
 
 
 def _model_files(root: Path) -> list[Path]:
@@ -54,15 +57,19 @@ def _model_files(root: Path) -> list[Path]:
     return sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
 
 
-def _relpath_ok(relpath: str, allow_pickle: bool) -> bool:
-    return is_wanted(relpath) or (allow_pickle and is_convertible(relpath))
+def _patterns(allow_pickle: bool, trust_remote_code: bool) -> list[str]:
+    return [*WANTED_PATTERNS, *(CONVERTIBLE_PATTERNS if allow_pickle else ()),
+            *(REMOTE_CODE_PATTERNS if trust_remote_code else ())]
 
 
-def _resolve_hub(repo_id: str, *, revision: str | None, allow_pickle: bool) -> Artifact:
+def _relpath_ok(relpath: str, allow_pickle: bool, trust_remote_code: bool) -> bool:
+    return any(fnmatch.fnmatch(relpath, pattern) for pattern in _patterns(allow_pickle, trust_remote_code))
+
+
+def _resolve_hub(repo_id: str, *, revision: str | None, patterns: list[str]) -> Artifact:
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
 
-    patterns = list(WANTED_PATTERNS) + (list(CONVERTIBLE_PATTERNS) if allow_pickle else [])
     try:
         # The token comes from the usual places (HF_TOKEN, the login cache). HF_ENDPOINT and HF_HUB_OFFLINE are
         # passed explicitly: huggingface_hub reads them only once, at import.
@@ -102,7 +109,8 @@ class PullStep(Step):
         if info["kind"] == "gguf":
             info.update(_dequantize_gguf(source.path, out_dir))
         else:
-            _copy_wanted(source.path, out_dir, allow_pickle=self.params.allow_pickle)
+            _copy_wanted(source.path, out_dir, allow_pickle=self.params.allow_pickle,
+                         trust_remote_code=trust_remote_code)
             # The config is checked (remote code included) before any weights are loaded for conversion.
             config = read_config(out_dir, trust_remote_code=trust_remote_code, shown=info["ref"])
             if not any(out_dir.rglob("*.safetensors")):
@@ -117,10 +125,10 @@ class PullStep(Step):
         return info
 
 
-def _copy_wanted(src: Path, dst: Path, *, allow_pickle: bool) -> None:
+def _copy_wanted(src: Path, dst: Path, *, allow_pickle: bool, trust_remote_code: bool) -> None:
     for file in _model_files(src):
         rel = file.relative_to(src).as_posix()
-        if _relpath_ok(rel, allow_pickle):
+        if _relpath_ok(rel, allow_pickle, trust_remote_code):
             target = dst / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, target)
@@ -138,7 +146,8 @@ def _refuse_or_convert_pickle(source: Path, directory: Path, config: dict, *, al
     if not any(is_convertible(p.relative_to(directory).as_posix()) for p in _model_files(directory)):
         raise UnsafeModelError("the model has no weights lmpack can read (no safetensors, no pytorch_model.bin)")
     # weights_only loading is what transformers uses for .bin files; the result is saved as safetensors.
-    model = _model_class(config).from_pretrained(directory, use_safetensors=False, trust_remote_code=False)
+    model = _model_class(config).from_pretrained(directory, use_safetensors=False,
+                                                 trust_remote_code=bool(config.get("auto_map")))
     model.save_pretrained(directory, safe_serialization=True)
 
 
