@@ -27,7 +27,7 @@ _WEIGHT_SUFFIXES = (".safetensors",)
 
 @dataclasses.dataclass(frozen=True)
 class ExportParams:
-    opset: int = 17
+    opset: int = 18  # optimum's recommended minimum for llama-family decoders
     validate_export: bool = True
 
 
