@@ -8,7 +8,7 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from lmpack.pipeline.cache import StepCache, guard_disk_full
 from lmpack.pipeline.digest import tree_size
 from lmpack.pipeline.plan import BuildPlan, make_plan
 from lmpack.pipeline.runner import EventHandler, StepRecord, run_step, run_steps
-from lmpack.pipeline.step import Artifact, ProgressFactory, StepContext, silent_progress
+from lmpack.pipeline.step import REFERENCE, Artifact, ProgressFactory, Step, StepContext, silent_progress
 from lmpack.steps.pull import PullParams, PullStep, resolve_source
 
 __all__ = ["targets", "target", "profiles", "profile", "plan", "pull", "build", "BuildResult", "PullResult"]
@@ -105,23 +105,43 @@ def build(model: str, *, target: str, profile: str | None = None, output_dir: Pa
     ctx = StepContext(target=build_plan.target, profile=build_plan.profile, progress=progress,
                       options={"allow_quality_loss": allow_quality_loss, "trust_remote_code": trust_remote_code})
     cache = _cache(cache_dir)
-    total = len(build_plan.steps) + 1
-    events("step-start", {"index": 1, "total": total, "step": "pull"})
-    pulled, pull_record = _pull(model, ctx, cache, revision=revision, allow_pickle=allow_pickle,
-                                trust_remote_code=trust_remote_code)
-    events("step-done", {"index": 1, "total": total, "step": "pull", "cached": pull_record.cached,
-                         "seconds": pull_record.seconds})
+    reference_step = _reference_step(build_plan)
+    head = 2 if reference_step else 1  # pull, and the reference export when the plan needs its own
+    total = len(build_plan.steps) + head
+
+    def announce(index: int, label: str, run) -> tuple[Artifact, StepRecord]:
+        events("step-start", {"index": index, "total": total, "step": label})
+        artifact, record = run()
+        events("step-done", {"index": index, "total": total, "step": label, "cached": record.cached,
+                             "seconds": record.seconds})
+        return artifact, record
+
+    pulled, pull_record = announce(1, "pull", lambda: _pull(model, ctx, cache, revision=revision,
+                                                            allow_pickle=allow_pickle,
+                                                            trust_remote_code=trust_remote_code))
     ctx.artifacts["pull"] = pulled
+    records: list[StepRecord] = []
+    if reference_step is not None:
+        ctx.artifacts[REFERENCE], record = announce(2, REFERENCE, lambda: run_step(reference_step, ctx, pulled, cache))
+        records.append(replace(record, step=REFERENCE))
 
     def renumber(event: str, data: dict[str, Any]) -> None:
-        events(event, {**data, "index": data["index"] + 1, "total": total})
+        events(event, {**data, "index": data["index"] + head, "total": total})
 
-    final, records = run_steps(build_plan.steps, ctx, pulled, cache, on_event=renumber)
+    final, step_records = run_steps(build_plan.steps, ctx, pulled, cache, on_event=renumber)
+    records += step_records
     variant_name = name or f"{_slug(pull_record.metrics)}-{build_plan.target.name}-{build_plan.profile.name}"
     report = _report(build_plan, pull_record, records, ctx, final, started)
     variant_dir = Path(output_dir) / variant_name
     _publish(final.path, variant_dir, lambda staging: _write_variant(staging, final, build_plan, report))
     return BuildResult(variant_dir=variant_dir, report=report)
+
+
+def _reference_step(build_plan: BuildPlan) -> Step | None:
+    """The export step, when steps before it change the model (prune): the pulled model is then exported as it is
+    too, so quality and size are judged against the model the user gave, not against the already changed one."""
+    export_index = next(i for i, step in enumerate(build_plan.steps) if step.name == "export")
+    return build_plan.steps[export_index] if export_index > 0 else None
 
 
 def _slug(source: dict[str, Any]) -> str:

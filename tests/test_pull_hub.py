@@ -38,7 +38,6 @@ def lmpack_process(*args: str, **env: str) -> subprocess.CompletedProcess:
 def torch_checkpoint_of(directory: Path, shards: int = 1) -> dict[str, bytes | str]:
     """A model's weights as real torch.save pickles, the way older repos ship them: pytorch_model.bin, or shards
     with their index."""
-    import torch
     from safetensors.torch import load_file
 
     weights = load_file(directory / "model.safetensors")

@@ -21,6 +21,9 @@ SOURCE = "source"          # a model reference before pull: Hub repo, local dire
 HF_MODEL = "hf-model"      # a Hugging Face directory with safetensors weights and tokenizer files
 ONNX_MODEL = "onnx-model"  # an ONNX model directory with tokenizer files and lmpack-model.json
 
+# The artifact name of the unchanged model's export, made only when steps before export change the model.
+REFERENCE = "reference"
+
 
 @dataclass(frozen=True)
 class Artifact:
@@ -49,8 +52,9 @@ class StepContext:
     options: dict[str, Any] = field(default_factory=dict)
 
     def reference(self) -> Artifact:
-        """The unoptimized ONNX export every later step is compared against."""
-        return self.artifacts["export"]
+        """The unoptimized ONNX export every later step is compared against: the export of the pulled model
+        itself, also when steps before export (prune) changed the model."""
+        return self.artifacts.get(REFERENCE) or self.artifacts["export"]
 
 
 class Step:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -16,13 +15,13 @@ from typing import Any
 
 from lmpack.errors import StepError, UnsupportedModelError
 from lmpack.pipeline.step import HF_MODEL, ONNX_MODEL, Artifact, Step, StepContext, register
+from lmpack.steps.model_files import copy_side_files
 
 MODEL_INFO = "lmpack-model.json"
 ONNX_FILE = "model.onnx"
 TEXT_GENERATION = "text-generation"
 EMBEDDING = "feature-extraction"
 _OPTIMUM_TASK = {TEXT_GENERATION: "text-generation-with-past", EMBEDDING: "feature-extraction"}
-_WEIGHT_SUFFIXES = (".safetensors",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,21 +79,10 @@ class ExportStep(Step):
                             do_validation=self.params.validate_export, local_files_only=True)
         except Exception as exc:  # optimum raises many types; the user needs the architecture and the cause
             raise StepError(f"ONNX export of {model_type} failed: {type(exc).__name__}: {exc}") from exc
-        _copy_side_files(source.path, out_dir)
+        copy_side_files(source.path, out_dir)
         info = _model_info(config, task)
         (out_dir / MODEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
         return {"task": task, "model_type": model_type, "exporter": "optimum"}
-
-
-def _copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer, chat template, pooling config and provenance the exporter did not carry over."""
-    for file in sorted(src.rglob("*")):
-        if not file.is_file() or file.suffix in _WEIGHT_SUFFIXES or file.name.endswith(".index.json"):
-            continue
-        target = dst / file.relative_to(src)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(file, target)
 
 
 def _model_info(config: dict, task: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -85,6 +86,18 @@ def check_model_dir(directory: Path, *, trust_remote_code: bool, shown: str | No
     for weight in weights:
         check_safetensors(weight, shown=f"{where}/{weight.relative_to(directory).as_posix()}")
     return config
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy what a step that rewrites the weights does not write itself: tokenizer, chat template, pooling config,
+    provenance. Weights and shard indexes stay behind (a stale index would point at shards that do not exist)."""
+    for file in sorted(src.rglob("*")):
+        if not file.is_file() or file.suffix == ".safetensors" or file.name.endswith(".index.json"):
+            continue
+        target = dst / file.relative_to(src)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
 
 
 def read_license(directory: Path) -> str | None:

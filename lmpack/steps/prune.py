@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 from lmpack.errors import PlanError, UnsupportedModelError
 from lmpack.pipeline.step import HF_MODEL, Artifact, Step, StepContext, register
+from lmpack.steps.model_files import copy_side_files
 
 # Where common architectures keep their stack of layers.
 _LAYER_PATHS = ("model.layers", "encoder.layer", "transformer.h", "gpt_neox.layers")
@@ -33,6 +33,8 @@ class PruneParams:
             return "drop_layers must be at least 1"
         if not 0.0 < self.sparsity < 1.0:
             return "sparsity must be between 0 and 1"
+        if self.method == "magnitude" and self.pattern == "2:4" and self.sparsity != 0.5:
+            return "pattern '2:4' zeroes exactly half of the weights; set sparsity = 0.5 or pattern = 'unstructured'"
         return None
 
 
@@ -53,19 +55,15 @@ class PruneStep(Step):
     def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
         import torch
 
-        model, config = _load(source.path, trust_remote_code=bool(ctx.options.get("trust_remote_code")))
+        model = _load(source.path, trust_remote_code=bool(ctx.options.get("trust_remote_code")))
         layers, attr_path = _layer_stack(model)
         with torch.no_grad():
             if self.params.method == "layers":
-                metrics = _drop_layers(model, config, layers, attr_path, self.params)
+                metrics = _drop_layers(model, layers, attr_path, self.params, tokenizer_dir=source.path)
             else:
                 metrics = _magnitude(layers, self.params)
         model.save_pretrained(out_dir, safe_serialization=True)
-        for file in source.path.rglob("*"):
-            target = out_dir / file.relative_to(source.path)
-            if file.is_file() and file.suffix != ".safetensors" and not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(file, target)
+        copy_side_files(source.path, out_dir)
         return metrics
 
 
@@ -78,7 +76,7 @@ def _load(path: Path, *, trust_remote_code: bool):
     loader = AutoModelForCausalLM if arch.endswith("ForCausalLM") else AutoModel
     model = loader.from_pretrained(path, torch_dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval()
-    return model, config
+    return model
 
 
 def _layer_stack(model):
@@ -94,24 +92,27 @@ def _layer_stack(model):
                                 f"(looked for {', '.join(_LAYER_PATHS)})")
 
 
-def _calibration_ids(model_dir_model, tokens: int):
+def _calibration_ids(model_dir: Path, tokens: int):
+    """The first `tokens` tokens of lmpack's evaluation text, encoded with the model's own tokenizer."""
     import torch
     from tokenizers import Tokenizer
 
     from lmpack.steps.validate import eval_text
 
-    path = Path(model_dir_model.name_or_path) / "tokenizer.json"
-    ids = Tokenizer.from_file(str(path)).encode(eval_text()).ids[:tokens]
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(eval_text()).ids[:tokens]
     return torch.tensor([ids])
 
 
-def _drop_layers(model, config: dict, layers, attr_path: str, params: PruneParams) -> dict[str, Any]:
+def _drop_layers(model, layers, attr_path: str, params: PruneParams, *, tokenizer_dir: Path) -> dict[str, Any]:
     import torch
 
     count = len(layers)
-    if params.drop_layers >= count - 1:
-        raise UnsupportedModelError(f"cannot drop {params.drop_layers} of {count} layers; keep at least two")
-    ids = _calibration_ids(model, params.calibration_tokens)
+    if params.drop_layers > count - 2:
+        raise UnsupportedModelError(
+            f"cannot drop {params.drop_layers} of {count} layers: the first and last layers are always kept, "
+            f"so at most {max(count - 2, 0)} can go", hint="lower drop_layers in the profile's prune step")
+    positions = getattr(model.config, "max_position_embeddings", None) or params.calibration_tokens
+    ids = _calibration_ids(tokenizer_dir, min(params.calibration_tokens, positions))
     hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
     # influence of layer i = 1 - cos(input of i, output of i), averaged over tokens
     influence = [float(1 - torch.nn.functional.cosine_similarity(hidden[i][0], hidden[i + 1][0], dim=-1).mean())
@@ -121,9 +122,9 @@ def _drop_layers(model, config: dict, layers, attr_path: str, params: PruneParam
     keep = [i for i in range(count) if i not in candidates]
     new_layers = torch.nn.ModuleList([layers[i] for i in keep])
     for new_index, layer in enumerate(new_layers):
-        attention = getattr(layer, "self_attn", None)
-        if attention is not None and hasattr(attention, "layer_idx"):
-            attention.layer_idx = new_index  # the KV cache is indexed by layer
+        for module in layer.modules():  # the KV cache is indexed by layer (self_attn in Llama, attn in GPT-2, ...)
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
     parent = model
     *parents, last = attr_path.split(".")
     for part in parents:
