@@ -155,3 +155,19 @@ def test_disk_full_leaves_nothing_behind(tiny_llama, session_cache, tmp_path):
     assert result.returncode == 9, result.stderr
     assert "disk full" in result.stderr
     assert result.stdout.strip() == ""  # nothing left on the full disk, not even a hidden partial directory
+
+
+def test_fp16_path_runs_where_the_target_allows_it(tiny_llama, session_cache, tmp_path):
+    """fp16 is planned only for targets that list it; onnxruntime's CPU provider runs fp16 graphs too."""
+    shipped = (Path(__file__).parents[1] / "targets" / "cpu-x86.toml").read_text()
+    target = tmp_path / "cpu-fp16.toml"
+    target.write_text(shipped.replace('name = "cpu-x86"', 'name = "cpu-fp16"')
+                      .replace('precisions = ["fp32", "int8", "int4"]', 'precisions = ["fp32", "fp16", "int8"]'))
+    result = build(str(tiny_llama), "--target", str(target), "--profile", "fp16", "-o", str(tmp_path), "--json",
+                   cache=session_cache)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)["report"]
+    assert report["quality"]["gate"] == "passed"
+    model = Path(json.loads(result.stdout)["variant_dir"]) / "model" / "model.onnx"
+    initializers = onnx.load(str(model)).graph.initializer
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in initializers)
