@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from lmpack.config import paths
+from lmpack.config.catalog import Catalog
 from lmpack.config.targets import PRECISIONS
 from lmpack.config.toml_reader import TableReader, check_schema_version, load_toml
-from lmpack.errors import ConfigError, NotFoundError
+from lmpack.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -73,35 +74,18 @@ def load_profile_file(path: Path) -> Profile:
     return parse_profile(load_toml(path), source=str(path))
 
 
-def _search_dirs() -> list[Path]:
-    return [paths.user_profiles_dir(), paths.shipped_profiles_dir()]
+_CATALOG: Catalog[Profile] = Catalog(
+    kind="profile",
+    search_dirs=lambda: [paths.user_profiles_dir(), paths.shipped_profiles_dir()],
+    load_file=load_profile_file,
+)
 
 
 def list_profiles() -> list[Profile]:
-    found: dict[str, Profile] = {}
-    for directory in _search_dirs():
-        if not directory.is_dir():
-            continue
-        for path in sorted(directory.glob("*.toml")):
-            profile = load_profile_file(path)
-            found.setdefault(profile.name, profile)
-    return sorted(found.values(), key=lambda p: p.name)
+    """Every known profile, user directory first; a name found twice keeps the user's."""
+    return _CATALOG.all()
 
 
 def load_profile(name_or_path: str) -> Profile:
     """A profile by name (user dir, then shipped) or by path to a .toml file."""
-    candidate = Path(name_or_path)
-    if name_or_path.endswith(".toml") or candidate.is_file():
-        if not candidate.is_file():
-            raise NotFoundError(f"profile file {name_or_path} does not exist")
-        return load_profile_file(candidate)
-    for directory in _search_dirs():
-        path = directory / f"{name_or_path}.toml"
-        if path.is_file():
-            profile = load_profile_file(path)
-            if profile.name != name_or_path:
-                raise ConfigError(f"{path}: field 'name' is {profile.name!r} but the file is named {name_or_path}.toml")
-            return profile
-    known = ", ".join(p.name for p in list_profiles())
-    raise NotFoundError(f"unknown profile {name_or_path!r}; known profiles: {known}",
-                        hint="lmpack profiles list, or pass --profile ./my-profile.toml")
+    return _CATALOG.get(name_or_path)

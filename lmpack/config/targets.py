@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lmpack.config import paths
+from lmpack.config.catalog import Catalog
 from lmpack.config.toml_reader import TableReader, check_schema_version, load_toml
-from lmpack.errors import ConfigError, NotFoundError
+from lmpack.errors import ConfigError
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4")
 ARCHES = ("x86_64", "aarch64")
@@ -142,37 +143,18 @@ def load_target_file(path: Path) -> Target:
     return parse_target(data, source=str(path), digest=hashlib.sha256(raw).hexdigest())
 
 
-def _search_dirs() -> list[Path]:
-    # User targets come first so a user can override a shipped target by name.
-    return [paths.user_targets_dir(), paths.shipped_targets_dir()]
+_CATALOG: Catalog[Target] = Catalog(
+    kind="target",
+    search_dirs=lambda: [paths.user_targets_dir(), paths.shipped_targets_dir()],
+    load_file=load_target_file,
+)
 
 
 def list_targets() -> list[Target]:
-    """Every known target, user directory first; a name found twice keeps the first."""
-    found: dict[str, Target] = {}
-    for directory in _search_dirs():
-        if not directory.is_dir():
-            continue
-        for path in sorted(directory.glob("*.toml")):
-            target = load_target_file(path)
-            found.setdefault(target.name, target)
-    return sorted(found.values(), key=lambda t: t.name)
+    """Every known target, user directory first; a name found twice keeps the user's."""
+    return _CATALOG.all()
 
 
 def load_target(name_or_path: str) -> Target:
     """A target by name (user dir, then shipped) or by path to a .toml file."""
-    candidate = Path(name_or_path)
-    if name_or_path.endswith(".toml") or candidate.is_file():
-        if not candidate.is_file():
-            raise NotFoundError(f"target file {name_or_path} does not exist")
-        return load_target_file(candidate)
-    for directory in _search_dirs():
-        path = directory / f"{name_or_path}.toml"
-        if path.is_file():
-            target = load_target_file(path)
-            if target.name != name_or_path:
-                raise ConfigError(f"{path}: field 'name' is {target.name!r} but the file is named {name_or_path}.toml")
-            return target
-    known = ", ".join(t.name for t in list_targets())
-    raise NotFoundError(f"unknown target {name_or_path!r}; known targets: {known}",
-                        hint="lmpack targets list, or pass --target ./my-target.toml")
+    return _CATALOG.get(name_or_path)

@@ -44,8 +44,10 @@ def model_task(config: dict) -> str:
 
 
 def supported_model_types(task: str) -> list[str]:
-    from optimum.exporters.onnx import main_export  # noqa: F401  (registers the ONNX export configs)
+    from optimum.exporters.onnx import main_export
     from optimum.exporters.tasks import TasksManager
+
+    del main_export  # imported for its side effect: it registers the ONNX export configurations
 
     return sorted(TasksManager.get_supported_model_type_for_task(_OPTIMUM_TASK[task], exporter="onnx"))
 
