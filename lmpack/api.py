@@ -22,14 +22,13 @@ from lmpack.pipeline.digest import tree_size
 from lmpack.pipeline.plan import BuildPlan, make_plan
 from lmpack.pipeline.runner import EventHandler, StepRecord, run_step, run_steps
 from lmpack.pipeline.step import Artifact, ProgressFactory, StepContext, silent_progress
+from lmpack.runtime.variant import MODEL_DIR, VARIANT_FILE
 from lmpack.steps.pull import PullParams, PullStep, resolve_source
 
 __all__ = ["targets", "target", "profiles", "profile", "plan", "pull", "build", "BuildResult", "PullResult"]
 
-VARIANT_FILE = "variant.json"
 REPORT_JSON = "report.json"
 REPORT_TEXT = "report.txt"
-MODEL_DIR = "model"
 
 
 def targets() -> list[Target]:
