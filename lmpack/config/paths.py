@@ -51,3 +51,8 @@ def cache_dir() -> Path:
 def hub_offline() -> bool:
     """True when the user asked for no network access to the Hub (HF_HUB_OFFLINE)."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def api_keys_env() -> str | None:
+    """LMPACK_API_KEYS: comma-separated API keys `lmpack serve` accepts (besides --api-key-file)."""
+    return os.environ.get("LMPACK_API_KEYS") or None

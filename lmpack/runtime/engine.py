@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -67,6 +67,9 @@ class Generation:
         decoder = IncrementalDecoder(engine.tokenizer, self.prompt_ids)
         stops = StopMatcher(params.stop)
         cache = KVCache()
+        if self.cancel.is_set():  # cancelled while it waited for a worker
+            self.finish_reason = "cancelled"
+            return
         started = time.perf_counter()
         logits = engine.runner.step(self.prompt_ids, cache)
         self.prefill_seconds = time.perf_counter() - started
@@ -99,9 +102,14 @@ class Generation:
             yield tail
         self.finish_reason = reason
 
-    def result(self) -> Completion:
-        """Run to the end (if not already) and return the whole text with the counts."""
-        text = "".join(self)
+    def result(self, on_text: Callable[[str], None] | None = None) -> Completion:
+        """Run to the end and return the whole text with the counts; `on_text` sees each delta as it comes."""
+        parts = []
+        for delta in self:
+            parts.append(delta)
+            if on_text is not None:
+                on_text(delta)
+        text = "".join(parts)
         return Completion(text=text, finish_reason=self.finish_reason or "length", prompt_tokens=self.prompt_tokens,
                           completion_tokens=self.completion_tokens, prefill_seconds=self.prefill_seconds,
                           decode_seconds=self.decode_seconds)
@@ -113,7 +121,7 @@ class DecoderEngine:
     def __init__(self, variant: Variant, *, threads: int | None = None,
                  max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT):
         if variant.task != TEXT_GENERATION:
-            raise RequestError(f"{variant.name} is an {variant.task} model; it cannot generate text")
+            raise RequestError(f"{variant.name} is an embedding model (task {variant.task}); it cannot generate text")
         self.variant = variant
         self.runner = DecoderRunner(variant.onnx_path, threads=threads, providers=variant.providers)
         self.tokenizer = variant.tokenizer()
@@ -170,7 +178,7 @@ class EncoderEngine:
 
     def __init__(self, variant: Variant, *, threads: int | None = None):
         if variant.task != EMBEDDING:
-            raise RequestError(f"{variant.name} is a {variant.task} model; it has no embeddings endpoint")
+            raise RequestError(f"{variant.name} is not an embedding model (task {variant.task})")
         self.variant = variant
         self.runner = EncoderRunner(variant.onnx_path, threads=threads, providers=variant.providers)
         self.max_input_tokens = _encoder_length(variant)

@@ -34,19 +34,19 @@ class SamplingParams:
 
     def check(self, *, max_tokens_limit: int) -> "SamplingParams":
         """Raise RequestError naming the first field out of bounds; return self so calls chain."""
-        _bounded("max_tokens", self.max_tokens, 1, max_tokens_limit, integer=True)
-        _bounded("temperature", self.temperature, 0.0, 2.0)
-        _bounded("top_p", self.top_p, 0.0, 1.0)
+        check_bounds("max_tokens", self.max_tokens, 1, max_tokens_limit, integer=True)
+        check_bounds("temperature", self.temperature, 0.0, 2.0)
+        check_bounds("top_p", self.top_p, 0.0, 1.0)
         if self.top_p == 0:
             raise RequestError("top_p must be greater than 0", param="top_p")
-        _bounded("top_k", self.top_k, 0, MAX_TOP_K, integer=True)
-        _bounded("repetition_penalty", self.repetition_penalty, 0.0, 2.0)
+        check_bounds("top_k", self.top_k, 0, MAX_TOP_K, integer=True)
+        check_bounds("repetition_penalty", self.repetition_penalty, 0.0, 2.0)
         if self.repetition_penalty == 0:
             raise RequestError("repetition_penalty must be greater than 0", param="repetition_penalty")
-        _bounded("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        _bounded("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        check_bounds("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        check_bounds("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None:
-            _bounded("seed", self.seed, -(2**63), 2**63 - 1, integer=True)
+            check_bounds("seed", self.seed, -(2**63), 2**63 - 1, integer=True)
         if len(self.stop) > MAX_STOP_SEQUENCES:
             raise RequestError(f"stop may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(self.stop)}",
                                param="stop")
@@ -61,7 +61,8 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
-def _bounded(name: str, value, low, high, *, integer: bool = False) -> None:
+def check_bounds(name: str, value, low, high, *, integer: bool = False) -> None:
+    """RequestError naming `name` unless `value` is a number (an integer if asked) within [low, high]."""
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise RequestError(f"{name} must be {kind}, got {value!r}", param=name)
