@@ -370,6 +370,9 @@ def serve(variant_dir: Path | str, config: ServerConfig = ServerConfig()) -> Non
         def handle_exit(self, sig, frame) -> None:
             state.status, state.status_reason = "draining", "the server is shutting down"
             super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal once drained, so the process would die of SIGTERM (or show
+            # KeyboardInterrupt); a drained stop is a clean one: exit 0.
+            getattr(self, "_captured_signals", []).clear()
 
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
                                timeout_graceful_shutdown=config.drain_seconds, server_header=False)
