@@ -9,10 +9,11 @@ import time
 
 import httpx
 import pytest
-from runtime_servers import run_server
+from runtime_servers import run_server, serve_in_thread
 
 from lmpack.runtime.engine import DecoderEngine
 from lmpack.runtime.sampling import SamplingParams
+from lmpack.runtime.server import ServerConfig, create_app
 from lmpack.runtime.variant import load_variant
 
 CHAT = "/v1/chat/completions"
@@ -150,7 +151,7 @@ def _long_generation(url: str, max_tokens: int) -> httpx.Response:
 def test_overload_gets_429_and_readiness_holds(llama_variant, tmp_path):
     with run_server(llama_variant, "--max-concurrency", "1", "--queue", "1", tmp=tmp_path) as server:
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(_long_generation, server.url, 300) for _ in range(6)]
+            futures = [pool.submit(_long_generation, server.url, 480) for _ in range(6)]
             time.sleep(0.3)
             ready_during = httpx.get(f"{server.url}/health/ready", timeout=5).status_code
             live_during = httpx.get(f"{server.url}/health/live", timeout=5)
@@ -166,25 +167,42 @@ def test_overload_gets_429_and_readiness_holds(llama_variant, tmp_path):
         assert 'lmpack_requests_total{code="429",route="/v1/completions"}' in metrics
 
 
-def test_a_client_that_disconnects_stops_its_generation(llama_variant, tmp_path):
+class SlowSteps:
+    """The real decoder, 10 ms slower per step: long enough generations to disconnect from on any machine."""
+
+    def __init__(self, runner, delay: float = 0.01):
+        self.runner, self.delay, self.steps = runner, delay, 0
+
+    def step(self, ids, cache):
+        time.sleep(self.delay)
+        self.steps += 1
+        return self.runner.step(ids, cache)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
+def test_a_client_that_disconnects_stops_its_generation(llama_variant):
     engine = DecoderEngine(load_variant(llama_variant), threads=1)
     full = engine.generate(engine.encode_prompt("The railway"), SamplingParams(max_tokens=400, temperature=0)).result()
     assert full.completion_tokens == 400, "the test needs a prompt the model does not end early"
+    slow = engine.runner = SlowSteps(engine.runner)
+    body = {"prompt": "The railway", "max_tokens": 400, "temperature": 0}
 
-    def generated(url: str) -> float:
-        text = httpx.get(f"{url}/metrics").text
-        return float(next(line for line in text.splitlines()
-                          if line.startswith("lmpack_generated_tokens_total")).split()[-1])
-
-    with run_server(llama_variant, "--max-concurrency", "1", "--queue", "0", tmp=tmp_path) as server:
-        before = generated(server.url)
-        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
-                          json={"prompt": "The railway", "max_tokens": 400, "temperature": 0, "stream": True}) as r:
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data:"))
+    def steps_when_idle(url: str) -> int:
         deadline = time.monotonic() + 10
-        while (count := generated(server.url)) == before and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert 0 < count - before < 200, count - before
-        # the slot is free again: a new request is admitted rather than refused
-        assert _long_generation(server.url, 2).status_code == 200
+        while "lmpack_active_generations 1.0" in httpx.get(f"{url}/metrics").text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return slow.steps
+
+    with serve_in_thread(create_app(engine, ServerConfig(max_concurrency=1, queue=0))) as url:
+        before = slow.steps
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={**body, "stream": True}) as r:
+            assert next(line for line in r.iter_lines() if line.startswith("data:"))
+        assert steps_when_idle(url) - before < 100   # 400 without the cancel
+        before = slow.steps
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+            httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+        assert steps_when_idle(url) - before < 100
+        # the slot is free again: the next request is admitted rather than refused
+        assert httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
