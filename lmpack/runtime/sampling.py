@@ -75,7 +75,8 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int]):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        # numpy wants a non-negative seed; OpenAI's may be any 64-bit integer
+        self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
         self.seen = set(prompt_ids)            # for the repetition penalty: prompt and completion
         self.counts: dict[int, int] = {}       # for presence and frequency penalties: completion only
 

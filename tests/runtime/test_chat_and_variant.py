@@ -66,3 +66,18 @@ def test_variant_problems_name_the_file(llama_variant, tmp_path):
     with pytest.raises(VariantError, match="task 'translation'"):
         load_variant(broken)
     assert load_variant(llama_variant / "model").name == "model"  # a bare model directory loads too
+
+
+def test_the_chat_template_may_live_in_tokenizer_config(llama_variant, tmp_path):
+    copy = tmp_path / "v"
+    shutil.copytree(llama_variant, copy)
+    template = (copy / "model" / "chat_template.jinja").read_text()
+    (copy / "model" / "chat_template.jinja").unlink()
+    config_path = copy / "model" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": template}]
+    config_path.write_text(json.dumps(config))
+    assert load_variant(copy).chat_template == template
+    del config["chat_template"]
+    config_path.write_text(json.dumps(config))
+    assert load_variant(copy).chat_template is None

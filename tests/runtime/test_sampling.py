@@ -19,6 +19,8 @@ def test_greedy_takes_the_argmax():
 def test_a_seed_reproduces_the_samples():
     first, second = (Sampler(SamplingParams(temperature=1.0, seed=7), []) for _ in range(2))
     assert [first(LOGITS) for _ in range(50)] == [second(LOGITS) for _ in range(50)]
+    negative = Sampler(SamplingParams(temperature=1.0, seed=-(2**63)), [])  # OpenAI allows any 64-bit seed
+    assert negative(LOGITS) in range(4)
     sampler = Sampler(SamplingParams(temperature=1.0, seed=7), [])
     counts = np.bincount([sampler(LOGITS) for _ in range(2000)], minlength=4) / 2000
     assert abs(counts[1] - 0.6) < 0.05 and abs(counts[2] - 0.25) < 0.05
