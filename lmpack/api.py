@@ -17,19 +17,20 @@ from lmpack import __version__
 from lmpack.config import paths
 from lmpack.config.profiles import Profile, list_profiles, load_profile
 from lmpack.config.targets import Target, list_targets, load_target
+from lmpack.errors import ConfigError
 from lmpack.pipeline.cache import StepCache, guard_disk_full
 from lmpack.pipeline.digest import tree_size
 from lmpack.pipeline.plan import BuildPlan, make_plan
 from lmpack.pipeline.runner import EventHandler, StepRecord, run_step, run_steps
 from lmpack.pipeline.step import REFERENCE, Artifact, ProgressFactory, Step, StepContext, silent_progress
+from lmpack.runtime.variant import MODEL_DIR, VARIANT_FILE
 from lmpack.steps.pull import PullParams, PullStep, resolve_source
 
-__all__ = ["targets", "target", "profiles", "profile", "plan", "pull", "build", "BuildResult", "PullResult"]
+__all__ = ["targets", "target", "profiles", "profile", "plan", "pull", "build", "BuildResult", "PullResult", "serve",
+           "generate"]
 
-VARIANT_FILE = "variant.json"
 REPORT_JSON = "report.json"
 REPORT_TEXT = "report.txt"
-MODEL_DIR = "model"
 
 
 def targets() -> list[Target]:
@@ -245,3 +246,39 @@ def render_report(report: dict[str, Any]) -> str:
                      f"min {quality['cosine_similarity_min']:.4f}, gate {quality.get('gate')}")
     lines.append(f"total:     {report['seconds']:.1f} s")
     return "\n".join(lines) + "\n"
+
+
+def serve(variant_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
+          max_concurrency: int = 1, queue: int = 8, api_key_file: Path | None = None,
+          drain_seconds: int = 30) -> None:
+    """Answer the OpenAI-compatible HTTP API for one variant until interrupted (see docs/serving.md).
+
+    API keys come from `api_key_file` and LMPACK_API_KEYS; with neither, requests need no key.
+    """
+    from lmpack.runtime.auth import load_api_keys
+    from lmpack.runtime.server import ServerConfig, serve as run_server
+
+    keys = load_api_keys(api_key_file, paths.api_keys_env())
+    if max_concurrency < 1 or queue < 0:
+        raise ConfigError("--max-concurrency must be at least 1 and --queue at least 0")
+    run_server(variant_dir, ServerConfig(host=host, port=port, threads=threads, max_concurrency=max_concurrency,
+                                         queue=queue, api_keys=keys, drain_seconds=drain_seconds))
+
+
+def generate(variant_dir: Path, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int | None = None, stop: tuple[str, ...] = (), repetition_penalty: float = 1.0,
+             chat: bool = False, threads: int | None = None, on_text=None):
+    """One completion without a server (greedy by default); `on_text` receives the text as it is generated.
+
+    With `chat`, the prompt is sent as one user message through the model's chat template.
+    Returns a lmpack.runtime.engine.Completion (text, finish_reason, token counts, timings).
+    """
+    from lmpack.runtime.engine import DecoderEngine
+    from lmpack.runtime.sampling import SamplingParams
+    from lmpack.runtime.variant import load_variant
+
+    engine = DecoderEngine(load_variant(variant_dir), threads=threads)
+    ids = engine.encode_chat([{"role": "user", "content": prompt}]) if chat else engine.encode_prompt(prompt)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            stop=tuple(stop), repetition_penalty=repetition_penalty)
+    return engine.generate(ids, params, prompt_param="messages" if chat else "prompt").result(on_text)

@@ -73,3 +73,21 @@ class StepError(LmpackError):
     """A build step failed for a reason that is not the user's input (a tool crashed)."""
 
     exit_code = 11
+
+
+class VariantError(LmpackError):
+    """A variant directory is incomplete or malformed: a missing model or tokenizer file, bad JSON, an unknown task."""
+
+    exit_code = 12
+
+
+class RequestError(LmpackError):
+    """A generation or embedding request asks for something the model cannot do (a prompt longer than its
+    context, a sampling parameter out of bounds). The server answers 400 naming `param`."""
+
+    exit_code = 13
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        self.param = param
+        self.code = code

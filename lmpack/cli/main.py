@@ -7,6 +7,7 @@ import click
 from lmpack import __version__
 from lmpack.cli.build import build_command, pull_command
 from lmpack.cli.catalog import profiles_group, targets_group
+from lmpack.cli.serve import generate_command, serve_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -21,6 +22,7 @@ def cli(debug: bool) -> None:
       lmpack targets show a100
       lmpack build ./SmolLM2-135M-Instruct.Q4_1.gguf --target cpu-x86 --profile int8 -o dist/
       lmpack build sentence-transformers/all-MiniLM-L6-v2 --target cpu-x86 --profile int8
+      lmpack serve dist/smollm2-135m-instruct.q4-1-cpu-x86-int8
 
     Exit codes are listed in docs/cli.md.
     """
@@ -30,6 +32,8 @@ cli.add_command(targets_group)
 cli.add_command(profiles_group)
 cli.add_command(pull_command)
 cli.add_command(build_command)
+cli.add_command(serve_command)
+cli.add_command(generate_command)
 
 
 def main() -> None:

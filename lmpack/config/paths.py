@@ -59,3 +59,8 @@ def hub_endpoint() -> str | None:
     Read at each call: huggingface_hub reads it once, when it is first imported.
     """
     return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
+
+
+def api_keys_env() -> str | None:
+    """LMPACK_API_KEYS: comma-separated API keys `lmpack serve` accepts (besides --api-key-file)."""
+    return os.environ.get("LMPACK_API_KEYS") or None

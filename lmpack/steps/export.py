@@ -15,12 +15,10 @@ from typing import Any
 
 from lmpack.errors import StepError, UnsupportedModelError
 from lmpack.pipeline.step import HF_MODEL, ONNX_MODEL, Artifact, Step, StepContext, register
+from lmpack.runtime.variant import EMBEDDING, MODEL_INFO, TEXT_GENERATION
 from lmpack.steps.model_files import copy_side_files
 
-MODEL_INFO = "lmpack-model.json"
 ONNX_FILE = "model.onnx"
-TEXT_GENERATION = "text-generation"
-EMBEDDING = "feature-extraction"
 _OPTIMUM_TASK = {TEXT_GENERATION: "text-generation-with-past", EMBEDDING: "feature-extraction"}
 
 

@@ -1,0 +1,222 @@
+"""The engines: a decoder that generates text token by token with a KV cache, an encoder that embeds text.
+
+One engine per served variant, shared by all requests: the onnxruntime session and the tokenizer are
+safe to call from several threads, and every per-request state (cache, sampler, decoders) lives in a
+Generation. Generation is a plain iterator, so the server can run it in a worker thread and stop it
+between two tokens by setting its cancel event.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from lmpack.errors import RequestError
+from lmpack.runtime.chat import ChatTemplate
+from lmpack.runtime.sampling import SamplingParams, Sampler
+from lmpack.runtime.sessions import DecoderRunner, EncoderRunner, KVCache
+from lmpack.runtime.textstream import IncrementalDecoder, StopMatcher
+from lmpack.runtime.variant import EMBEDDING, TEXT_GENERATION, Variant
+
+DEFAULT_MAX_TOKENS_LIMIT = 4096
+_GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """Tokens after the first per second of decoding (the first token comes out of the prefill)."""
+        steps = self.completion_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
+
+
+class Generation:
+    """One request's token loop; iterate for text deltas, then read finish_reason and the token counts."""
+
+    def __init__(self, engine: "DecoderEngine", prompt_ids: list[int], params: SamplingParams,
+                 cancel: threading.Event | None = None):
+        self.engine = engine
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.cancel = cancel or threading.Event()
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    def __iter__(self) -> Iterator[str]:
+        engine, params = self.engine, self.params
+        sampler = Sampler(params, self.prompt_ids)
+        decoder = IncrementalDecoder(engine.tokenizer, self.prompt_ids)
+        stops = StopMatcher(params.stop)
+        cache = KVCache()
+        if self.cancel.is_set():  # cancelled while it waited for a worker
+            self.finish_reason = "cancelled"
+            return
+        started = time.perf_counter()
+        logits = engine.runner.step(self.prompt_ids, cache)
+        self.prefill_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        reason = "length"
+        while True:
+            if self.cancel.is_set():
+                self.finish_reason = "cancelled"
+                return
+            token = sampler(logits)
+            if token in engine.eos_token_ids:
+                reason = "stop"
+                break
+            sampler.accept(token)
+            self.completion_tokens += 1
+            text = stops.push(decoder.push(token))
+            if text:
+                yield text
+            if stops.stopped:
+                reason = "stop"
+                break
+            if self.completion_tokens >= params.max_tokens or cache.length + 1 >= engine.context_length:
+                break
+            logits = engine.runner.step([token], cache)
+            self.decode_seconds = time.perf_counter() - started
+        tail = stops.push(decoder.flush()) + stops.flush()
+        if stops.stopped:
+            reason = "stop"
+        if tail:
+            yield tail
+        self.finish_reason = reason
+
+    def result(self, on_text: Callable[[str], None] | None = None) -> Completion:
+        """Run to the end and return the whole text with the counts; `on_text` sees each delta as it comes."""
+        parts = []
+        for delta in self:
+            parts.append(delta)
+            if on_text is not None:
+                on_text(delta)
+        text = "".join(parts)
+        return Completion(text=text, finish_reason=self.finish_reason or "length", prompt_tokens=self.prompt_tokens,
+                          completion_tokens=self.completion_tokens, prefill_seconds=self.prefill_seconds,
+                          decode_seconds=self.decode_seconds)
+
+
+class DecoderEngine:
+    """A text-generation variant ready to answer: session, tokenizer, chat template, EOS ids, limits."""
+
+    def __init__(self, variant: Variant, *, threads: int | None = None,
+                 max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT):
+        if variant.task != TEXT_GENERATION:
+            raise RequestError(f"{variant.name} is an embedding model (task {variant.task}); it cannot generate text")
+        self.variant = variant
+        self.runner = DecoderRunner(variant.onnx_path, threads=threads, providers=variant.providers)
+        self.tokenizer = variant.tokenizer()
+        eos = set(variant.eos_token_ids)
+        if not eos and variant.special_token("eos_token"):
+            eos.add(self.tokenizer.token_to_id(variant.special_token("eos_token")))
+        self.eos_token_ids = frozenset(i for i in eos if i is not None)
+        self.context_length = variant.context_length or 2048
+        self.max_tokens_limit = min(max_tokens_limit, self.context_length)
+        self.chat_template = (ChatTemplate(variant.chat_template, bos_token=variant.special_token("bos_token"),
+                                           eos_token=variant.special_token("eos_token"))
+                              if variant.chat_template else None)
+
+    def defaults(self) -> dict[str, Any]:
+        """Sampling defaults from generation_config.json where the model sets them (as other servers do)."""
+        return {k: self.variant.generation[k] for k in _GENERATION_DEFAULTS
+                if isinstance(self.variant.generation.get(k), (int, float))}
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Tokens of a raw prompt, with the tokenizer's own special tokens (a BOS where the model wants one)."""
+        return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Tokens of a conversation: the template writes the special tokens itself, so none are added."""
+        if self.chat_template is None:
+            raise RequestError(f"{self.variant.name} has no chat template; use /v1/completions with a prompt",
+                               param="messages", code="no_chat_template")
+        return self.tokenizer.encode(self.chat_template.render(messages), add_special_tokens=False).ids
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, *, cancel: threading.Event | None = None,
+                 prompt_param: str = "prompt") -> Generation:
+        """Check the request against the model's limits, then return its (not yet started) Generation."""
+        params.check(max_tokens_limit=self.max_tokens_limit)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", param=prompt_param)
+        if len(prompt_ids) + params.max_tokens > self.context_length:
+            raise RequestError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                               f"the model's context of {self.context_length} tokens",
+                               param=prompt_param if len(prompt_ids) >= self.context_length else "max_tokens",
+                               code="context_length_exceeded")
+        return Generation(self, prompt_ids, params, cancel)
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: np.ndarray      # [n, hidden], L2-normalised
+    prompt_tokens: int
+
+
+class EncoderEngine:
+    """An embedding variant: batches of texts in, mean-pooled normalised vectors out."""
+
+    batch_size = 16  # bounds the activation memory of one call, whatever the request holds
+
+    def __init__(self, variant: Variant, *, threads: int | None = None):
+        if variant.task != EMBEDDING:
+            raise RequestError(f"{variant.name} is not an embedding model (task {variant.task})")
+        self.variant = variant
+        self.runner = EncoderRunner(variant.onnx_path, threads=threads, providers=variant.providers)
+        self.max_input_tokens = _encoder_length(variant)
+        self.tokenizer = variant.tokenizer()
+        self.tokenizer.enable_truncation(self.max_input_tokens)
+        pad = variant.special_token("pad_token")
+        pad_id = self.tokenizer.token_to_id(pad) if pad else None
+        self.tokenizer.enable_padding(**({"pad_id": pad_id, "pad_token": pad} if pad_id is not None else {}))
+
+    def embed(self, texts: list[str]) -> Embeddings:
+        vectors, tokens = [], 0
+        for start in range(0, len(texts), self.batch_size):
+            encoded = self.tokenizer.encode_batch(texts[start:start + self.batch_size])
+            ids = np.array([e.ids for e in encoded], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
+            tokens += int(mask.sum())
+            vectors.append(self.runner.embed(ids, mask))
+        return Embeddings(vectors=np.concatenate(vectors), prompt_tokens=tokens)
+
+
+def _encoder_length(variant: Variant) -> int:
+    """The shortest of the position table, the tokenizer's model_max_length and sentence-transformers' max_seq_length."""
+
+    limits = [variant.context_length or 512]
+    model_max = variant.tokenizer_config.get("model_max_length")
+    if isinstance(model_max, int) and 0 < model_max < 1_000_000:
+        limits.append(model_max)
+    st_config = variant.model_dir / "sentence_bert_config.json"
+    if st_config.is_file():
+        try:
+            limits.append(int(json.loads(st_config.read_text())["max_seq_length"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+    return min(limits)
+
+
+def load_engine(variant: Variant, *, threads: int | None = None, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT):
+    """The engine that fits the variant's task."""
+    if variant.task == EMBEDDING:
+        return EncoderEngine(variant, threads=threads)
+    return DecoderEngine(variant, threads=threads, max_tokens_limit=max_tokens_limit)

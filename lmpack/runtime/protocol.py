@@ -1,0 +1,239 @@
+"""The OpenAI wire format: request bodies checked into typed requests, responses and stream chunks built.
+
+Every check raises ApiError naming the field (`param`), so a bad request is always a 400 in OpenAI's
+error shape and never reaches the engine as a 500. Fields that OpenAI clients send by default
+(`user`, `stream_options`, a text `response_format`) are accepted; features this server does not have
+(n > 1, logprobs, tools, ...) are refused by name rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from lmpack.errors import RequestError
+from lmpack.runtime.chat import normalize_messages
+from lmpack.runtime.sampling import SamplingParams, check_bounds
+
+MAX_EMBEDDING_INPUTS = 256
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def from_request_error(cls, exc: RequestError) -> "ApiError":
+        return cls(400, exc.message, param=exc.param, code=exc.code or "invalid_value")
+
+
+def bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """/v1/completions or /v1/chat/completions, checked. max_tokens None: as many as the server allows."""
+
+    params: SamplingParams
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    inputs: list[str]
+    encoding_format: str
+
+
+def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, *, what: str) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise bad(f"{name} must be {what}, got {type(value).__name__}", name, "invalid_type")
+    return value
+
+
+def check_model(body: dict, model_id: str) -> None:
+    model = body.get("model")
+    if model is not None and model != model_id:
+        raise ApiError(404, f"model {model!r} is not served here; this server serves {model_id!r}",
+                       param="model", code="model_not_found")
+
+
+def _refuse_unsupported(body: dict) -> None:
+    n = body.get("n", 1)
+    if n is not None and n != 1:
+        raise bad("only n=1 is supported: one completion per request", "n", "unsupported_value")
+    best_of = body.get("best_of", 1)
+    if best_of is not None and best_of != 1:
+        raise bad("best_of is not supported", "best_of", "unsupported_value")
+    for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions", "tool_choice",
+                 "function_call"):
+        value = body.get(name)
+        if value not in (None, False, {}, [], "", "none"):  # 0 == False: logprobs=0 asks for nothing
+            raise bad(f"{name} is not supported by this server", name, "unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        raise bad("only response_format {\"type\": \"text\"} is supported", "response_format", "unsupported_value")
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return tuple(stop)
+    raise bad("stop must be a string or an array of strings", "stop", "invalid_type")
+
+
+def _sampling(body: dict, defaults: dict[str, Any], max_tokens: int | None) -> SamplingParams:
+    number, integer = (int, float), (int,)
+    values = {
+        "temperature": _field(body, "temperature", number, defaults.get("temperature", 1.0), what="a number"),
+        "top_p": _field(body, "top_p", number, defaults.get("top_p", 1.0), what="a number"),
+        "top_k": _field(body, "top_k", integer, defaults.get("top_k", 0), what="an integer"),
+        "seed": _field(body, "seed", integer, None, what="an integer"),
+        "repetition_penalty": _field(body, "repetition_penalty", number, defaults.get("repetition_penalty", 1.0),
+                                     what="a number"),
+        "presence_penalty": _field(body, "presence_penalty", number, 0.0, what="a number"),
+        "frequency_penalty": _field(body, "frequency_penalty", number, 0.0, what="a number"),
+    }
+    if values["top_k"] == -1:  # vLLM's spelling of "off"
+        values["top_k"] = 0
+    # max_tokens is checked by the caller under the name the client used; 1 stands in until the server picks one
+    return SamplingParams(max_tokens=1 if max_tokens is None else max_tokens, stop=_stop(body), **values)
+
+
+def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_tokens_limit: int) -> GenerationRequest:
+    """Check a completions (chat=False) or chat completions body; the sampling bounds are checked here too."""
+    _refuse_unsupported(body)
+    names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
+    max_tokens, max_name = None, "max_tokens"
+    for name in names:
+        if body.get(name) is not None:
+            max_tokens, max_name = _field(body, name, (int,), what="an integer"), name
+            break
+    params = _sampling(body, defaults, max_tokens)
+    try:
+        if max_tokens is not None:
+            check_bounds(max_name, max_tokens, 1, max_tokens_limit, integer=True)
+        params.check(max_tokens_limit=max_tokens_limit)
+    except RequestError as exc:
+        raise ApiError.from_request_error(exc) from exc
+    stream = _field(body, "stream", (bool,), False, what="true or false")
+    options = _field(body, "stream_options", (dict,), {}, what="an object")
+    include_usage = bool(options.get("include_usage")) if stream else False
+    if chat:
+        if "messages" not in body:
+            raise bad("messages is required", "messages", "missing_required_parameter")
+        try:
+            messages = normalize_messages(body["messages"])
+        except RequestError as exc:
+            raise ApiError.from_request_error(exc) from exc
+        return GenerationRequest(params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
+                                 messages=messages)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if prompt is None:
+        raise bad("prompt is required", "prompt", "missing_required_parameter")
+    if not isinstance(prompt, str):
+        raise bad("prompt must be a string (or an array of one string)", "prompt", "invalid_type")
+    return GenerationRequest(params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
+                             prompt=prompt)
+
+
+def with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    return replace(params, max_tokens=max_tokens)
+
+
+def parse_embeddings(body: dict) -> EmbeddingRequest:
+    if "input" not in body:
+        raise bad("input is required", "input", "missing_required_parameter")
+    inputs = body["input"]
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+        raise bad("input must be a string or a non-empty array of strings (token arrays are not supported)", "input",
+                  "invalid_type")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise bad(f"input may hold at most {MAX_EMBEDDING_INPUTS} strings, got {len(inputs)}", "input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise bad("encoding_format must be \"float\" or \"base64\"", "encoding_format")
+    if body.get("dimensions") is not None:
+        raise bad("dimensions is not supported: the model's full embedding is returned", "dimensions",
+                  "unsupported_parameter")
+    return EmbeddingRequest(inputs=inputs, encoding_format=encoding)
+
+
+# Responses -------------------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(*, id: str, model: str, chat: bool, text: str, finish_reason: str, usage: dict) -> dict:
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                  "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+    return {"id": id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": usage}
+
+
+def chunk_body(*, id: str, model: str, chat: bool, text: str | None = None, role: bool = False,
+               finish_reason: str | None = None, usage: dict | None = None) -> dict:
+    """One server-sent event's payload; usage-only chunks have no choices, as OpenAI's include_usage does."""
+    body: dict[str, Any] = {"id": id, "object": "chat.completion.chunk" if chat else "text_completion",
+                            "created": int(time.time()), "model": model}
+    if usage is not None:
+        body.update(choices=[], usage=usage)
+        return body
+    if chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+        if text:
+            delta["content"] = text
+        body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+    else:
+        body["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}]
+    return body
+
+
+def embeddings_body(*, model: str, vectors: np.ndarray, encoding_format: str, prompt_tokens: int) -> dict:
+    data = []
+    for index, vector in enumerate(vectors):
+        if encoding_format == "base64":  # what the openai client asks for by default: float32, little-endian
+            embedding: Any = base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+        else:
+            embedding = [float(x) for x in vector]
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

@@ -1,0 +1,124 @@
+"""Choosing the next token: penalties, then greedy or temperature / top-k / top-p sampling, all on numpy.
+
+The bounds live here, beside the code they protect, so the HTTP layer and `lmpack generate` refuse the
+same values with the same messages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from lmpack.errors import RequestError
+
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 256
+MAX_TOP_K = 1000
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of the decoder. temperature 0 means greedy (OpenAI's convention)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0: off
+    seed: int | None = None
+    repetition_penalty: float = 1.0     # Hugging Face's: divides positive logits of tokens already seen
+    presence_penalty: float = 0.0       # OpenAI's: subtracted once from tokens already generated
+    frequency_penalty: float = 0.0      # OpenAI's: subtracted per occurrence in the completion
+    stop: tuple[str, ...] = ()
+
+    def check(self, *, max_tokens_limit: int) -> "SamplingParams":
+        """Raise RequestError naming the first field out of bounds; return self so calls chain."""
+        check_bounds("max_tokens", self.max_tokens, 1, max_tokens_limit, integer=True)
+        check_bounds("temperature", self.temperature, 0.0, 2.0)
+        check_bounds("top_p", self.top_p, 0.0, 1.0)
+        if self.top_p == 0:
+            raise RequestError("top_p must be greater than 0", param="top_p")
+        check_bounds("top_k", self.top_k, 0, MAX_TOP_K, integer=True)
+        check_bounds("repetition_penalty", self.repetition_penalty, 0.0, 2.0)
+        if self.repetition_penalty == 0:
+            raise RequestError("repetition_penalty must be greater than 0", param="repetition_penalty")
+        check_bounds("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        check_bounds("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if self.seed is not None:
+            check_bounds("seed", self.seed, -(2**63), 2**63 - 1, integer=True)
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise RequestError(f"stop may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(self.stop)}",
+                               param="stop")
+        for item in self.stop:
+            if not isinstance(item, str) or not item or len(item) > MAX_STOP_LENGTH:
+                raise RequestError(f"each stop sequence must be a non-empty string of at most {MAX_STOP_LENGTH} "
+                                   "characters", param="stop")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def check_bounds(name: str, value, low, high, *, integer: bool = False) -> None:
+    """RequestError naming `name` unless `value` is a number (an integer if asked) within [low, high]."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise RequestError(f"{name} must be {kind}, got {value!r}", param=name)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise RequestError(f"{name} must be between {low} and {high}, got {value!r}", param=name)
+
+
+class Sampler:
+    """Picks tokens for one sequence; holds the request's random generator so a seed reproduces a completion."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int]):
+        self.params = params
+        # numpy wants a non-negative seed; OpenAI's may be any 64-bit integer
+        self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
+        self.seen = set(prompt_ids)            # for the repetition penalty: prompt and completion
+        self.counts: dict[int, int] = {}       # for presence and frequency penalties: completion only
+
+    def __call__(self, logits: np.ndarray) -> int:
+        logits = self._penalised(logits)
+        p = self.params
+        if p.greedy:
+            return int(np.argmax(logits))
+        logits = logits / p.temperature
+        candidates = np.arange(logits.shape[0])
+        if p.top_k:
+            k = min(p.top_k, logits.shape[0])
+            candidates = np.argpartition(logits, -k)[-k:]
+            logits = logits[candidates]
+        order = np.argsort(logits)[::-1]
+        logits, candidates = logits[order], candidates[order]
+        probs = np.exp(logits - logits[0])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            # the smallest set of most likely tokens whose probability reaches top_p
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
+            probs, candidates = probs[:keep] / probs[:keep].sum(), candidates[:keep]
+        return int(candidates[self.rng.choice(len(probs), p=probs)])
+
+    def _penalised(self, logits: np.ndarray) -> np.ndarray:
+        p = self.params
+        repetition = p.repetition_penalty != 1.0 and self.seen
+        occurrence = (p.presence_penalty or p.frequency_penalty) and self.counts
+        if not (repetition or occurrence):
+            return logits
+        logits = logits.copy()
+        if repetition:
+            ids = np.fromiter(self.seen, dtype=np.int64)
+            ids = ids[ids < logits.shape[0]]
+            values = logits[ids]
+            logits[ids] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if occurrence:
+            ids = np.fromiter(self.counts, dtype=np.int64)
+            counts = np.fromiter(self.counts.values(), dtype=np.float32)
+            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+        return logits
+
+    def accept(self, token: int) -> None:
+        self.seen.add(token)
+        self.counts[token] = self.counts.get(token, 0) + 1

@@ -1,0 +1,379 @@
+"""The OpenAI-compatible HTTP server: routes, readiness, admission, and running generations off the event loop.
+
+Generations run in a pool of worker threads (one per concurrency slot), so the event loop keeps
+answering health checks, metrics and 429s while the CPU decodes. A streaming request's worker pushes
+text deltas to the loop; a client that goes away sets the generation's cancel event, which the token
+loop checks before every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from lmpack.errors import RequestError
+from lmpack.runtime.admission import Admission, Overloaded
+from lmpack.runtime.auth import bearer_ok
+from lmpack.runtime.engine import DecoderEngine, EncoderEngine, Generation, load_engine
+from lmpack.runtime.http import GuardedStream, ObserveRequests, error_response, read_json, sse
+from lmpack.runtime.metrics import Metrics
+from lmpack.runtime.protocol import (ApiError, check_model, chunk_body, completion_body, embeddings_body, new_id,
+                                     parse_embeddings, parse_generation, usage, with_max_tokens)
+from lmpack.runtime.sampling import SamplingParams
+from lmpack.runtime.variant import load_variant
+
+log = logging.getLogger("lmpack.serve")
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int | None = None                 # onnxruntime intra-op threads; None: onnxruntime decides
+    max_concurrency: int = 1                   # generations running at once
+    queue: int = 8                             # requests waiting for a slot before 429
+    api_keys: frozenset[str] = field(default_factory=frozenset)
+    max_body_bytes: int = 2 * 1024 * 1024
+    default_max_tokens: int = 512              # chat completions without max_tokens (capped by the context)
+    max_tokens_limit: int = 4096
+    drain_seconds: int = 30
+    retry_after_seconds: int = 1
+    warmup: bool = True
+
+
+class ServerState:
+    """What the routes share: the engine, the limits, the readiness flags and the worker pool."""
+
+    def __init__(self, engine: DecoderEngine | EncoderEngine, config: ServerConfig):
+        self.engine = engine
+        self.config = config
+        self.model_id = engine.variant.name
+        self.created = int(time.time())
+        self.admission = Admission(max_active=config.max_concurrency, max_queue=config.queue)
+        self.metrics = Metrics(queue_depth=lambda: self.admission.waiting, active=lambda: self.admission.active)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=config.max_concurrency + 1,
+                                                              thread_name_prefix="lmpack-generate")
+        self.status = "starting"   # starting -> ready | failed; draining once shutdown begins
+        self.status_reason = "the warm-up generation has not finished"
+
+    def authorize(self, request: Request) -> None:
+        if not bearer_ok(request.headers.get("authorization"), self.config.api_keys):
+            raise ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def require_ready(self) -> None:
+        if self.status != "ready":
+            raise ApiError(503, f"the server is {self.status}: {self.status_reason}", type="server_error",
+                           code=f"server_{self.status}",
+                           headers={"Retry-After": str(self.config.retry_after_seconds)})
+
+    async def admit(self):
+        try:
+            return await self.admission.acquire()
+        except Overloaded:
+            self.metrics.overloaded()
+            raise ApiError(429, f"the server is busy ({self.admission.max_active} running, {self.admission.max_queue}"
+                           " queued); retry later", type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(self.config.retry_after_seconds)}) from None
+
+    def warm_up(self) -> None:
+        """One tiny generation (or embedding) through the real code path; readiness waits for it."""
+        if isinstance(self.engine, EncoderEngine):
+            vectors = self.engine.embed(["warm-up"]).vectors
+            if not (vectors.shape[0] == 1 and abs(float((vectors ** 2).sum()) - 1.0) < 1e-3):
+                raise RuntimeError("the warm-up embedding is not a unit vector")
+            return
+        ids = self.engine.encode_prompt("Hello")
+        result = self.engine.generate(ids, SamplingParams(max_tokens=2, temperature=0)).result()
+        if result.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"the warm-up generation ended with {result.finish_reason!r}")
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.lmpack
+
+
+# Routes ----------------------------------------------------------------------------------------------------
+
+
+async def live(request: Request) -> Response:
+    return JSONResponse({"status": "alive"})
+
+
+async def ready(request: Request) -> Response:
+    state = _state(request)
+    if state.status == "ready":
+        return JSONResponse({"status": "ready", "model": state.model_id})
+    return JSONResponse({"status": state.status, "reason": state.status_reason}, status_code=503,
+                        headers={"Retry-After": str(state.config.retry_after_seconds)})
+
+
+async def metrics(request: Request) -> Response:
+    state = _state(request)
+    state.authorize(request)
+    if not state.metrics.enabled:
+        raise ApiError(404, "metrics need the prometheus_client package, which is not installed",
+                       code="metrics_unavailable")
+    content, media_type = state.metrics.render()
+    return Response(content, media_type=media_type)
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "lmpack",
+            "task": state.engine.variant.task}
+
+
+async def list_models(request: Request) -> Response:
+    state = _state(request)
+    state.authorize(request)
+    return JSONResponse({"object": "list", "data": [_model_card(state)]})
+
+
+async def get_model(request: Request) -> Response:
+    state = _state(request)
+    state.authorize(request)
+    check_model({"model": request.path_params["model"]}, state.model_id)
+    return JSONResponse(_model_card(state))
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, chat=False)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, chat=True)
+
+
+async def _generate(request: Request, *, chat: bool) -> Response:
+    state = _state(request)
+    state.authorize(request)
+    state.require_ready()
+    engine = state.engine
+    if not isinstance(engine, DecoderEngine):
+        raise ApiError(400, f"{state.model_id} is an embedding model: use /v1/embeddings", param="model",
+                       code="wrong_model_task")
+    body = await read_json(request, limit=state.config.max_body_bytes)
+    check_model(body, state.model_id)
+    req = parse_generation(body, chat=chat, defaults=engine.defaults(), max_tokens_limit=engine.max_tokens_limit)
+    prompt_param = "messages" if chat else "prompt"
+    loop = asyncio.get_running_loop()
+    ids = await loop.run_in_executor(None, engine.encode_chat if chat else engine.encode_prompt,
+                                     req.messages if chat else req.prompt)
+    max_tokens = req.max_tokens
+    if max_tokens is None:  # as many as asked by default, within what the context has room for
+        default = state.config.default_max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
+        max_tokens = max(1, min(default, engine.max_tokens_limit, engine.context_length - len(ids)))
+    cancel = threading.Event()
+    generation = engine.generate(ids, with_max_tokens(req.params, max_tokens), cancel=cancel,
+                                 prompt_param=prompt_param)
+    slot = await state.admit()
+    if req.stream:
+        return _stream(state, generation, cancel, slot, chat=chat, include_usage=req.include_usage)
+    job = _run_in_worker(state, slot, generation.result)
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
+    try:
+        result = await asyncio.wrap_future(job)
+    finally:
+        watcher.cancel()
+        if not job.done():
+            cancel.set()
+    state.metrics.tokens(result.prompt_tokens, result.completion_tokens)
+    return JSONResponse(completion_body(id=new_id("chatcmpl" if chat else "cmpl"), model=state.model_id, chat=chat,
+                                        text=result.text, finish_reason=result.finish_reason,
+                                        usage=usage(result.prompt_tokens, result.completion_tokens)))
+
+
+def _run_in_worker(state: ServerState, slot, fn, *args) -> concurrent.futures.Future:
+    """Run `fn` in the worker pool; the slot frees when the thread is done, not when the client leaves."""
+    try:
+        job = state.executor.submit(fn, *args)
+    except BaseException:
+        slot.release()
+        raise
+    job.add_done_callback(lambda _: slot.release())
+    return job
+
+
+async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Wait for the client to hang up (the body is already read, so the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
+def _stream(state: ServerState, generation: Generation, cancel: threading.Event, slot, *, chat: bool,
+            include_usage: bool) -> Response:
+    started = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def push(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone: nobody to tell
+            pass
+
+    def work() -> None:
+        try:
+            for delta in generation:
+                push(("text", delta))
+            push(("end", None))
+        except Exception as exc:  # an engine failure mid-stream: the client gets an error event
+            log.exception("generation failed")
+            push(("error", exc))
+        finally:  # counted here so cancelled streams count what they did generate
+            state.metrics.tokens(generation.prompt_tokens, generation.completion_tokens)
+
+    _run_in_worker(state, slot, work)
+    ident, model = new_id("chatcmpl" if chat else "cmpl"), state.model_id
+
+    async def events():
+        if chat:
+            yield sse(chunk_body(id=ident, model=model, chat=True, role=True))
+        first = True
+        while True:
+            kind, value = await queue.get()
+            if kind == "text":
+                if first:
+                    state.metrics.time_to_first_token(time.perf_counter() - started)
+                    first = False
+                yield sse(chunk_body(id=ident, model=model, chat=chat, text=value))
+            elif kind == "error":
+                yield sse(ApiError(500, f"generation failed: {type(value).__name__}", type="server_error",
+                                   code="generation_failed").body())
+                break
+            else:
+                yield sse(chunk_body(id=ident, model=model, chat=chat, finish_reason=generation.finish_reason))
+                if include_usage:
+                    yield sse(chunk_body(id=ident, model=model, chat=chat,
+                                         usage=usage(generation.prompt_tokens, generation.completion_tokens)))
+                break
+        yield sse("[DONE]")
+
+    return GuardedStream(events(), on_close=cancel.set)
+
+
+async def embeddings(request: Request) -> Response:
+    state = _state(request)
+    state.authorize(request)
+    state.require_ready()
+    engine = state.engine
+    if not isinstance(engine, EncoderEngine):
+        raise ApiError(400, f"{state.model_id} is a text-generation model: it has no embeddings", param="model",
+                       code="wrong_model_task")
+    body = await read_json(request, limit=state.config.max_body_bytes)
+    check_model(body, state.model_id)
+    req = parse_embeddings(body)
+    slot = await state.admit()
+    result = await asyncio.wrap_future(_run_in_worker(state, slot, engine.embed, req.inputs))
+    state.metrics.tokens(result.prompt_tokens, 0)
+    return JSONResponse(embeddings_body(model=state.model_id, vectors=result.vectors,
+                                       encoding_format=req.encoding_format, prompt_tokens=result.prompt_tokens))
+
+
+# The app ---------------------------------------------------------------------------------------------------
+
+ROUTES = [
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/health/live", live, methods=["GET"]),
+    Route("/health/ready", ready, methods=["GET"]),
+    Route("/v2/health/live", live, methods=["GET"]),    # KServe's open inference protocol names
+    Route("/v2/health/ready", ready, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, RequestError):
+        exc = ApiError.from_request_error(exc)
+    elif isinstance(exc, HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        exc = ApiError(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
+    return error_response(exc)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path)
+    return error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error",
+                                   code="internal_error"))
+
+
+def create_app(engine: DecoderEngine | EncoderEngine, config: ServerConfig = ServerConfig()) -> Starlette:
+    """The ASGI app for one engine. It warms up in the background: live at once, ready once warm."""
+    state = ServerState(engine, config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        task = asyncio.create_task(_warm_up(state)) if config.warmup else None
+        if task is None:
+            state.status = "ready"
+        yield
+        if task is not None:
+            task.cancel()
+        state.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = Starlette(routes=ROUTES, lifespan=lifespan,
+                    middleware=[Middleware(ObserveRequests, routes={r.path for r in ROUTES},
+                                           record=state.metrics.request)],
+                    exception_handlers={ApiError: _api_error, RequestError: _api_error, HTTPException: _api_error,
+                                        Exception: _server_error})
+    app.state.lmpack = state
+    return app
+
+
+async def _warm_up(state: ServerState) -> None:
+    try:
+        await asyncio.get_running_loop().run_in_executor(state.executor, state.warm_up)
+    except Exception as exc:
+        log.error("warm-up failed; the server stays not ready: %s", exc)
+        state.status, state.status_reason = "failed", f"the warm-up failed: {type(exc).__name__}: {exc}"
+        return
+    if state.status == "starting":
+        state.status, state.status_reason = "ready", ""
+        log.info("%s is ready", state.model_id)
+
+
+def serve(variant_dir: Path | str, config: ServerConfig = ServerConfig()) -> None:
+    """Load the variant, then answer HTTP on config.host:config.port until SIGINT or SIGTERM.
+
+    On either signal readiness turns off at once and running requests get `drain_seconds` to finish.
+    """
+    import uvicorn
+
+    engine = load_engine(load_variant(variant_dir), threads=config.threads, max_tokens_limit=config.max_tokens_limit)
+    app = create_app(engine, config)
+    state: ServerState = app.state.lmpack
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state.status, state.status_reason = "draining", "the server is shutting down"
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal once drained, so the process would die of SIGTERM (or show
+            # KeyboardInterrupt); a drained stop is a clean one: exit 0.
+            getattr(self, "_captured_signals", []).clear()
+
+    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                               timeout_graceful_shutdown=config.drain_seconds, server_header=False)
+    DrainingServer(uv_config).run()
