@@ -73,3 +73,25 @@ class StepError(LmpackError):
     """A build step failed for a reason that is not the user's input (a tool crashed)."""
 
     exit_code = 11
+
+
+class BundleError(LmpackError):
+    """A bundle is malformed or unsafe: a bad manifest, a hostile archive member, a bomb, a bad variant."""
+
+    exit_code = 12
+
+
+class VerificationError(LmpackError):
+    """A bundle's contents or signature do not match its manifest; `problems` names every file found wrong."""
+
+    exit_code = 13
+
+    def __init__(self, message: str, *, hint: str | None = None, problems: list[str] | None = None):
+        super().__init__(message, hint=hint)
+        self.problems = problems or [message]
+
+
+class InstallError(LmpackError):
+    """An install or uninstall was refused: a downgrade without its flag, the current release, a busy prefix."""
+
+    exit_code = 14

@@ -6,7 +6,9 @@ import click
 
 from lmpack import __version__
 from lmpack.cli.build import build_command, pull_command
+from lmpack.cli.bundle import keygen_command, pack_command, sign_command, verify_command
 from lmpack.cli.catalog import profiles_group, targets_group
+from lmpack.cli.install import install_command, list_command, uninstall_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -21,6 +23,8 @@ def cli(debug: bool) -> None:
       lmpack targets show a100
       lmpack build ./SmolLM2-135M-Instruct.Q4_1.gguf --target cpu-x86 --profile int8 -o dist/
       lmpack build sentence-transformers/all-MiniLM-L6-v2 --target cpu-x86 --profile int8
+      lmpack pack dist/smollm2-135m-instruct.q4-1-cpu-x86-int8 -o smollm2.lmpack --name smollm2 --version 1.0.0
+      lmpack install smollm2.lmpack --prefix /opt/lmpack --public-key release.pub
 
     Exit codes are listed in docs/cli.md.
     """
@@ -30,6 +34,9 @@ cli.add_command(targets_group)
 cli.add_command(profiles_group)
 cli.add_command(pull_command)
 cli.add_command(build_command)
+for command in (pack_command, verify_command, keygen_command, sign_command, install_command, list_command,
+                uninstall_command):
+    cli.add_command(command)
 
 
 def main() -> None:
