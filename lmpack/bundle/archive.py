@@ -208,20 +208,19 @@ class TarBundle:
             if head_only:
                 return
             manifest = self.manifest
+            entry = manifest.by_path.get(name)
+            if entry is None:  # never acceptable: stop here rather than read past it
+                raise VerificationError(f"{name}: extra file, not listed in {MANIFEST}")
             count, total = count + 1, total + member.size
             if count > manifest.total_files or total > manifest.total_bytes:
                 raise BundleError(f"archive member {name!r} takes the archive past the manifest's totals "
                                   f"({manifest.total_files} files, {manifest.total_bytes} bytes); stopped before "
                                   "extracting anything", hint="the bundle is damaged or a decompression bomb")
-            entry = manifest.by_path.get(name)
-            if entry is None:
-                yield None, f"{name}: extra file, not listed in {MANIFEST}"
-                continue
             listed_seen.add(name)
-            if member.size != entry.size:
-                yield None, (f"{name}: larger than the manifest says ({member.size} > {entry.size} bytes)"
-                             if member.size > entry.size else
-                             f"{name}: truncated ({member.size} of {entry.size} bytes)")
+            if member.size > entry.size:
+                raise VerificationError(f"{name}: larger than the manifest says ({member.size} > {entry.size} bytes)")
+            if member.size < entry.size:
+                yield None, f"{name}: truncated ({member.size} of {entry.size} bytes)"
                 continue
             yield (entry, tf.extractfile(member) if with_data else None), None
         if not self.manifest_bytes:

@@ -112,7 +112,8 @@ def _installed(name_dir: Path, version: str) -> bool:
 
 
 def _recover(prefix: Path) -> None:
-    """Remove what an interrupted install or uninstall left: staging, temp links, uncommitted versions."""
+    """Remove what an interrupted install or uninstall left (staging, temp links, uncommitted versions)
+    and mark a current release that a kill left unmarked."""
     remove_path(prefix / STAGING)
     releases = prefix / RELEASES
     if not releases.is_dir():
@@ -120,6 +121,9 @@ def _recover(prefix: Path) -> None:
     for name_dir in releases.iterdir():
         if name_dir.is_symlink() or not name_dir.is_dir():
             continue
+        current = current_version(name_dir)
+        if current is not None and not (name_dir / MARKERS / current).is_file():
+            _touch(name_dir / MARKERS / current)  # killed just after the commit: finish its last step
         for entry in name_dir.iterdir():
             if entry.name.startswith(_TEMP_LINK):
                 remove_path(entry)
@@ -192,15 +196,17 @@ def install(bundle_path: Path, prefix: Path, *, public_key: Path | None = None,
                                      previous=previous, signature=signature, files=manifest.total_files,
                                      bytes=manifest.total_bytes, seconds=round(time.perf_counter() - started, 3))
 
-            if installed:
+            if not installed:
+                _check_free_space(prefix, manifest)
+            raise_problems(bundle.check_structure(), bundle)
+            if installed:  # its files are already here, but a damaged bundle is still reported as damaged
+                raise_problems(check_contents(bundle), bundle)
                 if previous == manifest.version:
                     return result("unchanged")
                 with DirBundle(release) as kept:  # files on disk can rot or be edited: check before use
                     check_bundle(kept, None)
                 _switch(name_dir, manifest.version, previous)
                 return result("switched")
-            _check_free_space(prefix, manifest)
-            raise_problems(bundle.check_structure(), bundle)
             staging = prefix / STAGING / f"{manifest.name}-{manifest.version}-{uuid.uuid4().hex[:8]}"
             with guard_disk_full(prefix / STAGING):
                 staging.mkdir(parents=True)

@@ -148,8 +148,8 @@ def check_contents(bundle: Bundle, *, extract_to: Path | None = None, stop_at_fi
 
 def raise_problems(problems: list[str], bundle: Bundle) -> None:
     if problems:
-        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        raise VerificationError(f"{bundle.path} does not match its manifest ({count}): {problems[0]}",
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise VerificationError(f"{bundle.path} does not match its manifest: {problems[0]}{more}",
                                 problems=problems, hint="the bundle was damaged or altered after it was packed; "
                                 "copy it again from the build host")
 

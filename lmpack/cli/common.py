@@ -45,7 +45,7 @@ def handle_errors(func: Callable) -> Callable:
                                      **({"problems": exc.problems} if getattr(exc, "problems", None) else {})}})
             click.secho(f"error: {exc.message}", fg="red", err=True)
             problems = getattr(exc, "problems", None) or []
-            if problems != [exc.message]:
+            if len(problems) > 1:
                 for problem in problems:
                     click.echo(f"  {problem}", err=True)
             if exc.hint:
