@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 from bundle_helpers import bundle_members, member, run_cli, snapshot, write_archive
 from lmpack.bundle.archive import TarBundle
 from lmpack.bundle.verify import check_contents
-from lmpack.errors import BundleError, VerificationError
+from lmpack.errors import BundleError
 
 
 def _listed(bundle_dir: Path) -> list[str]:

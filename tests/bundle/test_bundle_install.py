@@ -102,6 +102,46 @@ def test_free_space_is_checked_first(bundles, tmp_path, monkeypatch):
     assert snapshot(prefix) == {}
 
 
+def test_disk_full_while_extracting_leaves_the_prefix_unchanged(bundles, tmp_path, monkeypatch):
+    import errno
+
+    from lmpack.bundle import verify
+
+    prefix = tmp_path / "p"
+    _install(bundles["1.0.0"], prefix)
+    before = snapshot(prefix)
+    real_drain, calls = verify.drain, []
+
+    def filling_drain(stream, entry, fd=None):
+        calls.append(entry.path)
+        if len(calls) == 3:
+            os.write(fd, b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", entry.path)
+        return real_drain(stream, entry, fd)
+
+    monkeypatch.setattr(verify, "drain", filling_drain)
+    result = run_cli("install", bundles["1.1.0"], "--prefix", prefix)
+    assert result.exit_code == 9 and "nothing partial" in result.stderr
+    assert snapshot(prefix) == before
+
+
+def test_read_only_file_system_at_the_last_step_leaves_the_prefix_unchanged(bundles, tmp_path, monkeypatch):
+    import errno
+
+    prefix = tmp_path / "p"
+    _install(bundles["1.0.0"], prefix)
+    before = snapshot(prefix)
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(dst))
+
+    monkeypatch.setattr(installing.os, "rename", read_only)
+    result = run_cli("install", bundles["1.1.0"], "--prefix", prefix)
+    assert result.exit_code == 14 and "cannot write" in result.stderr
+    monkeypatch.undo()
+    assert snapshot(prefix) == before
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
 def test_read_only_prefix(bundles, tmp_path):
     prefix = tmp_path / "p"

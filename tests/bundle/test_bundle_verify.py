@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bundle_helpers import bundle_members, member, model_file, run_cli, snapshot, write_archive
+from bundle_helpers import member, model_file, run_cli, snapshot, write_archive
 
 
 def _flip(path: Path, offset: int) -> None:
