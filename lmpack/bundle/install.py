@@ -30,7 +30,7 @@ from typing import Iterator
 from lmpack.bundle.manifest import (MANIFEST, SIGNATURE, VERSION_RE, Manifest, check_name, parse_manifest,
                                     parse_version)
 from lmpack.bundle.signing import check_signature
-from lmpack.bundle.verify import DirBundle, check_bundle, check_contents, open_bundle, raise_problems
+from lmpack.bundle.verify import Bundle, DirBundle, check_bundle, check_contents, open_bundle, raise_problems
 from lmpack.errors import BundleError, DiskFullError, InstallError, NotFoundError
 from lmpack.fsio import fsync_dir, guard_disk_full, remove_path
 
@@ -176,51 +176,57 @@ def install(bundle_path: Path, prefix: Path, *, public_key: Path | None = None,
     """Verify a bundle completely, then make it the current release of its name under `prefix`."""
     started = time.perf_counter()
     prefix = Path(prefix)
-    with _writable(prefix):
+    with open_bundle(Path(bundle_path)) as bundle, _writable(prefix):  # an unreadable bundle creates nothing
         prefix.mkdir(parents=True, exist_ok=True)
-        with _locked(prefix), open_bundle(Path(bundle_path)) as bundle:
+        with _locked(prefix):
             _recover(prefix)
-            signature = check_signature(bundle.manifest_bytes, bundle.signature_bytes, public_key)
-            manifest = bundle.manifest
-            name_dir = prefix / RELEASES / manifest.name
-            release = name_dir / manifest.version
-            previous = current_version(name_dir)
-            installed = _installed(name_dir, manifest.version)
-            if installed and (release / MANIFEST).read_bytes() != bundle.manifest_bytes:
-                raise InstallError(f"{manifest.name} {manifest.version} is already installed with different contents",
-                                   hint="give the new bundle a higher version (lmpack pack --version)")
-            _check_downgrade(manifest, previous, allow_downgrade)
+            return _install_locked(bundle, prefix, public_key=public_key, allow_downgrade=allow_downgrade,
+                                   started=started)
 
-            def result(action: str) -> InstallResult:
-                return InstallResult(name=manifest.name, version=manifest.version, path=release, action=action,
-                                     previous=previous, signature=signature, files=manifest.total_files,
-                                     bytes=manifest.total_bytes, seconds=round(time.perf_counter() - started, 3))
 
-            if not installed:
-                _check_free_space(prefix, manifest)
-            raise_problems(bundle.check_structure(), bundle)
-            if installed:  # its files are already here, but a damaged bundle is still reported as damaged
-                raise_problems(check_contents(bundle), bundle)
-                if previous == manifest.version:
-                    return result("unchanged")
-                with DirBundle(release) as kept:  # files on disk can rot or be edited: check before use
-                    check_bundle(kept, None)
-                _switch(name_dir, manifest.version, previous)
-                return result("switched")
-            staging = prefix / STAGING / f"{manifest.name}-{manifest.version}-{uuid.uuid4().hex[:8]}"
-            with guard_disk_full(prefix / STAGING):
-                staging.mkdir(parents=True)
-                raise_problems(check_contents(bundle, extract_to=staging, stop_at_first=True), bundle)
-                _write_durable(staging / MANIFEST, bundle.manifest_bytes)
-                if bundle.signature_bytes is not None:
-                    _write_durable(staging / SIGNATURE, bundle.signature_bytes)
-                _fsync_tree(staging)
-                (name_dir / MARKERS).mkdir(parents=True, exist_ok=True)
-                os.rename(staging, release)  # named, but not installed until `current` or a marker says so
-                fsync_dir(name_dir)
-            remove_path(prefix / STAGING)
-            _switch(name_dir, manifest.version, previous)
-            return result("installed")
+def _install_locked(bundle: Bundle, prefix: Path, *, public_key: Path | None, allow_downgrade: bool,
+                    started: float) -> InstallResult:
+    signature = check_signature(bundle.manifest_bytes, bundle.signature_bytes, public_key)
+    manifest = bundle.manifest
+    name_dir = prefix / RELEASES / manifest.name
+    release = name_dir / manifest.version
+    previous = current_version(name_dir)
+    installed = _installed(name_dir, manifest.version)
+    if installed and (release / MANIFEST).read_bytes() != bundle.manifest_bytes:
+        raise InstallError(f"{manifest.name} {manifest.version} is already installed with different contents",
+                           hint="give the new bundle a higher version (lmpack pack --version)")
+    _check_downgrade(manifest, previous, allow_downgrade)
+
+    def result(action: str) -> InstallResult:
+        return InstallResult(name=manifest.name, version=manifest.version, path=release, action=action,
+                             previous=previous, signature=signature, files=manifest.total_files,
+                             bytes=manifest.total_bytes, seconds=round(time.perf_counter() - started, 3))
+
+    if not installed:
+        _check_free_space(prefix, manifest)
+    raise_problems(bundle.check_structure(), bundle)
+    if installed:  # its files are already here, but a damaged bundle is still reported as damaged
+        raise_problems(check_contents(bundle), bundle)
+        if previous == manifest.version:
+            return result("unchanged")
+        with DirBundle(release) as kept:  # files on disk can rot or be edited: check before use
+            check_bundle(kept, None)
+        _switch(name_dir, manifest.version, previous)
+        return result("switched")
+    staging = prefix / STAGING / f"{manifest.name}-{manifest.version}-{uuid.uuid4().hex[:8]}"
+    with guard_disk_full(prefix / STAGING):
+        staging.mkdir(parents=True)
+        raise_problems(check_contents(bundle, extract_to=staging, stop_at_first=True), bundle)
+        _write_durable(staging / MANIFEST, bundle.manifest_bytes)
+        if bundle.signature_bytes is not None:
+            _write_durable(staging / SIGNATURE, bundle.signature_bytes)
+        _fsync_tree(staging)
+        (name_dir / MARKERS).mkdir(parents=True, exist_ok=True)
+        os.rename(staging, release)  # named, but not installed until `current` or a marker says so
+        fsync_dir(name_dir)
+    remove_path(prefix / STAGING)
+    _switch(name_dir, manifest.version, previous)
+    return result("installed")
 
 
 def _check_downgrade(manifest: Manifest, current: str | None, allow: bool) -> None:

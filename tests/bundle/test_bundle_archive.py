@@ -122,6 +122,8 @@ def test_truncated_and_garbage_archives(bundles, tmp_path):
         result = run_cli("verify", path)
         assert result.exit_code == 12, (path.name, result.output)
         assert "internal error" not in result.output
+    assert run_cli("install", garbage, "--prefix", tmp_path / "new-prefix").exit_code == 12
+    assert not (tmp_path / "new-prefix").exists()  # an unreadable bundle creates nothing
 
 
 def test_two_passes_see_the_same_archive(bundles, tmp_path):
