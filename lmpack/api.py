@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,7 +16,8 @@ from lmpack.config import paths
 from lmpack.config.profiles import Profile, list_profiles, load_profile
 from lmpack.config.targets import Target, list_targets, load_target
 from lmpack.errors import ConfigError
-from lmpack.pipeline.cache import StepCache, guard_disk_full
+from lmpack.fsio import publish
+from lmpack.pipeline.cache import StepCache
 from lmpack.pipeline.digest import tree_size
 from lmpack.pipeline.plan import BuildPlan, make_plan
 from lmpack.pipeline.runner import EventHandler, StepRecord, run_step, run_steps
@@ -80,7 +79,7 @@ def pull(model: str, *, revision: str | None = None, output: Path | None = None,
                              trust_remote_code=trust_remote_code)
     path = artifact.path
     if output is not None:
-        _publish(artifact.path, Path(output), lambda staging: shutil.copytree(artifact.path, staging))
+        publish(Path(output), lambda staging: shutil.copytree(artifact.path, staging))
         path = Path(output)
     return PullResult(path=path, source=record.metrics, cached=record.cached)
 
@@ -134,7 +133,7 @@ def build(model: str, *, target: str, profile: str | None = None, output_dir: Pa
     variant_name = name or f"{_slug(pull_record.metrics)}-{build_plan.target.name}-{build_plan.profile.name}"
     report = _report(build_plan, pull_record, records, ctx, final, started)
     variant_dir = Path(output_dir) / variant_name
-    _publish(final.path, variant_dir, lambda staging: _write_variant(staging, final, build_plan, report))
+    publish(variant_dir, lambda staging: _write_variant(staging, variant_name, final, build_plan, report))
     return BuildResult(variant_dir=variant_dir, report=report)
 
 
@@ -152,26 +151,11 @@ def _slug(source: dict[str, Any]) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", stem.lower()).strip("-.") or "model"
 
 
-def _publish(source: Path, destination: Path, write) -> None:
-    """Write into a hidden sibling directory, then rename over `destination`: never a half-written result."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = destination.parent / f".{destination.name}.partial-{uuid.uuid4().hex[:8]}"
-    with guard_disk_full(staging):
-        write(staging)
-        if destination.exists():
-            retired = destination.parent / f".{destination.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(destination, retired)
-            os.rename(staging, destination)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, destination)
-
-
-def _write_variant(staging: Path, final: Artifact, build_plan: BuildPlan, report: dict[str, Any]) -> None:
+def _write_variant(staging: Path, name: str, final: Artifact, build_plan: BuildPlan, report: dict[str, Any]) -> None:
     shutil.copytree(final.path, staging / MODEL_DIR)
     variant = {
         "schema_version": 1,
-        "name": staging.name,
+        "name": name,  # not staging.name: that is the hidden .partial directory
         "target": build_plan.target.to_dict(),
         "profile": build_plan.profile.name,
         "precision": build_plan.profile.precision,

@@ -75,17 +75,39 @@ class StepError(LmpackError):
     exit_code = 11
 
 
+class BundleError(LmpackError):
+    """A bundle is malformed or unsafe: a bad manifest, a hostile archive member, a bomb, a bad variant."""
+
+    exit_code = 12
+
+
+class VerificationError(LmpackError):
+    """A bundle's contents or signature do not match its manifest; `problems` names every file found wrong."""
+
+    exit_code = 13
+
+    def __init__(self, message: str, *, hint: str | None = None, problems: list[str] | None = None):
+        super().__init__(message, hint=hint)
+        self.problems = problems or [message]
+
+
+class InstallError(LmpackError):
+    """An install or uninstall was refused: a downgrade without its flag, the current release, a busy prefix."""
+
+    exit_code = 14
+
+
 class VariantError(LmpackError):
     """A variant directory is incomplete or malformed: a missing model or tokenizer file, bad JSON, an unknown task."""
 
-    exit_code = 12
+    exit_code = 15
 
 
 class RequestError(LmpackError):
     """A generation or embedding request asks for something the model cannot do (a prompt longer than its
     context, a sampling parameter out of bounds). The server answers 400 naming `param`."""
 
-    exit_code = 13
+    exit_code = 16
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None, hint: str | None = None):
         super().__init__(message, hint=hint)

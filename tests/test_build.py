@@ -46,6 +46,7 @@ def test_int8_build_writes_a_complete_variant(tiny_llama, session_cache, tmp_pat
     assert info["quantization"]["bits"] == 8
     variant_meta = json.loads((variant / "variant.json").read_text())
     assert variant_meta["target"]["name"] == "cpu-x86" and variant_meta["precision"] == "int8"
+    assert variant_meta["name"] == variant.name
     assert "perplexity" in (variant / "report.txt").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 

@@ -41,8 +41,13 @@ def handle_errors(func: Callable) -> Callable:
             if as_json:
                 emit_json({"error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
                                      "exit_code": exc.exit_code,
-                                     **({"measured": exc.measured} if getattr(exc, "measured", None) else {})}})
+                                     **({"measured": exc.measured} if getattr(exc, "measured", None) else {}),
+                                     **({"problems": exc.problems} if getattr(exc, "problems", None) else {})}})
             click.secho(f"error: {exc.message}", fg="red", err=True)
+            problems = getattr(exc, "problems", None) or []
+            if len(problems) > 1:
+                for problem in problems:
+                    click.echo(f"  {problem}", err=True)
             if exc.hint:
                 click.echo(f"hint: {exc.hint}", err=True)
             sys.exit(exc.exit_code)

@@ -6,7 +6,9 @@ import click
 
 from lmpack import __version__
 from lmpack.cli.build import build_command, pull_command
+from lmpack.cli.bundle import keygen_command, pack_command, sign_command, verify_command
 from lmpack.cli.catalog import profiles_group, targets_group
+from lmpack.cli.install import install_command, list_command, uninstall_command
 from lmpack.cli.serve import generate_command, serve_command
 
 
@@ -23,17 +25,17 @@ def cli(debug: bool) -> None:
       lmpack build ./SmolLM2-135M-Instruct.Q4_1.gguf --target cpu-x86 --profile int8 -o dist/
       lmpack build sentence-transformers/all-MiniLM-L6-v2 --target cpu-x86 --profile int8
       lmpack serve dist/smollm2-135m-instruct.q4-1-cpu-x86-int8
+      lmpack pack dist/smollm2-135m-instruct.q4-1-cpu-x86-int8 -o smollm2.lmpack --name smollm2 --version 1.0.0
+      lmpack install smollm2.lmpack --prefix /opt/lmpack --public-key release.pub
 
     Exit codes are listed in docs/cli.md.
     """
 
 
-cli.add_command(targets_group)
-cli.add_command(profiles_group)
-cli.add_command(pull_command)
-cli.add_command(build_command)
-cli.add_command(serve_command)
-cli.add_command(generate_command)
+for command in (targets_group, profiles_group, pull_command, build_command, pack_command, verify_command,
+                keygen_command, sign_command, install_command, list_command, uninstall_command, serve_command,
+                generate_command):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -11,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmpack.errors import DiskFullError
+from lmpack.fsio import guard_disk_full
 from lmpack.pipeline.digest import json_sha256
+
+__all__ = ["CacheEntry", "StepCache", "cache_key", "guard_disk_full"]
 
 META = "meta.json"
 OUTPUT = "out"
@@ -66,28 +67,3 @@ class StepCache:
     @staticmethod
     def discard(staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-class guard_disk_full:
-    """Turn ENOSPC/EDQUOT inside the block into DiskFullError, after removing `cleanup`."""
-
-    def __init__(self, cleanup: Path | None = None):
-        self.cleanup = cleanup
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and self.cleanup is not None and issubclass(exc_type, BaseException):
-            shutil.rmtree(self.cleanup, ignore_errors=True)
-        if _is_disk_full(exc):
-            raise DiskFullError(f"disk full while writing {getattr(exc, 'filename', None) or self.cleanup}; "
-                                "nothing partial was kept",
-                                hint="free some space (or point LMPACK_CACHE / -o at a larger disk) and run again") from exc
-        return False
-
-
-def _is_disk_full(exc: BaseException | None) -> bool:
-    if isinstance(exc, shutil.Error):  # copytree gathers per-file errors as (src, dst, message) text
-        return any(f"[Errno {errno.ENOSPC}]" in str(e) or f"[Errno {errno.EDQUOT}]" in str(e) for e in exc.args[0])
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -31,11 +31,11 @@ def test_generate_prints_the_text_and_json(llama_variant):
 def test_generate_errors_have_stable_exit_codes(llama_variant, bert_variant, tmp_path):
     assert invoke("generate", str(tmp_path / "nope"), "x").exit_code == 4
     wrong_task = invoke("generate", str(bert_variant), "x", "--json")
-    assert wrong_task.exit_code == 13 and json.loads(wrong_task.stdout)["error"]["type"] == "RequestError"
+    assert wrong_task.exit_code == 16 and json.loads(wrong_task.stdout)["error"]["type"] == "RequestError"
     too_long = invoke("generate", str(llama_variant), "railway " * 600)
-    assert too_long.exit_code == 13 and "context" in too_long.output
-    assert invoke("generate", str(llama_variant), "x", "--temperature", "5").exit_code == 13
-    assert invoke("generate", str(tmp_path), "x").exit_code == 12  # a directory that is not a variant
+    assert too_long.exit_code == 16 and "context" in too_long.output
+    assert invoke("generate", str(llama_variant), "x", "--temperature", "5").exit_code == 16
+    assert invoke("generate", str(tmp_path), "x").exit_code == 15  # a directory that is not a variant
 
 
 def test_serve_refuses_a_bad_key_file_before_starting(llama_variant, tmp_path):

@@ -1,0 +1,294 @@
+"""Offline install into versioned releases with an atomic `current` pointer (docs/airgapped-install.md).
+
+    PREFIX/releases/NAME/VERSION/            a complete, verified release (manifest.json, manifest.sig, variants/)
+    PREFIX/releases/NAME/current             symlink to VERSION, replaced with os.replace of a temp link
+    PREFIX/releases/NAME/.installed/VERSION  marker: a committed release that is kept until uninstalled
+    PREFIX/.staging/                         extraction in progress, removed when done
+
+A release is installed when it is `current` or has a marker; any other version directory is the
+leftover of an interrupted install, invisible to `list` and removed by the next install. Replacing
+`current` is the single commit point, and the outgoing release is marked before it, so a kill at any
+instant leaves what `list` reports exactly as before or exactly as after. Every file is verified in
+staging before the release directory gets its name, and nothing reads the clock for validity.
+
+Runtime-side: standard library, lmpack.errors, lmpack.fsio and lmpack.bundle only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from lmpack.bundle.manifest import (MANIFEST, SIGNATURE, VERSION_RE, Manifest, check_name, parse_manifest,
+                                    parse_version)
+from lmpack.bundle.signing import check_signature
+from lmpack.bundle.verify import Bundle, DirBundle, check_bundle, check_contents, open_bundle, raise_problems
+from lmpack.errors import BundleError, DiskFullError, InstallError, NotFoundError
+from lmpack.fsio import fsync_dir, guard_disk_full, remove_path
+
+RELEASES = "releases"
+STAGING = ".staging"
+CURRENT = "current"
+MARKERS = ".installed"
+_TEMP_LINK = ".current-"
+_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    name: str
+    version: str
+    path: Path
+    action: str  # installed | switched | unchanged
+    previous: str | None
+    signature: str
+    files: int
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    version: str
+    path: Path
+    current: bool
+    signed: bool = False
+    variants: list[str] = field(default_factory=list)
+    files: int = 0
+    bytes: int = 0
+    problem: str | None = None
+
+
+# --- the prefix ------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _writable(prefix: Path) -> Iterator[None]:
+    """A read-only or foreign prefix is the user's to fix: say so instead of an internal error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise InstallError(f"cannot write to {prefix}: {exc.strerror} ({exc.filename})",
+                               hint="choose a writable --prefix or run as its owner; nothing was changed") from exc
+        raise
+
+
+@contextlib.contextmanager
+def _locked(prefix: Path) -> Iterator[None]:
+    """One writer per prefix (flock on the directory itself: no lock file, released if the process dies)."""
+    fd = os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InstallError(f"another lmpack install or uninstall is running on {prefix}",
+                               hint="wait for it to finish and run again") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def current_version(name_dir: Path) -> str | None:
+    """The version `current` points to, or None; a pointer that is not a plain version is ignored."""
+    try:
+        target = os.readlink(name_dir / CURRENT)
+    except OSError:
+        return None
+    return target if VERSION_RE.match(target) and (name_dir / target).is_dir() else None
+
+
+def _installed(name_dir: Path, version: str) -> bool:
+    return (name_dir / version).is_dir() and (current_version(name_dir) == version
+                                              or (name_dir / MARKERS / version).is_file())
+
+
+def _recover(prefix: Path) -> None:
+    """Remove what an interrupted install or uninstall left (staging, temp links, uncommitted versions)
+    and mark a current release that a kill left unmarked."""
+    remove_path(prefix / STAGING)
+    releases = prefix / RELEASES
+    if not releases.is_dir():
+        return
+    for name_dir in releases.iterdir():
+        if name_dir.is_symlink() or not name_dir.is_dir():
+            continue
+        current = current_version(name_dir)
+        if current is not None and not (name_dir / MARKERS / current).is_file():
+            _touch(name_dir / MARKERS / current)  # killed just after the commit: finish its last step
+        for entry in name_dir.iterdir():
+            if entry.name.startswith(_TEMP_LINK):
+                remove_path(entry)
+            elif VERSION_RE.match(entry.name) and not entry.is_symlink() and not _installed(name_dir, entry.name):
+                remove_path(entry)
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    fsync_dir(path.parent)
+
+
+def _switch(name_dir: Path, version: str, previous: str | None) -> None:
+    """Mark the outgoing release (so it stays listed), then replace `current` atomically: the commit."""
+    if previous is not None:
+        _touch(name_dir / MARKERS / previous)
+    temp = name_dir / f"{_TEMP_LINK}{uuid.uuid4().hex[:8]}"
+    os.symlink(version, temp)
+    os.replace(temp, name_dir / CURRENT)
+    fsync_dir(name_dir)
+    _touch(name_dir / MARKERS / version)
+
+
+def _check_free_space(prefix: Path, manifest: Manifest) -> None:
+    needed = manifest.total_bytes + (manifest.total_files + 8) * _BLOCK + (1 << 20)
+    free = shutil.disk_usage(prefix).free
+    if free < needed:
+        raise DiskFullError(f"{prefix} has {free / 1e6:.1f} MB free; {manifest.name} {manifest.version} needs "
+                            f"{needed / 1e6:.1f} MB; nothing was written",
+                            hint="free some space or choose another --prefix")
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    for directory, _, _ in os.walk(root):
+        fsync_dir(Path(directory))
+
+
+# --- install, list, uninstall ----------------------------------------------------------------------------
+
+def install(bundle_path: Path, prefix: Path, *, public_key: Path | None = None,
+            allow_downgrade: bool = False) -> InstallResult:
+    """Verify a bundle completely, then make it the current release of its name under `prefix`."""
+    started = time.perf_counter()
+    prefix = Path(prefix)
+    with open_bundle(Path(bundle_path)) as bundle, _writable(prefix):  # an unreadable bundle creates nothing
+        prefix.mkdir(parents=True, exist_ok=True)
+        with _locked(prefix):
+            _recover(prefix)
+            return _install_locked(bundle, prefix, public_key=public_key, allow_downgrade=allow_downgrade,
+                                   started=started)
+
+
+def _install_locked(bundle: Bundle, prefix: Path, *, public_key: Path | None, allow_downgrade: bool,
+                    started: float) -> InstallResult:
+    signature = check_signature(bundle.manifest_bytes, bundle.signature_bytes, public_key)
+    manifest = bundle.manifest
+    name_dir = prefix / RELEASES / manifest.name
+    release = name_dir / manifest.version
+    previous = current_version(name_dir)
+    installed = _installed(name_dir, manifest.version)
+    if installed and (release / MANIFEST).read_bytes() != bundle.manifest_bytes:
+        raise InstallError(f"{manifest.name} {manifest.version} is already installed with different contents",
+                           hint="give the new bundle a higher version (lmpack pack --version)")
+    _check_downgrade(manifest, previous, allow_downgrade)
+
+    def result(action: str) -> InstallResult:
+        return InstallResult(name=manifest.name, version=manifest.version, path=release, action=action,
+                             previous=previous, signature=signature, files=manifest.total_files,
+                             bytes=manifest.total_bytes, seconds=round(time.perf_counter() - started, 3))
+
+    if not installed:
+        _check_free_space(prefix, manifest)
+    raise_problems(bundle.check_structure(), bundle)
+    if installed:  # its files are already here, but a damaged bundle is still reported as damaged
+        raise_problems(check_contents(bundle), bundle)
+        if previous == manifest.version:
+            return result("unchanged")
+        with DirBundle(release) as kept:  # files on disk can rot or be edited: check before use
+            check_bundle(kept, None)
+        _switch(name_dir, manifest.version, previous)
+        return result("switched")
+    staging = prefix / STAGING / f"{manifest.name}-{manifest.version}-{uuid.uuid4().hex[:8]}"
+    with guard_disk_full(prefix / STAGING):
+        staging.mkdir(parents=True)
+        raise_problems(check_contents(bundle, extract_to=staging, stop_at_first=True), bundle)
+        _write_durable(staging / MANIFEST, bundle.manifest_bytes)
+        if bundle.signature_bytes is not None:
+            _write_durable(staging / SIGNATURE, bundle.signature_bytes)
+        _fsync_tree(staging)
+        (name_dir / MARKERS).mkdir(parents=True, exist_ok=True)
+        os.rename(staging, release)  # named, but not installed until `current` or a marker says so
+        fsync_dir(name_dir)
+    remove_path(prefix / STAGING)
+    _switch(name_dir, manifest.version, previous)
+    return result("installed")
+
+
+def _check_downgrade(manifest: Manifest, current: str | None, allow: bool) -> None:
+    if current is None or allow:
+        return
+    if parse_version(manifest.version) < parse_version(current):
+        raise InstallError(f"{manifest.name} {manifest.version} is older than the current {current}; refusing to "
+                           "downgrade", hint="pass --allow-downgrade if going back is intended")
+
+
+def list_releases(prefix: Path) -> list[Release]:
+    """Installed releases under `prefix`, by name then version; reads only, takes no lock."""
+    prefix = Path(prefix)
+    if not prefix.is_dir():
+        raise NotFoundError(f"install prefix {prefix} does not exist")
+    releases: list[Release] = []
+    root = prefix / RELEASES
+    for name_dir in sorted(root.iterdir()) if root.is_dir() else []:
+        if name_dir.is_symlink() or not name_dir.is_dir():
+            continue
+        current = current_version(name_dir)
+        versions = [e.name for e in name_dir.iterdir() if VERSION_RE.match(e.name) and _installed(name_dir, e.name)]
+        for version in sorted(versions, key=parse_version):
+            releases.append(_describe(name_dir / version, name_dir.name, version, current == version))
+    return releases
+
+
+def _describe(path: Path, name: str, version: str, current: bool) -> Release:
+    try:
+        manifest = parse_manifest((path / MANIFEST).read_bytes())
+    except (OSError, BundleError) as exc:
+        return Release(name=name, version=version, path=path, current=current,
+                       problem=f"{MANIFEST} unreadable: {getattr(exc, 'message', exc)}")
+    return Release(name=name, version=version, path=path, current=current, signed=(path / SIGNATURE).is_file(),
+                   variants=[v.name for v in manifest.variants], files=manifest.total_files,
+                   bytes=manifest.total_bytes)
+
+
+def uninstall(prefix: Path, name: str, version: str, *, force: bool = False) -> Release:
+    """Remove one installed release; the current one only with `force` (then nothing is current)."""
+    check_name(name, what="NAME")
+    parse_version(version, what="VERSION")
+    prefix = Path(prefix)
+    if not prefix.is_dir():
+        raise NotFoundError(f"install prefix {prefix} does not exist")
+    with _writable(prefix), _locked(prefix):
+        _recover(prefix)
+        name_dir = prefix / RELEASES / name
+        if not _installed(name_dir, version):
+            raise NotFoundError(f"{name} {version} is not installed in {prefix}", hint=f"lmpack list --prefix {prefix}")
+        current = current_version(name_dir) == version
+        if current and not force:
+            raise InstallError(f"{name} {version} is the current release; refusing to remove it",
+                               hint="install another version first, or pass --force to leave nothing current")
+        removed = _describe(name_dir / version, name, version, current)
+        if (name_dir / MARKERS / version).exists():
+            remove_path(name_dir / MARKERS / version)  # still listed while it is current
+            fsync_dir(name_dir / MARKERS)
+        if current:
+            os.unlink(name_dir / CURRENT)  # the commit point of a forced removal
+            fsync_dir(name_dir)
+        remove_path(name_dir / version)  # no longer installed: a kill here leaves a leftover for _recover
+        if not any(VERSION_RE.match(e.name) for e in name_dir.iterdir()):
+            remove_path(name_dir)
+        return removed

@@ -1,0 +1,53 @@
+"""Fixtures for bundle tests: one real tiny variant built once per session, bundles packed from it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bundle_helpers import pack_bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_variant(tiny_llama, session_cache, tmp_path_factory) -> Path:
+    """A real int8 cpu-x86 variant of the tiny Llama (export, quantization, validation: about 10 s)."""
+    from lmpack import api
+
+    out = tmp_path_factory.mktemp("variants")
+    return api.build(str(tiny_llama), target="cpu-x86", profile="int8", output_dir=out,
+                     cache_dir=session_cache).variant_dir
+
+
+@pytest.fixture(scope="session")
+def second_variant(tiny_variant, tmp_path_factory) -> Path:
+    """The same real files under a second variant name, for multi-variant bundles."""
+    target = tmp_path_factory.mktemp("variants2") / "tiny-copy-cpu-x86-int8"
+    shutil.copytree(tiny_variant, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def bundles(tiny_variant, tmp_path_factory) -> dict[str, Path]:
+    """Read-only reference bundles: v1.0.0 and v1.1.0 (tarballs and directories), keys, a signed v1.0.0."""
+    from lmpack.bundle import pack, signing
+
+    root = tmp_path_factory.mktemp("bundles")
+    made: dict[str, Path] = {}
+    for version in ("1.0.0", "1.1.0"):
+        made[version] = pack_bundle([tiny_variant], root / f"tiny-{version}.lmpack", version=version,
+                                    keep_dir=root / f"tiny-{version}")
+        made[f"{version}-dir"] = root / f"tiny-{version}"
+    made["key"], made["pub"], _ = signing.keygen(root / "keys" / "release")
+    made["other-key"], made["other-pub"], _ = signing.keygen(root / "keys" / "other")
+    signed = root / "signed"
+    signed.mkdir()
+    for version in ("1.0.0", "1.1.0"):
+        made[f"{version}-signed"] = signed / f"tiny-{version}.lmpack"
+        shutil.copy(made[version], made[f"{version}-signed"])
+        pack.sign_bundle(made[f"{version}-signed"], made["key"])
+        made[f"{version}-signed-dir"] = signed / f"tiny-{version}"
+        shutil.copytree(made[f"{version}-dir"], made[f"{version}-signed-dir"])
+        pack.sign_bundle(made[f"{version}-signed-dir"], made["key"])
+    return made
