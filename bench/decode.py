@@ -1,0 +1,174 @@
+"""Single-stream decode speed of lmpack's runtime against its peers, side by side in one run.
+
+    python bench/decode.py lmpack:dist/VARIANT_INT8 lmpack:dist/VARIANT_INT4 \
+        transformers:HF_DIR genai:GENAI_MODEL_DIR llamacpp:FILE.gguf [--tokens 128] [--repeat 3]
+
+Each engine runs in its own process (so peak RSS and cold start are its own), with 2 threads, greedy
+decoding, the same prompt and the same number of new tokens; the best of --repeat runs is kept.
+An engine whose library is not installed is reported as skipped. Also prints the memory-bandwidth
+bound: a decoder reads every weight once per token, so model bytes / bandwidth is the fastest a
+token can be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT = "The history of the railway in England began"
+
+
+def _lmpack(path: str, tokens: int, threads: int) -> dict:
+    from lmpack import api
+
+    result = api.generate(Path(path), PROMPT, max_tokens=tokens, threads=threads)
+    return {"new_tokens": result.completion_tokens, "prompt_tokens": result.prompt_tokens,
+            "prefill_s": result.prefill_seconds, "decode_s": result.decode_seconds}
+
+
+def _transformers(path: str, tokens: int, threads: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        started = time.perf_counter()
+        model(ids)  # prefill alone, to split prefill from decode
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        total = time.perf_counter() - started
+    return {"new_tokens": out.shape[1] - ids.shape[1], "prompt_tokens": ids.shape[1], "prefill_s": prefill,
+            "decode_s": max(total - prefill, 1e-9)}
+
+
+def _genai(path: str, tokens: int, threads: int) -> dict:
+    import onnxruntime_genai as og
+
+    config = og.Config(path)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    tokenizer = og.Tokenizer(model)
+    ids = tokenizer.encode(PROMPT)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + tokens, min_length=len(ids) + tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    started = time.perf_counter()
+    generator.append_tokens(ids)
+    generator.generate_next_token()
+    prefill = time.perf_counter() - started
+    count = 1
+    started = time.perf_counter()
+    while not generator.is_done():
+        generator.generate_next_token()
+        count += 1
+    return {"new_tokens": count, "prompt_tokens": len(ids), "prefill_s": prefill,
+            "decode_s": time.perf_counter() - started}
+
+
+def _llamacpp(path: str, tokens: int, threads: int) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_threads=threads, n_ctx=512, verbose=False)
+    ids = llm.tokenize(PROMPT.encode())
+    started = time.perf_counter()
+    llm.eval(ids)
+    prefill = time.perf_counter() - started
+    count = 0
+    started = time.perf_counter()
+    for _ in range(tokens):
+        token = llm.sample(temp=0.0)
+        llm.eval([token])
+        count += 1
+    return {"new_tokens": count, "prompt_tokens": len(ids), "prefill_s": prefill,
+            "decode_s": time.perf_counter() - started}
+
+
+ENGINES = {"lmpack": _lmpack, "transformers": _transformers, "genai": _genai, "llamacpp": _llamacpp}
+
+
+def _child(engine: str, path: str, tokens: int, threads: int, repeat: int) -> None:
+    """Runs in the engine's own process; prints one JSON line."""
+    started = time.perf_counter()
+    try:
+        runs = [ENGINES[engine](path, tokens, threads) for _ in range(repeat)]
+    except ImportError as exc:
+        print(json.dumps({"skipped": f"{type(exc).__name__}: {exc}"}))
+        return
+    best = max(runs, key=lambda r: (r["new_tokens"] - 1) / r["decode_s"])
+    best["wall_s"] = time.perf_counter() - started
+    best["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(best))
+
+
+def bandwidth_gbs() -> float:
+    """Single-thread read bandwidth: numpy sum over 512 MB, best of 3."""
+    import numpy as np
+
+    data = np.ones(64 * 1024 * 1024, dtype=np.float64)
+    best = 0.0
+    for _ in range(3):
+        started = time.perf_counter()
+        data.sum()
+        best = max(best, data.nbytes / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def _weights_bytes(engine: str, path: str) -> int:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.suffix in (".onnx", ".data", ".safetensors")
+               or f.name.endswith((".onnx.data", ".onnx_data")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("engines", nargs="+", help="ENGINE:PATH with ENGINE one of " + ", ".join(ENGINES))
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child[0], args.child[1], args.tokens, args.threads, args.repeat)
+        return
+    bandwidth = bandwidth_gbs()
+    print(f"memory bandwidth (1 thread, numpy sum): {bandwidth:.1f} GB/s")
+    print("| engine | model | weights MB | bound tok/s | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | "
+          "process wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for spec in args.engines:
+        engine, _, path = spec.partition(":")
+        if engine not in ENGINES:
+            sys.exit(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+        started = time.perf_counter()
+        child = subprocess.run([sys.executable, __file__, "--child", engine, path, "--tokens", str(args.tokens),
+                                "--threads", str(args.threads), "--repeat", str(args.repeat), "x"],
+                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+        if child.returncode != 0 or not lines:
+            print(f"| {engine} | {path} | failed: {child.stderr.strip().splitlines()[-1:]} |||||||")
+            continue
+        r = json.loads(lines[-1])
+        if "skipped" in r:
+            print(f"| {engine} | {path} | skipped: {r['skipped']} |||||||")
+            continue
+        weights = _weights_bytes(engine, path)
+        decode = (r["new_tokens"] - 1) / r["decode_s"]
+        print(f"| {engine} | {Path(path).name} | {weights / 1e6:.0f} | {bandwidth * 1e9 / weights:.0f} | {decode:.1f} | "
+              f"{r['prompt_tokens'] / r['prefill_s']:.0f} | {r['prefill_s'] * 1000:.0f} | {r['peak_rss_mb']:.0f} | "
+              f"{time.perf_counter() - started:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
