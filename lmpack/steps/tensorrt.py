@@ -1,0 +1,187 @@
+"""TensorRT: build an engine for an NVIDIA target through ONNX Runtime's TensorRT execution provider.
+
+The provider compiles the ONNX graph into a TensorRT engine and, with `trt_dump_ep_context_model`,
+writes an "EP context" ONNX model that wraps the engine. The runtime keeps loading ONNX with ONNX
+Runtime (one code path for CPU and GPU, KV cache through the same session); the engine's facts
+(TensorRT, CUDA and driver versions, GPU name and compute capability, flags) go into
+lmpack-model.json so a server can tell whether the shipped engine fits its GPU. Why this and not
+TensorRT's own Python runtime: docs/gpu-targets.md.
+
+This module has never run against a real TensorRT here (no GPU, no TensorRT on the build machines);
+docs/gpu-targets.md lists what did and did not run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from lmpack.errors import PlanError, StepError
+from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext, register
+from lmpack.runtime.variant import MODEL_INFO, TEXT_GENERATION
+from lmpack.steps.export import onnx_model_path, read_model_info
+
+ENGINE_MODEL = "model_ctx.onnx"
+# Precision flags of the TensorRT provider, by profile precision; fp32 and tf32 need none.
+_PRECISION_FLAGS = {"fp16": "trt_fp16_enable", "bf16": "trt_bf16_enable", "int8": "trt_int8_enable"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorrtParams:
+    # Optimization profile: the engine accepts shapes between min and max and is tuned for opt.
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 4
+    min_sequence: int = 1
+    opt_sequence: int = 128
+    max_sequence: int = 2048
+    timing_cache: bool = True
+    sparse_weights: bool = False
+
+    def validate(self) -> str | None:
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            return "batch sizes must satisfy 1 <= min_batch <= opt_batch <= max_batch"
+        if not 1 <= self.min_sequence <= self.opt_sequence <= self.max_sequence:
+            return "sequence lengths must satisfy 1 <= min_sequence <= opt_sequence <= max_sequence"
+        return None
+
+
+@register
+class TensorrtStep(Step):
+    name = "tensorrt"
+    consumes = ONNX_MODEL
+    produces = ONNX_MODEL
+    Params = TensorrtParams
+    uses_target = True  # an engine is built for one GPU
+    tools = ("onnxruntime-gpu", "tensorrt", "nvidia-ml-py")
+
+    def check(self, target, profile) -> None:
+        if target.gpu is None or target.tensorrt is None:
+            raise PlanError(f"step 'tensorrt' needs an NVIDIA target with a [tensorrt] table; target "
+                            f"{target.name!r} has {'no GPU' if target.gpu is None else 'no TensorRT options'}",
+                            hint="use a CPU profile (int8, int4) for CPU targets")
+        if self.params.sparse_weights and "2:4" not in target.sparsity:
+            raise PlanError(f"sparse_weights needs 2:4 sparse kernels, which target {target.name!r} lacks")
+
+    def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
+        gpu = gpu_facts()
+        if gpu is None:
+            raise StepError("building a TensorRT engine needs an NVIDIA GPU on the build host, and none was found",
+                            hint="build on a GPU host, or let the server build the engine from the bundled ONNX")
+        shutil.copytree(source.path, out_dir, dirs_exist_ok=True)
+        info = read_model_info(out_dir)
+        options = provider_options(ctx.target, ctx.profile.precision, info, self.params, out_dir)
+        _build_engine(onnx_model_path(out_dir), options)
+        if not (out_dir / ENGINE_MODEL).is_file():
+            raise StepError(f"the TensorRT provider did not write {ENGINE_MODEL}")
+        facts = {**gpu, **_runtime_versions(), "precision": ctx.profile.precision,
+                 "hardware_compatibility": ctx.target.tensorrt.hardware_compatibility,
+                 "version_compatible": ctx.target.tensorrt.version_compatible,
+                 "profile_shapes": {k: options[k] for k in options if k.startswith("trt_profile_")}}
+        info["tensorrt"] = {"engine_model": ENGINE_MODEL, **facts}
+        (out_dir / MODEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+        return facts
+
+
+def profile_shapes(info: dict[str, Any], params: TensorrtParams) -> dict[str, str]:
+    """trt_profile_{min,opt,max}_shapes for every dynamic input, in the provider's "name:AxB,..." form.
+
+    A decoder's inputs: input_ids and position_ids [batch, sequence], attention_mask [batch, past + sequence],
+    past_key_values.N.{key,value} [batch, kv_heads, past, head_dim]. At min the past is empty, at opt and max
+    it fills the rest of the window. Encoders: input_ids, attention_mask, token_type_ids [batch, sequence].
+    """
+    shapes = {}
+    for level, batch, sequence in (("min", params.min_batch, params.min_sequence),
+                                   ("opt", params.opt_batch, params.opt_sequence),
+                                   ("max", params.max_batch, params.max_sequence)):
+        if info["task"] == TEXT_GENERATION:
+            past = 0 if level == "min" else sequence - 1
+            step = 1 if level != "min" else sequence
+            entries = [f"input_ids:{batch}x{step}", f"position_ids:{batch}x{step}",
+                       f"attention_mask:{batch}x{past + step}"]
+            for layer in range(info["num_layers"]):
+                for kind in ("key", "value"):
+                    entries.append(f"past_key_values.{layer}.{kind}:{batch}x{info['num_kv_heads']}x{past}x"
+                                   f"{info['head_dim']}")
+        else:
+            entries = [f"{name}:{batch}x{sequence}" for name in ("input_ids", "attention_mask", "token_type_ids")]
+        shapes[f"trt_profile_{level}_shapes"] = ",".join(entries)
+    return shapes
+
+
+def provider_options(target, precision: str, info: dict[str, Any], params: TensorrtParams,
+                     out_dir: Path) -> dict[str, Any]:
+    """TensorRT provider options for one build: precision, workspace, optimization level, caches, EP context."""
+    trt = target.tensorrt
+    options: dict[str, Any] = {
+        "trt_max_workspace_size": int(trt.workspace_gib * (1 << 30)),
+        "trt_builder_optimization_level": trt.builder_optimization_level,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(out_dir / "engines"),
+        "trt_dump_ep_context_model": True,
+        "trt_ep_context_file_path": str(out_dir / ENGINE_MODEL),
+        "trt_ep_context_embed_mode": 0,  # the engine stays a separate file, hashed in the manifest like any other
+        "trt_ep_context_compute_capability_enable": True,  # the provider refuses it on another compute capability
+        "trt_timing_cache_enable": params.timing_cache,
+        "trt_timing_cache_path": str(out_dir / "engines"),
+        "trt_engine_hw_compatible": trt.hardware_compatibility == "ampere_plus",
+        "trt_sparsity_enable": params.sparse_weights,
+        **profile_shapes(info, params),
+    }
+    if precision in _PRECISION_FLAGS:
+        options[_PRECISION_FLAGS[precision]] = True
+    return options
+
+
+def _build_engine(model: Path, options: dict[str, Any]) -> None:
+    import onnxruntime as ort
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        raise StepError("this onnxruntime has no TensorrtExecutionProvider",
+                        hint="install lmpack[gpu] (onnxruntime-gpu) and TensorRT on the build host")
+    try:
+        # Creating the session compiles the engine and writes the EP context model.
+        ort.InferenceSession(str(model), providers=[("TensorrtExecutionProvider", options), "CUDAExecutionProvider"])
+    except Exception as exc:  # the provider raises plain RuntimeErrors with TensorRT's message
+        raise StepError(f"TensorRT engine build failed: {exc}") from exc
+
+
+def gpu_facts() -> dict[str, Any] | None:
+    """The first NVIDIA GPU's name, compute capability and driver, through NVML; None without one."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        if pynvml.nvmlDeviceGetCount() == 0:
+            return None
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+        name = pynvml.nvmlDeviceGetName(handle)
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion()
+        return {"gpu_name": name.decode() if isinstance(name, bytes) else name,
+                "compute_capability": f"{major}.{minor}",
+                "driver_version": driver.decode() if isinstance(driver, bytes) else driver,
+                "cuda_driver_version": f"{cuda // 1000}.{cuda % 1000 // 10}"}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _runtime_versions() -> dict[str, str | None]:
+    import onnxruntime as ort
+
+    try:
+        import tensorrt
+
+        trt_version = tensorrt.__version__
+    except ImportError:
+        trt_version = None  # the provider loads TensorRT's libraries itself; the Python package is optional
+    return {"onnxruntime_version": ort.__version__, "tensorrt_version": trt_version}
