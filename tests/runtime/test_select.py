@@ -8,7 +8,6 @@ any machine. The real bundle and release tests use the real manifest code.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -110,20 +109,6 @@ def test_cpu_flags_and_arch_names_are_normalised():
 
 
 # --- real directories -------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def bundle_dir(llama_variant, tmp_path_factory) -> Path:
-    """An unpacked two-variant bundle of the tiny Llama (the same files under two names)."""
-    from lmpack.bundle.pack import pack
-
-    root = tmp_path_factory.mktemp("select-bundle")
-    second = root / "src" / "tiny-copy-cpu-x86-fp32"
-    shutil.copytree(llama_variant, second)
-    meta = json.loads((second / "variant.json").read_text())
-    (second / "variant.json").write_text(json.dumps({**meta, "precision": "fp32"}))
-    pack([llama_variant, second], root / "b.lmpack", name="tiny", version="1.0.0", keep_dir=root / "bundle")
-    return root / "bundle"
-
 
 def test_a_bundle_directory_and_an_installed_release_are_read_through_the_manifest(bundle_dir, tmp_path):
     from lmpack.bundle.install import install
