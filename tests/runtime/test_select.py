@@ -102,6 +102,29 @@ def test_a_small_memory_host_runs_nothing_and_the_error_lists_every_variant(tmp_
     assert "m-t4-int8: needs" in caught.value.message and "lmpack doctor" in caught.value.hint
 
 
+def test_nvml_facts_become_gpu_facts_and_a_failing_nvml_means_no_gpu(monkeypatch):
+    """The one place NVML is faked: a stand-in pynvml module, as nvidia-ml-py would answer on an A100."""
+    import types
+
+    from lmpack.runtime.host import probe_gpus
+
+    calls = []
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetCount=lambda: 1, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetCudaComputeCapability=lambda h: (8, 0), nvmlDeviceGetName=lambda h: b"NVIDIA A100",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=40 * GIB))
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", fake)
+    assert probe_gpus() == ((GpuFacts(name="NVIDIA A100", compute_capability="8.0", memory_bytes=40 * GIB),), "")
+    assert calls == ["init", "shutdown"]
+
+    def no_driver():
+        raise RuntimeError("Driver Not Loaded")
+
+    monkeypatch.setattr(fake, "nvmlInit", no_driver)
+    assert probe_gpus() == ((), "NVML is not available: Driver Not Loaded")
+
+
 def test_cpu_flags_and_arch_names_are_normalised():
     assert {"avx2", "fma"} <= parse_cpu_flags("processor : 0\nflags : fpu avx2 fma\n\nflags : other\n")
     assert {"asimd", "neon"} <= parse_cpu_flags("processor : 0\nFeatures : fp asimd evtstrm\n")
