@@ -15,7 +15,6 @@ from lmpack import __version__
 from lmpack.config import paths
 from lmpack.config.profiles import Profile, list_profiles, load_profile
 from lmpack.config.targets import Target, list_targets, load_target
-from lmpack.errors import ConfigError
 from lmpack.fsio import publish
 from lmpack.pipeline.cache import StepCache
 from lmpack.pipeline.digest import tree_size

@@ -18,7 +18,8 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="serve.toml with any of the settings below; flags and LMPACK_SERVE_* override it.")
-@click.option("--host", default=None, help="Address to bind [default: 127.0.0.1]. 0.0.0.0 exposes the API to the network.")
+@click.option("--host", default=None,
+              help="Address to bind [default: 127.0.0.1]. 0.0.0.0 exposes the API to the network.")
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="[default: 8000]")
 @_threads
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=None,

@@ -41,6 +41,11 @@ class CachedAnswer:
         return sum(len(c.encode("utf-8")) for c in self.chunks) + _ENTRY_OVERHEAD
 
 
+def usage_counts(done: Any) -> tuple[int, int]:
+    """(prompt_tokens, completion_tokens) of a finished Generation or Completion."""
+    return done.prompt_tokens, done.completion_tokens
+
+
 def cacheable(params: SamplingParams) -> bool:
     """Only requests whose answer is fixed: greedy, or sampled with a seed."""
     return params.greedy or params.seed is not None

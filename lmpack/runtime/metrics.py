@@ -7,14 +7,15 @@ answers 404 saying why.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
     def __init__(self, *, queue_depth: Callable[[], float], active: Callable[[], float],
-                 cache_entries: Callable[[], float] | None = None, cache_bytes: Callable[[], float] | None = None):
+                 cache: Any = None):
+        """`cache`, a ResponseCache or None, is read by the size gauges at each scrape."""
         try:
             import prometheus_client as prom
         except ImportError:
@@ -40,11 +41,11 @@ class Metrics:
                                        registry=r)
         self.cache_misses = prom.Counter("lmpack_response_cache_misses",
                                          "Cacheable requests that were not in the response cache", registry=r)
-        if cache_entries is not None and cache_bytes is not None:
+        if cache is not None:
             prom.Gauge("lmpack_response_cache_entries", "Answers held by the response cache",
-                       registry=r).set_function(cache_entries)
+                       registry=r).set_function(lambda: cache.entries)
             prom.Gauge("lmpack_response_cache_bytes", "Bytes charged to the response cache",
-                       registry=r).set_function(cache_bytes)
+                       registry=r).set_function(lambda: cache.bytes)
 
     @property
     def enabled(self) -> bool:

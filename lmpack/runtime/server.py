@@ -25,10 +25,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lmpack.config.serve import ServeSettings
 from lmpack.errors import RequestError
 from lmpack.runtime.admission import Admission, Overloaded
 from lmpack.runtime.auth import bearer_ok
-from lmpack.runtime.cache import CachedAnswer, ResponseCache, cache_key, cacheable
+from lmpack.runtime.cache import CachedAnswer, ResponseCache, cache_key, cacheable, usage_counts
 from lmpack.runtime.engine import DecoderEngine, EncoderEngine, Generation, load_engine
 from lmpack.runtime.http import GuardedStream, ObserveRequests, error_response, read_json
 from lmpack.runtime.metrics import Metrics
@@ -43,25 +44,29 @@ log = logging.getLogger("lmpack.serve")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
+_SETTINGS = ServeSettings()  # the operator-facing defaults live in one place: lmpack/config/serve.py
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    threads: int | None = None                 # onnxruntime intra-op threads; None: onnxruntime decides
-    max_concurrency: int = 1                   # generations running at once
-    queue: int = 8                             # requests waiting for a slot before 429
+    """ServeSettings (what an operator sets) plus what only code and tests set: keys, limits, warm-up."""
+    host: str = _SETTINGS.host
+    port: int = _SETTINGS.port
+    threads: int | None = _SETTINGS.threads    # onnxruntime intra-op threads; None: onnxruntime decides
+    max_concurrency: int = _SETTINGS.max_concurrency
+    queue: int = _SETTINGS.queue               # requests waiting for a slot before 429
     api_keys: frozenset[str] = field(default_factory=frozenset)
-    max_body_bytes: int = 2 * 1024 * 1024
+    max_body_bytes: int = _SETTINGS.max_body_bytes
     default_max_tokens: int = 512              # chat completions without max_tokens (capped by the context)
     max_tokens_limit: int = 4096
-    drain_seconds: int = 30
+    drain_seconds: int = _SETTINGS.drain_seconds
     retry_after_seconds: int = 1
     warmup: bool = True
     tls_cert: Path | None = None               # both or neither: uvicorn's ssl_certfile / ssl_keyfile
     tls_key: Path | None = None
-    cache: bool = False                        # the response cache for deterministic requests (cache.py)
-    cache_max_entries: int = 1024
-    cache_max_bytes: int = 64 * 1024 * 1024
+    cache: bool = _SETTINGS.cache              # the response cache for deterministic requests (cache.py)
+    cache_max_entries: int = _SETTINGS.cache_max_entries
+    cache_max_bytes: int = _SETTINGS.cache_max_bytes
 
 
 class ServerState:
@@ -73,12 +78,10 @@ class ServerState:
         self.model_id = engine.variant.name
         self.created = int(time.time())
         self.admission = Admission(max_active=config.max_concurrency, max_queue=config.queue)
-        self.cache = (ResponseCache(max_entries=config.cache_max_entries, max_bytes=config.cache_max_bytes)
-                      if config.cache else None)
-        cache = self.cache
+        self.cache = cache = (ResponseCache(max_entries=config.cache_max_entries, max_bytes=config.cache_max_bytes)
+                              if config.cache else None)
         self.metrics = Metrics(queue_depth=lambda: self.admission.waiting, active=lambda: self.admission.active,
-                               cache_entries=(lambda: cache.entries) if cache else None,
-                               cache_bytes=(lambda: cache.bytes) if cache else None)
+                               cache=cache)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=config.max_concurrency + 1,
                                                               thread_name_prefix="lmpack-generate")
         self.status = "starting"   # starting -> ready | failed; draining once shutdown begins
@@ -104,11 +107,14 @@ class ServerState:
                            " queued); retry later", type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(self.config.retry_after_seconds)}) from None
 
-    def cache_key(self, *, chat: bool, prompt: Any, params: SamplingParams) -> str | None:
-        """The response-cache key, or None when the cache is off or the answer is not fixed (sampled, no seed)."""
+    def cached(self, *, chat: bool, prompt: Any, params: SamplingParams) -> tuple[str | None, CachedAnswer | None]:
+        """The response-cache key (None when the cache is off or the answer is not fixed) and the stored answer."""
         if self.cache is None or not cacheable(params):
-            return None
-        return cache_key(model_version=self.engine.variant.digest, chat=chat, prompt=prompt, params=params)
+            return None, None
+        key = cache_key(model_version=self.engine.variant.digest, chat=chat, prompt=prompt, params=params)
+        answer = self.cache.get(key)
+        self.metrics.cache_lookup(answer is not None)
+        return key, answer
 
     def warm_up(self) -> None:
         """One tiny generation (or embedding) through the real code path; readiness waits for it."""
@@ -198,12 +204,10 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         default = state.config.default_max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
         max_tokens = max(1, min(default, engine.max_tokens_limit, engine.context_length - len(ids)))
     params = with_max_tokens(req.params, max_tokens)
-    key = state.cache_key(chat=chat, prompt=req.messages if chat else req.prompt, params=params)
-    if key is not None:
-        cached = state.cache.get(key)
-        state.metrics.cache_lookup(cached is not None)
-        if cached is not None:  # a replay needs no generation slot
-            return cached_response(cached, model=state.model_id, chat=chat, stream=req.stream, include_usage=req.include_usage)
+    key, cached = state.cached(chat=chat, prompt=req.messages if chat else req.prompt, params=params)
+    if cached is not None:  # a replay needs no generation slot
+        return cached_response(cached, model=state.model_id, chat=chat, stream=req.stream,
+                               include_usage=req.include_usage)
     cancel = threading.Event()
     generation = engine.generate(ids, params, cancel=cancel, prompt_param=prompt_param)
     slot = await state.admit()
@@ -219,8 +223,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
             cancel.set()
     state.metrics.tokens(result.prompt_tokens, result.completion_tokens)
     if key is not None:
-        state.cache.put(key, CachedAnswer((result.text,), result.finish_reason, result.prompt_tokens,
-                                          result.completion_tokens))
+        state.cache.put(key, CachedAnswer((result.text,), result.finish_reason, *usage_counts(result)))
     return JSONResponse(completion_body(id=new_id("chatcmpl" if chat else "cmpl"), model=state.model_id, chat=chat,
                                         text=result.text, finish_reason=result.finish_reason,
                                         usage=usage(result.prompt_tokens, result.completion_tokens)))
@@ -264,10 +267,10 @@ def _stream(state: ServerState, generation: Generation, cancel: threading.Event,
             for delta in generation:
                 pieces.append(delta)
                 push(("text", delta))
-            push(("end", (generation.finish_reason, generation.prompt_tokens, generation.completion_tokens)))
+            push(("end", (generation.finish_reason, *usage_counts(generation))))
             if key is not None:  # put() refuses a cancelled generation: it is not the whole answer
                 state.cache.put(key, CachedAnswer(tuple(pieces), generation.finish_reason or "",
-                                                  generation.prompt_tokens, generation.completion_tokens))
+                                                  *usage_counts(generation)))
         except Exception as exc:  # an engine failure mid-stream: the client gets an error event
             log.exception("generation failed")
             push(("error", exc))
@@ -366,10 +369,9 @@ async def _warm_up(state: ServerState) -> None:
 
 
 def serve(path: Path | str, config: ServerConfig = ServerConfig()) -> None:
-    """Pick the variant for this host (select.py), load it, then answer HTTP until SIGINT or SIGTERM.
+    """Pick the variant at `path` (variant, bundle or release) for this host, then answer HTTP until a signal.
 
-    `path` is a variant directory, an unpacked bundle or an installed release. On either signal
-    readiness turns off at once and running requests get `drain_seconds` to finish.
+    On SIGINT or SIGTERM readiness turns off at once and running requests get `drain_seconds` to finish.
     """
     import uvicorn
 
