@@ -9,7 +9,7 @@ import click
 from lmpack import api
 from lmpack.cli.common import emit_json, handle_errors, json_option
 
-_variant_arg = click.argument("variant_dir", type=click.Path(path_type=Path))
+_variant_arg = click.argument("variant_dir", metavar="PATH", type=click.Path(path_type=Path))
 _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
                         help="onnxruntime threads per generation (default: onnxruntime's choice).")
 
@@ -71,7 +71,7 @@ def serve_command(path, config_file, host, port, threads, max_concurrency, queue
 @handle_errors
 def generate_command(variant_dir, prompt, max_tokens, temperature, top_p, top_k, seed, stop, chat, threads,
                      as_json) -> None:
-    """Complete PROMPT with the text-generation variant in VARIANT_DIR, without a server.
+    """Complete PROMPT with the text-generation variant at PATH (chosen for this host as `serve` does), without a server.
 
     The text is printed as it is generated; with --json, one document with the text, the token counts
     and the decode speed.

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpack.bundle.manifest import MANIFEST, Compatibility, VariantEntry, parse_manifest
-from lmpack.errors import NoCompatibleVariantError, NotFoundError, VariantError
+from lmpack.errors import BundleError, NoCompatibleVariantError, NotFoundError, VariantError
 from lmpack.runtime.host import HostFacts
 from lmpack.runtime.variant import MODEL_INFO, VARIANT_FILE
 
@@ -101,12 +101,20 @@ def _is_release(root: Path) -> bool:
 
 
 def _variant_dir_entry(root: Path) -> VariantEntry | None:
-    """The rule `lmpack pack` would write for this directory; None for a bare model directory."""
+    """The rule `lmpack pack` would write for this directory; None for a bare model directory.
+
+    A variant that cannot be described (an older or hand-made directory) is still served as given, as
+    before bundles existed: the rule exists to choose among variants, and here there is nothing to choose.
+    """
     if not ((root / VARIANT_FILE).is_file() and (root / "report.json").is_file()):
         return None
     from lmpack.bundle.pack import variant_entry
 
-    return variant_entry(root)
+    try:
+        return variant_entry(root)
+    except BundleError as exc:
+        log.warning("variant %s: no compatibility rule, serving it unchecked (%s)", root, exc.message)
+        return None
 
 
 # --- deciding ---------------------------------------------------------------------------------------------

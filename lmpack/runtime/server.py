@@ -251,9 +251,7 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> No
 
 def _stream(state: ServerState, generation: Generation, cancel: threading.Event, slot, *, chat: bool,
             include_usage: bool, key: str | None) -> Response:
-    started = time.perf_counter()
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    started, loop, queue = time.perf_counter(), asyncio.get_running_loop(), asyncio.Queue()
 
     def push(item) -> None:
         try:

@@ -152,6 +152,16 @@ def test_a_variant_directory_gets_the_rule_pack_would_write(llama_variant):
     assert "needs a x86_64 CPU" in explain(llama_variant, ARM_HOST).verdicts[0].reasons[0]
 
 
+def test_a_variant_directory_without_a_derivable_rule_is_served_unchecked(llama_variant, tmp_path):
+    import shutil
+
+    copy = tmp_path / "hand-made"
+    shutil.copytree(llama_variant, copy)
+    (copy / "report.json").write_text("{}")   # no source: pack could not describe it
+    verdict = explain(copy, ARM_HOST).verdicts[0]
+    assert verdict.ok and verdict.candidate.entry is None
+
+
 def test_doctor_prints_the_host_each_variant_and_the_choice(bundle_dir, lmpack_cli, monkeypatch):
     monkeypatch.setattr("lmpack.runtime.host.probe_host", lambda: ARM_HOST)
     result = lmpack_cli("doctor", bundle_dir)
