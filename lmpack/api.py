@@ -15,7 +15,6 @@ from lmpack import __version__
 from lmpack.config import paths
 from lmpack.config.profiles import Profile, list_profiles, load_profile
 from lmpack.config.targets import Target, list_targets, load_target
-from lmpack.errors import ConfigError
 from lmpack.fsio import publish
 from lmpack.pipeline.cache import StepCache
 from lmpack.pipeline.digest import tree_size
@@ -232,21 +231,31 @@ def render_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def serve(variant_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
-          max_concurrency: int = 1, queue: int = 8, api_key_file: Path | None = None,
-          drain_seconds: int = 30) -> None:
-    """Answer the OpenAI-compatible HTTP API for one variant until interrupted (see docs/serving.md).
+def serve(path: Path, *, config_file: Path | None = None, **flags: Any) -> None:
+    """Answer the OpenAI-compatible HTTP API until interrupted (see docs/serving.md).
 
-    API keys come from `api_key_file` and LMPACK_API_KEYS; with neither, requests need no key.
+    `path` is a variant directory, an unpacked bundle or an installed release; the variant that suits
+    this host is chosen (lmpack doctor shows why). Settings: defaults, then `config_file` (serve.toml),
+    then LMPACK_SERVE_* variables, then `flags` (keyword arguments named as in ServeSettings; None means
+    not given). API keys come from the key file and LMPACK_API_KEYS; with neither, requests need no key.
     """
+    from lmpack.config.serve import resolve_serve_settings
     from lmpack.runtime.auth import load_api_keys
     from lmpack.runtime.server import ServerConfig, serve as run_server
 
-    keys = load_api_keys(api_key_file, paths.api_keys_env())
-    if max_concurrency < 1 or queue < 0:
-        raise ConfigError("--max-concurrency must be at least 1 and --queue at least 0")
-    run_server(variant_dir, ServerConfig(host=host, port=port, threads=threads, max_concurrency=max_concurrency,
-                                         queue=queue, api_keys=keys, drain_seconds=drain_seconds))
+    settings = resolve_serve_settings(config_file, flags)
+    keys = load_api_keys(settings.api_key_file, paths.api_keys_env())
+    config = ServerConfig(api_keys=keys, **{k: v for k, v in asdict(settings).items() if k != "api_key_file"})
+    run_server(path, config)
+
+
+def doctor(path: Path) -> dict[str, Any]:
+    """This host's facts and, for each variant under `path`, whether it can run here and which would be served."""
+    from lmpack.runtime.host import probe_host
+    from lmpack.runtime.select import explain
+
+    host = probe_host()
+    return {"host": host.to_dict(), **explain(path, host).to_dict()}
 
 
 def generate(variant_dir: Path, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
@@ -258,10 +267,12 @@ def generate(variant_dir: Path, prompt: str, *, max_tokens: int = 64, temperatur
     Returns a lmpack.runtime.engine.Completion (text, finish_reason, token counts, timings).
     """
     from lmpack.runtime.engine import DecoderEngine
+    from lmpack.runtime.host import probe_host
     from lmpack.runtime.sampling import SamplingParams
+    from lmpack.runtime.select import choose
     from lmpack.runtime.variant import load_variant
 
-    engine = DecoderEngine(load_variant(variant_dir), threads=threads)
+    engine = DecoderEngine(load_variant(choose(variant_dir, probe_host()).path), threads=threads)
     ids = engine.encode_chat([{"role": "user", "content": prompt}]) if chat else engine.encode_prompt(prompt)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=tuple(stop), repetition_penalty=repetition_penalty)

@@ -113,3 +113,13 @@ class RequestError(LmpackError):
         super().__init__(message, hint=hint)
         self.param = param
         self.code = code
+
+
+class NoCompatibleVariantError(LmpackError):
+    """No variant of a bundle or release can run on this host; `rejected` maps each variant to its reasons."""
+
+    exit_code = 17
+
+    def __init__(self, message: str, *, hint: str | None = None, rejected: dict[str, list[str]] | None = None):
+        super().__init__(message, hint=hint)
+        self.rejected = rejected or {}

@@ -187,6 +187,11 @@ def memory_floor(model_bytes: int) -> int:
     return -(-need // _MIB) * _MIB
 
 
+def variant_entry(root: Path) -> VariantEntry:
+    """The manifest entry (compatibility rule included) that packing the variant directory `root` would write."""
+    return _variant_entry(_read_variant(Path(root)))
+
+
 def _variant_entry(variant: _Variant) -> VariantEntry:
     where = variant.root / VARIANT_FILE
     target = _need(variant.meta, "target", where)

@@ -8,6 +8,7 @@ from lmpack import __version__
 from lmpack.cli.build import build_command, pull_command
 from lmpack.cli.bundle import keygen_command, pack_command, sign_command, verify_command
 from lmpack.cli.catalog import profiles_group, targets_group
+from lmpack.cli.doctor import doctor_command
 from lmpack.cli.install import install_command, list_command, uninstall_command
 from lmpack.cli.serve import generate_command, serve_command
 
@@ -34,7 +35,7 @@ def cli(debug: bool) -> None:
 
 for command in (targets_group, profiles_group, pull_command, build_command, pack_command, verify_command,
                 keygen_command, sign_command, install_command, list_command, uninstall_command, serve_command,
-                generate_command):
+                generate_command, doctor_command):
     cli.add_command(command)
 
 

@@ -9,39 +9,51 @@ import click
 from lmpack import api
 from lmpack.cli.common import emit_json, handle_errors, json_option
 
-_variant_arg = click.argument("variant_dir", type=click.Path(path_type=Path))
+_variant_arg = click.argument("variant_dir", metavar="PATH", type=click.Path(path_type=Path))
 _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
                         help="onnxruntime threads per generation (default: onnxruntime's choice).")
 
 
 @click.command("serve")
-@_variant_arg
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind. Loopback by default; 0.0.0.0 exposes the API to the network.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+              help="serve.toml with any of the settings below; flags and LMPACK_SERVE_* override it.")
+@click.option("--host", default=None,
+              help="Address to bind [default: 127.0.0.1]. 0.0.0.0 exposes the API to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="[default: 8000]")
 @_threads
-@click.option("--max-concurrency", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Generations running at once.")
-@click.option("--queue", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Requests waiting for a slot; beyond that the server answers 429 with Retry-After.")
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=None,
+              help="Generations running at once [default: 1].")
+@click.option("--queue", type=click.IntRange(min=0), default=None,
+              help="Requests waiting for a slot; beyond that the server answers 429 [default: 8].")
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
               help="File with accepted API keys, one a line (LMPACK_API_KEYS adds comma-separated keys).")
-@click.option("--drain-seconds", type=click.IntRange(min=0), default=30, show_default=True,
-              help="On SIGTERM, how long running requests may take to finish.")
+@click.option("--drain-seconds", type=click.IntRange(min=0), default=None,
+              help="On SIGTERM, how long running requests may take to finish [default: 30].")
+@click.option("--tls-cert", type=click.Path(path_type=Path), default=None, help="PEM certificate: serve HTTPS.")
+@click.option("--tls-key", type=click.Path(path_type=Path), default=None, help="PEM private key for --tls-cert.")
+@click.option("--cache/--no-cache", default=None,
+              help="Replay answers to repeated deterministic requests (greedy or seeded) [default: off].")
 @handle_errors
-def serve_command(variant_dir, host, port, threads, max_concurrency, queue, api_key_file, drain_seconds) -> None:
-    """Answer an OpenAI-compatible HTTP API for the variant in VARIANT_DIR.
+def serve_command(path, config_file, host, port, threads, max_concurrency, queue, api_key_file, drain_seconds,
+                  tls_cert, tls_key, cache) -> None:
+    """Answer an OpenAI-compatible HTTP API for the variant at PATH that suits this host.
+
+    PATH is a variant directory, an unpacked bundle, or an installed release (PREFIX/releases/NAME,
+    its `current` or a VERSION directory); `lmpack doctor PATH` shows which variant would be chosen and why.
 
     \b
     Examples:
       lmpack serve dist/smollm2-135m-instruct.q4-1-cpu-x86-int8
-      lmpack serve dist/all-minilm-l6-v2-cpu-x86-int8 --port 8001     # /v1/embeddings
+      lmpack serve /opt/lmpack/releases/smollm2 --config /etc/lmpack/serve.toml
+      lmpack serve dist/MODEL --tls-cert server.crt --tls-key server.key --cache
       LMPACK_API_KEYS=... lmpack serve dist/MODEL --threads 2 --max-concurrency 2 --queue 16
 
-    See docs/serving.md for the endpoints, limits and errors.
+    See docs/serving.md for the endpoints, settings, limits and errors.
     """
-    api.serve(variant_dir, host=host, port=port, threads=threads, max_concurrency=max_concurrency, queue=queue,
-              api_key_file=api_key_file, drain_seconds=drain_seconds)
+    api.serve(path, config_file=config_file, host=host, port=port, threads=threads, max_concurrency=max_concurrency,
+              queue=queue, api_key_file=api_key_file, drain_seconds=drain_seconds, tls_cert=tls_cert,
+              tls_key=tls_key, cache=cache)
 
 
 @click.command("generate")
@@ -59,7 +71,7 @@ def serve_command(variant_dir, host, port, threads, max_concurrency, queue, api_
 @handle_errors
 def generate_command(variant_dir, prompt, max_tokens, temperature, top_p, top_k, seed, stop, chat, threads,
                      as_json) -> None:
-    """Complete PROMPT with the text-generation variant in VARIANT_DIR, without a server.
+    """Complete PROMPT with the text-generation variant at PATH (chosen for this host as `serve` does), without a server.
 
     The text is printed as it is generated; with --json, one document with the text, the token counts
     and the decode speed.

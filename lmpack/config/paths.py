@@ -64,3 +64,9 @@ def hub_endpoint() -> str | None:
 def api_keys_env() -> str | None:
     """LMPACK_API_KEYS: comma-separated API keys `lmpack serve` accepts (besides --api-key-file)."""
     return os.environ.get("LMPACK_API_KEYS") or None
+
+
+def serve_env(names: tuple[str, ...]) -> dict[str, str]:
+    """LMPACK_SERVE_<NAME> for each of `names` that is set and not empty (lmpack serve settings)."""
+    found = {name: os.environ.get(f"LMPACK_SERVE_{name.upper()}", "").strip() for name in names}
+    return {name: value for name, value in found.items() if value}

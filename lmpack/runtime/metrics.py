@@ -7,13 +7,15 @@ answers 404 saying why.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class Metrics:
-    def __init__(self, *, queue_depth: Callable[[], float], active: Callable[[], float]):
+    def __init__(self, *, queue_depth: Callable[[], float], active: Callable[[], float],
+                 cache: Any = None):
+        """`cache`, a ResponseCache or None, is read by the size gauges at each scrape."""
         try:
             import prometheus_client as prom
         except ImportError:
@@ -35,6 +37,15 @@ class Metrics:
         prom.Gauge("lmpack_active_generations", "Generations running now", registry=r).set_function(active)
         prom.Gauge("lmpack_queued_requests", "Requests waiting for a generation slot", registry=r).set_function(
             queue_depth)
+        self.cache_hits = prom.Counter("lmpack_response_cache_hits", "Answers replayed from the response cache",
+                                       registry=r)
+        self.cache_misses = prom.Counter("lmpack_response_cache_misses",
+                                         "Cacheable requests that were not in the response cache", registry=r)
+        if cache is not None:
+            prom.Gauge("lmpack_response_cache_entries", "Answers held by the response cache",
+                       registry=r).set_function(lambda: cache.entries)
+            prom.Gauge("lmpack_response_cache_bytes", "Bytes charged to the response cache",
+                       registry=r).set_function(lambda: cache.bytes)
 
     @property
     def enabled(self) -> bool:
@@ -57,6 +68,10 @@ class Metrics:
     def overloaded(self) -> None:
         if self.enabled:
             self.rejected.inc()
+
+    def cache_lookup(self, hit: bool) -> None:
+        if self.enabled:
+            (self.cache_hits if hit else self.cache_misses).inc()
 
     def render(self) -> tuple[bytes, str]:
         return self._prom.generate_latest(self.registry), self._prom.CONTENT_TYPE_LATEST

@@ -25,15 +25,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lmpack.config.serve import ServeSettings
 from lmpack.errors import RequestError
 from lmpack.runtime.admission import Admission, Overloaded
 from lmpack.runtime.auth import bearer_ok
+from lmpack.runtime.cache import CachedAnswer, ResponseCache, cache_key, cacheable, usage_counts
 from lmpack.runtime.engine import DecoderEngine, EncoderEngine, Generation, load_engine
-from lmpack.runtime.http import GuardedStream, ObserveRequests, error_response, read_json, sse
+from lmpack.runtime.http import GuardedStream, ObserveRequests, error_response, read_json
 from lmpack.runtime.metrics import Metrics
-from lmpack.runtime.protocol import (ApiError, check_model, chunk_body, completion_body, embeddings_body, new_id,
-                                     parse_embeddings, parse_generation, usage, with_max_tokens)
+from lmpack.runtime.protocol import (ApiError, check_model, completion_body, embeddings_body, new_id, parse_embeddings,
+                                     parse_generation, usage, with_max_tokens)
 from lmpack.runtime.sampling import SamplingParams
+from lmpack.runtime.streaming import cached_response, queue_items, sse_events
 from lmpack.runtime.variant import load_variant
 
 log = logging.getLogger("lmpack.serve")
@@ -41,20 +44,29 @@ log = logging.getLogger("lmpack.serve")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
+_SETTINGS = ServeSettings()  # the operator-facing defaults live in one place: lmpack/config/serve.py
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    threads: int | None = None                 # onnxruntime intra-op threads; None: onnxruntime decides
-    max_concurrency: int = 1                   # generations running at once
-    queue: int = 8                             # requests waiting for a slot before 429
+    """ServeSettings (what an operator sets) plus what only code and tests set: keys, limits, warm-up."""
+    host: str = _SETTINGS.host
+    port: int = _SETTINGS.port
+    threads: int | None = _SETTINGS.threads    # onnxruntime intra-op threads; None: onnxruntime decides
+    max_concurrency: int = _SETTINGS.max_concurrency
+    queue: int = _SETTINGS.queue               # requests waiting for a slot before 429
     api_keys: frozenset[str] = field(default_factory=frozenset)
-    max_body_bytes: int = 2 * 1024 * 1024
+    max_body_bytes: int = _SETTINGS.max_body_bytes
     default_max_tokens: int = 512              # chat completions without max_tokens (capped by the context)
     max_tokens_limit: int = 4096
-    drain_seconds: int = 30
+    drain_seconds: int = _SETTINGS.drain_seconds
     retry_after_seconds: int = 1
     warmup: bool = True
+    tls_cert: Path | None = None               # both or neither: uvicorn's ssl_certfile / ssl_keyfile
+    tls_key: Path | None = None
+    cache: bool = _SETTINGS.cache              # the response cache for deterministic requests (cache.py)
+    cache_max_entries: int = _SETTINGS.cache_max_entries
+    cache_max_bytes: int = _SETTINGS.cache_max_bytes
 
 
 class ServerState:
@@ -66,7 +78,10 @@ class ServerState:
         self.model_id = engine.variant.name
         self.created = int(time.time())
         self.admission = Admission(max_active=config.max_concurrency, max_queue=config.queue)
-        self.metrics = Metrics(queue_depth=lambda: self.admission.waiting, active=lambda: self.admission.active)
+        self.cache = cache = (ResponseCache(max_entries=config.cache_max_entries, max_bytes=config.cache_max_bytes)
+                              if config.cache else None)
+        self.metrics = Metrics(queue_depth=lambda: self.admission.waiting, active=lambda: self.admission.active,
+                               cache=cache)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=config.max_concurrency + 1,
                                                               thread_name_prefix="lmpack-generate")
         self.status = "starting"   # starting -> ready | failed; draining once shutdown begins
@@ -91,6 +106,15 @@ class ServerState:
             raise ApiError(429, f"the server is busy ({self.admission.max_active} running, {self.admission.max_queue}"
                            " queued); retry later", type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(self.config.retry_after_seconds)}) from None
+
+    def cached(self, *, chat: bool, prompt: Any, params: SamplingParams) -> tuple[str | None, CachedAnswer | None]:
+        """The response-cache key (None when the cache is off or the answer is not fixed) and the stored answer."""
+        if self.cache is None or not cacheable(params):
+            return None, None
+        key = cache_key(model_version=self.engine.variant.digest, chat=chat, prompt=prompt, params=params)
+        answer = self.cache.get(key)
+        self.metrics.cache_lookup(answer is not None)
+        return key, answer
 
     def warm_up(self) -> None:
         """One tiny generation (or embedding) through the real code path; readiness waits for it."""
@@ -179,12 +203,16 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     if max_tokens is None:  # as many as asked by default, within what the context has room for
         default = state.config.default_max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
         max_tokens = max(1, min(default, engine.max_tokens_limit, engine.context_length - len(ids)))
+    params = with_max_tokens(req.params, max_tokens)
+    key, cached = state.cached(chat=chat, prompt=req.messages if chat else req.prompt, params=params)
+    if cached is not None:  # a replay needs no generation slot
+        return cached_response(cached, model=state.model_id, chat=chat, stream=req.stream,
+                               include_usage=req.include_usage)
     cancel = threading.Event()
-    generation = engine.generate(ids, with_max_tokens(req.params, max_tokens), cancel=cancel,
-                                 prompt_param=prompt_param)
+    generation = engine.generate(ids, params, cancel=cancel, prompt_param=prompt_param)
     slot = await state.admit()
     if req.stream:
-        return _stream(state, generation, cancel, slot, chat=chat, include_usage=req.include_usage)
+        return _stream(state, generation, cancel, slot, chat=chat, include_usage=req.include_usage, key=key)
     job = _run_in_worker(state, slot, generation.result)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
     try:
@@ -194,6 +222,8 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         if not job.done():
             cancel.set()
     state.metrics.tokens(result.prompt_tokens, result.completion_tokens)
+    if key is not None:
+        state.cache.put(key, CachedAnswer((result.text,), result.finish_reason, *usage_counts(result)))
     return JSONResponse(completion_body(id=new_id("chatcmpl" if chat else "cmpl"), model=state.model_id, chat=chat,
                                         text=result.text, finish_reason=result.finish_reason,
                                         usage=usage(result.prompt_tokens, result.completion_tokens)))
@@ -220,10 +250,8 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> No
 
 
 def _stream(state: ServerState, generation: Generation, cancel: threading.Event, slot, *, chat: bool,
-            include_usage: bool) -> Response:
-    started = time.perf_counter()
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+            include_usage: bool, key: str | None) -> Response:
+    started, loop, queue = time.perf_counter(), asyncio.get_running_loop(), asyncio.Queue()
 
     def push(item) -> None:
         try:
@@ -232,10 +260,15 @@ def _stream(state: ServerState, generation: Generation, cancel: threading.Event,
             pass
 
     def work() -> None:
+        pieces: list[str] = []
         try:
             for delta in generation:
+                pieces.append(delta)
                 push(("text", delta))
-            push(("end", None))
+            push(("end", (generation.finish_reason, *usage_counts(generation))))
+            if key is not None:  # put() refuses a cancelled generation: it is not the whole answer
+                state.cache.put(key, CachedAnswer(tuple(pieces), generation.finish_reason or "",
+                                                  *usage_counts(generation)))
         except Exception as exc:  # an engine failure mid-stream: the client gets an error event
             log.exception("generation failed")
             push(("error", exc))
@@ -243,32 +276,10 @@ def _stream(state: ServerState, generation: Generation, cancel: threading.Event,
             state.metrics.tokens(generation.prompt_tokens, generation.completion_tokens)
 
     _run_in_worker(state, slot, work)
-    ident, model = new_id("chatcmpl" if chat else "cmpl"), state.model_id
-
-    async def events():
-        if chat:
-            yield sse(chunk_body(id=ident, model=model, chat=True, role=True))
-        first = True
-        while True:
-            kind, value = await queue.get()
-            if kind == "text":
-                if first:
-                    state.metrics.time_to_first_token(time.perf_counter() - started)
-                    first = False
-                yield sse(chunk_body(id=ident, model=model, chat=chat, text=value))
-            elif kind == "error":
-                yield sse(ApiError(500, f"generation failed: {type(value).__name__}", type="server_error",
-                                   code="generation_failed").body())
-                break
-            else:
-                yield sse(chunk_body(id=ident, model=model, chat=chat, finish_reason=generation.finish_reason))
-                if include_usage:
-                    yield sse(chunk_body(id=ident, model=model, chat=chat,
-                                         usage=usage(generation.prompt_tokens, generation.completion_tokens)))
-                break
-        yield sse("[DONE]")
-
-    return GuardedStream(events(), on_close=cancel.set)
+    events = sse_events(queue_items(queue), ident=new_id("chatcmpl" if chat else "cmpl"), model=state.model_id,
+                        chat=chat, include_usage=include_usage,
+                        on_first_text=lambda: state.metrics.time_to_first_token(time.perf_counter() - started))
+    return GuardedStream(events, on_close=cancel.set)
 
 
 async def embeddings(request: Request) -> Response:
@@ -355,14 +366,21 @@ async def _warm_up(state: ServerState) -> None:
         log.info("%s is ready", state.model_id)
 
 
-def serve(variant_dir: Path | str, config: ServerConfig = ServerConfig()) -> None:
-    """Load the variant, then answer HTTP on config.host:config.port until SIGINT or SIGTERM.
+def serve(path: Path | str, config: ServerConfig = ServerConfig()) -> None:
+    """Pick the variant at `path` (variant, bundle or release) for this host, then answer HTTP until a signal.
 
-    On either signal readiness turns off at once and running requests get `drain_seconds` to finish.
+    On SIGINT or SIGTERM readiness turns off at once and running requests get `drain_seconds` to finish.
     """
     import uvicorn
 
-    engine = load_engine(load_variant(variant_dir), threads=config.threads, max_tokens_limit=config.max_tokens_limit)
+    from lmpack.runtime.host import probe_host
+    from lmpack.runtime.select import choose
+
+    if not logging.getLogger().handlers:  # this is the process's entry point: make the selection's reasons visible
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    candidate = choose(path, probe_host())
+    engine = load_engine(load_variant(candidate.path), threads=config.threads,
+                         max_tokens_limit=config.max_tokens_limit)
     app = create_app(engine, config)
     state: ServerState = app.state.lmpack
 
@@ -374,6 +392,7 @@ def serve(variant_dir: Path | str, config: ServerConfig = ServerConfig()) -> Non
             # KeyboardInterrupt); a drained stop is a clean one: exit 0.
             getattr(self, "_captured_signals", []).clear()
 
+    tls = {} if config.tls_cert is None else {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)}
     uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                               timeout_graceful_shutdown=config.drain_seconds, server_header=False)
+                               timeout_graceful_shutdown=config.drain_seconds, server_header=False, **tls)
     DrainingServer(uv_config).run()

@@ -39,6 +39,19 @@ class Variant:
     context_length: int | None     # max_position_embeddings: prompt plus completion must fit
     providers: list[str] = field(default_factory=list)
 
+    @property
+    def digest(self) -> str:
+        """The model version for cache keys: build's `model_digest`, else a cheap stand-in from the ONNX file.
+
+        The stand-in (name, size, modification time) avoids hashing gigabytes at start-up; a bare model
+        directory has no recorded digest, and the cache lives only as long as the process anyway.
+        """
+        recorded = self.meta.get("model_digest")
+        if isinstance(recorded, str) and recorded:
+            return recorded
+        stat = self.onnx_path.stat()
+        return f"unrecorded:{self.onnx_path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
     def tokenizer(self):
         """A fresh `tokenizers.Tokenizer`: each engine configures its own (padding, truncation) without sharing."""
         from tokenizers import Tokenizer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +25,20 @@ def bert_variant(tiny_bert, session_cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("variants")
     return api.build(str(tiny_bert), target="cpu-x86", profile="int8", output_dir=out,
                      cache_dir=session_cache).variant_dir
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(llama_variant, tmp_path_factory) -> Path:
+    """An unpacked two-variant bundle of the tiny Llama (the same files under two names)."""
+    from lmpack.bundle.pack import pack
+
+    root = tmp_path_factory.mktemp("select-bundle")
+    second = root / "src" / "tiny-copy-cpu-x86-fp32"
+    shutil.copytree(llama_variant, second)
+    meta = json.loads((second / "variant.json").read_text())
+    (second / "variant.json").write_text(json.dumps({**meta, "precision": "fp32"}))
+    pack([llama_variant, second], root / "b.lmpack", name="tiny", version="1.0.0", keep_dir=root / "bundle")
+    return root / "bundle"
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,12 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 
@@ -24,16 +25,20 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, process: subprocess.Popen, url: str, log: Path):
-        self.process, self.url, self.log = process, url, log
+    def __init__(self, process: subprocess.Popen, url: str, log: Path, verify: Any = True):
+        self.process, self.url, self.log, self.verify = process, url, log, verify
 
     def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+        return httpx.Client(base_url=self.url, timeout=60, verify=self.verify, **kwargs)
 
 
 @contextlib.contextmanager
-def run_server(variant: Path, *flags: str, tmp: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """`python -m lmpack serve VARIANT` in a subprocess; yields once /health/ready answers 200."""
+def run_server(variant: Path, *flags: str, tmp: Path, env: dict[str, str] | None = None,
+               tls: ssl.SSLContext | None = None) -> Iterator[Server]:
+    """`python -m lmpack serve VARIANT` in a subprocess; yields once /health/ready answers 200.
+
+    With `tls` (a client context that trusts the server's certificate) the server is reached over https.
+    """
     port = _free_port()
     log = tmp / f"server-{port}.log"
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -43,19 +48,20 @@ def run_server(variant: Path, *flags: str, tmp: Path, env: dict[str, str] | None
         process = subprocess.Popen([sys.executable, "-m", "lmpack", "serve", str(variant), "--port", str(port),
                                     "--threads", "1", *flags], stdout=out, stderr=subprocess.STDOUT,
                                    env=environment, cwd=tmp)
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    verify = tls if tls is not None else True
     try:
         deadline = time.monotonic() + 90
         while True:
             if process.poll() is not None:
                 raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/health/ready", timeout=2, verify=verify).status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise AssertionError(f"server not ready after 90 s:\n{log.read_text()}")
             time.sleep(0.2)
-        yield Server(process, url, log)
+        yield Server(process, url, log, verify)
     finally:
         process.send_signal(signal.SIGTERM)
         try:

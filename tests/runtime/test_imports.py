@@ -15,6 +15,7 @@ FORBIDDEN = ("torch", "transformers", "optimum", "onnx", "huggingface_hub", "lmp
 CHECK = """
 import json, sys
 import lmpack.runtime.server, lmpack.runtime.engine, lmpack.runtime.variant, lmpack.runtime.chat
+import lmpack.runtime.select, lmpack.runtime.host, lmpack.runtime.cache
 print(json.dumps(sorted(sys.modules)))
 """
 
@@ -26,6 +27,7 @@ def test_runtime_imports_nothing_heavy():
     loaded = [m for m in modules if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
     assert loaded == [], f"the runtime imported {loaded}"
     assert "lmpack.runtime.server" in modules and "starlette" in modules
+    assert "pynvml" not in modules  # NVML is imported only when the host is probed, and only if installed
 
 
 def test_runtime_sources_import_only_the_runtime():

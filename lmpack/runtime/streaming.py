@@ -1,0 +1,70 @@
+"""Streamed completions (server-sent events) and cached answers, shared by live generations and replays.
+
+One writer for the event sequence (role chunk, text chunks, finish chunk, optional usage chunk, [DONE]),
+so a replayed answer is framed exactly like the generation it was recorded from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Callable
+
+from starlette.responses import JSONResponse, Response
+
+from lmpack.runtime.cache import CachedAnswer
+from lmpack.runtime.http import GuardedStream, sse
+from lmpack.runtime.protocol import ApiError, chunk_body, completion_body, new_id, usage
+
+# Items a source yields: ("text", delta), ("error", exception), ("end", (finish_reason, prompt, completion)).
+Item = tuple[str, Any]
+
+
+async def sse_events(items: AsyncIterator[Item], *, ident: str, model: str, chat: bool, include_usage: bool,
+                     on_first_text: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
+    if chat:
+        yield sse(chunk_body(id=ident, model=model, chat=True, role=True))
+    first = True
+    async for kind, value in items:
+        if kind == "text":
+            if first and on_first_text is not None:
+                on_first_text()
+            first = False
+            yield sse(chunk_body(id=ident, model=model, chat=chat, text=value))
+        elif kind == "error":
+            yield sse(ApiError(500, f"generation failed: {type(value).__name__}", type="server_error",
+                               code="generation_failed").body())
+            break
+        else:
+            finish_reason, prompt_tokens, completion_tokens = value
+            yield sse(chunk_body(id=ident, model=model, chat=chat, finish_reason=finish_reason))
+            if include_usage:
+                yield sse(chunk_body(id=ident, model=model, chat=chat, usage=usage(prompt_tokens, completion_tokens)))
+            break
+    yield sse("[DONE]")
+
+
+async def queue_items(queue: asyncio.Queue) -> AsyncIterator[Item]:
+    """Items a worker thread pushes onto `queue`, until the end or an error."""
+    while True:
+        item = await queue.get()
+        yield item
+        if item[0] != "text":
+            return
+
+
+async def replay_items(answer: CachedAnswer) -> AsyncIterator[Item]:
+    """A cached answer as the items its generation produced: the same pieces, the same finish."""
+    for chunk in answer.chunks:
+        yield "text", chunk
+    yield "end", (answer.finish_reason, answer.prompt_tokens, answer.completion_tokens)
+
+
+def cached_response(answer: CachedAnswer, *, model: str, chat: bool, stream: bool, include_usage: bool) -> Response:
+    """A cached answer in the shape the request asked for: a JSON body, or the recorded stream replayed."""
+    ident = new_id("chatcmpl" if chat else "cmpl")
+    if stream:
+        return GuardedStream(sse_events(replay_items(answer), ident=ident, model=model, chat=chat,
+                                        include_usage=include_usage), on_close=lambda: None)
+    return JSONResponse(completion_body(id=ident, model=model, chat=chat, text=answer.text,
+                                        finish_reason=answer.finish_reason,
+                                        usage=usage(answer.prompt_tokens, answer.completion_tokens)))

@@ -1,0 +1,90 @@
+"""serve.toml reading and precedence, and the response cache's bounds and rules, without a server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmpack.config.serve import ServeSettings, read_serve_file, resolve_serve_settings
+from lmpack.errors import ConfigError, NotFoundError
+from lmpack.runtime.cache import CachedAnswer, ResponseCache, cache_key, cacheable
+from lmpack.runtime.sampling import SamplingParams
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "serve.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "serve.toml"
+    path.write_text("schema_version = 1\n" + text)
+    return path
+
+
+def test_the_documented_example_file_reads(tmp_path, monkeypatch):
+    values = read_serve_file(EXAMPLE)
+    assert values["port"] == 8000 and values["cache"] is True
+    assert values["api_key_file"] == EXAMPLE.parent / "api-keys.txt"  # relative to the file, not the cwd
+
+
+def test_flags_override_the_environment_which_overrides_the_file(tmp_path, monkeypatch):
+    path = write(tmp_path, 'host = "10.0.0.1"\nport = 9000\nqueue = 3\n[cache]\nenabled = true\nmax_bytes = 4096\n')
+    monkeypatch.setenv("LMPACK_SERVE_PORT", "9001")
+    monkeypatch.setenv("LMPACK_SERVE_QUEUE", "5")
+    settings = resolve_serve_settings(path, {"queue": 7, "host": None})
+    assert (settings.host, settings.port, settings.queue) == ("10.0.0.1", 9001, 7)
+    assert settings.cache and settings.cache_max_bytes == 4096 and settings.cache_max_entries == 1024
+    assert resolve_serve_settings(None, {}) == ServeSettings(port=9001, queue=5)  # no file: defaults, then env
+    monkeypatch.setenv("LMPACK_SERVE_PORT", "eighty")
+    with pytest.raises(ConfigError, match="LMPACK_SERVE_PORT='eighty' is not an integer"):
+        resolve_serve_settings(None, {})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("prot = 1\n", "field 'prot'"),
+    ("port = 70000\n", "field 'port' is 70000; must be at most 65535"),
+    ("queue = true\n", "field 'queue' must be an integer"),
+    ("[tls]\ncert = 'a.crt'\n", "field 'tls.key' is required"),
+    ("[cache]\nenabled = 'yes'\n", "field 'cache.enabled' must be true or false"),
+    ("[cache]\nsize = 3\n", "unknown field 'cache.size'"),
+])
+def test_errors_name_the_file_and_the_field(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        read_serve_file(path)
+    assert str(path) in caught.value.message and message in caught.value.message
+
+
+def test_tls_needs_both_files_and_they_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="both a certificate and a key"):
+        resolve_serve_settings(None, {"tls_cert": tmp_path / "a.crt"})
+    with pytest.raises(NotFoundError, match="tls cert file"):
+        resolve_serve_settings(None, {"tls_cert": tmp_path / "a.crt", "tls_key": tmp_path / "a.key"})
+
+
+def answer(text: str, finish: str = "stop") -> CachedAnswer:
+    return CachedAnswer(chunks=(text,), finish_reason=finish, prompt_tokens=1, completion_tokens=1)
+
+
+def test_the_cache_evicts_the_least_recently_used_by_entries_and_by_bytes():
+    cache = ResponseCache(max_entries=2, max_bytes=10_000)
+    cache.put("a", answer("1")), cache.put("b", answer("2"))
+    assert cache.get("a") is not None           # "a" is now the most recent
+    cache.put("c", answer("3"))
+    assert cache.get("b") is None and cache.get("a") and cache.get("c") and cache.entries == 2
+    small = ResponseCache(max_entries=100, max_bytes=answer("x" * 100).size * 2)
+    for key in "pqr":
+        small.put(key, answer("x" * 100))
+    assert small.entries == 2 and small.get("p") is None and small.bytes <= small.max_bytes
+    assert not small.put("huge", answer("x" * 10_000))   # larger than the whole cache: not stored
+    assert not cache.put("cut", answer("partial", "cancelled"))
+
+
+def test_only_fixed_answers_are_cacheable_and_every_parameter_is_in_the_key():
+    assert cacheable(SamplingParams(temperature=0)) and cacheable(SamplingParams(temperature=0.8, seed=1))
+    assert not cacheable(SamplingParams(temperature=0.8))
+    base = dict(model_version="d1", chat=True, prompt=[{"role": "user", "content": "hi"}])
+    key = cache_key(**base, params=SamplingParams(temperature=0))
+    assert key == cache_key(**base, params=SamplingParams(temperature=0))
+    assert key != cache_key(**base, params=SamplingParams(temperature=0, max_tokens=17))
+    assert key != cache_key(**{**base, "model_version": "d2"}, params=SamplingParams(temperature=0))
+    assert key != cache_key(**{**base, "chat": False}, params=SamplingParams(temperature=0))
