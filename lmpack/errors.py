@@ -113,3 +113,9 @@ class RequestError(LmpackError):
         super().__init__(message, hint=hint)
         self.param = param
         self.code = code
+
+
+class AgentError(LmpackError):
+    """The agent could not be reached or answered an error, or the server it supervises could not be found."""
+
+    exit_code = 17

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lmpack import __version__
+from lmpack.cli.agent import agent_command, status_command
 from lmpack.cli.build import build_command, pull_command
 from lmpack.cli.bundle import keygen_command, pack_command, sign_command, verify_command
 from lmpack.cli.catalog import profiles_group, targets_group
@@ -34,7 +35,7 @@ def cli(debug: bool) -> None:
 
 for command in (targets_group, profiles_group, pull_command, build_command, pack_command, verify_command,
                 keygen_command, sign_command, install_command, list_command, uninstall_command, serve_command,
-                generate_command):
+                generate_command, agent_command, status_command):
     cli.add_command(command)
 
 
