@@ -1,7 +1,7 @@
 """`lmpack agent`: the loop that ties supervision, measurements and alerts together, and its HTTP endpoint.
 
-One thread runs the loop (probes every probe interval, measurements and alert rules every metrics
-interval); the endpoint serves the latest snapshot from another thread, so `lmpack status` answers
+One thread runs the loop (the supervisor's tick every half second at most, measurements and alert
+rules every metrics interval); the endpoint serves the latest snapshot from another thread, so `lmpack status` answers
 even while a probe waits out its timeout. The endpoint is the standard library's HTTP server on
 loopback: the agent must keep working when the server's own stack (starlette, uvicorn) is what broke.
 """
@@ -107,10 +107,11 @@ class Agent:
         dispatcher = Dispatcher([make_notifier(spec) for spec in self.config.notifiers])
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        self.publish({}, {})
         threading.Thread(target=http.serve_forever, name="lmpack-agent-http", daemon=True).start()
         log.info("agent on http://%s:%d, supervising %s", self.config.host, http.server_address[1],
                  self.supervisor.url)
-        policy, next_metrics = self.config.supervision, 0.0
+        next_metrics = 0.0
         try:
             while not self.stopping.is_set():
                 tick = time.monotonic()
@@ -123,8 +124,7 @@ class Agent:
                     next_metrics = tick + self.config.metrics_interval
                 else:
                     self.publish(*self.snapshot_values())
-                self.stopping.wait(max(0.0, tick + min(policy.probe_interval, self.config.metrics_interval)
-                                       - time.monotonic()))
+                self.stopping.wait(max(0.0, tick + self.supervisor.wake_seconds - time.monotonic()))
         finally:
             log.info("stopping: draining the server")
             self.publish(*self.snapshot_values())

@@ -30,6 +30,7 @@ from lmpack.errors import NotFoundError
 log = logging.getLogger("lmpack.agent")
 
 RESTART_WINDOW = 15 * 60
+WAKE_SECONDS = 0.5  # how often the loop looks at the child: an exit or a start is noticed this fast
 
 
 def resolve_variant(spec: ServerSpec) -> tuple[Path, str | None]:
@@ -60,7 +61,12 @@ def resolve_variant(spec: ServerSpec) -> tuple[Path, str | None]:
 
 
 class Supervisor:
-    """Owns the child process; `tick()` is called every probe interval by the agent's loop."""
+    """Owns the child process; the agent's loop calls `tick()` every `wake_seconds`.
+
+    Each tick checks whether the child exited (free: waitpid) and, while it starts, whether it is
+    ready; liveness is probed only every probe interval. So a crash is noticed within half a second,
+    not a probe interval, while a hang still takes `liveness_failures` probe intervals.
+    """
 
     def __init__(self, spec: ServerSpec, policy: Supervision, *, clock: Callable[[], float] = time.monotonic):
         self.spec, self.policy, self._clock = spec, policy, clock
@@ -71,6 +77,7 @@ class Supervisor:
         self.misses = 0
         self.failed_starts = 0            # in a row; resets when a start reaches ready
         self.next_start = 0.0
+        self.backoff_seconds = 0.0        # the wait before the next try after a failed start
         self.started_at: float | None = None
         self.restarts: collections.deque[float] = collections.deque()
         self.restarts_total = 0
@@ -79,6 +86,7 @@ class Supervisor:
         self.variant: Path | None = None
         self.version: str | None = None
         self._spawned_once = False
+        self._next_probe = 0.0
 
     # --- the loop's entry points -------------------------------------------------------------------------
 
@@ -90,10 +98,15 @@ class Supervisor:
                 self._lost(now, f"the server exited with status {code}")
             elif self.phase == "starting":
                 self._check_start(now)
-            else:
+            elif now >= self._next_probe:
+                self._next_probe = now + self.policy.probe_interval
                 self._check_running(now)
         if self.process is None and self.phase != "stopping" and self._clock() >= self.next_start:
             self._spawn(self._clock())
+
+    @property
+    def wake_seconds(self) -> float:
+        return min(self.policy.probe_interval, WAKE_SECONDS)
 
     def stop(self) -> int | None:
         """SIGTERM the child and wait for its drain (drain_seconds plus a margin), then SIGKILL."""
@@ -119,7 +132,8 @@ class Supervisor:
                 "variant": str(self.variant) if self.variant else None, "version": self.version,
                 "live": self.live, "ready": self.ready, "liveness_misses": self.misses,
                 "restarts_total": self.restarts_total, "restarts_15m": len(self.restarts),
-                "failed_starts": self.failed_starts, "last_restart_reason": self.last_reason,
+                "failed_starts": self.failed_starts, "backoff_seconds": self.backoff_seconds,
+                "last_restart_reason": self.last_reason,
                 "last_start_seconds": self.last_start_seconds,
                 "next_start_in_seconds": round(max(0.0, self.next_start - now), 3) if self.process is None else None,
                 "uptime_seconds": round(now - self.started_at, 3) if running and self.started_at else None}
@@ -146,7 +160,7 @@ class Supervisor:
     def _check_start(self, now: float) -> None:
         result = probes.ready(self.url, timeout=self.policy.probe_timeout)
         if result.ok:
-            self.phase, self.live, self.ready, self.failed_starts = "running", True, True, 0
+            self.phase, self.live, self.ready, self.failed_starts, self.backoff_seconds = "running", True, True, 0, 0.0
             self.last_start_seconds = round(now - self.started_at, 3)
             log.info("the server is ready (pid %d) %.2f s after its start", self.process.pid, self.last_start_seconds)
         elif now - self.started_at > self.policy.startup_timeout:
@@ -181,6 +195,7 @@ class Supervisor:
         delay = min(self.policy.backoff_initial * 2 ** (self.failed_starts - 1), self.policy.backoff_max)
         log.error("the server failed to start (%d in a row): %s; next try in %g s", self.failed_starts, reason, delay)
         self.process = None
+        self.backoff_seconds = delay
         self.last_reason, self.phase, self.next_start = f"failed start: {reason}", "backoff", now + delay
         self.live = self.ready = False
 
