@@ -160,3 +160,25 @@ def test_the_agent_imports_nothing_heavy():
     for path in (REPO / "lmpack" / "agent").glob("*.py"):
         assert not pattern.findall(path.read_text()), path.name
         assert len(path.read_text().splitlines()) < 400, f"{path.name} is over 400 lines"
+
+
+def test_an_installed_release_resolves_through_current(tmp_path):
+    from lmpack.agent.supervisor import resolve_variant
+    from lmpack.errors import NotFoundError
+
+    name_dir = tmp_path / "releases" / "smollm2"
+    (name_dir / "1.0.0" / "variants" / "smollm2-cpu-x86-int8").mkdir(parents=True)
+    (name_dir / "1.1.0" / "variants" / "smollm2-cpu-x86-int8").mkdir(parents=True)
+    (name_dir / "current").symlink_to("1.1.0")
+    path = config(tmp_path, "")
+    path.write_text(f'schema_version = 1\n[server]\nprefix = "{tmp_path}"\nrelease = "smollm2"\n')
+    spec = load_agent_config(path).server
+    variant, version = resolve_variant(spec)
+    assert version == "1.1.0" and variant == (name_dir / "1.1.0" / "variants" / "smollm2-cpu-x86-int8").resolve()
+    (name_dir / "1.1.0" / "variants" / "other").mkdir()
+    with pytest.raises(NotFoundError, match="has 2 variants"):
+        resolve_variant(spec)
+    path.write_text(f'schema_version = 1\n[server]\nprefix = "{tmp_path}"\nrelease = "nope"\n')
+    with pytest.raises(NotFoundError, match="no current version"):
+        resolve_variant(load_agent_config(path).server)
+    assert load_agent_config(path).disk_path == tmp_path  # disk use is measured where the releases live
