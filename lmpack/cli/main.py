@@ -28,6 +28,7 @@ def cli(debug: bool) -> None:
       lmpack serve dist/smollm2-135m-instruct.q4-1-cpu-x86-int8
       lmpack pack dist/smollm2-135m-instruct.q4-1-cpu-x86-int8 -o smollm2.lmpack --name smollm2 --version 1.0.0
       lmpack install smollm2.lmpack --prefix /opt/lmpack --public-key release.pub
+      lmpack agent --config /etc/lmpack/agent.toml
 
     Exit codes are listed in docs/cli.md.
     """

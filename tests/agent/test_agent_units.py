@@ -182,3 +182,14 @@ def test_an_installed_release_resolves_through_current(tmp_path):
     with pytest.raises(NotFoundError, match="no current version"):
         resolve_variant(load_agent_config(path).server)
     assert load_agent_config(path).disk_path == tmp_path  # disk use is measured where the releases live
+
+
+def test_cli_errors_have_stable_exit_codes(tmp_path, lmpack_cli):
+    from agent_helpers import free_port
+
+    unreachable = lmpack_cli("status", "--agent", f"http://127.0.0.1:{free_port()}", "--json")
+    assert unreachable.exit_code == 17 and json.loads(unreachable.stdout)["error"]["type"] == "AgentError"
+    missing = config(tmp_path, "")  # /srv/variant does not exist: refused before anything starts
+    result = lmpack_cli("agent", "--config", missing)
+    assert result.exit_code == 4 and "/srv/variant" in result.output
+    assert lmpack_cli("agent", "--config", tmp_path / "nope.toml").exit_code == 4
