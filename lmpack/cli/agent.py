@@ -47,9 +47,11 @@ def status_command(agent_url: str, as_json: bool) -> None:
     click.echo(f"restarts {server.get('restarts_total')} total, {server.get('restarts_15m')} in 15 min"
                + (f"; last: {server['last_restart_reason']}" if server.get("last_restart_reason") else ""))
     for name in ("request_rate", "error_rate", "rejected_rate", "latency_p95_seconds", "queue_depth",
-                 "host_cpu_percent", "host_memory_percent", "host_disk_percent", "server_rss_bytes"):
+                 "host_cpu_percent", "host_memory_percent", "host_disk_percent", "server_cpu_percent"):
         if values.get(name) is not None:
             click.echo(f"{name:24} {values[name]:.4g}")
+    if values.get("server_rss_bytes") is not None:
+        click.echo(f"{'server_rss':24} {values['server_rss_bytes'] / 2 ** 20:.1f} MiB")
     gpu = status.get("gpu", {})
     click.echo("gpu      " + (gpu.get("name", "available") if gpu.get("available") else f"unavailable: {gpu.get('reason')}"))
     for alert in status.get("alerts", []):
