@@ -277,3 +277,28 @@ def generate(variant_dir: Path, prompt: str, *, max_tokens: int = 64, temperatur
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=tuple(stop), repetition_penalty=repetition_penalty)
     return engine.generate(ids, params, prompt_param="messages" if chat else "prompt").result(on_text)
+
+
+def run_agent(config_path: Path) -> int:
+    """Run the agent for agent.toml until SIGTERM (docs/operations.md); returns the exit status (0)."""
+    from lmpack.agent.config import load_agent_config
+    from lmpack.agent.daemon import run_agent as run
+
+    return run(load_agent_config(config_path))
+
+
+DEFAULT_AGENT_URL = "http://127.0.0.1:9100"
+
+
+def agent_status(url: str = DEFAULT_AGENT_URL, *, timeout: float = 5.0) -> dict[str, Any]:
+    """The running agent's /status document: the server's state, the latest measurements, the alerts."""
+    import urllib.request
+
+    from lmpack.errors import AgentError
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/status", timeout=timeout) as response:
+            return json.loads(response.read())
+    except (OSError, ValueError) as exc:
+        raise AgentError(f"cannot read the agent's status at {url}: {exc}",
+                         hint="is `lmpack agent --config agent.toml` running? pass its address with --agent") from None

@@ -123,3 +123,9 @@ class NoCompatibleVariantError(LmpackError):
     def __init__(self, message: str, *, hint: str | None = None, rejected: dict[str, list[str]] | None = None):
         super().__init__(message, hint=hint)
         self.rejected = rejected or {}
+
+
+class AgentError(LmpackError):
+    """The agent could not be reached or answered an error, or the server it supervises could not be found."""
+
+    exit_code = 18

@@ -119,6 +119,16 @@ def session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lmpack-cache")
 
 
+@pytest.fixture(scope="session")
+def llama_variant(tiny_llama, session_cache, tmp_path_factory) -> Path:
+    """The tiny Llama built for cpu-x86 int8: what the runtime and agent tests serve."""
+    from lmpack import api
+
+    out = tmp_path_factory.mktemp("variants")
+    return api.build(str(tiny_llama), target="cpu-x86", profile="int8", output_dir=out,
+                     cache_dir=session_cache).variant_dir
+
+
 @pytest.fixture
 def model_copy(tiny_llama, tmp_path):
     """An editable copy of tiny_llama: model_copy("name", files={"onnx/model.onnx": b"..."}, drop=("config.json",))."""

@@ -1,0 +1,154 @@
+"""The agent's TOML configuration, read strictly: every error names the file and the field (or rule).
+
+Nothing here touches the server or the network, so a bad file fails `lmpack agent` before any child
+process starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmpack.agent.alerts import OPERATORS, SEVERITIES, Rule, default_rules
+from lmpack.agent.metrics import METRICS
+from lmpack.config.toml_reader import TableReader, check_schema_version, load_toml
+from lmpack.errors import ConfigError
+
+NOTIFIER_TYPES = ("log", "webhook", "syslog")
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """What to run: a variant directory, or a variant of an installed release (PREFIX/releases/NAME/current)."""
+    variant: str | None
+    prefix: Path | None
+    release: str | None
+    host: str
+    port: int
+    args: tuple[str, ...]
+    drain_seconds: int
+
+
+@dataclass(frozen=True)
+class Supervision:
+    probe_interval: float = 10.0       # seconds between liveness/readiness probes
+    probe_timeout: float = 2.0
+    liveness_failures: int = 3         # consecutive misses before a restart
+    startup_timeout: float = 180.0     # from spawn to ready, else the start failed
+    backoff_initial: float = 10.0      # after a failed start; doubles each time
+    backoff_max: float = 300.0
+
+
+@dataclass(frozen=True)
+class NotifierSpec:
+    type: str
+    url: str | None = None
+    timeout: float = 5.0
+    retries: int = 3
+    address: str = "/dev/log"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    source: str
+    server: ServerSpec
+    supervision: Supervision
+    host: str = "127.0.0.1"
+    port: int = 9100
+    metrics_interval: float = 10.0
+    disk_path: Path = Path("/")
+    rules: tuple[Rule, ...] = ()
+    notifiers: tuple[NotifierSpec, ...] = field(default_factory=lambda: (NotifierSpec("log"),))
+
+    @property
+    def server_url(self) -> str:
+        return f"http://{self.server.host}:{self.server.port}"
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    """Read and check agent.toml (format in docs/operations.md); unknown fields and metrics are refused."""
+    path = Path(path)
+    top = TableReader(load_toml(path), source=str(path))
+    check_schema_version(top)
+    server = _server(top.table("server", required=True))
+    supervision = _supervision(top.table("supervision"))
+    agent = top.table("agent")
+    host, port, interval, disk, defaults = "127.0.0.1", 9100, 10.0, None, True
+    if agent is not None:
+        host = agent.str("host", host)
+        port = agent.int("port", port, minimum=0, maximum=65535)
+        interval = agent.float("metrics_interval_seconds", interval, minimum=0.1)
+        disk = agent.str("disk_path")
+        defaults = agent.bool("default_alerts", True)
+        agent.finish()
+    rules = _rules(top.tables("alerts"), defaults=defaults)
+    notifiers = tuple(_notifier(reader) for reader in top.tables("notifiers")) or (NotifierSpec("log"),)
+    top.finish()
+    disk_path = Path(disk) if disk else (server.prefix or Path("/"))
+    return AgentConfig(source=str(path), server=server, supervision=supervision, host=host, port=port,
+                       metrics_interval=interval, disk_path=disk_path, rules=rules, notifiers=notifiers)
+
+
+def _server(reader: TableReader) -> ServerSpec:
+    prefix = reader.str("prefix")
+    spec = ServerSpec(variant=reader.str("variant"), prefix=Path(prefix) if prefix else None,
+                      release=reader.str("release"), host=reader.str("host", "127.0.0.1"),
+                      port=reader.int("port", 8000, minimum=1, maximum=65535),
+                      args=tuple(reader.str_list("args")),
+                      drain_seconds=reader.int("drain_seconds", 30, minimum=0))
+    reader.finish()
+    if spec.prefix is None and spec.variant is None:
+        raise ConfigError(f"{reader.source}: [server] needs 'variant' (a variant directory) or 'prefix' and 'release'")
+    if (spec.prefix is None) != (spec.release is None):
+        raise ConfigError(f"{reader.source}: [server] 'prefix' and 'release' go together")
+    for flag in ("--host", "--port", "--drain-seconds"):
+        if flag in spec.args:
+            raise ConfigError(f"{reader.source}: field 'server.args' must not hold {flag}: set it as its own field")
+    return spec
+
+
+def _supervision(reader: TableReader | None) -> Supervision:
+    if reader is None:
+        return Supervision()
+    d = Supervision()
+    result = Supervision(probe_interval=reader.float("probe_interval_seconds", d.probe_interval, minimum=0.05),
+                         probe_timeout=reader.float("probe_timeout_seconds", d.probe_timeout, minimum=0.05),
+                         liveness_failures=reader.int("liveness_failures", d.liveness_failures, minimum=1),
+                         startup_timeout=reader.float("startup_timeout_seconds", d.startup_timeout, minimum=1),
+                         backoff_initial=reader.float("backoff_initial_seconds", d.backoff_initial, minimum=0),
+                         backoff_max=reader.float("backoff_max_seconds", d.backoff_max, minimum=0))
+    reader.finish()
+    return result
+
+
+def _rules(readers: list[TableReader], *, defaults: bool) -> tuple[Rule, ...]:
+    """The shipped defaults (unless turned off), then the file's rules; a rule of the same name replaces one."""
+    rules = {rule.name: rule for rule in default_rules()} if defaults else {}
+    seen: set[str] = set()
+    for reader in readers:
+        name = reader.str("name", required=True)
+        if name in seen:
+            raise ConfigError(f"{reader.source}: alert rule {name!r} is defined twice")
+        seen.add(name)
+        metric = reader.str("metric", required=True)
+        if metric not in METRICS:
+            raise ConfigError(f"{reader.source}: alert rule {name!r} uses unknown metric {metric!r}",
+                              hint=f"known metrics: {', '.join(sorted(METRICS))}")
+        rules[name] = Rule(name=name, metric=metric, op=reader.str("op", required=True, choices=OPERATORS),
+                           threshold=reader.float("threshold", required=True),
+                           for_seconds=reader.float("for_seconds", 0.0, minimum=0),
+                           severity=reader.str("severity", "warning", choices=SEVERITIES))
+        reader.finish()
+    return tuple(rules.values())
+
+
+def _notifier(reader: TableReader) -> NotifierSpec:
+    kind = reader.str("type", required=True, choices=NOTIFIER_TYPES)
+    spec = NotifierSpec(type=kind, url=reader.str("url", required=kind == "webhook"),
+                        timeout=reader.float("timeout_seconds", 5.0, minimum=0.1),
+                        retries=reader.int("retries", 3, minimum=0, maximum=10),
+                        address=reader.str("address", "/dev/log"))
+    reader.finish()
+    if spec.url is not None and not spec.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{reader.source}: field '{reader.prefix}url' must be an http:// or https:// URL")
+    return spec
