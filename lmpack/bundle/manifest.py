@@ -19,12 +19,14 @@ from typing import Any
 
 from lmpack.errors import BundleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 adds `wheelhouse`; a bundle without wheels is still written as 1, so older readers take it
+READABLE_SCHEMAS = (1, 2)
 FORMAT = "lmpack-bundle"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 RESERVED = (MANIFEST, SIGNATURE)
 VARIANTS_DIR = "variants"
+RESERVED_DIRS = ("venv",)  # made by install inside a release, so never a listed path
 
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_FILE_BYTES = 1 << 40  # 1 TiB: larger than any model file, small enough to stop a forged size early
@@ -38,6 +40,7 @@ DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\Z")
 _WORD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}\Z")
+_PYTHON_RE = re.compile(r"^3\.[0-9]{1,2}\Z")
 _ARCHES = ("x86_64", "aarch64")
 _PROVENANCE_KEYS = ("kind", "ref", "commit", "license", "sha256")
 
@@ -101,6 +104,21 @@ class VariantEntry:
 
 
 @dataclass(frozen=True)
+class Wheelhouse:
+    """The runtime wheels: for which platform and Python they were resolved, where the lock is, how big."""
+
+    platform_tag: str
+    python: str
+    lock: str
+    wheels: int
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"platform_tag": self.platform_tag, "python": self.python, "lock": self.lock, "wheels": self.wheels,
+                "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: str
@@ -108,7 +126,7 @@ class Manifest:
     lmpack_version: str
     variants: tuple[VariantEntry, ...]
     files: tuple[FileEntry, ...]
-    schema_version: int = SCHEMA_VERSION
+    wheelhouse: Wheelhouse | None = None
     by_path: dict[str, FileEntry] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -127,8 +145,13 @@ class Manifest:
         unique = {json.dumps(v.provenance, sort_keys=True): v.provenance for v in self.variants}
         return [unique[key] for key in sorted(unique)]
 
+    @property
+    def schema_version(self) -> int:
+        return 1 if self.wheelhouse is None else SCHEMA_VERSION
+
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "format": FORMAT, "name": self.name, "version": self.version,
+        extra = {} if self.wheelhouse is None else {"wheelhouse": self.wheelhouse.to_dict()}
+        return {**extra, "schema_version": self.schema_version, "format": FORMAT, "name": self.name, "version": self.version,
                 "built_at": self.built_at, "lmpack_version": self.lmpack_version, "provenance": self.provenance,
                 "variants": [v.to_dict() for v in self.variants],
                 "totals": {"bytes": self.total_bytes, "files": self.total_files},
@@ -258,8 +281,9 @@ def parse_manifest(data: bytes) -> Manifest:
         raise BundleError(f"{MANIFEST} is not valid JSON: {exc}") from exc
     top = _Fields(raw, "")
     version = top.get("schema_version", (int,))
-    if version != SCHEMA_VERSION:
-        raise BundleError(f"{MANIFEST}: schema_version {version} is not supported (this lmpack reads {SCHEMA_VERSION})",
+    if version not in READABLE_SCHEMAS:
+        raise BundleError(f"{MANIFEST}: schema_version {version} is not supported (this lmpack reads "
+                          f"{', '.join(map(str, READABLE_SCHEMAS))})",
                           hint="a newer bundle needs a newer lmpack on this host" if version > SCHEMA_VERSION else None)
     if top.str("format") != FORMAT:
         raise BundleError(f"{MANIFEST}: field 'format' must be {FORMAT!r}")
@@ -276,11 +300,20 @@ def parse_manifest(data: bytes) -> Manifest:
     total_bytes = totals.int("bytes", 0, MAX_TOTAL_BYTES)
     total_files = totals.int("files", 0, MAX_FILES)
     totals.finish()
+    wheelhouse = _parse_wheelhouse(top.obj("wheelhouse")) if version >= 2 else None
     top.finish()
     manifest = Manifest(name=name, version=bundle_version, built_at=built_at, lmpack_version=lmpack_version,
-                        variants=variants, files=files)
+                        variants=variants, files=files, wheelhouse=wheelhouse)
     _check_consistency(manifest, raw, total_bytes, total_files)
     return manifest
+
+
+def _parse_wheelhouse(w: _Fields) -> Wheelhouse:
+    wheelhouse = Wheelhouse(platform_tag=w.str("platform_tag", _WORD_RE), python=w.str("python", _PYTHON_RE),
+                            lock=check_relative_path(w.str("lock"), what=f"{MANIFEST}: field 'wheelhouse.lock'"),
+                            wheels=w.int("wheels", 1, MAX_FILES), bytes=w.int("bytes", 0, MAX_TOTAL_BYTES))
+    w.finish()
+    return wheelhouse
 
 
 def _check_timestamp(value: str) -> None:
@@ -361,7 +394,7 @@ def _check_consistency(manifest: Manifest, raw: dict, total_bytes: int, total_fi
         key = collision_key(path)
         if key in keys:
             raise BundleError(f"{MANIFEST}: {path!r} is listed twice (names are compared without case)")
-        if path in RESERVED:
+        if path in RESERVED or path.split("/")[0] in RESERVED_DIRS:
             raise BundleError(f"{MANIFEST}: {path!r} is reserved and cannot be a listed file")
         keys.add(key)
         parts = key.split("/")
@@ -377,5 +410,7 @@ def _check_consistency(manifest: Manifest, raw: dict, total_bytes: int, total_fi
     for variant in manifest.variants:
         if not any(p.startswith(variant.path + "/") for p in paths):
             raise BundleError(f"{MANIFEST}: variant {variant.name!r} has no files under {variant.path}/")
+    if manifest.wheelhouse is not None and manifest.wheelhouse.lock not in manifest.by_path:
+        raise BundleError(f"{MANIFEST}: the wheelhouse lock {manifest.wheelhouse.lock!r} is not a listed file")
     if raw["provenance"] != manifest.provenance:
         raise BundleError(f"{MANIFEST}: field 'provenance' does not match the variants' provenance")
