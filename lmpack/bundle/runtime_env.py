@@ -13,6 +13,7 @@ Runtime-side: standard library, lmpack.errors and lmpack.bundle.manifest only.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,21 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: if the installer is killed, its venv or pip child dies too instead of writing on
+    into a release directory that the next install is removing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the next install's cleanup still removes the leftover
+        pass
+
+
 def _run(args: list[str], what: str) -> None:
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=_TIMEOUT_S, env=_clean_env())
+        done = subprocess.run(args, capture_output=True, text=True, timeout=_TIMEOUT_S, env=_clean_env(),
+                              preexec_fn=_die_with_parent)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise InstallError(f"{what} failed: {exc}", hint="nothing was switched; the previous release is current") from exc
     if done.returncode != 0:

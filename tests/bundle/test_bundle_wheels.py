@@ -10,9 +10,11 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +156,25 @@ def test_a_failing_venv_leaves_nothing_installed(wheel_bundle, tmp_path):
     assert listed(prefix) == [] and not (prefix / "releases" / "tiny" / "1.0.0").exists()
     wrong = run_cli("install", wheel_bundle["tar"], "--prefix", prefix, "--python", "/bin/false")
     assert wrong.exit_code == 14 and "Python 3.11" in wrong.output
+
+
+@pytest.mark.skipif(not HOST_MATCHES_CPU_X86, reason="the wheelhouse is for cpu-x86 (x86_64, CPython 3.11)")
+def test_installer_killed_while_making_the_venv(wheel_bundle, tmp_path):
+    """kill -9 while pip fills RELEASE/venv: nothing is listed, and the next install completes cleanly."""
+    from bundle_helpers import listed, lmpack_subprocess
+
+    prefix = tmp_path / "prefix"
+    process = lmpack_subprocess("install", wheel_bundle["tar"], "--prefix", prefix)
+    venv_python = prefix / "releases" / "tiny" / "1.0.0" / "venv" / "bin" / "python"
+    deadline = time.monotonic() + 120
+    while not venv_python.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside venv creation or pip install
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, "the install finished before the kill"
+    assert listed(prefix) == []
+    again = lmpack_subprocess("install", wheel_bundle["tar"], "--prefix", prefix)
+    assert again.wait(timeout=600) == 0, again.stderr.read()
+    assert listed(prefix) == [("tiny", "1.0.0", True)]
+    assert run_cli("verify", prefix / "releases" / "tiny" / "current").exit_code == 0
