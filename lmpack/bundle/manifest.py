@@ -152,7 +152,8 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         extra = {} if self.wheelhouse is None else {"wheelhouse": self.wheelhouse.to_dict()}
         return {**extra, "schema_version": self.schema_version, "format": FORMAT, "name": self.name,
-                "version": self.version, "built_at": self.built_at, "lmpack_version": self.lmpack_version, "provenance": self.provenance,
+                "version": self.version, "built_at": self.built_at, "lmpack_version": self.lmpack_version,
+                "provenance": self.provenance,
                 "variants": [v.to_dict() for v in self.variants],
                 "totals": {"bytes": self.total_bytes, "files": self.total_files},
                 "files": [f.to_dict() for f in self.files]}

@@ -66,7 +66,8 @@ def _run(args: list[str], what: str) -> None:
         done = subprocess.run(args, capture_output=True, text=True, timeout=_TIMEOUT_S, env=_clean_env(),
                               preexec_fn=_die_with_parent)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise InstallError(f"{what} failed: {exc}", hint="nothing was switched; the previous release is current") from exc
+        raise InstallError(f"{what} failed: {exc}",
+                           hint="nothing was switched; the previous release is current") from exc
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
         raise InstallError(f"{what} failed:\n{tail}", hint="nothing was switched; the previous release is current")

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Union
 
 from lmpack.bundle.archive import MAX_SIGNATURE_BYTES, TarBundle, create_in, drain
-from lmpack.bundle.manifest import MANIFEST, MAX_MANIFEST_BYTES, RESERVED, RESERVED_DIRS, SIGNATURE, FileEntry, parse_manifest
+from lmpack.bundle.manifest import (MANIFEST, MAX_MANIFEST_BYTES, RESERVED, RESERVED_DIRS, SIGNATURE, FileEntry,
+                                    parse_manifest)
 from lmpack.bundle.signing import check_signature
 from lmpack.errors import BundleError, NotFoundError, VerificationError
 

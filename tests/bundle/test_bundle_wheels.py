@@ -47,7 +47,8 @@ def test_wheelhouse_lock_manifest_and_sbom(wheel_bundle):
     assert manifest.schema_version == 2 and manifest.wheelhouse is not None
     assert manifest.wheelhouse.platform_tag == "manylinux_2_28_x86_64" and manifest.wheelhouse.python == "3.11"
     wheels = sorted((bundle / "wheels").glob("*.whl"))
-    assert manifest.wheelhouse.wheels == len(wheels) and manifest.wheelhouse.bytes == sum(w.stat().st_size for w in wheels)
+    assert manifest.wheelhouse.wheels == len(wheels)
+    assert manifest.wheelhouse.bytes == sum(w.stat().st_size for w in wheels)
     assert not list((bundle / "wheels").glob("*.tar.gz")) and not list((bundle / "wheels").glob("*.zip"))
     lock = [line for line in (bundle / "wheels/requirements.lock").read_text().splitlines() if not line.startswith("#")]
     assert len(lock) == len(wheels)
@@ -130,8 +131,8 @@ def test_air_gapped_first_install_and_generate(wheel_bundle, tmp_path):
                                 "--max-tokens", "8"], capture_output=True, text=True, env=env, timeout=300)
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.strip()
-    light = subprocess.run([str(current / "venv" / "bin" / "python"), "-c",
-                            "import sys, lmpack.runtime; print(sorted({'torch', 'transformers', 'optimum'} & set(sys.modules)))"],
+    probe = "import sys, lmpack.runtime; print(sorted({'torch', 'transformers', 'optimum'} & set(sys.modules)))"
+    light = subprocess.run([str(current / "venv" / "bin" / "python"), "-c", probe],
                            capture_output=True, text=True, env=env, timeout=120)
     assert light.stdout.strip() == "[]", light.stderr
     assert run_cli("verify", current).exit_code == 0  # the venv is not part of the release's contents
