@@ -23,14 +23,16 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 from lmpack.bundle.manifest import (MANIFEST, SIGNATURE, VERSION_RE, Manifest, check_name, parse_manifest,
                                     parse_version)
-from lmpack.bundle.signing import check_signature
+from lmpack.bundle import runtime_env
+from lmpack.bundle.signing import check_trusted
 from lmpack.bundle.verify import Bundle, DirBundle, check_bundle, check_contents, open_bundle, raise_problems
+from lmpack.config.install_policy import load_install_policy
 from lmpack.errors import BundleError, DiskFullError, InstallError, NotFoundError
 from lmpack.fsio import fsync_dir, guard_disk_full, remove_path
 
@@ -171,23 +173,42 @@ def _fsync_tree(root: Path) -> None:
 
 # --- install, list, uninstall ----------------------------------------------------------------------------
 
-def install(bundle_path: Path, prefix: Path, *, public_key: Path | None = None,
-            allow_downgrade: bool = False) -> InstallResult:
+@dataclass(frozen=True)
+class InstallOptions:
+    """How to install: trusted keys (from --public-key or the host's install.toml), the venv's Python, units."""
+
+    public_keys: tuple[Path, ...] = ()
+    require_signature: bool = False
+    allow_downgrade: bool = False
+    python: str | None = None
+    systemd_dir: Path | None = None
+
+
+def install(bundle_path: Path, prefix: Path, *, public_key: Path | None = None, allow_downgrade: bool = False,
+            options: InstallOptions | None = None) -> InstallResult:
     """Verify a bundle completely, then make it the current release of its name under `prefix`."""
     started = time.perf_counter()
     prefix = Path(prefix)
+    if options is None:
+        options = InstallOptions(public_keys=(public_key,) if public_key else (), allow_downgrade=allow_downgrade)
+    policy = load_install_policy()  # the host's rule applies whoever calls: CLI, API or install.py
+    options = replace(options, public_keys=options.public_keys or policy.public_keys,
+                      require_signature=options.require_signature or policy.require_signature)
     with open_bundle(Path(bundle_path)) as bundle, _writable(prefix):  # an unreadable bundle creates nothing
         prefix.mkdir(parents=True, exist_ok=True)
         with _locked(prefix):
             _recover(prefix)
-            return _install_locked(bundle, prefix, public_key=public_key, allow_downgrade=allow_downgrade,
-                                   started=started)
+            result = _install_locked(bundle, prefix, options, started=started)
+        if options.systemd_dir is not None:
+            runtime_env.write_systemd_units(options.systemd_dir, prefix, bundle.manifest)
+        return result
 
 
-def _install_locked(bundle: Bundle, prefix: Path, *, public_key: Path | None, allow_downgrade: bool,
-                    started: float) -> InstallResult:
-    signature = check_signature(bundle.manifest_bytes, bundle.signature_bytes, public_key)
+def _install_locked(bundle: Bundle, prefix: Path, options: InstallOptions, *, started: float) -> InstallResult:
+    signature = check_trusted(bundle.manifest_bytes, bundle.signature_bytes, list(options.public_keys),
+                              required=options.require_signature)
     manifest = bundle.manifest
+    python = options.python or runtime_env.default_python()
     name_dir = prefix / RELEASES / manifest.name
     release = name_dir / manifest.version
     previous = current_version(name_dir)
@@ -195,7 +216,7 @@ def _install_locked(bundle: Bundle, prefix: Path, *, public_key: Path | None, al
     if installed and (release / MANIFEST).read_bytes() != bundle.manifest_bytes:
         raise InstallError(f"{manifest.name} {manifest.version} is already installed with different contents",
                            hint="give the new bundle a higher version (lmpack pack --version)")
-    _check_downgrade(manifest, previous, allow_downgrade)
+    _check_downgrade(manifest, previous, options.allow_downgrade)
 
     def result(action: str) -> InstallResult:
         return InstallResult(name=manifest.name, version=manifest.version, path=release, action=action,
@@ -204,6 +225,7 @@ def _install_locked(bundle: Bundle, prefix: Path, *, public_key: Path | None, al
 
     if not installed:
         _check_free_space(prefix, manifest)
+        runtime_env.check_python(manifest, python)
     raise_problems(bundle.check_structure(), bundle)
     if installed:  # its files are already here, but a damaged bundle is still reported as damaged
         raise_problems(check_contents(bundle), bundle)
@@ -225,6 +247,10 @@ def _install_locked(bundle: Bundle, prefix: Path, *, public_key: Path | None, al
         os.rename(staging, release)  # named, but not installed until `current` or a marker says so
         fsync_dir(name_dir)
     remove_path(prefix / STAGING)
+    if manifest.wheelhouse is not None:  # at its final path (venvs are not relocatable), before the commit
+        with guard_disk_full(release):  # any failure removes the uncommitted release: the old state stays
+            runtime_env.create_venv(release, manifest, python)
+            os.sync()  # pip does not fsync what it writes
     _switch(name_dir, manifest.version, previous)
     return result("installed")
 

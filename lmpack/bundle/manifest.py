@@ -13,18 +13,21 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from lmpack.bundle.jsonfields import Fields, no_constants, no_duplicate_keys
 from lmpack.errors import BundleError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 adds `wheelhouse`; a bundle without wheels is still written as 1, so older readers take it
+READABLE_SCHEMAS = (1, 2)
 FORMAT = "lmpack-bundle"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 RESERVED = (MANIFEST, SIGNATURE)
 VARIANTS_DIR = "variants"
+RESERVED_DIRS = ("venv",)  # made by install inside a release, so never a listed path
 
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_FILE_BYTES = 1 << 40  # 1 TiB: larger than any model file, small enough to stop a forged size early
@@ -38,6 +41,7 @@ DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\Z")
 _WORD_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}\Z")
+_PYTHON_RE = re.compile(r"^3\.[0-9]{1,2}\Z")
 _ARCHES = ("x86_64", "aarch64")
 _PROVENANCE_KEYS = ("kind", "ref", "commit", "license", "sha256")
 
@@ -101,6 +105,20 @@ class VariantEntry:
 
 
 @dataclass(frozen=True)
+class Wheelhouse:
+    """The runtime wheels: for which platform and Python they were resolved, where the lock is, how big."""
+
+    platform_tag: str
+    python: str
+    lock: str
+    wheels: int
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     version: str
@@ -108,7 +126,7 @@ class Manifest:
     lmpack_version: str
     variants: tuple[VariantEntry, ...]
     files: tuple[FileEntry, ...]
-    schema_version: int = SCHEMA_VERSION
+    wheelhouse: Wheelhouse | None = None
     by_path: dict[str, FileEntry] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -127,9 +145,15 @@ class Manifest:
         unique = {json.dumps(v.provenance, sort_keys=True): v.provenance for v in self.variants}
         return [unique[key] for key in sorted(unique)]
 
+    @property
+    def schema_version(self) -> int:
+        return 1 if self.wheelhouse is None else SCHEMA_VERSION
+
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "format": FORMAT, "name": self.name, "version": self.version,
-                "built_at": self.built_at, "lmpack_version": self.lmpack_version, "provenance": self.provenance,
+        extra = {} if self.wheelhouse is None else {"wheelhouse": self.wheelhouse.to_dict()}
+        return {**extra, "schema_version": self.schema_version, "format": FORMAT, "name": self.name,
+                "version": self.version, "built_at": self.built_at, "lmpack_version": self.lmpack_version,
+                "provenance": self.provenance,
                 "variants": [v.to_dict() for v in self.variants],
                 "totals": {"bytes": self.total_bytes, "files": self.total_files},
                 "files": [f.to_dict() for f in self.files]}
@@ -185,81 +209,19 @@ def parse_version(version: object, *, what: str = "version") -> tuple[int, int, 
 
 # --- the strict parser -----------------------------------------------------------------------------------
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    if len(keys) != len(set(keys)):
-        duplicate = next(k for k in keys if keys.count(k) > 1)
-        raise BundleError(f"{MANIFEST}: key {duplicate!r} appears twice in one object")
-    return dict(pairs)
-
-
-def _no_constants(name: str) -> Any:
-    raise BundleError(f"{MANIFEST}: {name} is not valid JSON")
-
-
-class _Fields:
-    """Reads one JSON object field by field; `finish` rejects fields nobody asked for."""
-
-    def __init__(self, value: Any, where: str):
-        if not isinstance(value, dict):
-            raise BundleError(f"{MANIFEST}: {where or 'the document'} must be an object")
-        self.data, self.where, self.seen = value, where, set()
-
-    def _field(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def get(self, key: str, types: tuple[type, ...], *, nullable: bool = False) -> Any:
-        self.seen.add(key)
-        if key not in self.data:
-            raise BundleError(f"{MANIFEST}: field '{self._field(key)}' is missing")
-        value = self.data[key]
-        if value is None and nullable:
-            return None
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise BundleError(f"{MANIFEST}: field '{self._field(key)}' has the wrong type ({type(value).__name__})")
-        return value
-
-    def str(self, key: str, pattern: re.Pattern | None = None, *, nullable: bool = False,
-            max_len: int = 4096) -> str | None:
-        value = self.get(key, (str,), nullable=nullable)
-        if value is not None and (len(value) > max_len or (pattern is not None and not pattern.match(value))):
-            raise BundleError(f"{MANIFEST}: field '{self._field(key)}' has an invalid value {value[:80]!r}")
-        return value
-
-    def int(self, key: str, minimum: int, maximum: int) -> int:
-        value = self.get(key, (int,))
-        if not minimum <= value <= maximum:
-            raise BundleError(f"{MANIFEST}: field '{self._field(key)}' = {value} is outside [{minimum}, {maximum}]")
-        return value
-
-    def list(self, key: str, max_items: int) -> list:
-        value = self.get(key, (list,))
-        if len(value) > max_items:
-            raise BundleError(f"{MANIFEST}: field '{self._field(key)}' has more than {max_items} items")
-        return value
-
-    def obj(self, key: str, *, nullable: bool = False) -> _Fields | None:
-        value = self.get(key, (dict,), nullable=nullable)
-        return None if value is None else _Fields(value, self._field(key))
-
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            raise BundleError(f"{MANIFEST}: unknown field '{self._field(unknown[0])}'")
-
-
 def parse_manifest(data: bytes) -> Manifest:
     """Parse and check manifest bytes; every name, digest, size and total is validated here, once."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise BundleError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
     try:
-        raw = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+        raw = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicate_keys, parse_constant=no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST} is not valid JSON: {exc}") from exc
-    top = _Fields(raw, "")
+    top = Fields(raw, "")
     version = top.get("schema_version", (int,))
-    if version != SCHEMA_VERSION:
-        raise BundleError(f"{MANIFEST}: schema_version {version} is not supported (this lmpack reads {SCHEMA_VERSION})",
+    if version not in READABLE_SCHEMAS:
+        raise BundleError(f"{MANIFEST}: schema_version {version} is not supported (this lmpack reads "
+                          f"{', '.join(map(str, READABLE_SCHEMAS))})",
                           hint="a newer bundle needs a newer lmpack on this host" if version > SCHEMA_VERSION else None)
     if top.str("format") != FORMAT:
         raise BundleError(f"{MANIFEST}: field 'format' must be {FORMAT!r}")
@@ -276,11 +238,20 @@ def parse_manifest(data: bytes) -> Manifest:
     total_bytes = totals.int("bytes", 0, MAX_TOTAL_BYTES)
     total_files = totals.int("files", 0, MAX_FILES)
     totals.finish()
+    wheelhouse = _parse_wheelhouse(top.obj("wheelhouse")) if version >= 2 else None
     top.finish()
     manifest = Manifest(name=name, version=bundle_version, built_at=built_at, lmpack_version=lmpack_version,
-                        variants=variants, files=files)
+                        variants=variants, files=files, wheelhouse=wheelhouse)
     _check_consistency(manifest, raw, total_bytes, total_files)
     return manifest
+
+
+def _parse_wheelhouse(w: Fields) -> Wheelhouse:
+    wheelhouse = Wheelhouse(platform_tag=w.str("platform_tag", _WORD_RE), python=w.str("python", _PYTHON_RE),
+                            lock=check_relative_path(w.str("lock"), what=f"{MANIFEST}: field 'wheelhouse.lock'"),
+                            wheels=w.int("wheels", 1, MAX_FILES), bytes=w.int("bytes", 0, MAX_TOTAL_BYTES))
+    w.finish()
+    return wheelhouse
 
 
 def _check_timestamp(value: str) -> None:
@@ -295,7 +266,7 @@ def _check_timestamp(value: str) -> None:
 
 def _parse_file(item: Any, index: int) -> FileEntry:
     where = f"files[{index}]"
-    entry = _Fields(item, where)
+    entry = Fields(item, where)
     path = check_relative_path(entry.str("path", max_len=MAX_PATH_CHARS), what=f"{MANIFEST}: field '{where}.path'")
     size = entry.int("size", 0, MAX_FILE_BYTES)
     mode = entry.str("mode")
@@ -308,7 +279,7 @@ def _parse_file(item: Any, index: int) -> FileEntry:
 
 def _parse_variant(item: Any, index: int) -> VariantEntry:
     where = f"variants[{index}]"
-    v = _Fields(item, where)
+    v = Fields(item, where)
     name = check_name(v.str("name"), what=f"{MANIFEST}: field '{where}.name'")
     if v.str("path") != f"{VARIANTS_DIR}/{name}":
         raise BundleError(f"{MANIFEST}: field '{where}.path' must be '{VARIANTS_DIR}/{name}'")
@@ -326,7 +297,7 @@ def _parse_variant(item: Any, index: int) -> VariantEntry:
     return entry
 
 
-def _parse_compatibility(c: _Fields) -> Compatibility:
+def _parse_compatibility(c: Fields) -> Compatibility:
     cpu = c.obj("cpu")
     arch = cpu.str("arch")
     if arch not in _ARCHES:
@@ -361,7 +332,7 @@ def _check_consistency(manifest: Manifest, raw: dict, total_bytes: int, total_fi
         key = collision_key(path)
         if key in keys:
             raise BundleError(f"{MANIFEST}: {path!r} is listed twice (names are compared without case)")
-        if path in RESERVED:
+        if path in RESERVED or path.split("/")[0] in RESERVED_DIRS:
             raise BundleError(f"{MANIFEST}: {path!r} is reserved and cannot be a listed file")
         keys.add(key)
         parts = key.split("/")
@@ -377,5 +348,7 @@ def _check_consistency(manifest: Manifest, raw: dict, total_bytes: int, total_fi
     for variant in manifest.variants:
         if not any(p.startswith(variant.path + "/") for p in paths):
             raise BundleError(f"{MANIFEST}: variant {variant.name!r} has no files under {variant.path}/")
+    if manifest.wheelhouse is not None and manifest.wheelhouse.lock not in manifest.by_path:
+        raise BundleError(f"{MANIFEST}: the wheelhouse lock {manifest.wheelhouse.lock!r} is not a listed file")
     if raw["provenance"] != manifest.provenance:
         raise BundleError(f"{MANIFEST}: field 'provenance' does not match the variants' provenance")

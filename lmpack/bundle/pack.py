@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ from typing import Any
 
 from lmpack import __version__
 from lmpack.bundle.archive import HashingReader, create_in, write_tarball
+from lmpack.bundle import wheels as wheelhouse
 from lmpack.bundle.manifest import (MANIFEST, SIGNATURE, VARIANTS_DIR, Compatibility, FileEntry, GpuRequirement,
-                                    Manifest, VariantEntry, check_name, check_relative_path, parse_version)
+                                    Manifest, VariantEntry, Wheelhouse, check_name, check_relative_path, parse_version)
+from lmpack.bundle.sbom import SBOM_NAME, make_sbom
 from lmpack.bundle.signing import sign_manifest
 from lmpack.bundle.verify import DirBundle, check_bundle, open_bundle, raise_problems
 from lmpack.errors import BundleError, NotFoundError
@@ -34,6 +37,7 @@ VARIANT_FILE = "variant.json"  # the variant directory layout written by lmpack.
 REPORT_FILE = "report.json"
 MODEL_DIR = "model"
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # TensorRT engines: tied to the GPU they were built on
+INSTALL_SCRIPT = "install.py"  # stdlib-only first installer at the bundle's top level (lmpack/bundle/bootstrap.py)
 _MIB = 1 << 20
 _CHUNK = 1 << 20
 
@@ -50,6 +54,14 @@ class PackResult:
     archive_sha256: str
     variants: list[str]
     seconds: float
+    wheelhouse: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class WheelOptions:
+    """Ship the runtime wheelhouse; `source` is a local wheel directory to resolve from offline (tests, mirrors)."""
+
+    source: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -62,8 +74,12 @@ class _Variant:
 
 
 def pack(variant_dirs: list[Path], output: Path, *, name: str, version: str,
-         keep_dir: Path | None = None) -> PackResult:
-    """Write the bundle tarball `output` (and the unpacked bundle directory `keep_dir`, if given)."""
+         keep_dir: Path | None = None, wheels: WheelOptions | None = None) -> PackResult:
+    """Write the bundle tarball `output` (and the unpacked bundle directory `keep_dir`, if given).
+
+    With `wheels`, the bundle also carries the runtime wheelhouse, its lock, install.py and an SBOM, so a
+    host with nothing but Python 3 can install it.
+    """
     started = time.perf_counter()
     check_name(name, what="--name")
     parse_version(version, what="--version")
@@ -76,7 +92,7 @@ def pack(variant_dirs: list[Path], output: Path, *, name: str, version: str,
     manifest_holder: list[Manifest] = []
 
     def build_dir(staging: Path) -> None:
-        manifest_holder.append(_stage(staging, variants, name=name, version=version))
+        manifest_holder.append(_stage(staging, variants, name=name, version=version, wheels=wheels))
 
     directory = Path(keep_dir) if keep_dir is not None else output.parent / f".{output.name}.bundle-{uuid.uuid4().hex[:8]}"
     try:
@@ -95,7 +111,8 @@ def pack(variant_dirs: list[Path], output: Path, *, name: str, version: str,
     return PackResult(path=output, directory=Path(keep_dir) if keep_dir is not None else None, name=name,
                       version=version, files=manifest.total_files, bytes=manifest.total_bytes,
                       archive_bytes=output.stat().st_size, archive_sha256=_file_sha256(output),
-                      variants=[v.name for v in variants], seconds=round(time.perf_counter() - started, 3))
+                      variants=[v.name for v in variants], seconds=round(time.perf_counter() - started, 3),
+                      wheelhouse=manifest.wheelhouse.to_dict() if manifest.wheelhouse else None)
 
 
 def _file_sha256(path: Path) -> str:
@@ -141,18 +158,60 @@ def _need(data: dict[str, Any], key: str, where: Path) -> Any:
     return data[key]
 
 
-def _stage(staging: Path, variants: list[_Variant], *, name: str, version: str) -> Manifest:
+def _stage(staging: Path, variants: list[_Variant], *, name: str, version: str,
+           wheels: WheelOptions | None) -> Manifest:
     staging.mkdir(parents=True)
     entries: list[FileEntry] = []
     for variant in variants:
         for source in variant.files:
             relative = f"{VARIANTS_DIR}/{variant.name}/{source.relative_to(variant.root).as_posix()}"
             entries.append(_copy_digesting(source, staging, check_relative_path(relative, what=str(source))))
+    built_at = _built_at(variants)
+    house = None if wheels is None else _stage_wheels(staging, variants, entries, wheels, name=name,
+                                                      version=version, built_at=built_at)
     entries.sort(key=lambda e: e.path)
-    manifest = Manifest(name=name, version=version, built_at=_built_at(variants), lmpack_version=__version__,
-                        variants=tuple(_variant_entry(v) for v in variants), files=tuple(entries))
+    manifest = Manifest(name=name, version=version, built_at=built_at, lmpack_version=__version__,
+                        variants=tuple(_variant_entry(v) for v in variants), files=tuple(entries), wheelhouse=house)
     (staging / MANIFEST).write_bytes(manifest.to_bytes())
     return manifest
+
+
+def _target_facts(variants: list[_Variant]) -> tuple[str, str]:
+    """The one (platform tag, Python) that every variant's target agrees on: a wheelhouse serves one host kind."""
+    facts = {(str(_need(v.meta["target"], "platform_tag", v.root / VARIANT_FILE)),
+              str(_need(v.meta["target"], "python", v.root / VARIANT_FILE))) for v in variants}
+    if len(facts) != 1:
+        raise BundleError(f"the variants target different platforms or Pythons {sorted(facts)}; one bundle ships "
+                          "one wheelhouse", hint="pack variants for each platform into their own bundle")
+    return facts.pop()
+
+
+def _stage_wheels(staging: Path, variants: list[_Variant], entries: list[FileEntry], options: WheelOptions, *,
+                  name: str, version: str, built_at: str) -> Wheelhouse:
+    """Add wheels/, the lock, install.py and the SBOM to the staging bundle (entries grows in place)."""
+    platform_tag, python = _target_facts(variants)
+    model_entries = list(entries)
+    with tempfile.TemporaryDirectory(prefix="lmpack-wheels-", dir=staging.parent) as scratch:
+        wheels = wheelhouse.build_wheelhouse(Path(scratch), platform_tag=platform_tag, python=python,
+                                             source=options.source)
+        for wheel in wheels:
+            entries.append(_copy_digesting(Path(scratch) / wheel.filename, staging,
+                                           f"{wheelhouse.WHEELS_DIR}/{wheel.filename}"))
+    entries.append(_write_digesting(staging, wheelhouse.LOCK_PATH, wheelhouse.lock_text(wheels).encode("ascii")))
+    script = (Path(__file__).parent / "bootstrap.py").read_bytes()
+    entries.append(_write_digesting(staging, INSTALL_SCRIPT, script, mode=0o755))
+    sbom = make_sbom(name=name, version=version, built_at=built_at, wheels=wheels, model_files=model_entries)
+    entries.append(_write_digesting(staging, SBOM_NAME, sbom))
+    return Wheelhouse(platform_tag=platform_tag, python=python, lock=wheelhouse.LOCK_PATH, wheels=len(wheels),
+                      bytes=sum(w.size for w in wheels))
+
+
+def _write_digesting(staging: Path, relative: str, data: bytes, *, mode: int = 0o644) -> FileEntry:
+    entry = FileEntry(path=relative, size=len(data), mode=mode, sha256=hashlib.sha256(data).hexdigest())
+    with open(create_in(staging, entry), "wb") as out:
+        out.write(data)
+        os.fchmod(out.fileno(), mode)
+    return entry
 
 
 def _copy_digesting(source: Path, staging: Path, relative: str) -> FileEntry:

@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+from lmpack.bundle import ed25519 as ed25519_fallback
 from lmpack.bundle.manifest import SIGNATURE
 from lmpack.errors import ConfigError, NotFoundError, VerificationError
 
@@ -107,20 +108,61 @@ def _parse_signature(data: bytes) -> tuple[str, bytes]:
     return document["key_id"], signature
 
 
+def _verifier(public_key: Path):
+    """(raw public key, verify(signature, message) -> bool): `cryptography`'s, or the pure-Python fallback."""
+    try:
+        _, _, invalid_signature = _crypto()
+    except ConfigError:  # first install from install.py: only the standard library is there
+        try:
+            raw = ed25519_fallback.public_key_from_pem(Path(public_key).read_bytes())
+        except FileNotFoundError:
+            raise NotFoundError(f"key file {public_key} does not exist") from None
+        if raw is None:
+            raise ConfigError(f"{public_key} is not an Ed25519 public key in PEM", hint="use BASE.pub from lmpack keygen")
+        return raw, lambda signature, message: ed25519_fallback.verify(raw, message, signature)
+    serialization = _crypto()[0]
+    key = _read_key(public_key, private=False)
+
+    def verify(signature: bytes, message: bytes) -> bool:
+        try:
+            key.verify(signature, message)
+        except invalid_signature:
+            return False
+        return True
+
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw), verify
+
+
+def check_trusted(manifest_bytes: bytes, signature_bytes: bytes | None, keys: list[Path], *, required: bool) -> str:
+    """check_signature against any one of several trusted keys (a host policy may list more than one)."""
+    if required and not keys:
+        raise ConfigError("this host requires signed bundles, but no public key is configured",
+                          hint="pass --public-key or list public_keys in install.toml")
+    if required and signature_bytes is None:
+        raise VerificationError(f"this host requires signed bundles, and this one has no {SIGNATURE}",
+                                hint="sign it on the build host: lmpack sign BUNDLE --key KEY.key")
+    if len(keys) <= 1:
+        return check_signature(manifest_bytes, signature_bytes, keys[0] if keys else None)
+    failures = []
+    for key in keys:
+        try:
+            return check_signature(manifest_bytes, signature_bytes, key)
+        except VerificationError as exc:
+            failures.append(str(exc))
+    raise VerificationError(f"{SIGNATURE} verifies with none of the {len(keys)} trusted keys: {failures[-1]}")
+
+
 def check_signature(manifest_bytes: bytes, signature_bytes: bytes | None, public_key: Path | None) -> str:
     """'valid', 'unsigned' or 'not checked' (signed, but no key given); raises when a given key does not verify."""
     if public_key is None:
         return "unsigned" if signature_bytes is None else "not checked"
-    serialization, _, invalid_signature = _crypto()
-    key = _read_key(public_key, private=False)
+    raw, verify = _verifier(public_key)
     if signature_bytes is None:
         raise VerificationError(f"the bundle has no {SIGNATURE} but --public-key was given",
                                 hint="sign it on the build host: lmpack sign BUNDLE --key KEY.key")
     signed_by, signature = _parse_signature(signature_bytes)
-    expected = key_id(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
-    try:
-        key.verify(signature, manifest_bytes)
-    except invalid_signature:
+    expected = key_id(raw)
+    if not verify(signature, manifest_bytes):
         reason = ("it was made with another key (key id {0}, expected {1})".format(signed_by, expected)
                   if signed_by != expected else "manifest.json or the signature was altered, or it belongs to "
                   "another bundle")

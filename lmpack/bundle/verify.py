@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Union
 
 from lmpack.bundle.archive import MAX_SIGNATURE_BYTES, TarBundle, create_in, drain
-from lmpack.bundle.manifest import MANIFEST, MAX_MANIFEST_BYTES, RESERVED, SIGNATURE, FileEntry, parse_manifest
+from lmpack.bundle.manifest import (MANIFEST, MAX_MANIFEST_BYTES, RESERVED, RESERVED_DIRS, SIGNATURE, FileEntry,
+                                    parse_manifest)
 from lmpack.bundle.signing import check_signature
 from lmpack.errors import BundleError, NotFoundError, VerificationError
 
@@ -93,6 +94,8 @@ class DirBundle:
                     if item.is_symlink():
                         problems.append(f"{relative}: a symlink; bundles hold regular files only")
                     elif item.is_dir(follow_symlinks=False):
+                        if relative in RESERVED_DIRS:
+                            continue  # an installed release's venv: made by install, never part of the bundle
                         if relative in directories:
                             stack.append(relative)
                         else:

@@ -23,9 +23,15 @@ _key_path = click.Path(path_type=Path, dir_okay=False)
               help="Bundle version MAJOR.MINOR.PATCH; installs refuse to go down without --allow-downgrade.")
 @click.option("--keep-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Also keep the unpacked bundle directory here.")
+@click.option("--wheels", is_flag=True,
+              help="Also ship the runtime wheelhouse (lmpack + its runtime extra, binary wheels for the target's "
+                   "platform and Python), its hash lock, install.py and an SBOM. Needs pip's package index.")
+@click.option("--wheel-source", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+              help="With --wheels: resolve from this local wheel directory only (pip --no-index --find-links), "
+                   "ignoring the host's pip configuration.")
 @json_option
 @handle_errors
-def pack_command(variant_dirs, output, name, bundle_version, keep_dir, as_json) -> None:
+def pack_command(variant_dirs, output, name, bundle_version, keep_dir, wheels, wheel_source, as_json) -> None:
     """Pack variant directories (written by lmpack build) into one deterministic bundle.
 
     The same input always gives the same bytes: sorted members, fixed times, owners and modes.
@@ -34,13 +40,21 @@ def pack_command(variant_dirs, output, name, bundle_version, keep_dir, as_json) 
     Examples:
       lmpack pack dist/smollm2-cpu-x86-int8 -o smollm2-1.0.0.lmpack --name smollm2 --version 1.0.0
       lmpack pack dist/*-int8 -o chat.lmpack --name chat --version 2.1.0 --keep-dir chat-bundle/
+      lmpack pack dist/smollm2-cpu-x86-int8 -o smollm2.lmpack --name smollm2 --version 1.0.0 --wheels
     """
-    result = packing.pack(list(variant_dirs), output, name=name, version=bundle_version, keep_dir=keep_dir)
+    if wheel_source is not None and not wheels:
+        raise click.UsageError("--wheel-source needs --wheels")
+    options = packing.WheelOptions(source=wheel_source) if wheels else None
+    result = packing.pack(list(variant_dirs), output, name=name, version=bundle_version, keep_dir=keep_dir,
+                          wheels=options)
     if as_json:
         emit_json(asdict(result))
         return
     click.echo(f"packed {result.name} {result.version}: {len(result.variants)} variant(s), {result.files} files, "
                f"{result.bytes / 1e6:.1f} MB -> {result.archive_bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
+    if result.wheelhouse:
+        click.echo(f"  wheelhouse: {result.wheelhouse['wheels']} wheels, {result.wheelhouse['bytes'] / 1e6:.1f} MB "
+                   f"for {result.wheelhouse['platform_tag']}, Python {result.wheelhouse['python']}")
     click.echo(f"  {result.path}  sha256 {result.archive_sha256}")
     if result.directory:
         click.echo(f"  {result.directory}/")

@@ -20,20 +20,28 @@ _prefix_option = click.option("--prefix", required=True, type=click.Path(path_ty
 @click.option("--public-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Require a valid manifest.sig made with this Ed25519 key.")
 @click.option("--allow-downgrade", is_flag=True, help="Allow a version lower than the current one.")
+@click.option("--python", "python", default=None,
+              help="Python that creates the release venv (default: the one running lmpack); must match the "
+                   "bundle's wheels.")
+@click.option("--systemd-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Also write lmpack-serve@.service (and a drop-in for this bundle) into this directory.")
 @json_option
 @handle_errors
-def install_command(bundle, prefix, public_key, allow_downgrade, as_json) -> None:
+def install_command(bundle, prefix, public_key, allow_downgrade, python, systemd_dir, as_json) -> None:
     """Verify BUNDLE completely, then install it as the current release of its name.
 
-    Nothing becomes visible before every file is checked; `current` switches atomically and the previous
-    release is kept. Killed at any point, the prefix shows exactly the old or the new state.
+    Nothing becomes visible before every file is checked; a bundle with wheels gets its own venv
+    (RELEASE/venv, offline, hashes required) before `current` switches atomically; the previous
+    release is kept. A host's install.toml can require signatures (docs/airgapped-install.md). Killed at any point, the prefix shows exactly the old or the new state.
 
     \b
     Examples:
       lmpack install smollm2-1.1.0.lmpack --prefix /opt/lmpack --public-key /etc/lmpack/release.pub
       lmpack install smollm2-1.0.0.lmpack --prefix /opt/lmpack --allow-downgrade
     """
-    result = installing.install(bundle, prefix, public_key=public_key, allow_downgrade=allow_downgrade)
+    options = installing.InstallOptions(public_keys=(public_key,) if public_key else (),
+                                        allow_downgrade=allow_downgrade, python=python, systemd_dir=systemd_dir)
+    result = installing.install(bundle, prefix, options=options)
     if as_json:
         emit_json(asdict(result))
         return

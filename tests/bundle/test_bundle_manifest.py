@@ -97,7 +97,7 @@ def test_reserved_names_unknown_fields_duplicate_keys_and_schema():
     with pytest.raises(BundleError, match="twice"):
         parse_manifest(raw)
     data = _data()
-    data["schema_version"] = 2
+    data["schema_version"] = 3
     with pytest.raises(BundleError, match="newer lmpack|not supported"):
         _parse(data)
     with pytest.raises(BundleError, match="JSON"):

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""install.py: the first install of a bundle on a host that has nothing but Python 3.
+
+Copied to the top of every bundle packed with --wheels. Standard library only. It:
+
+1. checks every file's size and sha256 against manifest.json, so the code it is about to import is
+   the code the manifest (and its signature) describes;
+2. imports lmpack straight from the bundled, pure-Python lmpack wheel (a zip on sys.path) and calls
+   the same install that `lmpack install` runs: the signature is checked there (pure-Python Ed25519
+   when `cryptography` is not installed yet, see lmpack/bundle/ed25519.py), the release is laid out,
+   RELEASE/venv is created from the bundled wheels, and `current` switches atomically.
+
+So the first install and every later `lmpack install` share one implementation and one policy.
+A caveat that no script can remove: install.py travels inside the bundle it checks, so a forged bundle
+can carry a forged install.py. Check the tarball's sha256 or signature out of band before the first
+run; later installs run the installed lmpack, which does not depend on the bundle's own code.
+
+    tar xzf smollm2.lmpack -C smollm2 && python3 smollm2/install.py --prefix /opt/lmpack
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(code)
+
+
+def check_files(root: str) -> dict:
+    """Every listed file's size and sha256; exit 13 (as lmpack verify would) on the first difference."""
+    with open(os.path.join(root, "manifest.json"), "rb") as handle:
+        manifest = json.loads(handle.read().decode("utf-8"))
+    for entry in manifest["files"]:
+        path = entry["path"]
+        if path.startswith("/") or ".." in path.split("/") or "\\" in path:
+            _fail(f"manifest.json lists an unsafe path {path!r}", 12)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(os.path.join(root, path), "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except OSError as exc:
+            _fail(f"{path}: {exc.strerror}", 13)
+        if size != entry["size"] or digest.hexdigest() != entry["sha256"]:
+            _fail(f"{path}: does not match manifest.json (altered or truncated copy)", 13)
+    return manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Install this lmpack bundle (first install, standard library only).")
+    parser.add_argument("--prefix", required=True, help="install root, e.g. /opt/lmpack")
+    parser.add_argument("--public-key", help="require a valid manifest.sig made with this Ed25519 public key")
+    parser.add_argument("--allow-downgrade", action="store_true")
+    parser.add_argument("--systemd-dir", help="also write lmpack-serve@.service into this directory")
+    args = parser.parse_args()
+    if sys.version_info < (3, 10):
+        _fail("lmpack needs Python 3.10 or later", 3)
+    manifest = check_files(HERE)
+    wheels = [f["path"] for f in manifest["files"]
+              if f["path"].startswith("wheels/lmpack-") and f["path"].endswith(".whl")]
+    if len(wheels) != 1:
+        _fail("this bundle has no lmpack wheel; install it with an installed lmpack instead", 12)
+    sys.path.insert(0, os.path.join(HERE, wheels[0]))
+    from pathlib import Path
+
+    from lmpack.bundle.install import InstallOptions, install
+    from lmpack.errors import LmpackError
+
+    options = InstallOptions(public_keys=(Path(args.public_key),) if args.public_key else (),
+                             allow_downgrade=args.allow_downgrade, python=sys.executable,
+                             systemd_dir=Path(args.systemd_dir) if args.systemd_dir else None)
+    try:
+        result = install(Path(HERE), Path(args.prefix), options=options)
+    except LmpackError as exc:
+        _fail(exc.message + (f"\nhint: {exc.hint}" if exc.hint else ""), exc.exit_code)
+    print(f"{result.action} {result.name} {result.version}, signature {result.signature}, in {result.seconds:.1f} s")
+    print(f"  {result.path}\n  run: {result.path.parent / 'current' / 'venv' / 'bin' / 'lmpack'} --help")
+
+
+if __name__ == "__main__":
+    os.umask(0o022)
+    main()
