@@ -23,6 +23,7 @@ from lmpack.errors import InstallError
 
 VENV_DIR = "venv"
 SERVE_UNIT = "lmpack-serve@.service"
+AGENT_UNIT = "lmpack-agent@.service"
 _TIMEOUT_S = 1800
 
 
@@ -87,12 +88,13 @@ def create_venv(release: Path, manifest: Manifest, python: str) -> Path:
 
 
 def write_systemd_units(directory: Path, prefix: Path, manifest: Manifest) -> list[Path]:
-    """The template lmpack-serve@.service, plus a drop-in naming this bundle's variant to serve.
+    """The templates lmpack-serve@.service and lmpack-agent@.service, plus a drop-in naming the variant to serve.
 
     The instance name is the bundle name, so `systemctl enable --now lmpack-serve@smollm2` follows
     upgrades: the unit goes through PREFIX/releases/NAME/current, which install switches atomically.
     The drop-in sets LMPACK_VARIANT (the bundle's first variant) and LMPACK_PORT; edit it to choose.
-    There is no lmpack-agent unit yet because `lmpack agent` does not exist yet.
+    Enable one or the other for a bundle: the agent starts and supervises `lmpack serve` itself, reading
+    /etc/lmpack/agent-NAME.toml (docs/operations.md).
     """
     release = f"{prefix.resolve()}/releases/%i/current"
     unit = "\n".join([
@@ -118,8 +120,26 @@ def write_systemd_units(directory: Path, prefix: Path, manifest: Manifest) -> li
         "WantedBy=multi-user.target",
         "",
     ])
+    agent = "\n".join([
+        "[Unit]",
+        "Description=lmpack agent supervising the current release of %i",
+        "After=network.target",
+        "",
+        "[Service]",
+        "Type=simple",
+        f"ExecStart={release}/venv/bin/lmpack agent --config /etc/lmpack/agent-%i.toml",
+        "KillMode=control-group",  # the agent's server child goes with it
+        "Restart=on-failure",
+        "RestartSec=5",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ])
     drop_in = f"[Service]\nEnvironment=LMPACK_VARIANT={manifest.variants[0].name}\n"
-    return [_write_atomic(directory / SERVE_UNIT, unit),
+    return [_write_atomic(directory / SERVE_UNIT, unit), _write_atomic(directory / AGENT_UNIT, agent),
             _write_atomic(directory / f"lmpack-serve@{manifest.name}.service.d" / "variant.conf", drop_in)]
 
 

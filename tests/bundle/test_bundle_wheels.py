@@ -138,10 +138,13 @@ def test_air_gapped_first_install_and_generate(wheel_bundle, tmp_path):
     assert run_cli("verify", current).exit_code == 0  # the venv is not part of the release's contents
     unit = (units / "lmpack-serve@.service").read_text()
     assert f"{prefix.resolve()}/releases/%i/current/venv/bin/lmpack serve" in unit
+    agent_unit = (units / "lmpack-agent@.service").read_text()
+    assert f"{prefix.resolve()}/releases/%i/current/venv/bin/lmpack agent --config /etc/lmpack/agent-%i.toml" in agent_unit
     if shutil.which("systemd-analyze"):
-        check = subprocess.run(["systemd-analyze", "verify", str(units / "lmpack-serve@tiny.service")],
-                               capture_output=True, text=True, timeout=60)
-        assert check.returncode == 0, check.stderr
+        for instance in ("lmpack-serve@tiny.service", "lmpack-agent@tiny.service"):
+            check = subprocess.run(["systemd-analyze", "verify", str(units / instance)],
+                                   capture_output=True, text=True, timeout=60)
+            assert check.returncode == 0, check.stderr
 
 
 def test_a_failing_venv_leaves_nothing_installed(wheel_bundle, tmp_path):
