@@ -15,6 +15,7 @@ from lmpack import __version__
 from lmpack.config import paths
 from lmpack.config.profiles import Profile, list_profiles, load_profile
 from lmpack.config.targets import Target, list_targets, load_target
+from lmpack.errors import ConfigError
 from lmpack.fsio import publish
 from lmpack.pipeline.cache import StepCache
 from lmpack.pipeline.digest import tree_size
@@ -87,13 +88,37 @@ def pull(model: str, *, revision: str | None = None, output: Path | None = None,
 class BuildResult:
     variant_dir: Path
     report: dict[str, Any]
+    bundle: Any = None  # lmpack.bundle.pack.PackResult when the build was asked to pack one
+
+
+@dataclass(frozen=True)
+class BundleRequest:
+    """`lmpack build --bundle NAME:VERSION [--wheels]`: pack the new variant into OUTPUT/NAME-VERSION.lmpack."""
+
+    name: str
+    version: str
+    wheels: bool = False
+    wheel_source: Path | None = None
+
+    @classmethod
+    def parse(cls, spec: str, *, wheels: bool = False, wheel_source: Path | None = None) -> "BundleRequest":
+        from lmpack.bundle.manifest import check_name, parse_version
+
+        name, sep, version = spec.partition(":")
+        if not sep:
+            raise ConfigError(f"--bundle {spec!r} must look like NAME:VERSION, e.g. smollm2:1.0.0")
+        check_name(name, what="--bundle name")
+        parse_version(version, what="--bundle version")
+        return cls(name=name, version=version, wheels=wheels, wheel_source=wheel_source)
 
 
 def build(model: str, *, target: str, profile: str | None = None, output_dir: Path = Path("dist"),
           name: str | None = None, revision: str | None = None, allow_pickle: bool = False,
           trust_remote_code: bool = False, allow_quality_loss: bool = False, cache_dir: Path | None = None,
-          on_event: EventHandler | None = None, progress: ProgressFactory = silent_progress) -> BuildResult:
-    """Pull, optimize and validate `model` for `target`; write one variant directory under `output_dir`.
+          on_event: EventHandler | None = None, progress: ProgressFactory = silent_progress,
+          bundle: BundleRequest | None = None) -> BuildResult:
+    """Pull, optimize and validate `model` for `target`; write one variant directory under `output_dir`
+    (and, with `bundle`, pack it into `output_dir/NAME-VERSION.lmpack`).
 
     Everything is checked (target, profile, their pairing, the model path) before any work starts, and
     the variant directory appears only once complete.
@@ -133,7 +158,15 @@ def build(model: str, *, target: str, profile: str | None = None, output_dir: Pa
     report = _report(build_plan, pull_record, records, ctx, final, started)
     variant_dir = Path(output_dir) / variant_name
     publish(variant_dir, lambda staging: _write_variant(staging, variant_name, final, build_plan, report))
-    return BuildResult(variant_dir=variant_dir, report=report)
+    packed = None
+    if bundle is not None:
+        from lmpack.bundle.pack import WheelOptions
+        from lmpack.bundle.pack import pack as pack_bundle
+
+        packed = pack_bundle([variant_dir], Path(output_dir) / f"{bundle.name}-{bundle.version}.lmpack",
+                             name=bundle.name, version=bundle.version,
+                             wheels=WheelOptions(source=bundle.wheel_source) if bundle.wheels else None)
+    return BuildResult(variant_dir=variant_dir, report=report, bundle=packed)
 
 
 def _reference_step(build_plan: BuildPlan) -> Step | None:

@@ -167,3 +167,20 @@ def test_fp16_path_runs_where_the_target_allows_it(tiny_llama, session_cache, tm
     model = Path(json.loads(result.stdout)["variant_dir"]) / "model" / "model.onnx"
     initializers = onnx.load(str(model)).graph.initializer
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in initializers)
+
+
+def test_build_can_emit_a_bundle(tiny_llama, session_cache, tmp_path):
+    result = build(str(tiny_llama), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path),
+                   "--bundle", "tiny:1.2.0", "--json", cache=session_cache)
+    assert result.exit_code == 0, result.output
+    bundle = Path(json.loads(result.stdout)["bundle"]["path"])
+    assert bundle == tmp_path / "tiny-1.2.0.lmpack" and bundle.is_file()
+    verified = CliRunner().invoke(cli, ["verify", str(bundle)])
+    assert verified.exit_code == 0, verified.output
+
+
+def test_a_malformed_bundle_spec_fails_before_any_work(tiny_llama, tmp_path):
+    result = build(str(tiny_llama), "--target", "cpu-x86", "--bundle", "tiny", "-o", str(tmp_path / "dist"),
+                   cache=tmp_path / "cache")
+    assert result.exit_code == 3 and "NAME:VERSION" in result.output
+    assert not (tmp_path / "cache").exists()

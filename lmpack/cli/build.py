@@ -63,11 +63,16 @@ def pull_command(model, revision, allow_pickle, trust_remote_code, cache_dir, ou
 @click.option("--name", default=None, help="Variant directory name (default MODEL-TARGET-PROFILE).")
 @click.option("--allow-quality-loss", is_flag=True,
               help="Keep the result even when it fails the profile's quality gate (recorded in the report).")
+@click.option("--bundle", "bundle_spec", default=None, metavar="NAME:VERSION",
+              help="Also pack the variant into OUTPUT/NAME-VERSION.lmpack (see lmpack pack).")
+@click.option("--wheels", is_flag=True, help="With --bundle: ship the runtime wheelhouse and install.py too.")
+@click.option("--wheel-source", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="With --wheels: resolve wheels offline from this directory.")
 @source_options
 @json_option
 @handle_errors
-def build_command(model, target, profile, output, name, allow_quality_loss, revision, allow_pickle,
-                  trust_remote_code, cache_dir, as_json) -> None:
+def build_command(model, target, profile, output, name, allow_quality_loss, bundle_spec, wheels, wheel_source,
+                  revision, allow_pickle, trust_remote_code, cache_dir, as_json) -> None:
     """Optimize MODEL for a hardware target and write a verified variant directory.
 
     MODEL is a Hub repo id, a local Hugging Face directory or a .gguf file. Steps are cached, so
@@ -78,14 +83,20 @@ def build_command(model, target, profile, output, name, allow_quality_loss, revi
       lmpack build ./SmolLM2-135M-Instruct.Q4_1.gguf --target cpu-x86 --profile int8 -o dist/
       lmpack build sentence-transformers/all-MiniLM-L6-v2 --target cpu-x86 --profile int8
       lmpack build ./my-model --target a100            # the target's default profile
+      lmpack build ./model.gguf --target cpu-x86 --bundle smollm2:1.0.0 --wheels
     """
+    bundle = api.BundleRequest.parse(bundle_spec, wheels=wheels, wheel_source=wheel_source) if bundle_spec else None
     reporter = StderrReporter(enabled=not as_json)
     result = api.build(model, target=target, profile=profile, output_dir=output, name=name, revision=revision,
                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                        allow_quality_loss=allow_quality_loss, cache_dir=cache_dir, on_event=reporter.event,
-                       progress=reporter.progress)
+                       progress=reporter.progress, bundle=bundle)
     if as_json:
-        emit_json({"variant_dir": str(result.variant_dir), "report": result.report})
+        emit_json({"variant_dir": str(result.variant_dir), "report": result.report,
+                   **({"bundle": {"path": str(result.bundle.path), "sha256": result.bundle.archive_sha256,
+                                  "bytes": result.bundle.archive_bytes}} if result.bundle else {})})
         return
     click.echo(api.render_report(result.report), nl=False)
     click.echo(f"variant:   {result.variant_dir}")
+    if result.bundle:
+        click.echo(f"bundle:    {result.bundle.path} (sha256 {result.bundle.archive_sha256})")
