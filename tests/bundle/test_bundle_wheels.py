@@ -182,3 +182,16 @@ def test_installer_killed_while_making_the_venv(wheel_bundle, tmp_path):
     assert again.wait(timeout=600) == 0, again.stderr.read()
     assert listed(prefix) == [("tiny", "1.0.0", True)]
     assert run_cli("verify", prefix / "releases" / "tiny" / "current").exit_code == 0
+
+
+def test_a_flipped_byte_in_a_wheel_is_refused_before_install(wheel_bundle, tmp_path):
+    bundle = shutil.copytree(wheel_bundle["dir"], tmp_path / "tampered")
+    wheel = next((bundle / "wheels").glob("numpy-*.whl"))
+    data = bytearray(wheel.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    wheel.write_bytes(bytes(data))
+    prefix = tmp_path / "prefix"
+    result = run_cli("install", bundle, "--prefix", prefix)
+    assert result.exit_code == 13, result.output
+    assert wheel.name in result.stderr
+    assert not (prefix / "releases").exists() or not any((prefix / "releases").iterdir())
