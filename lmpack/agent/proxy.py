@@ -115,7 +115,7 @@ class Proxy:
             if request is not None:
                 self.requests_total += 1
                 await self._forward(request, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (ConnectionError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # the client went away or sent garbage: nothing to answer
         finally:
             writer.close()
@@ -160,9 +160,7 @@ class Proxy:
                     raise _NoAnswer("503 from a server that is no longer current")  # draining or not yet ready
                 client.write(_rewrite_response_head(head))
                 await client.drain()
-                while chunk := await upstream_reader.read(65536):  # as it comes: SSE events are not held back
-                    client.write(chunk)
-                    await client.drain()
+                await _copy_body(upstream_reader, client, head, head_only=request.startswith(b"HEAD "))
             finally:
                 upstream.close()
 
@@ -175,6 +173,47 @@ class Proxy:
         finally:
             with self._lock:
                 self._in_flight[backend] -= 1
+
+
+async def _copy_body(upstream: asyncio.StreamReader, client: asyncio.StreamWriter, head: bytes, *,
+                     head_only: bool) -> None:
+    """Copy the response body as it arrives (SSE events are not held back), by its own framing.
+
+    Framing, not EOF, ends the exchange: a backend that keeps the connection open despite
+    `Connection: close` must not keep the request counted in flight (the switch waits for that count).
+    """
+    status = int(head.split(b" ", 2)[1])
+    headers = {line.partition(b":")[0].strip().lower(): line.partition(b":")[2].strip()
+               for line in head[:-4].split(b"\r\n")[1:]}
+
+    async def send(data: bytes) -> None:
+        client.write(data)
+        await client.drain()
+
+    if head_only or status in (204, 304) or 100 <= status < 200:
+        return
+    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        while True:
+            size_line = await upstream.readuntil(b"\r\n")
+            await send(size_line)
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while (trailer := await upstream.readuntil(b"\r\n")) != b"\r\n":
+                    await send(trailer)
+                await send(trailer)
+                return
+            await send(await upstream.readexactly(size + 2))
+    if b"content-length" in headers:
+        left = int(headers[b"content-length"])
+        while left > 0:
+            chunk = await upstream.read(min(left, 65536))
+            if not chunk:
+                return
+            left -= len(chunk)
+            await send(chunk)
+        return
+    while chunk := await upstream.read(65536):
+        await send(chunk)
 
 
 async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
