@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from lmpack.agent.config import AgentConfig
+from lmpack.agent.config import AgentConfig, ServerSpec
 from lmpack.agent.proxy import Proxy
 from lmpack.agent.supervisor import Supervisor
 from lmpack.errors import LmpackError, SwitchError
@@ -37,9 +37,10 @@ from lmpack.errors import LmpackError, SwitchError
 log = logging.getLogger("lmpack.agent")
 
 SWITCHING_WAKE = 0.05   # while a new server starts, look at it this often: readiness is noticed fast
+BACKEND_HOST = "127.0.0.1"  # servers listen on loopback only, whatever [server] host exposes: clients use the proxy
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = BACKEND_HOST) -> int:
     """A loopback port the kernel considers free now; a lost race shows up as a failed start, which backs off."""
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -72,7 +73,7 @@ class Releases:
                  clock: Callable[[], float] = time.monotonic):
         self.spec, self.policy, self.rules = config.server, config.supervision, config.switch
         self.proxy, self._wake, self._clock = proxy, wake, clock
-        self.active = Supervisor(replace(self.spec, port=free_port(self.spec.host)), self.policy)
+        self.active = Supervisor(self._backend_spec(None), self.policy)
         self.candidate: Supervisor | None = None
         self.job: Job | None = None
         self.probation: Probation | None = None
@@ -167,8 +168,7 @@ class Releases:
             return
         log.info("switch: starting %s %s beside %s (%s)", self.spec.release, job.target, self.active.version,
                  job.reason)
-        self.candidate = Supervisor(replace(self.spec, port=free_port(self.spec.host), version=job.target),
-                                    self.policy)
+        self.candidate = Supervisor(self._backend_spec(job.target), self.policy)
         self.candidate.tick()
 
     def _tick_candidate(self, now: float) -> None:
@@ -254,6 +254,10 @@ class Releases:
             raise SwitchError(f"no previous healthy release of {self.spec.release} to roll back to",
                               hint="name a version: lmpack switch NAME VERSION")
         return older[-1]
+
+    def _backend_spec(self, version: str | None) -> ServerSpec:
+        """A server on a private loopback port; pinned to `version` when a switch starts it."""
+        return replace(self.spec, host=BACKEND_HOST, port=free_port(), version=version)
 
     def _served(self, version: str) -> None:
         self.healthy = [v for v in self.healthy if v != version] + [version]

@@ -103,6 +103,16 @@ def status_command(agent_url: str, as_json: bool) -> None:
     click.echo(f"server   {server.get('phase')}  pid {server.get('pid')}  live {server.get('live')}  "
                f"ready {server.get('ready')}  {server.get('url')}")
     click.echo(f"variant  {server.get('variant')}" + (f"  (release {server['version']})" if server.get("version") else ""))
+    switch = status.get("switch") or {}
+    if switch.get("proxy"):
+        click.echo(f"clients  port {switch['proxy']['port']} -> {switch['proxy']['backend']}  "
+                   f"({switch.get('switches_total', 0)} switches, {switch.get('rollbacks_total', 0)} rollbacks)")
+    if switch.get("probation"):
+        probation = switch["probation"]
+        click.echo(f"probation {probation['version']}: {probation['seconds_left']:.0f} s left, "
+                   f"{probation['restarts']} restarts (rolls back to {probation['previous']})")
+    if switch.get("candidate"):
+        click.echo(f"switching to {switch['candidate'].get('version')}: {switch['candidate'].get('phase')}")
     click.echo(f"restarts {server.get('restarts_total')} total, {server.get('restarts_15m')} in 15 min"
                + (f"; last: {server['last_restart_reason']}" if server.get("last_restart_reason") else ""))
     for name in ("request_rate", "error_rate", "rejected_rate", "latency_p95_seconds", "queue_depth",
