@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 from lmpack.agent.config import AgentConfig, ServerSpec
@@ -94,7 +95,7 @@ class Releases:
                               hint="configure [server] prefix and release (docs/operations.md)")
         if name != self.spec.release:
             raise SwitchError(f"this agent serves release {self.spec.release!r}, not {name!r}")
-        if prefix is not None and str(prefix).rstrip("/") != str(self.spec.prefix).rstrip("/"):
+        if prefix is not None and Path(prefix).resolve() != self.spec.prefix.resolve():
             raise SwitchError(f"this agent serves releases from {self.spec.prefix}, not {prefix}")
         job = Job(version=version)
         self._jobs.put(job)
@@ -119,15 +120,19 @@ class Releases:
             self._begin(self._jobs.get_nowait(), now)
         if self.candidate is None:
             self._check_probation(now)
-        ready = self.active.phase == "running" and self.active.ready
-        self.proxy.set_backend(self.active.url if ready else None)
+        # A server that got ready once keeps its traffic until it is gone: a readiness probe that times out
+        # under load must not hold every request for a probe interval. Its own 503s (draining) pass through.
+        self.proxy.set_backend(self.active.url if self.active.phase == "running" else None)
         self._stoppers = [t for t in self._stoppers if t.is_alive()]
 
     def stop(self) -> int | None:
         """Agent shutdown: abandon a switch in progress, let old servers finish draining, drain the active one."""
         if self.candidate is not None:
             self.candidate.stop()
+            self.candidate = None
             self._fail(self.job, "the agent is stopping", count=False)
+        while not self._jobs.empty():  # queued behind it: answer now rather than let the caller time out
+            self._fail(self._jobs.get_nowait(), "the agent is stopping", count=False)
         for stopper in self._stoppers:
             stopper.join(self.spec.drain_seconds + 15)
         return self.active.stop()

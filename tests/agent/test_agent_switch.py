@@ -30,16 +30,25 @@ NAME = "tiny"
 WORKERS = 3
 
 
-def make_prefix(tmp: Path, variant: Path, versions: list[str], *, broken: str | None = None) -> Path:
-    """Install `variant` as each version (the first ends up current); `broken`'s model file is then overwritten."""
+def make_prefix(tmp: Path, variant: Path, versions: list[str], *, broken: str | None = None,
+                how: str = "model-file") -> Path:
+    """Install `variant` as each version (the first ends up current), then break version `broken` after its install.
+
+    how="model-file": the ONNX file is garbage, so the server exits while loading it.
+    how="warm-up": the model's context is 1 token, so it loads and answers liveness but its warm-up
+    generation fails and readiness says "failed" for good.
+    """
     prefix = tmp / "prefix"
     for version in versions:
         bundle = pack([variant], tmp / f"{NAME}-{version}.lmpack", name=NAME, version=version).path
         install(bundle, prefix)
     if broken is not None:
-        release = prefix / "releases" / NAME / broken
-        model = max(release.glob("variants/*/**/*.onnx*"), key=lambda p: p.stat().st_size)
-        model.write_bytes(b"this is not an onnx model" * 100)
+        model_dir = next((prefix / "releases" / NAME / broken / "variants").iterdir()) / "model"
+        if how == "model-file":
+            (model_dir / "model.onnx").write_bytes(b"this is not an onnx model" * 100)
+        else:
+            info = json.loads((model_dir / "lmpack-model.json").read_text())
+            (model_dir / "lmpack-model.json").write_text(json.dumps({**info, "max_position_embeddings": 1}))
     set_current(prefix, NAME, versions[0])
     return prefix
 
@@ -137,7 +146,8 @@ def report(capsys, line: str) -> None:
         print(f"\n[switch timing] {line}")
 
 
-def test_twenty_switches_back_and_forth_under_load_fail_no_request(llama_variant, tmp_path, capsys, lmpack_cli):
+@pytest.mark.parametrize("rounds", [20, pytest.param(100, marks=pytest.mark.slow, id="soak-100")])
+def test_switches_back_and_forth_under_load_fail_no_request(rounds, llama_variant, tmp_path, capsys, lmpack_cli):
     prefix = make_prefix(tmp_path, llama_variant, ["1.0.0", "1.1.0"])
     config = switch_config(tmp_path, prefix)
     with run_agent(config, tmp=tmp_path) as agent:
@@ -145,7 +155,7 @@ def test_twenty_switches_back_and_forth_under_load_fail_no_request(llama_variant
         windows, results = [], []
         with Load(agent.server_url) as load:
             time.sleep(1.0)
-            for i in range(20):
+            for i in range(rounds):
                 version = "1.1.0" if i % 2 == 0 else "1.0.0"
                 started = time.monotonic()
                 if i == 0:  # once through the command line, as an operator would
@@ -163,13 +173,13 @@ def test_twenty_switches_back_and_forth_under_load_fail_no_request(llama_variant
             assert rolled.exit_code == 0 and "to 1.1.0 (was 1.0.0)" in rolled.output, rolled.output
             time.sleep(0.5)
         status = agent.status()
-        assert status["server"]["version"] == "1.1.0" and status["switch"]["switches_total"] == 21
+        assert status["server"]["version"] == "1.1.0" and status["switch"]["switches_total"] == rounds + 1
         assert status["switch"]["proxy"]["unavailable_total"] == 0
         failures = load.failures()
         assert failures == [], f"{len(failures)} failed requests: {failures[:5]}"
         during, overall = load.latencies(windows), load.latencies()
         took = sorted(r["seconds"] for r in results)
-        report(capsys, f"20 switches + 1 rollback under load ({WORKERS} clients, 1/3 streaming): "
+        report(capsys, f"{rounds} switches + 1 rollback under load ({WORKERS} clients, 1/3 streaming): "
                        f"{len(load.records)} requests, 0 failed, {sum(o == '429' for *_, o in load.records)} 429; "
                        f"p99 {p99(during) * 1000:.0f} ms during switches ({len(during)} requests), "
                        f"p99 {p99(overall) * 1000:.0f} ms overall, p50 {overall[len(overall) // 2] * 1000:.0f} ms; "
@@ -177,8 +187,9 @@ def test_twenty_switches_back_and_forth_under_load_fail_no_request(llama_variant
                        f"proxy retries {status['switch']['proxy']['retries_total']}")
 
 
-def test_a_version_that_never_gets_ready_is_not_switched_to_and_alerts(llama_variant, tmp_path, lmpack_cli):
-    prefix = make_prefix(tmp_path, llama_variant, ["1.0.0", "1.2.0"], broken="1.2.0")
+@pytest.mark.parametrize("how", ["model-file", "warm-up"])
+def test_a_version_that_never_gets_ready_is_not_switched_to_and_alerts(how, llama_variant, tmp_path, lmpack_cli):
+    prefix = make_prefix(tmp_path, llama_variant, ["1.0.0", "1.2.0"], broken="1.2.0", how=how)
     with WebhookReceiver() as hook:
         config = switch_config(tmp_path, prefix, extra=ALERT.format(url=hook.url))
         with run_agent(config, tmp=tmp_path) as agent:
@@ -188,7 +199,9 @@ def test_a_version_that_never_gets_ready_is_not_switched_to_and_alerts(llama_var
                 refused = lmpack_cli("switch", NAME, "1.2.0", "--agent", agent.url, "--json")
                 time.sleep(0.5)
             assert refused.exit_code == 19, refused.output
-            assert "did not become ready" in json.loads(refused.stdout)["error"]["message"]
+            message = json.loads(refused.stdout)["error"]["message"]
+            assert "did not become ready" in message
+            assert ("warm-up failed" if how == "warm-up" else "exited") in message
             assert agent.ready_pid() == pid and agent.status()["server"]["version"] == "1.0.0"
             assert current_version(prefix / "releases" / NAME) == "1.0.0"
             assert load.failures() == [] and len(load.records) > 0
