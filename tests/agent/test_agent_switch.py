@@ -240,3 +240,30 @@ def test_a_version_that_crashes_in_probation_is_rolled_back(llama_variant, tmp_p
                      what="the rollback alert firing, then resolving")
             report(capsys, f"2 crashes in probation -> rolled back to 1.0.0 {back:.2f} s after the switch; "
                            f"{len(load.records)} requests, {len(failures)} failed ({failures[:3]})")
+
+
+def test_rollback_targets_and_refused_requests(llama_variant, tmp_path):
+    """Without processes: which version a rollback picks, and what a switch request is refused for."""
+    from lmpack.agent.config import load_agent_config
+    from lmpack.agent.proxy import Proxy
+    from lmpack.agent.switch import Releases
+
+    prefix = make_prefix(tmp_path, llama_variant, ["1.0.0", "1.1.0", "1.2.0"])
+    assert set_current(prefix, NAME, "1.2.0") == "1.0.0"
+    releases = Releases(load_agent_config(switch_config(tmp_path, prefix)), Proxy("127.0.0.1", 0))
+    releases.active.version = "1.2.0"
+    assert releases._rollback_target() == "1.1.0"       # nothing served before: the highest installed below
+    releases.bad.add("1.1.0")
+    assert releases._rollback_target() == "1.0.0"       # a version rolled back by probation is skipped
+    releases.healthy = ["1.1.0", "1.0.0", "1.2.0"]
+    assert releases._rollback_target() == "1.0.0"       # the last healthy one before the active one
+    releases.active.version, releases.healthy = "1.0.0", []
+    with pytest.raises(SwitchError, match="no previous healthy release"):
+        releases._rollback_target()
+    with pytest.raises(SwitchError, match="serves release 'tiny', not 'other'"):
+        releases.request("other", "1.1.0")
+    with pytest.raises(SwitchError, match="not /elsewhere"):
+        releases.request(NAME, "1.1.0", "/elsewhere")
+    variant_only = write_config(tmp_path, llama_variant, server_port=free_port(), agent_port=free_port(), serve_args=[])
+    with pytest.raises(SwitchError, match="serves a variant directory"):
+        Releases(load_agent_config(variant_only), Proxy("127.0.0.1", 0)).request(NAME, "1.1.0")
