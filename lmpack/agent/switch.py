@@ -97,6 +97,8 @@ class Releases:
             raise SwitchError(f"this agent serves release {self.spec.release!r}, not {name!r}")
         if prefix is not None and Path(prefix).resolve() != self.spec.prefix.resolve():
             raise SwitchError(f"this agent serves releases from {self.spec.prefix}, not {prefix}")
+        if version is not None:
+            self._check_installed(version)  # refused at once, before it waits behind another switch
         job = Job(version=version)
         self._jobs.put(job)
         self._wake()
@@ -162,9 +164,7 @@ class Releases:
         self.job = job
         try:
             job.target = job.version if job.version is not None else self._rollback_target()
-            if not (self.spec.prefix / "releases" / self.spec.release / job.target).is_dir():
-                raise SwitchError(f"{self.spec.release} {job.target} is not installed under {self.spec.prefix}",
-                                  hint=f"lmpack list --prefix {self.spec.prefix}")
+            self._check_installed(job.target)
         except SwitchError as exc:
             self._finish(job, error=exc, count=False)
             return
@@ -263,6 +263,17 @@ class Releases:
     def _backend_spec(self, version: str | None) -> ServerSpec:
         """A server on a private loopback port; pinned to `version` when a switch starts it."""
         return replace(self.spec, host=BACKEND_HOST, port=free_port(), version=version)
+
+    def _check_installed(self, version: str) -> None:
+        from lmpack.bundle.install import is_installed
+
+        try:
+            installed = is_installed(self.spec.prefix, self.spec.release, version)
+        except LmpackError as exc:  # not a version at all ("../x"): never a path to start a server from
+            raise SwitchError(exc.message, hint=exc.hint) from None
+        if not installed:
+            raise SwitchError(f"{self.spec.release} {version} is not installed under {self.spec.prefix}",
+                              hint=f"lmpack list --prefix {self.spec.prefix}")
 
     def _served(self, version: str) -> None:
         self.healthy = [v for v in self.healthy if v != version] + [version]

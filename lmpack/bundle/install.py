@@ -229,6 +229,13 @@ def _install_locked(bundle: Bundle, prefix: Path, *, public_key: Path | None, al
     return result("installed")
 
 
+def is_installed(prefix: Path, name: str, version: str) -> bool:
+    """Whether NAME VERSION is a committed release under `prefix` (not the leftover of an interrupted install)."""
+    check_name(name, what="NAME")
+    parse_version(version, what="VERSION")
+    return _installed(Path(prefix) / RELEASES / name, version)
+
+
 def set_current(prefix: Path, name: str, version: str) -> str | None:
     """Point `current` at an installed VERSION (the agent's version switch); returns the previous current.
 

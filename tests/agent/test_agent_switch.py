@@ -262,6 +262,10 @@ def test_rollback_targets_and_refused_requests(llama_variant, tmp_path):
         releases._rollback_target()
     with pytest.raises(SwitchError, match="serves release 'tiny', not 'other'"):
         releases.request("other", "1.1.0")
+    with pytest.raises(SwitchError, match="is not a version"):
+        releases.request(NAME, "../../1.1.0")
+    with pytest.raises(SwitchError, match="tiny 9.9.9 is not installed"):
+        releases.request(NAME, "9.9.9")
     with pytest.raises(SwitchError, match="not /elsewhere"):
         releases.request(NAME, "1.1.0", "/elsewhere")
     variant_only = write_config(tmp_path, llama_variant, server_port=free_port(), agent_port=free_port(), serve_args=[])
