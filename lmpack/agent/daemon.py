@@ -109,13 +109,15 @@ class Agent:
             version = body.get("version") if path == "/switch" else None
             if path == "/switch" and not isinstance(version, str):
                 return 400, {"error": {"message": "POST /switch needs a \"version\""}}
-            future = self.releases.request(str(body.get("name")), version, body.get("prefix"))
+            prefix = body.get("prefix")
+            future = self.releases.request(str(body.get("name")), version, None if prefix is None else str(prefix))
             timeout = self.config.supervision.startup_timeout + self.config.server.drain_seconds + 60
             return 200, future.result(timeout=timeout)
         except LmpackError as exc:
             return 409, {"error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}}
         except TimeoutError:
             return 504, {"error": {"message": "the switch is still running; see lmpack status"}}
+
     def collect(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """One round of measurements: the flat values alert rules see, and the GPU block for /status."""
         server = self.releases.active.status()
