@@ -335,3 +335,38 @@ def agent_status(url: str = DEFAULT_AGENT_URL, *, timeout: float = 5.0) -> dict[
     except (OSError, ValueError) as exc:
         raise AgentError(f"cannot read the agent's status at {url}: {exc}",
                          hint="is `lmpack agent --config agent.toml` running? pass its address with --agent") from None
+
+
+def agent_switch(name: str, version: str | None, *, url: str = DEFAULT_AGENT_URL, prefix: Path | None = None,
+                 timeout: float = 600.0) -> dict[str, Any]:
+    """Ask the running agent to switch NAME to VERSION (None: roll back to the previous healthy version).
+
+    Returns the agent's result document once the new server serves all new requests. Raises AgentError
+    (exit 18) when the agent cannot be reached, SwitchError (exit 19) when it refused or the switch failed.
+    """
+    import urllib.error
+    import urllib.request
+
+    from lmpack.errors import AgentError, SwitchError
+
+    path = "/switch" if version is not None else "/rollback"
+    body = {"name": name, **({"version": version} if version is not None else {}),
+            **({"prefix": str(Path(prefix).resolve())} if prefix is not None else {})}
+    request = urllib.request.Request(f"{url.rstrip('/')}{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.loads(exc.read()).get("error", {})
+        except ValueError:
+            error = {}
+        finally:
+            exc.close()
+        if exc.code == 409:
+            raise SwitchError(error.get("message", "the switch failed"), hint=error.get("hint")) from None
+        raise AgentError(f"the agent at {url} answered {exc.code}: {error.get('message', exc.reason)}") from None
+    except (OSError, ValueError) as exc:
+        raise AgentError(f"cannot reach the agent at {url}: {exc}",
+                         hint="is `lmpack agent --config agent.toml` running? pass its address with --agent") from None

@@ -129,3 +129,10 @@ class AgentError(LmpackError):
     """The agent could not be reached or answered an error, or the server it supervises could not be found."""
 
     exit_code = 18
+
+
+class SwitchError(LmpackError):
+    """A version switch or rollback was refused or failed (the new version never got ready, nothing to roll
+    back to); the version that was serving keeps serving."""
+
+    exit_code = 19

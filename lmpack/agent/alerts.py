@@ -43,6 +43,7 @@ def default_rules() -> list[Rule]:
         Rule("host-memory-high", "host_memory_percent", ">", 90.0, for_seconds=300, severity="warning"),
         Rule("disk-almost-full", "host_disk_percent", ">", 90.0, for_seconds=0, severity="warning"),
         Rule("server-restarted", "server_restarts_15m", ">=", 1, for_seconds=0, severity="warning"),
+        Rule("version-switch-failed", "switch_failures_recent", ">=", 1, for_seconds=0, severity="critical"),
         Rule("gpu-memory-high", "gpu_memory_percent", ">", 95.0, for_seconds=300, severity="warning"),
     ]
 

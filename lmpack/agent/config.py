@@ -27,6 +27,7 @@ class ServerSpec:
     port: int
     args: tuple[str, ...]
     drain_seconds: int
+    version: str | None = None   # pinned by a switch: serve PREFIX/releases/NAME/VERSION, not `current`
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,15 @@ class Supervision:
     startup_timeout: float = 180.0     # from spawn to ready, else the start failed
     backoff_initial: float = 10.0      # after a failed start; doubles each time
     backoff_max: float = 300.0
+
+
+@dataclass(frozen=True)
+class SwitchPolicy:
+    """Version switches ([switch]): how long a new version is on probation and what fails it."""
+    probation_seconds: float = 300.0   # after a switch, repeated crashes within this roll it back
+    probation_failures: int = 2        # restarts (crashes or failed starts) in probation before the rollback
+    alert_window_seconds: float = 900.0  # `switch_failures_recent` counts failed switches and rollbacks this far back
+    backend_wait_seconds: float = 30.0   # the proxy holds a request this long while no backend is ready
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class AgentConfig:
     source: str
     server: ServerSpec
     supervision: Supervision
+    switch: SwitchPolicy = SwitchPolicy()
     host: str = "127.0.0.1"
     port: int = 9100
     metrics_interval: float = 10.0
@@ -72,6 +83,7 @@ def load_agent_config(path: Path) -> AgentConfig:
     check_schema_version(top)
     server = _server(top.table("server", required=True))
     supervision = _supervision(top.table("supervision"))
+    switch = _switch(top.table("switch"))
     agent = top.table("agent")
     host, port, interval, disk, defaults = "127.0.0.1", 9100, 10.0, None, True
     if agent is not None:
@@ -85,7 +97,7 @@ def load_agent_config(path: Path) -> AgentConfig:
     notifiers = tuple(_notifier(reader) for reader in top.tables("notifiers")) or (NotifierSpec("log"),)
     top.finish()
     disk_path = Path(disk) if disk else (server.prefix or Path("/"))
-    return AgentConfig(source=str(path), server=server, supervision=supervision, host=host, port=port,
+    return AgentConfig(source=str(path), server=server, supervision=supervision, switch=switch, host=host, port=port,
                        metrics_interval=interval, disk_path=disk_path, rules=rules, notifiers=notifiers)
 
 
@@ -117,6 +129,20 @@ def _supervision(reader: TableReader | None) -> Supervision:
                          startup_timeout=reader.float("startup_timeout_seconds", d.startup_timeout, minimum=1),
                          backoff_initial=reader.float("backoff_initial_seconds", d.backoff_initial, minimum=0),
                          backoff_max=reader.float("backoff_max_seconds", d.backoff_max, minimum=0))
+    reader.finish()
+    return result
+
+
+def _switch(reader: TableReader | None) -> SwitchPolicy:
+    if reader is None:
+        return SwitchPolicy()
+    d = SwitchPolicy()
+    result = SwitchPolicy(probation_seconds=reader.float("probation_seconds", d.probation_seconds, minimum=0),
+                          probation_failures=reader.int("probation_failures", d.probation_failures, minimum=1),
+                          alert_window_seconds=reader.float("alert_window_seconds", d.alert_window_seconds,
+                                                            minimum=0.1),
+                          backend_wait_seconds=reader.float("backend_wait_seconds", d.backend_wait_seconds,
+                                                            minimum=0))
     reader.finish()
     return result
 

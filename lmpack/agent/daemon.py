@@ -1,8 +1,10 @@
-"""`lmpack agent`: the loop that ties supervision, measurements and alerts together, and its HTTP endpoint.
+"""`lmpack agent`: the loop that ties supervision, switches, measurements and alerts together, and its endpoints.
 
-One thread runs the loop (the supervisor's tick every half second at most, measurements and alert
-rules every metrics interval); the endpoint serves the latest snapshot from another thread, so `lmpack status` answers
-even while a probe waits out its timeout. The endpoint is the standard library's HTTP server on
+One thread runs the loop (the servers' ticks every half second at most, every 50 ms during a switch;
+measurements and alert rules every metrics interval); the endpoint serves the latest snapshot from
+another thread, so `lmpack status` answers even while a probe waits out its timeout. Clients reach
+the server through the agent's proxy (proxy.py) on [server] port; POST /switch and /rollback on the
+agent's own port queue a version switch for the loop (switch.py) and wait for its result. The endpoint is the standard library's HTTP server on
 loopback: the agent must keep working when the server's own stack (starlette, uvicorn) is what broke.
 """
 
@@ -14,14 +16,16 @@ import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 from lmpack.agent.alerts import AlertEngine
 from lmpack.agent.config import AgentConfig
 from lmpack.agent.metrics import HostSampler, ServerScrape, gpu_sample, render_prometheus
 from lmpack.agent.notifiers import Dispatcher, make_notifier
-from lmpack.agent.supervisor import Supervisor, resolve_variant
-from lmpack.errors import AgentError
+from lmpack.agent.proxy import Proxy
+from lmpack.agent.supervisor import resolve_variant
+from lmpack.agent.switch import Releases
+from lmpack.errors import AgentError, LmpackError
 
 log = logging.getLogger("lmpack.agent")
 
@@ -43,8 +47,24 @@ class Snapshot:
             return self._status, self._values
 
 
-def _handler(snapshot: Snapshot) -> type[BaseHTTPRequestHandler]:
+ControlFn = Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]
+
+
+def _handler(snapshot: Snapshot, control: ControlFn) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(min(length, 65536)) or b"{}")
+                if not isinstance(body, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                self._send(400, json.dumps({"error": {"message": f"bad request body: {exc}"}}).encode(),
+                           "application/json")
+                return
+            code, document = control(self.path, body)
+            self._send(code, json.dumps(document, sort_keys=True, default=str).encode(), "application/json")
+
         def do_GET(self) -> None:
             status, values = snapshot.get()
             if self.path == "/status":
@@ -52,7 +72,8 @@ def _handler(snapshot: Snapshot) -> type[BaseHTTPRequestHandler]:
             elif self.path == "/metrics":
                 self._send(200, render_prometheus(values).encode(), "text/plain; version=0.0.4; charset=utf-8")
             else:
-                self._send(404, b'{"error": "not found: try /status or /metrics"}', "application/json")
+                self._send(404, b'{"error": "not found: try /status or /metrics (POST /switch, /rollback)"}',
+                           "application/json")
 
         def _send(self, code: int, body: bytes, media_type: str) -> None:
             self.send_response(code)
@@ -70,17 +91,38 @@ def _handler(snapshot: Snapshot) -> type[BaseHTTPRequestHandler]:
 class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
-        self.supervisor = Supervisor(config.server, config.supervision)
+        self.stopping = threading.Event()
+        self.wake = threading.Event()        # a signal or a queued switch: run the loop now
+        self.proxy = Proxy(config.server.host, config.server.port, wait_seconds=config.switch.backend_wait_seconds)
+        self.releases = Releases(config, self.proxy, wake=self.wake.set)
         self.host = HostSampler(config.disk_path)
-        self.scrape = ServerScrape(config.server_url, timeout=config.supervision.probe_timeout)
+        self.scrape = ServerScrape(self.releases.active.url, timeout=config.supervision.probe_timeout)
         self.alerts = AlertEngine(config.rules)
         self.snapshot = Snapshot()
-        self.stopping = threading.Event()
         self.started = time.monotonic()
+
+    def control(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """POST /switch {"name", "version", "prefix"?} or /rollback {"name", "prefix"?}: wait for the outcome."""
+        if path not in ("/switch", "/rollback"):
+            return 404, {"error": {"message": f"no such control endpoint: {path}"}}
+        try:
+            version = body.get("version") if path == "/switch" else None
+            if path == "/switch" and not isinstance(version, str):
+                return 400, {"error": {"message": "POST /switch needs a \"version\""}}
+            prefix = body.get("prefix")
+            future = self.releases.request(str(body.get("name")), version, None if prefix is None else str(prefix))
+            timeout = self.config.supervision.startup_timeout + self.config.server.drain_seconds + 60
+            return 200, future.result(timeout=timeout)
+        except LmpackError as exc:
+            return 409, {"error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint}}
+        except TimeoutError:
+            return 504, {"error": {"message": "the switch is still running; see lmpack status"}}
 
     def collect(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """One round of measurements: the flat values alert rules see, and the GPU block for /status."""
-        server = self.supervisor.status()
+        server = self.releases.active.status()
+        if self.scrape.url != f"{server['url']}/metrics":  # a switch: the new server's counters start fresh
+            self.scrape = ServerScrape(server["url"], timeout=self.config.supervision.probe_timeout)
         gpu = gpu_sample()
         values: dict[str, Any] = {**self.host.sample(server["pid"]),
                                   **(self.scrape.sample() if server["live"] else {}),
@@ -88,14 +130,15 @@ class Agent:
                                   "server_up": 1.0 if server["pid"] else 0.0, "server_live": float(server["live"]),
                                   "server_ready": float(server["ready"]),
                                   "server_restarts_total": float(server["restarts_total"]),
-                                  "server_restarts_15m": float(server["restarts_15m"])}
+                                  "server_restarts_15m": float(server["restarts_15m"]),
+                                  "switch_failures_recent": float(self.releases.failures_recent())}
         return values, gpu
 
     def publish(self, values: dict[str, Any], gpu: dict[str, Any]) -> None:
         status = {"agent": {"phase": "stopping" if self.stopping.is_set() else "running",
                             "uptime_seconds": round(time.monotonic() - self.started, 3),
                             "config": self.config.source},
-                  "server": self.supervisor.status(), "metrics": values,
+                  "server": self.releases.active.status(), "switch": self.releases.status(), "metrics": values,
                   "gpu": {k: v for k, v in gpu.items() if not k.startswith("gpu_")},
                   "alerts": self.alerts.snapshot()}
         self.snapshot.set(status, values)
@@ -105,17 +148,22 @@ class Agent:
         resolve_variant(self.config.server)  # a wrong path fails now, before anything starts
         http = self._bind()
         dispatcher = Dispatcher([make_notifier(spec) for spec in self.config.notifiers])
+
+        def on_signal(*_: Any) -> None:
+            self.stopping.set()
+            self.wake.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stopping.set())
+            signal.signal(sig, on_signal)
         self.publish({}, {})
         threading.Thread(target=http.serve_forever, name="lmpack-agent-http", daemon=True).start()
-        log.info("agent on http://%s:%d, supervising %s", self.config.host, http.server_address[1],
-                 self.supervisor.url)
+        log.info("agent on http://%s:%d, clients on http://%s:%d, supervising %s", self.config.host,
+                 http.server_address[1], self.config.server.host, self.proxy.port, self.releases.active.url)
         next_metrics = 0.0
         try:
             while not self.stopping.is_set():
                 tick = time.monotonic()
-                self.supervisor.tick()
+                self.releases.tick()
                 if tick >= next_metrics:
                     values, gpu = self.collect()
                     for event in self.alerts.evaluate(values):
@@ -124,12 +172,16 @@ class Agent:
                     next_metrics = tick + self.config.metrics_interval
                 else:
                     self.publish(*self.snapshot_values())
-                self.stopping.wait(max(0.0, tick + self.supervisor.wake_seconds - time.monotonic()))
+                self.wake.wait(max(0.0, tick + self.releases.wake_seconds - time.monotonic()))
+                self.wake.clear()
         finally:
             log.info("stopping: draining the server")
             self.publish(*self.snapshot_values())
-            code = self.supervisor.stop()
+            self.proxy.close_listener()
+            self.proxy.wait_idle(self.releases.active.url, self.config.server.drain_seconds)
+            code = self.releases.stop()
             log.info("the server stopped with status %s", code)
+            self.proxy.stop(timeout=1.0)
             dispatcher.close()
             http.shutdown()
             http.server_close()
@@ -140,12 +192,19 @@ class Agent:
         return values, status.get("gpu", {})
 
     def _bind(self) -> ThreadingHTTPServer:
+        """The agent's own port, then the clients' port (the proxy): either taken fails the start."""
         try:
-            server = ThreadingHTTPServer((self.config.host, self.config.port), _handler(self.snapshot))
+            server = ThreadingHTTPServer((self.config.host, self.config.port), _handler(self.snapshot, self.control))
         except OSError as exc:
             raise AgentError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}",
                              hint="another agent may be running; set [agent] port") from None
         server.daemon_threads = True
+        try:
+            self.proxy.start()
+        except OSError as exc:
+            server.server_close()
+            raise AgentError(f"cannot listen for clients on {self.config.server.host}:{self.config.server.port}: "
+                             f"{exc.strerror}", hint="another server or agent may hold it; set [server] port") from None
         return server
 
 

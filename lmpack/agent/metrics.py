@@ -26,6 +26,7 @@ METRICS: dict[str, str] = {
     "server_restarts_15m": "Restarts by the agent in the last 15 minutes",
     "server_cpu_percent": "Server process CPU use, percent of one core",
     "server_rss_bytes": "Server process resident memory",
+    "switch_failures_recent": "Failed version switches and automatic rollbacks within [switch] alert_window_seconds",
     "request_rate": "API requests per second over the last interval",
     "error_rate": "Fraction of API requests answered 5xx over the last interval",
     "rejected_rate": "429 answers per second over the last interval",

@@ -36,18 +36,28 @@ WAKE_SECONDS = 0.5  # how often the loop looks at the child: an exit or a start 
 def resolve_variant(spec: ServerSpec) -> tuple[Path, str | None]:
     """The variant directory to serve, and the release version when it comes from PREFIX/releases/NAME/current.
 
-    Resolved at every start, so a restart after `lmpack install` switched `current` serves the new release.
+    Resolved at every start, so a restart after `lmpack install` switched `current` serves the new release;
+    a spec pinned to a version by a switch (`spec.version`) serves that version whatever `current` says.
     """
     if spec.prefix is None:
         path = Path(spec.variant)
         if not path.is_dir():
             raise NotFoundError(f"variant directory {path} does not exist")
         return path, None
+    if spec.version is not None:
+        pinned = spec.prefix / "releases" / spec.release / spec.version
+        if not pinned.is_dir():
+            raise NotFoundError(f"{spec.release} {spec.version} is not installed under {spec.prefix}",
+                                hint=f"lmpack list --prefix {spec.prefix}")
+        return _one_variant(spec, pinned.resolve())
     current = spec.prefix / "releases" / spec.release / "current"
     if not current.is_dir():
         raise NotFoundError(f"{current}: release {spec.release!r} has no current version under {spec.prefix}",
                             hint=f"lmpack list --prefix {spec.prefix}")
-    release = current.resolve()
+    return _one_variant(spec, current.resolve())
+
+
+def _one_variant(spec: ServerSpec, release: Path) -> tuple[Path, str]:
     variants = release / "variants"
     if spec.variant is not None:
         path = variants / spec.variant
@@ -159,7 +169,10 @@ class Supervisor:
 
     def _check_start(self, now: float) -> None:
         result = probes.ready(self.url, timeout=self.policy.probe_timeout)
-        if result.ok:
+        if result.state == "failed":  # the warm-up failed: waiting out the startup timeout cannot help
+            self._kill()
+            self._failed_start(now, f"not ready: the warm-up failed ({result.error})")
+        elif result.ok:
             self.phase, self.live, self.ready, self.failed_starts, self.backoff_seconds = "running", True, True, 0, 0.0
             self.last_start_seconds = round(now - self.started_at, 3)
             log.info("the server is ready (pid %d) %.2f s after its start", self.process.pid, self.last_start_seconds)

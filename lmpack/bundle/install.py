@@ -255,6 +255,33 @@ def _install_locked(bundle: Bundle, prefix: Path, options: InstallOptions, *, st
     return result("installed")
 
 
+def is_installed(prefix: Path, name: str, version: str) -> bool:
+    """Whether NAME VERSION is a committed release under `prefix` (not the leftover of an interrupted install)."""
+    check_name(name, what="NAME")
+    parse_version(version, what="VERSION")
+    return _installed(Path(prefix) / RELEASES / name, version)
+
+
+def set_current(prefix: Path, name: str, version: str) -> str | None:
+    """Point `current` at an installed VERSION (the agent's version switch); returns the previous current.
+
+    The same commit as an install (`_switch`, under the prefix lock), but no re-hashing of the release's
+    files: the agent's switch gates on the new server's readiness (its warm-up generation) instead, and
+    `lmpack verify PREFIX/releases/NAME/VERSION` rechecks the files when wanted.
+    """
+    check_name(name, what="NAME")
+    parse_version(version, what="VERSION")
+    prefix = Path(prefix)
+    with _writable(prefix), _locked(prefix):
+        name_dir = prefix / RELEASES / name
+        if not _installed(name_dir, version):
+            raise NotFoundError(f"{name} {version} is not installed in {prefix}", hint=f"lmpack list --prefix {prefix}")
+        previous = current_version(name_dir)
+        if previous != version:
+            _switch(name_dir, version, previous)
+        return previous
+
+
 def _check_downgrade(manifest: Manifest, current: str | None, allow: bool) -> None:
     if current is None or allow:
         return

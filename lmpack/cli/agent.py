@@ -1,4 +1,5 @@
-"""`lmpack agent` and `lmpack status`: run the supervising daemon, and ask it how things are."""
+"""`lmpack agent`, `lmpack status`, `lmpack switch`, `lmpack rollback`: run the supervising daemon, ask it how
+things are, and move its traffic between installed versions without a failed request."""
 
 from __future__ import annotations
 
@@ -29,9 +30,67 @@ def agent_command(config_path: Path) -> None:
     sys.exit(api.run_agent(config_path))
 
 
+_agent_option = click.option("--agent", "agent_url", default=api.DEFAULT_AGENT_URL, show_default=True,
+                             help="The agent's address ([agent] host and port in its configuration).")
+_prefix_option = click.option("--prefix", type=click.Path(path_type=Path, file_okay=False), default=None,
+                              help="Install root; when given, it must be the one the agent serves from.")
+_timeout_option = click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+                               help="Seconds to wait for the agent's answer (the new server's start included).")
+
+
+@click.command("switch")
+@click.argument("name")
+@click.argument("version")
+@_prefix_option
+@_agent_option
+@_timeout_option
+@json_option
+@handle_errors
+def switch_command(name: str, version: str, prefix: Path | None, agent_url: str, timeout: float,
+                   as_json: bool) -> None:
+    """Move the running agent's traffic to installed release NAME VERSION without a failed request.
+
+    The agent starts VERSION beside the serving one, waits for it to be ready, points `current` and
+    then every new request at it, and drains the old server. A VERSION that does not get ready is not
+    switched to (exit 19); one that then crashes repeatedly during its probation is rolled back.
+
+    \b
+    Examples:
+      lmpack switch smollm2 1.1.0
+      lmpack switch smollm2 1.1.0 --prefix /opt/lmpack --agent http://127.0.0.1:9100 --json
+    """
+    _show(api.agent_switch(name, version, url=agent_url, prefix=prefix, timeout=timeout), as_json)
+
+
+@click.command("rollback")
+@click.argument("name")
+@_prefix_option
+@_agent_option
+@_timeout_option
+@json_option
+@handle_errors
+def rollback_command(name: str, prefix: Path | None, agent_url: str, timeout: float, as_json: bool) -> None:
+    """Switch NAME back to the previous healthy release, the same way as `lmpack switch`.
+
+    \b
+    Example:
+      lmpack rollback smollm2
+    """
+    _show(api.agent_switch(name, None, url=agent_url, prefix=prefix, timeout=timeout), as_json)
+
+
+def _show(result: dict, as_json: bool) -> None:
+    if as_json:
+        emit_json(result)
+    elif result["action"] == "unchanged":
+        click.echo(f"{result['name']} {result['version']} is already serving")
+    else:
+        click.echo(f"{result['action']} {result['name']} to {result['version']} (was {result['previous']}): "
+                   f"ready after {result['ready_seconds']:.2f} s, {result['seconds']:.2f} s in all")
+
+
 @click.command("status")
-@click.option("--agent", "agent_url", default=api.DEFAULT_AGENT_URL, show_default=True,
-              help="The agent's address ([agent] host and port in its configuration).")
+@_agent_option
 @json_option
 @handle_errors
 def status_command(agent_url: str, as_json: bool) -> None:
@@ -44,6 +103,16 @@ def status_command(agent_url: str, as_json: bool) -> None:
     click.echo(f"server   {server.get('phase')}  pid {server.get('pid')}  live {server.get('live')}  "
                f"ready {server.get('ready')}  {server.get('url')}")
     click.echo(f"variant  {server.get('variant')}" + (f"  (release {server['version']})" if server.get("version") else ""))
+    switch = status.get("switch") or {}
+    if switch.get("proxy"):
+        click.echo(f"clients  port {switch['proxy']['port']} -> {switch['proxy']['backend']}  "
+                   f"({switch.get('switches_total', 0)} switches, {switch.get('rollbacks_total', 0)} rollbacks)")
+    if switch.get("probation"):
+        probation = switch["probation"]
+        click.echo(f"probation {probation['version']}: {probation['seconds_left']:.0f} s left, "
+                   f"{probation['restarts']} restarts (rolls back to {probation['previous']})")
+    if switch.get("candidate"):
+        click.echo(f"switching to {switch['candidate'].get('version')}: {switch['candidate'].get('phase')}")
     click.echo(f"restarts {server.get('restarts_total')} total, {server.get('restarts_15m')} in 15 min"
                + (f"; last: {server['last_restart_reason']}" if server.get("last_restart_reason") else ""))
     for name in ("request_rate", "error_rate", "rejected_rate", "latency_p95_seconds", "queue_depth",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from lmpack import __version__
-from lmpack.cli.agent import agent_command, status_command
+from lmpack.cli.agent import agent_command, rollback_command, status_command, switch_command
 from lmpack.cli.build import build_command, pull_command
 from lmpack.cli.bundle import keygen_command, pack_command, sign_command, verify_command
 from lmpack.cli.catalog import profiles_group, targets_group
@@ -30,6 +30,7 @@ def cli(debug: bool) -> None:
       lmpack pack dist/smollm2-135m-instruct.q4-1-cpu-x86-int8 -o smollm2.lmpack --name smollm2 --version 1.0.0
       lmpack install smollm2.lmpack --prefix /opt/lmpack --public-key release.pub
       lmpack agent --config /etc/lmpack/agent.toml
+      lmpack switch smollm2 1.1.0
 
     Exit codes are listed in docs/cli.md.
     """
@@ -37,7 +38,7 @@ def cli(debug: bool) -> None:
 
 for command in (targets_group, profiles_group, pull_command, build_command, pack_command, verify_command,
                 keygen_command, sign_command, install_command, list_command, uninstall_command, serve_command,
-                generate_command, doctor_command, agent_command, status_command):
+                generate_command, doctor_command, agent_command, status_command, switch_command, rollback_command):
     cli.add_command(command)
 
 

@@ -39,13 +39,15 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, every: 
         time.sleep(every)
 
 
-def write_config(tmp: Path, variant: Path, *, server_port: int, agent_port: int, serve_args: list[str],
-                 extra: str = "", interval: float = 0.3, misses: int = 3) -> Path:
+def write_config(tmp: Path, variant: Path | None, *, server_port: int, agent_port: int, serve_args: list[str],
+                 extra: str = "", interval: float = 0.3, misses: int = 3, release: tuple[Path, str] | None = None) -> Path:
+    """agent.toml for a variant directory, or (release=(prefix, name)) for an installed release."""
     path = tmp / "agent.toml"
+    source = f'variant = "{variant}"' if release is None else f'prefix = "{release[0]}"\nrelease = "{release[1]}"'
     path.write_text(f"""schema_version = 1
 
 [server]
-variant = "{variant}"
+{source}
 port = {server_port}
 args = {json.dumps(["--threads", "1", *serve_args])}
 drain_seconds = 5
