@@ -25,6 +25,7 @@ class ServeSettings:
     port: int = 8000
     threads: int | None = None
     max_concurrency: int = 1
+    max_batch: int = 8          # sequences per batched decode step (runtime/batcher.py); 1 turns batching off
     queue: int = 8
     drain_seconds: int = 30
     api_key_file: Path | None = None
@@ -37,13 +38,13 @@ class ServeSettings:
 
 
 # field: (minimum, maximum) for the integers, shared by the file and the environment.
-_BOUNDS = {"port": (0, 65535), "threads": (1, 1024), "max_concurrency": (1, 1024), "queue": (0, 100_000),
-           "drain_seconds": (0, 86_400), "max_body_bytes": (1024, 1024 * MIB),
+_BOUNDS = {"port": (0, 65535), "threads": (1, 1024), "max_concurrency": (1, 1024), "max_batch": (1, 256),
+           "queue": (0, 100_000), "drain_seconds": (0, 86_400), "max_body_bytes": (1024, 1024 * MIB),
            "cache_max_entries": (1, 10_000_000), "cache_max_bytes": (1024, 64 * 1024 * MIB)}
 _PATHS = ("api_key_file", "tls_cert", "tls_key")
 # Settings that LMPACK_SERVE_<NAME> may set: the scalar ones a unit file or container might inject.
-ENV_FIELDS = ("host", "port", "threads", "max_concurrency", "queue", "drain_seconds", "api_key_file", "tls_cert",
-              "tls_key")
+ENV_FIELDS = ("host", "port", "threads", "max_concurrency", "max_batch", "queue", "drain_seconds", "api_key_file",
+              "tls_cert", "tls_key")
 
 
 def read_serve_file(path: Path) -> dict[str, Any]:
