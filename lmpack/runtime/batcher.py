@@ -6,12 +6,11 @@ than running one, while separate concurrent runs just split the cores. onnxrunti
 continuous batching on CPU, so lmpack does it here with the exported graph's own batch dimension.
 
 One worker thread owns the decoder session. Each step it (1) drops cancelled sequences, (2) prefills
-newcomers one by one (each its own pass, as the unbatched engine does, so their first token is the
-same), (3) runs one batched step for everyone still going (sessions.BatchKV: pasts left-padded to the
-longest, padding masked, each row at its own position; one run per group of rows whose lengths agree
-modulo EXACT_ALIGN, see below), and hands each row's logits to that sequence's engine.Decoding, which
-makes the same choices as the unbatched loop. A finished or
-cancelled sequence leaves the batch at once; a new one joins at the next step. Text goes back to the
+the newcomers whose prompt length suits the batch (each its own pass, as the unbatched engine does, so
+their first token is the same) and adds them as rows, (3) runs one batched step for every row
+(sessions.BatchKV: pasts left-padded to the longest, padding masked, each row at its own position) and
+hands each row's logits to that sequence's engine.Decoding, which makes the same choices as the
+unbatched loop. A finished or cancelled sequence leaves the batch at once. Text goes back to the
 request's own thread through a queue, so the server's streaming and cancellation code is unchanged.
 """
 
@@ -30,12 +29,14 @@ log = logging.getLogger("lmpack.batcher")
 
 _END = object()  # queued after a sequence's last text
 
-# Rows stepped together must have lengths equal modulo this, so every row's padding is a multiple of it.
-# Why: onnxruntime's CPU attention kernels (AVX2 here) work on keys in groups of 4, so padding by any
-# other amount shifts which keys share a group and changes the fp32 sums in the last bits. On an fp32
-# variant that never changed a token, but an int8 variant quantizes each layer's activations again, which
-# amplified it (logits off by up to 2 on SmolLM2 int8, a greedy answer in 8 diverging after ~10 tokens).
-# With equal residues a batched row is bit-for-bit its unbatched self; the price is up to 4 runs a step.
+# Rows stepped together have lengths equal modulo this, so every row's padding is a multiple of it.
+# Why: measured on onnxruntime's CPU kernels (AVX2), a row padded by a multiple of 4 gives bit-for-bit
+# its unbatched logits, other paddings differ in the last bits (the error repeats with period 4, as if
+# keys were summed in groups of 4). On an fp32 variant that never changed a token, but an int8 variant
+# quantizes each layer's activations again, which amplified it (logits off by up to 2 on SmolLM2 int8,
+# 1 greedy answer in 8 diverging after ~10 tokens). The price of exactness: a newcomer whose prompt
+# length does not suit the batch waits (at most 3 steps) until the batch's growing lengths come round to
+# it. The serve setting batch_align defaults to this; other CPUs' kernels may need another value.
 EXACT_ALIGN = 4
 
 
@@ -46,25 +47,12 @@ class _Sequence:
     decode_started: float = 0.0
 
 
-@dataclass(eq=False)
-class _Group:
-    """Sequences stepped together in one session run; their lengths agree modulo the batcher's `align`."""
-    seqs: list[_Sequence] = field(default_factory=list)
-    batch: BatchKV = field(default_factory=BatchKV)
-
-    def retain(self, keep: list[bool], align: int) -> None:
-        if not all(keep):
-            rows = [row for row, kept in enumerate(keep) if kept]
-            self.seqs = [self.seqs[row] for row in rows]
-            self.batch.keep(rows, align=align)
-
-
 class Batcher:
     """Runs every generation of one engine in shared batched steps, at most `max_batch` sequences at a time.
 
     `on_step(size)` is called with the batch size of every batched decode step (the server's
     lmpack_batch_size histogram). Sequences beyond `max_batch` wait, in arrival order, for a row.
-    Rows whose lengths differ modulo `align` run in separate groups, one session run each (EXACT_ALIGN).
+    A sequence joins only when its prompt length equals the batch's lengths modulo `align` (EXACT_ALIGN).
     """
 
     def __init__(self, engine, *, max_batch: int, align: int = 1, on_step: Callable[[int], None] | None = None):
@@ -113,34 +101,33 @@ class Batcher:
     # The worker ------------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        groups: list[_Group] = []
+        active: list[_Sequence] = []    # rows of `batch`, in order
+        waiting: list[_Sequence] = []   # taken from the queue, waiting for the batch's lengths to suit them
+        batch = BatchKV()
         while True:
             with self._wake:
-                while not self._stopped and not self._pending and not groups:
+                while not self._stopped and not self._pending and not active and not waiting:
                     self._wake.wait()
                 if self._stopped:
-                    for seq in [seq for group in groups for seq in group.seqs] + self._pending:
+                    for seq in active + waiting + self._pending:
                         self._end(seq, "cancelled")
                     self._pending.clear()
                     return
-                room = self.max_batch - sum(len(group.seqs) for group in groups)
-                newcomers, self._pending = self._pending[:room], self._pending[room:]
+                room = self.max_batch - len(active) - len(waiting)
+                waiting += self._pending[:room]
+                del self._pending[:room]
             try:
-                for group in groups:
-                    group.retain([not self._cancelled(seq) for seq in group.seqs], self.align)
-                groups = [group for group in groups if group.seqs]
-                for seq in newcomers:
-                    if not self._cancelled(seq):
-                        self._prefill(seq, groups)
-                for group in groups:
-                    self._decode(group)
-                groups = [group for group in groups if group.seqs]
+                self._retain(active, batch, [not self._cancelled(seq) for seq in active])
+                waiting = [seq for seq in waiting if not self._cancelled(seq)]
+                waiting = [seq for seq in waiting if not self._admit(seq, active, batch)]
+                if active:
+                    self._decode(active, batch)
             except Exception as exc:  # a failed run fails every sequence that was in it, not the worker
                 log.exception("batched step failed")
-                for seq in [seq for group in groups for seq in group.seqs] + newcomers:
+                for seq in active + waiting:
                     if seq.generation.finish_reason is None:
                         seq.out.put(exc)
-                groups = []
+                active, waiting, batch = [], [], BatchKV()
 
     def _cancelled(self, seq: _Sequence) -> bool:
         if seq.generation.cancel.is_set():
@@ -162,32 +149,35 @@ class Batcher:
             return False
         return True
 
-    def _prefill(self, seq: _Sequence, groups: list[_Group]) -> None:
-        """The prompt's own pass and first token; then the sequence joins the group its length fits."""
+    def _retain(self, active: list[_Sequence], batch: BatchKV, keep: list[bool]) -> None:
+        if not all(keep):
+            rows = [row for row, kept in enumerate(keep) if kept]
+            active[:] = [active[row] for row in rows]
+            batch.keep(rows, align=self.align)
+
+    def _admit(self, seq: _Sequence, active: list[_Sequence], batch: BatchKV) -> bool:
+        """Prefill `seq` and add it to the batch if its prompt length suits the batch's now (True: it is
+        no longer waiting). The batch's lengths grow by one a step, so no sequence waits `align` steps."""
         generation = seq.generation
+        if active and (len(generation.prompt_ids) - batch.lengths[0]) % self.align:
+            return False
         cache = KVCache()
         started = time.perf_counter()
         logits = self.engine.runner.step(generation.prompt_ids, cache)
         seq.decode_started = time.perf_counter()
         generation.prefill_seconds = seq.decode_started - started
-        if not self._emit(seq, generation.decoding.advance(logits, cache.length)):
-            return
-        residue = cache.length % self.align
-        group = next((g for g in groups if g.batch.lengths[0] % self.align == residue), None)
-        if group is None:
-            group = _Group()
-            groups.append(group)
-        group.seqs.append(seq)
-        group.batch.join(cache)
+        if self._emit(seq, generation.decoding.advance(logits, cache.length)):
+            active.append(seq)
+            batch.join(cache)
+        return True
 
-    def _decode(self, group: _Group) -> None:
-        """One batched step for a group; the sequences that finished leave it."""
-        self.on_step(len(group.seqs))
-        batch = group.batch
-        logits = self.engine.runner.step_batch([seq.generation.decoding.token for seq in group.seqs], batch)
+    def _decode(self, active: list[_Sequence], batch: BatchKV) -> None:
+        """One batched step for every row; the sequences that finished leave the batch."""
+        self.on_step(len(active))
+        logits = self.engine.runner.step_batch([seq.generation.decoding.token for seq in active], batch)
         now = time.perf_counter()
         going = []
-        for row, seq in enumerate(group.seqs):
+        for row, seq in enumerate(active):
             seq.generation.decode_seconds = now - seq.decode_started
             going.append(self._emit(seq, seq.generation.decoding.advance(logits[row], batch.lengths[row])))
-        group.retain(going, self.align)
+        self._retain(active, batch, going)

@@ -2,9 +2,9 @@
 
 Generations run in a pool of worker threads (one per concurrency slot), so the event loop keeps
 answering health checks, metrics and 429s while the CPU decodes; with batching on (max_batch > 1) each
-worker only relays what the one batcher thread (batcher.py) generates for its request. A streaming request's worker pushes
-text deltas to the loop; a client that goes away sets the generation's cancel event, which the token
-loop checks before every step.
+worker only relays what the one batcher thread (batcher.py) generates for its request. A streaming
+request's worker pushes text deltas to the loop; a client that goes away sets the generation's cancel
+event, which the token loop (or the batcher) checks before every step.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from lmpack.config.serve import ServeSettings
 from lmpack.errors import RequestError
 from lmpack.runtime.admission import Admission, Overloaded
 from lmpack.runtime.auth import bearer_ok
-from lmpack.runtime.batcher import EXACT_ALIGN, Batcher
+from lmpack.runtime.batcher import Batcher
 from lmpack.runtime.cache import CachedAnswer, ResponseCache, cache_key, cacheable, usage_counts
 from lmpack.runtime.engine import DecoderEngine, EncoderEngine, load_engine
 from lmpack.runtime.http import ObserveRequests, error_response, read_json
@@ -57,7 +57,7 @@ class ServerConfig:
     threads: int | None = _SETTINGS.threads    # onnxruntime intra-op threads; None: onnxruntime decides
     max_concurrency: int = _SETTINGS.max_concurrency
     max_batch: int = _SETTINGS.max_batch       # sequences per batched decode step; 1: no batcher
-    batch_align: int = EXACT_ALIGN             # batcher.py: 1 batches every row together, at the cost of exactness
+    batch_align: int = _SETTINGS.batch_align   # batcher.EXACT_ALIGN; 1 batches every row together, not exactly
     queue: int = _SETTINGS.queue               # requests waiting for a slot before 429
     api_keys: frozenset[str] = field(default_factory=frozenset)
     max_body_bytes: int = _SETTINGS.max_body_bytes
