@@ -3,8 +3,8 @@
     python bench/concurrency.py dist/VARIANT [--tokens 48] [--threads 2] [--clients 1 4 8] [--repeat 2]
 
 For each server setting (--max-batch 1: every generation alone in its own thread, sharing the cores;
-batched with the default --batch-align 4, answers identical to unbatched ones; batched with
---batch-align 1, every sequence in one step) it starts a real server on a loopback port, then for each
+batched with the default --batch-align 4: answers identical to unbatched ones, a newcomer may wait up
+to 3 steps to join; batched with --batch-align 1: joins at once, int8 answers may differ) it starts a real server on a loopback port, then for each
 client count sends that many greedy /v1/completions requests at once (distinct prompts, --tokens new
 tokens each) and divides the completion tokens by the wall time from the first send to the last
 answer, prompt processing included; the best of --repeat rounds is kept. It also reports the mean
