@@ -21,9 +21,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from lmpack.runtime.sessions import BatchKV, KVCache
+
+if TYPE_CHECKING:  # engine.py holds the batcher only as an attribute, so there is no import cycle at run time
+    from lmpack.runtime.engine import DecoderEngine, Generation
 
 log = logging.getLogger("lmpack.batcher")
 
@@ -42,7 +45,7 @@ EXACT_ALIGN = 4
 
 @dataclass(eq=False)
 class _Sequence:
-    generation: object                     # engine.Generation; its Decoding makes the token choices
+    generation: Generation                 # its Decoding makes the token choices
     out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
     decode_started: float = 0.0
 
@@ -55,7 +58,8 @@ class Batcher:
     A sequence joins only when its prompt length equals the batch's lengths modulo `align` (EXACT_ALIGN).
     """
 
-    def __init__(self, engine, *, max_batch: int, align: int = 1, on_step: Callable[[int], None] | None = None):
+    def __init__(self, engine: DecoderEngine, *, max_batch: int, align: int = 1,
+                 on_step: Callable[[int], None] | None = None):
         if max_batch < 1 or align < 1:
             raise ValueError("max_batch and align must be at least 1")
         self.engine = engine
@@ -68,7 +72,7 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name="lmpack-batcher", daemon=True)
         self._thread.start()
 
-    def run(self, generation) -> Iterator[str]:
+    def run(self, generation: Generation) -> Iterator[str]:
         """Text deltas of `generation` as the worker produces them; sets its finish_reason and timings."""
         seq = _Sequence(generation)
         with self._wake:
