@@ -154,19 +154,12 @@ class DecoderRunner:
 
     def step(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
         """Run `token_ids` after what `cache` holds; return the last position's logits and advance the cache."""
-        import onnxruntime as ort
-
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
-        feed = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in self._feed(ids, cache.length).items()}
-        for name in self.past_names:
-            past = cache.values.get(name)
-            feed[name] = past if past is not None else ort.OrtValue.ortvalue_from_numpy(self._empty_past(name))
-        outputs = self.session.run_with_ort_values(self.output_names, feed)
-        for name, value in zip(self.output_names, outputs):
-            if name.startswith(_PRESENT_PREFIX):
-                cache.values[_PAST_PREFIX + name[len(_PRESENT_PREFIX):]] = value
+        pasts = {name: cache.values[name] if name in cache.values else self._empty_past(name)
+                 for name in self.past_names}
+        logits, cache.values = self._run(self._feed(ids, cache.length), pasts)
         cache.length += ids.shape[1]
-        return outputs[self.output_index].numpy()[0, -1].astype(np.float32)
+        return logits[0, -1].astype(np.float32)
 
     def step_batch(self, tokens: Sequence[int], batch: BatchKV) -> np.ndarray:
         """One new token for each row of `batch` in one session run; return logits [rows, vocab], advance the batch.
@@ -174,8 +167,6 @@ class DecoderRunner:
         Each row gets its own position (its true length, not the padded width), so the rotary
         positions are those the row would have alone.
         """
-        import onnxruntime as ort
-
         rows = batch.size
         mask = np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
         feed = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(rows, 1)}
@@ -183,16 +174,23 @@ class DecoderRunner:
             feed["attention_mask"] = mask.astype(self._type("attention_mask"))
         if "position_ids" in self.inputs:
             feed["position_ids"] = np.asarray(batch.lengths, dtype=self._type("position_ids")).reshape(rows, 1)
-        feed = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feed.items()}
-        for name in self.past_names:
-            past = batch.values[name]
-            feed[name] = ort.OrtValue.ortvalue_from_numpy(past) if isinstance(past, np.ndarray) else past
-        outputs = self.session.run_with_ort_values(self.output_names, feed)
-        batch.values = {_PAST_PREFIX + name[len(_PRESENT_PREFIX):]: value
-                        for name, value in zip(self.output_names, outputs) if name.startswith(_PRESENT_PREFIX)}
+        logits, batch.values = self._run(feed, batch.values)
         batch.mask = mask
         batch.lengths = [length + 1 for length in batch.lengths]
-        return outputs[self.output_index].numpy()[:, -1].astype(np.float32)
+        return logits[:, -1].astype(np.float32)
+
+    def _run(self, feed: dict[str, np.ndarray], pasts: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """One session run with OrtValues in and out; (logits, the presents renamed as the next step's pasts)."""
+        import onnxruntime as ort
+
+        values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feed.items()}
+        for name in self.past_names:
+            past = pasts[name]
+            values[name] = ort.OrtValue.ortvalue_from_numpy(past) if isinstance(past, np.ndarray) else past
+        outputs = self.session.run_with_ort_values(self.output_names, values)
+        presents = {_PAST_PREFIX + name[len(_PRESENT_PREFIX):]: value
+                    for name, value in zip(self.output_names, outputs) if name.startswith(_PRESENT_PREFIX)}
+        return outputs[self.output_index].numpy(), presents
 
 
 class EncoderRunner:
