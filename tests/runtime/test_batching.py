@@ -100,20 +100,24 @@ def _together(jobs):
 def test_concurrent_clients_share_batches_and_get_the_unbatched_answers(batch_server, engine, llama_variant):
     # different max_tokens and stop sequences per request, all in one batch; prompt lengths 6, 10, 4 and
     # 19 tokens, so all but one wait a step or more for the batch's lengths to suit them (EXACT_ALIGN)
-    requests = [{"prompt": PROMPTS[0], "max_tokens": 200}, {"prompt": PROMPTS[1], "max_tokens": 120},
-                {"prompt": PROMPTS[2], "max_tokens": 30}, {"prompt": PROMPTS[3], "max_tokens": 200}]
+    # (and one sampled with a seed: its own generator, whatever else shares the step)
+    requests = [{"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0},
+                {"prompt": PROMPTS[1], "max_tokens": 120, "temperature": 0},
+                {"prompt": PROMPTS[2], "max_tokens": 30, "temperature": 0.8, "seed": 7},
+                {"prompt": PROMPTS[3], "max_tokens": 200, "temperature": 0}]
     free = engine.generate(engine.encode_prompt(PROMPTS[3]), SamplingParams(max_tokens=200, temperature=0))
     free_text = free.result().text
     requests[3]["stop"] = [free_text[60:64]]  # a stop sequence the answer is sure to meet
     expected = [engine.generate(engine.encode_prompt(r["prompt"]), SamplingParams(
-        max_tokens=r["max_tokens"], temperature=0, stop=tuple(r.get("stop", ())))).result() for r in requests]
+        max_tokens=r["max_tokens"], temperature=r["temperature"], seed=r.get("seed"),
+        stop=tuple(r.get("stop", ())))).result() for r in requests]
     assert expected[3].finish_reason == "stop" and len(expected[3].text) < len(free_text)
 
     batched_steps = 0
     with batch_server.client() as client:
         for _ in range(3):  # a request joins at the step it arrives in: rounds until some step held several
             before = client.get("/metrics").text
-            answers = _together([lambda r=r: client.post("/v1/completions", json={**r, "temperature": 0}).json()
+            answers = _together([lambda r=r: client.post("/v1/completions", json=r).json()
                                  for r in requests])
             metrics = client.get("/metrics").text
             for answer, want in zip(answers, expected):
