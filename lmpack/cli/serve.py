@@ -27,8 +27,9 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
 @click.option("--max-batch", type=click.IntRange(1, 256), default=None,
               help="Most sequences one decode step runs together; 1 runs each generation alone [default: 8].")
 @click.option("--batch-align", type=click.IntRange(1, 64), default=None,
-              help="Sequences share a step only if their lengths agree modulo this, which keeps answers identical "
-                   "to unbatched ones; 1 batches all, faster, but int8 answers may then differ [default: 4].")
+              help="A sequence joins the batch when its length agrees with the batch's modulo this, which keeps "
+                   "answers identical to unbatched ones; 1 joins at once, but int8 answers may then differ "
+                   "[default: 4].")
 @click.option("--queue", type=click.IntRange(min=0), default=None,
               help="Requests waiting for a slot; beyond that the server answers 429 [default: 8].")
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
