@@ -23,7 +23,13 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="[default: 8000]")
 @_threads
 @click.option("--max-concurrency", type=click.IntRange(min=1), default=None,
-              help="Generations running at once [default: 1].")
+              help="Generations running at once (with batching: sequences in the batch) [default: 1].")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=None,
+              help="Most sequences one decode step runs together; 1 runs each generation alone [default: 8].")
+@click.option("--batch-align", type=click.IntRange(1, 64), default=None,
+              help="A sequence joins the batch when its length agrees with the batch's modulo this, which keeps "
+                   "answers identical to unbatched ones; 1 joins at once, but int8 answers may then differ "
+                   "[default: 4].")
 @click.option("--queue", type=click.IntRange(min=0), default=None,
               help="Requests waiting for a slot; beyond that the server answers 429 [default: 8].")
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
@@ -35,8 +41,8 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
 @click.option("--cache/--no-cache", default=None,
               help="Replay answers to repeated deterministic requests (greedy or seeded) [default: off].")
 @handle_errors
-def serve_command(path, config_file, host, port, threads, max_concurrency, queue, api_key_file, drain_seconds,
-                  tls_cert, tls_key, cache) -> None:
+def serve_command(path, config_file, host, port, threads, max_concurrency, max_batch, batch_align, queue,
+                  api_key_file, drain_seconds, tls_cert, tls_key, cache) -> None:
     """Answer an OpenAI-compatible HTTP API for the variant at PATH that suits this host.
 
     PATH is a variant directory, an unpacked bundle, or an installed release (PREFIX/releases/NAME,
@@ -47,13 +53,13 @@ def serve_command(path, config_file, host, port, threads, max_concurrency, queue
       lmpack serve dist/smollm2-135m-instruct.q4-1-cpu-x86-int8
       lmpack serve /opt/lmpack/releases/smollm2 --config /etc/lmpack/serve.toml
       lmpack serve dist/MODEL --tls-cert server.crt --tls-key server.key --cache
-      LMPACK_API_KEYS=... lmpack serve dist/MODEL --threads 2 --max-concurrency 2 --queue 16
+      LMPACK_API_KEYS=... lmpack serve dist/MODEL --threads 2 --max-concurrency 8 --queue 16
 
     See docs/serving.md for the endpoints, settings, limits and errors.
     """
     api.serve(path, config_file=config_file, host=host, port=port, threads=threads, max_concurrency=max_concurrency,
-              queue=queue, api_key_file=api_key_file, drain_seconds=drain_seconds, tls_cert=tls_cert,
-              tls_key=tls_key, cache=cache)
+              max_batch=max_batch, batch_align=batch_align, queue=queue, api_key_file=api_key_file,
+              drain_seconds=drain_seconds, tls_cert=tls_cert, tls_key=tls_key, cache=cache)
 
 
 @click.command("generate")

@@ -25,6 +25,8 @@ class ServeSettings:
     port: int = 8000
     threads: int | None = None
     max_concurrency: int = 1
+    max_batch: int = 8          # sequences per batched decode step (runtime/batcher.py); 1 turns batching off
+    batch_align: int = 4        # rows batch together when their lengths agree modulo this; 4 keeps answers exact
     queue: int = 8
     drain_seconds: int = 30
     api_key_file: Path | None = None
@@ -37,13 +39,14 @@ class ServeSettings:
 
 
 # field: (minimum, maximum) for the integers, shared by the file and the environment.
-_BOUNDS = {"port": (0, 65535), "threads": (1, 1024), "max_concurrency": (1, 1024), "queue": (0, 100_000),
-           "drain_seconds": (0, 86_400), "max_body_bytes": (1024, 1024 * MIB),
+_BOUNDS = {"port": (0, 65535), "threads": (1, 1024), "max_concurrency": (1, 1024), "max_batch": (1, 256),
+           "batch_align": (1, 64), "queue": (0, 100_000), "drain_seconds": (0, 86_400),
+           "max_body_bytes": (1024, 1024 * MIB),
            "cache_max_entries": (1, 10_000_000), "cache_max_bytes": (1024, 64 * 1024 * MIB)}
 _PATHS = ("api_key_file", "tls_cert", "tls_key")
 # Settings that LMPACK_SERVE_<NAME> may set: the scalar ones a unit file or container might inject.
-ENV_FIELDS = ("host", "port", "threads", "max_concurrency", "queue", "drain_seconds", "api_key_file", "tls_cert",
-              "tls_key")
+ENV_FIELDS = ("host", "port", "threads", "max_concurrency", "max_batch", "batch_align", "queue", "drain_seconds",
+              "api_key_file", "tls_cert", "tls_key")
 
 
 def read_serve_file(path: Path) -> dict[str, Any]:

@@ -43,8 +43,58 @@ class Completion:
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
 
 
+class Decoding:
+    """One sequence's choices between two model steps: sample a token, check EOS, stop sequences and limits,
+    turn it into text.
+
+    Kept apart from any model call so the unbatched loop below and the batching scheduler
+    (batcher.py) make exactly the same decisions from the same logits: the only thing batching
+    changes is how the logits are computed.
+    """
+
+    def __init__(self, engine: "DecoderEngine", prompt_ids: list[int], params: SamplingParams):
+        self.sampler = Sampler(params, prompt_ids)
+        self.decoder = IncrementalDecoder(engine.tokenizer, prompt_ids)
+        self.stops = StopMatcher(params.stop)
+        self.eos_token_ids = engine.eos_token_ids
+        self.context_length = engine.context_length
+        self.max_tokens = params.max_tokens
+        self.token: int | None = None           # the token to feed next, while not finished
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+
+    def advance(self, logits: np.ndarray, cache_length: int) -> str:
+        """Choose the next token from `logits` (the cache then holds `cache_length` positions); return new text.
+
+        Sets `finish_reason` once the sequence is done (and then returns the held-back tail too);
+        otherwise `token` is what the next model step must be fed.
+        """
+        token = self.sampler(logits)
+        if token in self.eos_token_ids:
+            return self._finish("stop")
+        self.sampler.accept(token)
+        self.completion_tokens += 1
+        text = self.stops.push(self.decoder.push(token))
+        if self.stops.stopped:
+            return text + self._finish("stop")
+        if self.completion_tokens >= self.max_tokens or cache_length + 1 >= self.context_length:
+            return text + self._finish("length")
+        self.token = token
+        return text
+
+    def _finish(self, reason: str) -> str:
+        tail = self.stops.push(self.decoder.flush()) + self.stops.flush()
+        self.finish_reason = "stop" if self.stops.stopped else reason
+        self.token = None
+        return tail
+
+
 class Generation:
-    """One request's token loop; iterate for text deltas, then read finish_reason and the token counts."""
+    """One request's token loop; iterate for text deltas, then read finish_reason and the token counts.
+
+    When the engine has a batcher (the server's), iterating hands the sequence to it and relays the
+    text it produces; otherwise the loop runs here, alone, on the calling thread.
+    """
 
     def __init__(self, engine: "DecoderEngine", prompt_ids: list[int], params: SamplingParams,
                  cancel: threading.Event | None = None):
@@ -52,8 +102,8 @@ class Generation:
         self.prompt_ids = prompt_ids
         self.params = params
         self.cancel = cancel or threading.Event()
+        self.decoding = Decoding(engine, prompt_ids, params)
         self.finish_reason: str | None = None
-        self.completion_tokens = 0
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
 
@@ -61,46 +111,35 @@ class Generation:
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def completion_tokens(self) -> int:
+        return self.decoding.completion_tokens
+
     def __iter__(self) -> Iterator[str]:
-        engine, params = self.engine, self.params
-        sampler = Sampler(params, self.prompt_ids)
-        decoder = IncrementalDecoder(engine.tokenizer, self.prompt_ids)
-        stops = StopMatcher(params.stop)
+        if self.engine.batcher is not None:
+            yield from self.engine.batcher.run(self)
+            return
+        decoding, runner = self.decoding, self.engine.runner
         cache = KVCache()
         if self.cancel.is_set():  # cancelled while it waited for a worker
             self.finish_reason = "cancelled"
             return
         started = time.perf_counter()
-        logits = engine.runner.step(self.prompt_ids, cache)
+        logits = runner.step(self.prompt_ids, cache)
         self.prefill_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        reason = "length"
         while True:
             if self.cancel.is_set():
                 self.finish_reason = "cancelled"
                 return
-            token = sampler(logits)
-            if token in engine.eos_token_ids:
-                reason = "stop"
-                break
-            sampler.accept(token)
-            self.completion_tokens += 1
-            text = stops.push(decoder.push(token))
+            text = decoding.advance(logits, cache.length)
             if text:
                 yield text
-            if stops.stopped:
-                reason = "stop"
+            if decoding.finish_reason is not None:
                 break
-            if self.completion_tokens >= params.max_tokens or cache.length + 1 >= engine.context_length:
-                break
-            logits = engine.runner.step([token], cache)
+            logits = runner.step([decoding.token], cache)
             self.decode_seconds = time.perf_counter() - started
-        tail = stops.push(decoder.flush()) + stops.flush()
-        if stops.stopped:
-            reason = "stop"
-        if tail:
-            yield tail
-        self.finish_reason = reason
+        self.finish_reason = decoding.finish_reason
 
     def result(self, on_text: Callable[[str], None] | None = None) -> Completion:
         """Run to the end and return the whole text with the counts; `on_text` sees each delta as it comes."""
@@ -123,6 +162,7 @@ class DecoderEngine:
         if variant.task != TEXT_GENERATION:
             raise RequestError(f"{variant.name} is an embedding model (task {variant.task}); it cannot generate text")
         self.variant = variant
+        self.batcher: Any = None   # a batcher.Batcher once a server starts one; None: each generation runs alone
         self.runner = DecoderRunner(variant.onnx_path, threads=threads, providers=variant.providers)
         self.tokenizer = variant.tokenizer()
         eos = set(variant.eos_token_ids)

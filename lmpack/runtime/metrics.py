@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
 
 class Metrics:
@@ -33,6 +34,8 @@ class Metrics:
                                           buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = prom.Counter("lmpack_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = prom.Counter("lmpack_generated_tokens", "Completion tokens generated", registry=r)
+        self.batch_sizes = prom.Histogram("lmpack_batch_size", "Sequences in each batched decode step",
+                                          buckets=_BATCH_BUCKETS, registry=r)
         self.rejected = prom.Counter("lmpack_rejected_requests", "Requests refused for overload (429)", registry=r)
         prom.Gauge("lmpack_active_generations", "Generations running now", registry=r).set_function(active)
         prom.Gauge("lmpack_queued_requests", "Requests waiting for a generation slot", registry=r).set_function(
@@ -64,6 +67,10 @@ class Metrics:
     def time_to_first_token(self, seconds: float) -> None:
         if self.enabled:
             self.first_token.observe(seconds)
+
+    def batch_step(self, size: int) -> None:
+        if self.enabled:
+            self.batch_sizes.observe(size)
 
     def overloaded(self) -> None:
         if self.enabled:

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP server: routes, readiness, admission, and running generations off the event loop.
 
 Generations run in a pool of worker threads (one per concurrency slot), so the event loop keeps
-answering health checks, metrics and 429s while the CPU decodes. A streaming request's worker pushes
-text deltas to the loop; a client that goes away sets the generation's cancel event, which the token
-loop checks before every step.
+answering health checks, metrics and 429s while the CPU decodes; with batching on (max_batch > 1) each
+worker only relays what the one batcher thread (batcher.py) generates for its request. A streaming
+request's worker pushes text deltas to the loop; a client that goes away sets the generation's cancel
+event, which the token loop (or the batcher) checks before every step.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ from lmpack.config.serve import ServeSettings
 from lmpack.errors import RequestError
 from lmpack.runtime.admission import Admission, Overloaded
 from lmpack.runtime.auth import bearer_ok
+from lmpack.runtime.batcher import Batcher
 from lmpack.runtime.cache import CachedAnswer, ResponseCache, cache_key, cacheable, usage_counts
-from lmpack.runtime.engine import DecoderEngine, EncoderEngine, Generation, load_engine
-from lmpack.runtime.http import GuardedStream, ObserveRequests, error_response, read_json
+from lmpack.runtime.engine import DecoderEngine, EncoderEngine, load_engine
+from lmpack.runtime.http import ObserveRequests, error_response, read_json
 from lmpack.runtime.metrics import Metrics
 from lmpack.runtime.protocol import (ApiError, check_model, completion_body, embeddings_body, new_id, parse_embeddings,
                                      parse_generation, usage, with_max_tokens)
 from lmpack.runtime.sampling import SamplingParams
-from lmpack.runtime.streaming import cached_response, queue_items, sse_events
+from lmpack.runtime.streaming import cached_response, live_stream, run_in_worker
 from lmpack.runtime.variant import load_variant
 
 log = logging.getLogger("lmpack.serve")
@@ -54,6 +56,8 @@ class ServerConfig:
     port: int = _SETTINGS.port
     threads: int | None = _SETTINGS.threads    # onnxruntime intra-op threads; None: onnxruntime decides
     max_concurrency: int = _SETTINGS.max_concurrency
+    max_batch: int = _SETTINGS.max_batch       # sequences per batched decode step; 1: no batcher
+    batch_align: int = _SETTINGS.batch_align   # batcher.EXACT_ALIGN; 1 batches every row together, not exactly
     queue: int = _SETTINGS.queue               # requests waiting for a slot before 429
     api_keys: frozenset[str] = field(default_factory=frozenset)
     max_body_bytes: int = _SETTINGS.max_body_bytes
@@ -82,6 +86,13 @@ class ServerState:
                               if config.cache else None)
         self.metrics = Metrics(queue_depth=lambda: self.admission.waiting, active=lambda: self.admission.active,
                                cache=cache)
+        self.batcher = None
+        # at most max_concurrency sequences are admitted, so a wider batch would never fill; a batch of one
+        # gains nothing, so then each generation runs alone in its worker thread, as without batching
+        width = min(config.max_batch, config.max_concurrency)
+        if isinstance(engine, DecoderEngine) and width > 1:
+            self.batcher = engine.batcher = Batcher(engine, max_batch=width, align=config.batch_align,
+                                                    on_step=self.metrics.batch_step)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=config.max_concurrency + 1,
                                                               thread_name_prefix="lmpack-generate")
         self.status = "starting"   # starting -> ready | failed; draining once shutdown begins
@@ -212,8 +223,8 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     generation = engine.generate(ids, params, cancel=cancel, prompt_param=prompt_param)
     slot = await state.admit()
     if req.stream:
-        return _stream(state, generation, cancel, slot, chat=chat, include_usage=req.include_usage, key=key)
-    job = _run_in_worker(state, slot, generation.result)
+        return live_stream(state, generation, cancel, slot, chat=chat, include_usage=req.include_usage, key=key)
+    job = run_in_worker(state, slot, generation.result)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
     try:
         result = await asyncio.wrap_future(job)
@@ -229,17 +240,6 @@ async def _generate(request: Request, *, chat: bool) -> Response:
                                         usage=usage(result.prompt_tokens, result.completion_tokens)))
 
 
-def _run_in_worker(state: ServerState, slot, fn, *args) -> concurrent.futures.Future:
-    """Run `fn` in the worker pool; the slot frees when the thread is done, not when the client leaves."""
-    try:
-        job = state.executor.submit(fn, *args)
-    except BaseException:
-        slot.release()
-        raise
-    job.add_done_callback(lambda _: slot.release())
-    return job
-
-
 async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
     """Wait for the client to hang up (the body is already read, so the next message is the disconnect)."""
     while True:
@@ -247,39 +247,6 @@ async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> No
         if message["type"] == "http.disconnect":
             cancel.set()
             return
-
-
-def _stream(state: ServerState, generation: Generation, cancel: threading.Event, slot, *, chat: bool,
-            include_usage: bool, key: str | None) -> Response:
-    started, loop, queue = time.perf_counter(), asyncio.get_running_loop(), asyncio.Queue()
-
-    def push(item) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone: nobody to tell
-            pass
-
-    def work() -> None:
-        pieces: list[str] = []
-        try:
-            for delta in generation:
-                pieces.append(delta)
-                push(("text", delta))
-            push(("end", (generation.finish_reason, *usage_counts(generation))))
-            if key is not None:  # put() refuses a cancelled generation: it is not the whole answer
-                state.cache.put(key, CachedAnswer(tuple(pieces), generation.finish_reason or "",
-                                                  *usage_counts(generation)))
-        except Exception as exc:  # an engine failure mid-stream: the client gets an error event
-            log.exception("generation failed")
-            push(("error", exc))
-        finally:  # counted here so cancelled streams count what they did generate
-            state.metrics.tokens(generation.prompt_tokens, generation.completion_tokens)
-
-    _run_in_worker(state, slot, work)
-    events = sse_events(queue_items(queue), ident=new_id("chatcmpl" if chat else "cmpl"), model=state.model_id,
-                        chat=chat, include_usage=include_usage,
-                        on_first_text=lambda: state.metrics.time_to_first_token(time.perf_counter() - started))
-    return GuardedStream(events, on_close=cancel.set)
 
 
 async def embeddings(request: Request) -> Response:
@@ -294,7 +261,7 @@ async def embeddings(request: Request) -> Response:
     check_model(body, state.model_id)
     req = parse_embeddings(body)
     slot = await state.admit()
-    result = await asyncio.wrap_future(_run_in_worker(state, slot, engine.embed, req.inputs))
+    result = await asyncio.wrap_future(run_in_worker(state, slot, engine.embed, req.inputs))
     state.metrics.tokens(result.prompt_tokens, 0)
     return JSONResponse(embeddings_body(model=state.model_id, vectors=result.vectors,
                                        encoding_format=req.encoding_format, prompt_tokens=result.prompt_tokens))
@@ -344,6 +311,9 @@ def create_app(engine: DecoderEngine | EncoderEngine, config: ServerConfig = Ser
         if task is not None:
             task.cancel()
         state.executor.shutdown(wait=False, cancel_futures=True)
+        if state.batcher is not None:
+            state.batcher.stop()
+            engine.batcher = None
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
                     middleware=[Middleware(ObserveRequests, routes={r.path for r in ROUTES},

@@ -47,6 +47,70 @@ class KVCache:
     values: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class BatchKV:
+    """The past of several sequences stacked for one batched step: [batch, kv_heads, width, head_dim].
+
+    Rows are left-padded to the longest sequence: row i's real positions are its last `lengths[i]`
+    columns, and `mask` (1 there, 0 on the padding) becomes the attention mask, so padding is never
+    attended to. Left padding keeps each row's real past one contiguous slice, and the next token
+    of every row lands in the same new column. While the rows do not change, each step's presents
+    are the next step's pasts as they are (OrtValues, no copy); only a row joining or leaving
+    re-packs the arrays.
+    """
+
+    lengths: list[int] = field(default_factory=list)
+    mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+    values: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {name: value if isinstance(value, np.ndarray) else value.numpy() for name, value in self.values.items()}
+
+    def join(self, cache: KVCache) -> None:
+        """Add one prefilled sequence as the last row; the narrower side is left-padded with masked zeros."""
+        new = {name: value.numpy() for name, value in cache.values.items()}
+        if not self.lengths:
+            self.values, self.mask = new, np.ones((1, cache.length), dtype=np.int64)
+            self.lengths = [cache.length]
+            return
+        width = max(self.width, cache.length)
+        old = self._arrays()
+        self.values = {name: np.concatenate([_left_pad(old[name], width), _left_pad(new[name], width)])
+                       for name in new}
+        self.mask = np.concatenate([_left_pad(self.mask, width, axis=1),
+                                    _left_pad(np.ones((1, cache.length), dtype=np.int64), width, axis=1)])
+        self.lengths.append(cache.length)
+
+    def keep(self, rows: list[int], *, align: int = 1) -> None:
+        """Keep only `rows` (in that order), and drop the padding columns no remaining row needs (a multiple
+        of `align` of them, so each row's padding stays what the batcher made it modulo `align`)."""
+        if not rows:
+            self.lengths, self.values, self.mask = [], {}, np.zeros((0, 0), dtype=np.int64)
+            return
+        self.lengths = [self.lengths[i] for i in rows]
+        start = self.width - max(self.lengths)
+        start -= start % align
+        self.values = {name: np.ascontiguousarray(value[rows, :, start:]) for name, value in self._arrays().items()}
+        self.mask = self.mask[rows, start:]
+
+
+def _left_pad(array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
+    missing = width - array.shape[axis]
+    if missing == 0:
+        return array
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (missing, 0)
+    return np.pad(array, pad)
+
+
 class DecoderRunner:
     """A decoder exported with past/present KV-cache inputs and outputs (optimum's text-generation-with-past).
 
@@ -90,19 +154,43 @@ class DecoderRunner:
 
     def step(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
         """Run `token_ids` after what `cache` holds; return the last position's logits and advance the cache."""
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
+        pasts = {name: cache.values[name] if name in cache.values else self._empty_past(name)
+                 for name in self.past_names}
+        logits, cache.values = self._run(self._feed(ids, cache.length), pasts)
+        cache.length += ids.shape[1]
+        return logits[0, -1].astype(np.float32)
+
+    def step_batch(self, tokens: Sequence[int], batch: BatchKV) -> np.ndarray:
+        """One new token for each row of `batch` in one session run; return logits [rows, vocab], advance the batch.
+
+        Each row gets its own position (its true length, not the padded width), so the rotary
+        positions are those the row would have alone.
+        """
+        rows = batch.size
+        mask = np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
+        feed = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(rows, 1)}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = mask.astype(self._type("attention_mask"))
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.asarray(batch.lengths, dtype=self._type("position_ids")).reshape(rows, 1)
+        logits, batch.values = self._run(feed, batch.values)
+        batch.mask = mask
+        batch.lengths = [length + 1 for length in batch.lengths]
+        return logits[:, -1].astype(np.float32)
+
+    def _run(self, feed: dict[str, np.ndarray], pasts: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """One session run with OrtValues in and out; (logits, the presents renamed as the next step's pasts)."""
         import onnxruntime as ort
 
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
-        feed = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in self._feed(ids, cache.length).items()}
+        values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feed.items()}
         for name in self.past_names:
-            past = cache.values.get(name)
-            feed[name] = past if past is not None else ort.OrtValue.ortvalue_from_numpy(self._empty_past(name))
-        outputs = self.session.run_with_ort_values(self.output_names, feed)
-        for name, value in zip(self.output_names, outputs):
-            if name.startswith(_PRESENT_PREFIX):
-                cache.values[_PAST_PREFIX + name[len(_PRESENT_PREFIX):]] = value
-        cache.length += ids.shape[1]
-        return outputs[self.output_index].numpy()[0, -1].astype(np.float32)
+            past = pasts[name]
+            values[name] = ort.OrtValue.ortvalue_from_numpy(past) if isinstance(past, np.ndarray) else past
+        outputs = self.session.run_with_ort_values(self.output_names, values)
+        presents = {_PAST_PREFIX + name[len(_PRESENT_PREFIX):]: value
+                    for name, value in zip(self.output_names, outputs) if name.startswith(_PRESENT_PREFIX)}
+        return outputs[self.output_index].numpy(), presents
 
 
 class EncoderRunner:

@@ -1,19 +1,26 @@
 """Streamed completions (server-sent events) and cached answers, shared by live generations and replays.
 
 One writer for the event sequence (role chunk, text chunks, finish chunk, optional usage chunk, [DONE]),
-so a replayed answer is framed exactly like the generation it was recorded from.
+so a replayed answer is framed exactly like the generation it was recorded from. Also the worker-pool
+plumbing a live stream needs (`state` is the server's ServerState: executor, cache, metrics, model id).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
 from typing import Any, AsyncIterator, Callable
 
 from starlette.responses import JSONResponse, Response
 
-from lmpack.runtime.cache import CachedAnswer
+from lmpack.runtime.cache import CachedAnswer, usage_counts
 from lmpack.runtime.http import GuardedStream, sse
 from lmpack.runtime.protocol import ApiError, chunk_body, completion_body, new_id, usage
+
+log = logging.getLogger("lmpack.serve")
 
 # Items a source yields: ("text", delta), ("error", exception), ("end", (finish_reason, prompt, completion)).
 Item = tuple[str, Any]
@@ -68,3 +75,48 @@ def cached_response(answer: CachedAnswer, *, model: str, chat: bool, stream: boo
     return JSONResponse(completion_body(id=ident, model=model, chat=chat, text=answer.text,
                                         finish_reason=answer.finish_reason,
                                         usage=usage(answer.prompt_tokens, answer.completion_tokens)))
+
+
+def run_in_worker(state, slot, fn, *args) -> concurrent.futures.Future:
+    """Run `fn` in the worker pool; the slot frees when the thread is done, not when the client leaves."""
+    try:
+        job = state.executor.submit(fn, *args)
+    except BaseException:
+        slot.release()
+        raise
+    job.add_done_callback(lambda _: slot.release())
+    return job
+
+
+def live_stream(state, generation, cancel: threading.Event, slot, *, chat: bool, include_usage: bool,
+                key: str | None) -> Response:
+    """A generation streamed as it runs: a worker pushes its deltas onto the loop; a client that leaves cancels it."""
+    started, loop, queue = time.perf_counter(), asyncio.get_running_loop(), asyncio.Queue()
+
+    def push(item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone: nobody to tell
+            pass
+
+    def work() -> None:
+        pieces: list[str] = []
+        try:
+            for delta in generation:
+                pieces.append(delta)
+                push(("text", delta))
+            push(("end", (generation.finish_reason, *usage_counts(generation))))
+            if key is not None:  # put() refuses a cancelled generation: it is not the whole answer
+                state.cache.put(key, CachedAnswer(tuple(pieces), generation.finish_reason or "",
+                                                  *usage_counts(generation)))
+        except Exception as exc:  # an engine failure mid-stream: the client gets an error event
+            log.exception("generation failed")
+            push(("error", exc))
+        finally:  # counted here so cancelled streams count what they did generate
+            state.metrics.tokens(generation.prompt_tokens, generation.completion_tokens)
+
+    run_in_worker(state, slot, work)
+    events = sse_events(queue_items(queue), ident=new_id("chatcmpl" if chat else "cmpl"), model=state.model_id,
+                        chat=chat, include_usage=include_usage,
+                        on_first_text=lambda: state.metrics.time_to_first_token(time.perf_counter() - started))
+    return GuardedStream(events, on_close=cancel.set)

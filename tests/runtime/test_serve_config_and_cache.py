@@ -23,6 +23,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_the_documented_example_file_reads(tmp_path, monkeypatch):
     values = read_serve_file(EXAMPLE)
     assert values["port"] == 8000 and values["cache"] is True
+    assert (values["max_batch"], values["batch_align"]) == (8, 4)
     assert values["api_key_file"] == EXAMPLE.parent / "api-keys.txt"  # relative to the file, not the cwd
 
 
@@ -30,10 +31,11 @@ def test_flags_override_the_environment_which_overrides_the_file(tmp_path, monke
     path = write(tmp_path, 'host = "10.0.0.1"\nport = 9000\nqueue = 3\n[cache]\nenabled = true\nmax_bytes = 4096\n')
     monkeypatch.setenv("LMPACK_SERVE_PORT", "9001")
     monkeypatch.setenv("LMPACK_SERVE_QUEUE", "5")
+    monkeypatch.setenv("LMPACK_SERVE_MAX_BATCH", "2")
     settings = resolve_serve_settings(path, {"queue": 7, "host": None})
-    assert (settings.host, settings.port, settings.queue) == ("10.0.0.1", 9001, 7)
+    assert (settings.host, settings.port, settings.queue, settings.max_batch) == ("10.0.0.1", 9001, 7, 2)
     assert settings.cache and settings.cache_max_bytes == 4096 and settings.cache_max_entries == 1024
-    assert resolve_serve_settings(None, {}) == ServeSettings(port=9001, queue=5)  # no file: defaults, then env
+    assert resolve_serve_settings(None, {}) == ServeSettings(port=9001, queue=5, max_batch=2)  # no file: defaults, then env
     monkeypatch.setenv("LMPACK_SERVE_PORT", "eighty")
     with pytest.raises(ConfigError, match="LMPACK_SERVE_PORT='eighty' is not an integer"):
         resolve_serve_settings(None, {})
@@ -43,6 +45,7 @@ def test_flags_override_the_environment_which_overrides_the_file(tmp_path, monke
     ("prot = 1\n", "field 'prot'"),
     ("port = 70000\n", "field 'port' is 70000; must be at most 65535"),
     ("queue = true\n", "field 'queue' must be an integer"),
+    ("max_batch = 0\n", "field 'max_batch' is 0; must be at least 1"),
     ("[tls]\ncert = 'a.crt'\n", "field 'tls.key' is required"),
     ("[cache]\nenabled = 'yes'\n", "field 'cache.enabled' must be true or false"),
     ("[cache]\nsize = 3\n", "unknown field 'cache.size'"),

@@ -178,6 +178,11 @@ class SlowSteps:
         self.steps += 1
         return self.runner.step(ids, cache)
 
+    def step_batch(self, tokens, batch):
+        time.sleep(self.delay)
+        self.steps += 1
+        return self.runner.step_batch(tokens, batch)
+
     def __getattr__(self, name):
         return getattr(self.runner, name)
 

@@ -1,0 +1,187 @@
+"""Continuous batching: sequences that run at the same time share each decode step's session run.
+
+Why: on a CPU one decode step of a small model is bound by per-operation overhead and compute, not by
+reading the weights (../shared measurements), so running 4-8 sequences in one call costs little more
+than running one, while separate concurrent runs just split the cores. onnxruntime-genai has no
+continuous batching on CPU, so lmpack does it here with the exported graph's own batch dimension.
+
+One worker thread owns the decoder session. Each step it (1) drops cancelled sequences, (2) prefills
+the newcomers whose prompt length suits the batch (each its own pass, as the unbatched engine does, so
+their first token is the same) and adds them as rows, (3) runs one batched step for every row
+(sessions.BatchKV: pasts left-padded to the longest, padding masked, each row at its own position) and
+hands each row's logits to that sequence's engine.Decoding, which makes the same choices as the
+unbatched loop. A finished or cancelled sequence leaves the batch at once. Text goes back to the
+request's own thread through a queue, so the server's streaming and cancellation code is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from lmpack.runtime.sessions import BatchKV, KVCache
+
+if TYPE_CHECKING:  # engine.py holds the batcher only as an attribute, so there is no import cycle at run time
+    from lmpack.runtime.engine import DecoderEngine, Generation
+
+log = logging.getLogger("lmpack.batcher")
+
+_END = object()  # queued after a sequence's last text
+
+# Rows stepped together have lengths equal modulo this, so every row's padding is a multiple of it.
+# Why: measured on onnxruntime's CPU kernels (AVX2), a row padded by a multiple of 4 gives bit-for-bit
+# its unbatched logits, other paddings differ in the last bits (the error repeats with period 4, as if
+# keys were summed in groups of 4). On an fp32 variant that never changed a token, but an int8 variant
+# quantizes each layer's activations again, which amplified it (logits off by up to 2 on SmolLM2 int8,
+# 1 greedy answer in 8 diverging after ~10 tokens). The price of exactness: a newcomer whose prompt
+# length does not suit the batch waits (at most 3 steps) until the batch's growing lengths come round to
+# it. The serve setting batch_align defaults to this; other CPUs' kernels may need another value.
+EXACT_ALIGN = 4
+
+
+@dataclass(eq=False)
+class _Sequence:
+    generation: Generation                 # its Decoding makes the token choices
+    out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
+    decode_started: float = 0.0
+
+
+class Batcher:
+    """Runs every generation of one engine in shared batched steps, at most `max_batch` sequences at a time.
+
+    `on_step(size)` is called with the batch size of every batched decode step (the server's
+    lmpack_batch_size histogram). Sequences beyond `max_batch` wait, in arrival order, for a row.
+    A sequence joins only when its prompt length equals the batch's lengths modulo `align` (EXACT_ALIGN).
+    """
+
+    def __init__(self, engine: DecoderEngine, *, max_batch: int, align: int = 1,
+                 on_step: Callable[[int], None] | None = None):
+        if max_batch < 1 or align < 1:
+            raise ValueError("max_batch and align must be at least 1")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.align = align
+        self.on_step = on_step or (lambda size: None)
+        self._pending: list[_Sequence] = []
+        self._wake = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="lmpack-batcher", daemon=True)
+        self._thread.start()
+
+    def run(self, generation: Generation) -> Iterator[str]:
+        """Text deltas of `generation` as the worker produces them; sets its finish_reason and timings."""
+        seq = _Sequence(generation)
+        with self._wake:
+            if self._stopped:
+                raise RuntimeError("the batcher has stopped")
+            self._pending.append(seq)
+            self._wake.notify()
+        done = False
+        try:
+            while True:
+                item = seq.out.get()
+                if item is _END:
+                    done = True
+                    return
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                yield item
+        finally:
+            if not done:  # the reader went away (generator closed): free the row at the next step
+                generation.cancel.set()
+
+    def stop(self) -> None:
+        """End the worker; sequences still running or waiting end as cancelled."""
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # The worker ------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        active: list[_Sequence] = []    # rows of `batch`, in order
+        waiting: list[_Sequence] = []   # taken from the queue, waiting for the batch's lengths to suit them
+        batch = BatchKV()
+        while True:
+            with self._wake:
+                while not self._stopped and not self._pending and not active and not waiting:
+                    self._wake.wait()
+                if self._stopped:
+                    for seq in active + waiting + self._pending:
+                        self._end(seq, "cancelled")
+                    self._pending.clear()
+                    return
+                room = self.max_batch - len(active) - len(waiting)
+                waiting += self._pending[:room]
+                del self._pending[:room]
+            try:
+                self._retain(active, batch, [not self._cancelled(seq) for seq in active])
+                waiting = [seq for seq in waiting if not self._cancelled(seq)]
+                waiting = [seq for seq in waiting if not self._admit(seq, active, batch)]
+                if active:
+                    self._decode(active, batch)
+            except Exception as exc:  # a failed run fails every sequence that was in it, not the worker
+                log.exception("batched step failed")
+                for seq in active + waiting:
+                    if seq.generation.finish_reason is None:
+                        seq.out.put(exc)
+                active, waiting, batch = [], [], BatchKV()
+
+    def _cancelled(self, seq: _Sequence) -> bool:
+        if seq.generation.cancel.is_set():
+            self._end(seq, "cancelled")
+            return True
+        return False
+
+    def _end(self, seq: _Sequence, reason: str) -> None:
+        seq.generation.finish_reason = reason
+        seq.out.put(_END)
+
+    def _emit(self, seq: _Sequence, text: str) -> bool:
+        """Pass on `text`; True while the sequence goes on, False once it has finished (and was ended)."""
+        if text:
+            seq.out.put(text)
+        reason = seq.generation.decoding.finish_reason
+        if reason is not None:
+            self._end(seq, reason)
+            return False
+        return True
+
+    def _retain(self, active: list[_Sequence], batch: BatchKV, keep: list[bool]) -> None:
+        if not all(keep):
+            rows = [row for row, kept in enumerate(keep) if kept]
+            active[:] = [active[row] for row in rows]
+            batch.keep(rows, align=self.align)
+
+    def _admit(self, seq: _Sequence, active: list[_Sequence], batch: BatchKV) -> bool:
+        """Prefill `seq` and add it to the batch if its prompt length suits the batch's now (True: it is
+        no longer waiting). The batch's lengths grow by one a step, so no sequence waits `align` steps."""
+        generation = seq.generation
+        if active and (len(generation.prompt_ids) - batch.lengths[0]) % self.align:
+            return False
+        cache = KVCache()
+        started = time.perf_counter()
+        logits = self.engine.runner.step(generation.prompt_ids, cache)
+        seq.decode_started = time.perf_counter()
+        generation.prefill_seconds = seq.decode_started - started
+        if self._emit(seq, generation.decoding.advance(logits, cache.length)):
+            active.append(seq)
+            batch.join(cache)
+        return True
+
+    def _decode(self, active: list[_Sequence], batch: BatchKV) -> None:
+        """One batched step for every row; the sequences that finished leave the batch."""
+        self.on_step(len(active))
+        logits = self.engine.runner.step_batch([seq.generation.decoding.token for seq in active], batch)
+        now = time.perf_counter()
+        going = []
+        for row, seq in enumerate(active):
+            seq.generation.decode_seconds = now - seq.decode_started
+            going.append(self._emit(seq, seq.generation.decoding.advance(logits[row], batch.lengths[row])))
+        self._retain(active, batch, going)
