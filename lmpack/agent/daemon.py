@@ -25,6 +25,7 @@ from lmpack.agent.notifiers import Dispatcher, make_notifier
 from lmpack.agent.proxy import Proxy
 from lmpack.agent.supervisor import resolve_variant
 from lmpack.agent.switch import Releases
+from lmpack.agent.systemd import SystemdNotifier
 from lmpack.errors import AgentError, LmpackError
 
 log = logging.getLogger("lmpack.agent")
@@ -159,10 +160,13 @@ class Agent:
         threading.Thread(target=http.serve_forever, name="lmpack-agent-http", daemon=True).start()
         log.info("agent on http://%s:%d, clients on http://%s:%d, supervising %s", self.config.host,
                  http.server_address[1], self.config.server.host, self.proxy.port, self.releases.active.url)
+        systemd = SystemdNotifier()
+        systemd.ready()
         next_metrics = 0.0
         try:
             while not self.stopping.is_set():
                 tick = time.monotonic()
+                systemd.watchdog()  # a hung supervision loop stops pinging, and systemd restarts the agent
                 self.releases.tick()
                 if tick >= next_metrics:
                     values, gpu = self.collect()
@@ -172,9 +176,11 @@ class Agent:
                     next_metrics = tick + self.config.metrics_interval
                 else:
                     self.publish(*self.snapshot_values())
-                self.wake.wait(max(0.0, tick + self.releases.wake_seconds - time.monotonic()))
+                pause = min(self.releases.wake_seconds, systemd.ping_interval or self.releases.wake_seconds)
+                self.wake.wait(max(0.0, tick + pause - time.monotonic()))
                 self.wake.clear()
         finally:
+            systemd.stopping()
             log.info("stopping: draining the server")
             self.publish(*self.snapshot_values())
             self.proxy.close_listener()

@@ -126,7 +126,9 @@ def write_systemd_units(directory: Path, prefix: Path, manifest: Manifest) -> li
         "After=network.target",
         "",
         "[Service]",
-        "Type=simple",
+        "Type=notify",  # the agent sends READY=1 once it supervises, then WATCHDOG=1 from its loop
+        "NotifyAccess=main",
+        "WatchdogSec=60",
         f"ExecStart={release}/venv/bin/lmpack agent --config /etc/lmpack/agent-%i.toml",
         "KillMode=control-group",  # the agent's server child goes with it
         "Restart=on-failure",

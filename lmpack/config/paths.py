@@ -70,3 +70,17 @@ def serve_env(names: tuple[str, ...]) -> dict[str, str]:
     """LMPACK_SERVE_<NAME> for each of `names` that is set and not empty (lmpack serve settings)."""
     found = {name: os.environ.get(f"LMPACK_SERVE_{name.upper()}", "").strip() for name in names}
     return {name: value for name, value in found.items() if value}
+
+
+def systemd_notify_socket() -> str | None:
+    """NOTIFY_SOCKET: set by systemd for Type=notify services; where READY=1 and WATCHDOG=1 go."""
+    return os.environ.get("NOTIFY_SOCKET") or None
+
+
+def systemd_watchdog_seconds() -> float | None:
+    """WatchdogSec= of the unit, from WATCHDOG_USEC (ignored when WATCHDOG_PID names another process)."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6

@@ -82,13 +82,13 @@ class AgentProcess:
 
 
 @contextlib.contextmanager
-def run_agent(config: Path, *, tmp: Path) -> Iterator[AgentProcess]:
+def run_agent(config: Path, *, tmp: Path, extra_env: dict[str, str] | None = None) -> Iterator[AgentProcess]:
     """`python -m lmpack agent --config CONFIG`; yields once the server it supervises is ready."""
     from lmpack.agent.config import load_agent_config
 
     parsed = load_agent_config(config)
     log = tmp / "agent.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "lmpack", "agent", "--config", str(config)],
                                    stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)

@@ -6,9 +6,11 @@ The restart times are printed (pytest -s, or see the `-rA` report) and recorded 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
+import socket
 import time
 
 import httpx
@@ -34,7 +36,12 @@ def new_ready_pid(agent, old_pid: int):
 def test_kill_9_restarts_the_server_and_sigterm_stops_cleanly(llama_variant, tmp_path, ports, capsys, lmpack_cli):
     server_port, agent_port = ports
     config = write_config(tmp_path, llama_variant, server_port=server_port, agent_port=agent_port, serve_args=[])
-    with run_agent(config, tmp=tmp_path) as agent:
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # stands in for systemd's notify socket
+    systemd.bind(str(tmp_path / "notify.sock"))
+    systemd.settimeout(5)
+    with systemd, run_agent(config, tmp=tmp_path, extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+                                                                 "WATCHDOG_USEC": "2000000"}) as agent:
+        assert systemd.recv(64) == b"READY=1" and systemd.recv(64) == b"WATCHDOG=1"
         old = agent.ready_pid()
         killed = time.monotonic()
         os.kill(old, signal.SIGKILL)
@@ -55,6 +62,11 @@ def test_kill_9_restarts_the_server_and_sigterm_stops_cleanly(llama_variant, tmp
         assert agent.process.wait(timeout=30) == 0
         with pytest.raises(ProcessLookupError):
             os.kill(new, 0)  # the server drained and exited with the agent
+        notes = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                notes.append(systemd.recv(64))
+        assert b"STOPPING=1" in notes and b"WATCHDOG=1" in notes
     assert "the server stopped with status 0" in agent.log.read_text()
 
 
