@@ -7,6 +7,7 @@ This module imports nothing but the standard library and lmpack.errors, so the a
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import uuid
@@ -80,3 +81,12 @@ def is_disk_full(exc: BaseException | None) -> bool:
     if isinstance(exc, shutil.Error):  # copytree gathers per-file errors as (src, dst, message) text
         return any(f"[Errno {errno.ENOSPC}]" in str(e) or f"[Errno {errno.EDQUOT}]" in str(e) for e in exc.args[0])
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (the digest every cache entry, manifest and bundle uses)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -31,7 +31,7 @@ from lmpack.bundle.sbom import SBOM_NAME, make_sbom
 from lmpack.bundle.signing import sign_manifest
 from lmpack.bundle.verify import DirBundle, check_bundle, open_bundle, raise_problems
 from lmpack.errors import BundleError, NotFoundError
-from lmpack.fsio import guard_disk_full, publish, remove_path
+from lmpack.fsio import file_sha256, guard_disk_full, publish, remove_path
 
 VARIANT_FILE = "variant.json"  # the variant directory layout written by lmpack.api.build (docs/build.md)
 REPORT_FILE = "report.json"
@@ -110,17 +110,9 @@ def pack(variant_dirs: list[Path], output: Path, *, name: str, version: str,
     manifest = manifest_holder[0]
     return PackResult(path=output, directory=Path(keep_dir) if keep_dir is not None else None, name=name,
                       version=version, files=manifest.total_files, bytes=manifest.total_bytes,
-                      archive_bytes=output.stat().st_size, archive_sha256=_file_sha256(output),
+                      archive_bytes=output.stat().st_size, archive_sha256=file_sha256(output),
                       variants=[v.name for v in variants], seconds=round(time.perf_counter() - started, 3),
                       wheelhouse=manifest.wheelhouse.to_dict() if manifest.wheelhouse else None)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_variant(root: Path) -> _Variant:

@@ -6,15 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-_CHUNK = 1 << 20
+from lmpack.fsio import file_sha256
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tree_files(root: Path) -> list[Path]:

@@ -12,7 +12,8 @@ from typing import Any
 
 from lmpack.config import paths
 from lmpack.errors import NotFoundError, SourceError, UnsafeModelError, UnsupportedModelError
-from lmpack.pipeline.digest import file_sha256, json_sha256
+from lmpack.fsio import file_sha256
+from lmpack.pipeline.digest import json_sha256
 from lmpack.pipeline.step import HF_MODEL, SOURCE, Artifact, Step, StepContext, register
 from lmpack.steps.model_files import (CONVERTIBLE_PATTERNS, REMOTE_CODE_PATTERNS, WANTED_PATTERNS, check_model_dir,
                                       is_convertible, is_pickle_checkpoint, read_config, read_license)
