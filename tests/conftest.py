@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -126,6 +128,21 @@ def llama_variant(tiny_llama, session_cache, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("variants")
     return api.build(str(tiny_llama), target="cpu-x86", profile="int8", output_dir=out,
+                     cache_dir=session_cache).variant_dir
+
+
+@pytest.fixture(scope="session")
+def llama_variant_optimum(tiny_llama, session_cache, tmp_path_factory) -> Path:
+    """The same, exported with optimum instead of onnxruntime-genai's builder (left-padded batches)."""
+    from lmpack import api
+
+    out = tmp_path_factory.mktemp("variants-optimum")
+    profile = (REPO / "profiles" / "int8.toml").read_text()
+    profile = profile.replace('name = "int8"', 'name = "int8-optimum"').replace(
+        '[[steps]]\nname = "export"\n', '[[steps]]\nname = "export"\nexporter = "optimum"\n')
+    assert 'exporter = "optimum"' in profile
+    (out / "int8-optimum.toml").write_text(profile)
+    return api.build(str(tiny_llama), target="cpu-x86", profile=str(out / "int8-optimum.toml"), output_dir=out,
                      cache_dir=session_cache).variant_dir
 
 

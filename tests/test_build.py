@@ -1,4 +1,5 @@
-"""End-to-end builds of tiny models: real optimum export, real quantization, real quality gate."""
+"""End-to-end builds of tiny models: real exports (onnxruntime-genai's builder, optimum), real quantization,
+real quality gate."""
 
 from __future__ import annotations
 
@@ -39,10 +40,13 @@ def test_int8_build_writes_a_complete_variant(tiny_llama, session_cache, tmp_pat
     assert report["sizes"]["onnx_ratio"] < 0.6
     assert [s["step"] for s in report["steps"]] == ["pull", "export", "quantize", "validate"]
     assert report["source"]["license"] == "apache-2.0"
-    ops = {n.op_type for n in onnx.load(str(model / "model.onnx")).graph.node}
-    assert "MatMulNBits" in ops
+    ops = [n.op_type for n in onnx.load(str(model / "model.onnx")).graph.node]
+    # the builder's fused graph; the tied embedding was folded out of the LM head's Transpose and quantized too
+    assert ops.count("GroupQueryAttention") == 4 and "MatMulNBits" in ops and "Transpose" not in ops
     info = json.loads((model / "lmpack-model.json").read_text())
     assert info["task"] == "text-generation" and info["num_layers"] == 4
+    assert (info["exporter"], info["kv_padding"]) == ("onnxruntime-genai", "right")
+    assert not list(model.glob("genai_config.json"))  # only the graph is taken from the builder
     assert info["quantization"]["bits"] == 8
     variant_meta = json.loads((variant / "variant.json").read_text())
     assert variant_meta["target"]["name"] == "cpu-x86" and variant_meta["precision"] == "int8"
@@ -115,6 +119,40 @@ def test_missing_model_path(tmp_path):
 def _with_config(model_copy, tiny_llama, **changes) -> Path:
     config = json.loads((tiny_llama / "config.json").read_text())
     return model_copy("odd", files={"config.json": json.dumps({**config, **changes})})
+
+
+def test_optimum_exports_what_the_builder_does_not(llama_variant_optimum, tiny_bert, session_cache, tmp_path):
+    info = json.loads((llama_variant_optimum / "model" / "lmpack-model.json").read_text())
+    assert (info["exporter"], info["kv_padding"]) == ("optimum", "left")
+    ops = {n.op_type for n in onnx.load(str(llama_variant_optimum / "model" / "model.onnx")).graph.node}
+    assert "GroupQueryAttention" not in ops and "MatMulNBits" in ops
+    result = build(str(tiny_bert), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path), "--json",
+                   cache=session_cache)
+    assert result.exit_code == 0, result.output
+    export = next(s for s in json.loads(result.stdout)["report"]["steps"] if s["step"] == "export")
+    assert export["metrics"]["exporter"] == "optimum"
+
+
+@pytest.mark.parametrize("config,wanted,expected", [
+    ({"architectures": ["LlamaForCausalLM"]}, "auto", "onnxruntime-genai"),
+    ({"architectures": ["LlamaForCausalLM"]}, "optimum", "optimum"),
+    ({"architectures": ["GPT2LMHeadModel"]}, "auto", "optimum"),
+    ({"architectures": ["GPTNeoXForCausalLM"]}, "auto", "optimum"),
+    ({"architectures": ["BertModel"]}, "auto", "optimum"),
+])
+def test_exporter_choice(config, wanted, expected):
+    from lmpack.steps.export import choose_exporter, model_task
+
+    task = model_task(config) if config["architectures"][0] != "GPT2LMHeadModel" else "text-generation"
+    assert choose_exporter(config, task, wanted) == expected
+
+
+def test_the_builder_is_refused_for_what_it_cannot_make():
+    from lmpack.errors import UnsupportedModelError
+    from lmpack.steps.export import choose_exporter
+
+    with pytest.raises(UnsupportedModelError, match="BertModel.*optimum|cannot export BertModel"):
+        choose_exporter({"architectures": ["BertModel"]}, "feature-extraction", "onnxruntime-genai")
 
 
 @pytest.mark.parametrize("architecture,model_type,fragments", [

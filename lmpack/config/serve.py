@@ -26,7 +26,7 @@ class ServeSettings:
     threads: int | None = None
     max_concurrency: int = 1
     max_batch: int = 8          # sequences per batched decode step (runtime/batcher.py); 1 turns batching off
-    batch_align: int = 4        # rows batch together when their lengths agree modulo this; 4 keeps answers exact
+    batch_align: int = 4        # left-padded rows batch together when their lengths agree modulo this; 4 keeps answers exact
     queue: int = 8
     drain_seconds: int = 30
     api_key_file: Path | None = None

@@ -8,7 +8,7 @@ continuous batching on CPU, so lmpack does it here with the exported graph's own
 One worker thread owns the decoder session. Each step it (1) drops cancelled sequences, (2) prefills
 the newcomers whose prompt length suits the batch (each its own pass, as the unbatched engine does, so
 their first token is the same) and adds them as rows, (3) runs one batched step for every row
-(sessions.BatchKV: pasts left-padded to the longest, padding masked, each row at its own position) and
+(sessions.BatchKV: pasts padded to the longest, padding masked, each row at its own position) and
 hands each row's logits to that sequence's engine.Decoding, which makes the same choices as the
 unbatched loop. A finished or cancelled sequence leaves the batch at once. Text goes back to the
 request's own thread through a queue, so the server's streaming and cancellation code is unchanged.
@@ -40,6 +40,9 @@ _END = object()  # queued after a sequence's last text
 # 1 greedy answer in 8 diverging after ~10 tokens). The price of exactness: a newcomer whose prompt
 # length does not suit the batch waits (at most 3 steps) until the batch's growing lengths come round to
 # it. The serve setting batch_align defaults to this; other CPUs' kernels may need another value.
+# Only left-padded batches (optimum's graphs) need it: with onnxruntime-genai's graphs each row attends to its
+# own length only, and batched rows gave their unbatched logits bit for bit at every padding (tests/runtime/
+# test_batching.py), so those batches take every newcomer at once.
 EXACT_ALIGN = 4
 
 
@@ -55,7 +58,8 @@ class Batcher:
 
     `on_step(size)` is called with the batch size of every batched decode step (the server's
     lmpack_batch_size histogram). Sequences beyond `max_batch` wait, in arrival order, for a row.
-    A sequence joins only when its prompt length equals the batch's lengths modulo `align` (EXACT_ALIGN).
+    With left-padded pasts a sequence joins only when its prompt length equals the batch's lengths modulo
+    `align` (EXACT_ALIGN); right-padded batches ignore `align`.
     """
 
     def __init__(self, engine: DecoderEngine, *, max_batch: int, align: int = 1,
@@ -64,7 +68,7 @@ class Batcher:
             raise ValueError("max_batch and align must be at least 1")
         self.engine = engine
         self.max_batch = max_batch
-        self.align = align
+        self.align = align if engine.runner.kv_padding == "left" else 1
         self.on_step = on_step or (lambda size: None)
         self._pending: list[_Sequence] = []
         self._wake = threading.Condition()
@@ -107,7 +111,7 @@ class Batcher:
     def _loop(self) -> None:
         active: list[_Sequence] = []    # rows of `batch`, in order
         waiting: list[_Sequence] = []   # taken from the queue, waiting for the batch's lengths to suit them
-        batch = BatchKV()
+        batch = self.engine.runner.new_batch()
         while True:
             with self._wake:
                 while not self._stopped and not self._pending and not active and not waiting:
@@ -131,7 +135,7 @@ class Batcher:
                 for seq in active + waiting:
                     if seq.generation.finish_reason is None:
                         seq.out.put(exc)
-                active, waiting, batch = [], [], BatchKV()
+                active, waiting, batch = [], [], self.engine.runner.new_batch()
 
     def _cancelled(self, seq: _Sequence) -> bool:
         if seq.generation.cancel.is_set():

@@ -163,7 +163,8 @@ class DecoderEngine:
             raise RequestError(f"{variant.name} is an embedding model (task {variant.task}); it cannot generate text")
         self.variant = variant
         self.batcher: Any = None   # a batcher.Batcher once a server starts one; None: each generation runs alone
-        self.runner = DecoderRunner(variant.onnx_path, threads=threads, providers=variant.providers)
+        self.runner = DecoderRunner(variant.onnx_path, threads=threads, providers=variant.providers,
+                                    kv_padding=variant.info.get("kv_padding", "left"))
         self.tokenizer = variant.tokenizer()
         eos = set(variant.eos_token_ids)
         if not eos and variant.special_token("eos_token"):

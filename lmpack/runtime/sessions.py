@@ -16,6 +16,7 @@ NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(
              "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 _PAST_PREFIX = "past_key_values."
 _PRESENT_PREFIX = "present."
+KV_PADDINGS = ("left", "right")
 
 
 def create_session(model_path: Path, *, threads: int | None = None, providers: Sequence[str] | None = None):
@@ -51,17 +52,27 @@ class KVCache:
 class BatchKV:
     """The past of several sequences stacked for one batched step: [batch, kv_heads, width, head_dim].
 
-    Rows are left-padded to the longest sequence: row i's real positions are its last `lengths[i]`
-    columns, and `mask` (1 there, 0 on the padding) becomes the attention mask, so padding is never
-    attended to. Left padding keeps each row's real past one contiguous slice, and the next token
-    of every row lands in the same new column. While the rows do not change, each step's presents
-    are the next step's pasts as they are (OrtValues, no copy); only a row joining or leaving
-    re-packs the arrays.
+    `mask` has 1 on each row's real positions and 0 on the padding, and becomes the attention mask, so
+    padding is never attended to. Where a row's real positions sit depends on the graph (`padding`):
+
+    - "left" (optimum's graphs, which attend over the whole window): row i's real past is its last
+      `lengths[i]` columns, so the next token of every row lands in the same new column.
+    - "right" (GroupQueryAttention, which reads each row's length from the mask and writes its new keys
+      right after them): row i's real past is its first `lengths[i]` columns.
+
+    Either way each row's past is one contiguous slice, and while the rows do not change each step's
+    presents are the next step's pasts as they are (OrtValues, no copy); only a row joining or leaving
+    re-packs the arrays. The width is always the longest row's length.
     """
 
+    padding: str = "left"
     lengths: list[int] = field(default_factory=list)
     mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     values: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.padding not in KV_PADDINGS:
+            raise ValueError(f"padding must be one of {KV_PADDINGS}, not {self.padding!r}")
 
     @property
     def size(self) -> int:
@@ -74,8 +85,23 @@ class BatchKV:
     def _arrays(self) -> dict[str, np.ndarray]:
         return {name: value if isinstance(value, np.ndarray) else value.numpy() for name, value in self.values.items()}
 
+    def _pad(self, array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
+        missing = width - array.shape[axis]
+        if missing == 0:
+            return array
+        pad = [(0, 0)] * array.ndim
+        pad[axis] = (missing, 0) if self.padding == "left" else (0, missing)
+        return np.pad(array, pad)
+
+    def step_mask(self) -> np.ndarray:
+        """The attention mask of the next step: every row's past plus one new token."""
+        if self.padding == "left":
+            return np.concatenate([self.mask, np.ones((self.size, 1), dtype=np.int64)], axis=1)
+        lengths = np.asarray(self.lengths, dtype=np.int64)[:, None] + 1
+        return (np.arange(self.width + 1)[None, :] < lengths).astype(np.int64)
+
     def join(self, cache: KVCache) -> None:
-        """Add one prefilled sequence as the last row; the narrower side is left-padded with masked zeros."""
+        """Add one prefilled sequence as the last row; the narrower side is padded with masked zeros."""
         new = {name: value.numpy() for name, value in cache.values.items()}
         if not self.lengths:
             self.values, self.mask = new, np.ones((1, cache.length), dtype=np.int64)
@@ -83,32 +109,27 @@ class BatchKV:
             return
         width = max(self.width, cache.length)
         old = self._arrays()
-        self.values = {name: np.concatenate([_left_pad(old[name], width), _left_pad(new[name], width)])
+        self.values = {name: np.concatenate([self._pad(old[name], width), self._pad(new[name], width)])
                        for name in new}
-        self.mask = np.concatenate([_left_pad(self.mask, width, axis=1),
-                                    _left_pad(np.ones((1, cache.length), dtype=np.int64), width, axis=1)])
+        self.mask = np.concatenate([self._pad(self.mask, width, axis=1),
+                                    self._pad(np.ones((1, cache.length), dtype=np.int64), width, axis=1)])
         self.lengths.append(cache.length)
 
     def keep(self, rows: list[int], *, align: int = 1) -> None:
-        """Keep only `rows` (in that order), and drop the padding columns no remaining row needs (a multiple
-        of `align` of them, so each row's padding stays what the batcher made it modulo `align`)."""
+        """Keep only `rows` (in that order), and drop the padding columns no remaining row needs (with left
+        padding a multiple of `align` of them, so each row's padding stays what the batcher made it modulo `align`)."""
         if not rows:
             self.lengths, self.values, self.mask = [], {}, np.zeros((0, 0), dtype=np.int64)
             return
         self.lengths = [self.lengths[i] for i in rows]
-        start = self.width - max(self.lengths)
-        start -= start % align
-        self.values = {name: np.ascontiguousarray(value[rows, :, start:]) for name, value in self._arrays().items()}
-        self.mask = self.mask[rows, start:]
-
-
-def _left_pad(array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
-    missing = width - array.shape[axis]
-    if missing == 0:
-        return array
-    pad = [(0, 0)] * array.ndim
-    pad[axis] = (missing, 0)
-    return np.pad(array, pad)
+        if self.padding == "left":
+            start = self.width - max(self.lengths)
+            start -= start % align
+            window = slice(start, None)
+        else:
+            window = slice(0, max(self.lengths))
+        self.values = {name: np.ascontiguousarray(value[rows, :, window]) for name, value in self._arrays().items()}
+        self.mask = self.mask[rows, window]
 
 
 class DecoderRunner:
@@ -118,7 +139,11 @@ class DecoderRunner:
     [batch, kv_heads, past_len, head_dim]; outputs: logits and present.N.key/value.
     """
 
-    def __init__(self, model_path: Path, *, threads: int | None = None, providers: Sequence[str] | None = None):
+    def __init__(self, model_path: Path, *, threads: int | None = None, providers: Sequence[str] | None = None,
+                 kv_padding: str = "left"):
+        if kv_padding not in KV_PADDINGS:
+            raise ValueError(f"kv_padding must be one of {KV_PADDINGS}, not {kv_padding!r}")
+        self.kv_padding = kv_padding   # how batched pasts are laid out: lmpack-model.json's kv_padding
         self.session = create_session(model_path, threads=threads, providers=providers)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -161,6 +186,10 @@ class DecoderRunner:
         cache.length += ids.shape[1]
         return logits[0, -1].astype(np.float32)
 
+    def new_batch(self) -> BatchKV:
+        """An empty batch laid out the way this graph wants its pasts."""
+        return BatchKV(padding=self.kv_padding)
+
     def step_batch(self, tokens: Sequence[int], batch: BatchKV) -> np.ndarray:
         """One new token for each row of `batch` in one session run; return logits [rows, vocab], advance the batch.
 
@@ -168,7 +197,7 @@ class DecoderRunner:
         positions are those the row would have alone.
         """
         rows = batch.size
-        mask = np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
+        mask = batch.step_mask()
         feed = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(rows, 1)}
         if "attention_mask" in self.inputs:
             feed["attention_mask"] = mask.astype(self._type("attention_mask"))

@@ -45,7 +45,9 @@ def logits_matmul(model) -> str | None:
 
 
 def fold_transposed_weights(model) -> int:
-    """Replace Transpose(initializer) feeding only MatMuls by a transposed initializer, so they can be quantized."""
+    """Replace Transpose(initializer) feeding only MatMuls or Gathers by a transposed initializer, so it can be
+    quantized: optimum's tied LM head is MatMul(Transpose(embedding)), onnxruntime-genai's tied embedding is
+    Gather(Transpose(LM head))."""
     from onnx import numpy_helper
 
     graph = model.graph
@@ -55,7 +57,8 @@ def fold_transposed_weights(model) -> int:
         if node.op_type != "Transpose" or node.input[0] not in initializers:
             continue
         users = _consumers(graph, node.output[0])
-        if not users or any(u.op_type != "MatMul" for u in users):
+        if not users or not all(u.op_type == "MatMul" or (u.op_type == "Gather" and u.input[0] == node.output[0])
+                                for u in users):
             continue
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
         weight = numpy_helper.to_array(initializers[node.input[0]])

@@ -50,30 +50,66 @@ def _unbatched(engine: DecoderEngine, prompt: str, steps: int) -> tuple[list[int
     return tokens, logits
 
 
-def test_padded_batch_steps_give_the_unbatched_logits(engine):
-    """Rows of different lengths, left-padded and masked, fed the unbatched tokens: same logits, same argmax;
-    bit for bit where the padding is a multiple of EXACT_ALIGN; rows leaving mid-way do not disturb the rest."""
+@pytest.mark.parametrize("variant_fixture", ["llama_variant", "llama_variant_optimum"])
+def test_padded_batch_steps_give_the_unbatched_logits(variant_fixture, request):
+    """Rows of different lengths, padded and masked, fed the unbatched tokens: same logits, same argmax;
+    rows leaving mid-way do not disturb the rest. onnxruntime-genai's graph (right-padded rows, each
+    attending to its own length only) is bit for bit; optimum's (left-padded, attending over the padded
+    window) is bit for bit where the padding is a multiple of EXACT_ALIGN."""
+    engine = DecoderEngine(load_variant(request.getfixturevalue(variant_fixture)), threads=1)
+    expected_padding = "right" if variant_fixture == "llama_variant" else "left"
+    assert engine.runner.kv_padding == expected_padding
     lengths = [len(engine.encode_prompt(p)) for p in PROMPTS]
     assert len(set(lengths)) > 1 and len({n % EXACT_ALIGN for n in lengths}) > 1, lengths
     reference = [_unbatched(engine, prompt, 12) for prompt in PROMPTS]
-    batch, rows = BatchKV(), list(range(len(PROMPTS)))
+    batch, rows = engine.runner.new_batch(), list(range(len(PROMPTS)))
     for prompt in PROMPTS:
         cache = KVCache()
         engine.runner.step(engine.encode_prompt(prompt), cache)
         batch.join(cache)
     assert batch.width == max(lengths) and batch.mask.sum() == sum(lengths)
     for step in range(11):
-        if step == 5:  # the longest prompt's row leaves: the batch narrows by a multiple of EXACT_ALIGN
+        if step == 5:  # the longest prompt's row leaves: the batch narrows (left: by a multiple of EXACT_ALIGN)
             rows = [0, 1, 2]
             batch.keep(rows, align=EXACT_ALIGN)
+            assert batch.width - max(batch.lengths) < (EXACT_ALIGN if expected_padding == "left" else 1)
         logits = engine.runner.step_batch([reference[r][0][step] for r in rows], batch)
         for row, r in enumerate(rows):
             expected = reference[r][1][step + 1]
             assert int(np.argmax(logits[row])) == int(np.argmax(expected))
-            if (batch.width - batch.lengths[row]) % EXACT_ALIGN == 0:
+            if expected_padding == "right" or (batch.width - batch.lengths[row]) % EXACT_ALIGN == 0:
                 assert np.array_equal(logits[row], expected), (r, step)
             else:
                 assert np.allclose(logits[row], expected, atol=1e-2), (r, step)
+
+
+def test_batch_layouts_put_each_rows_past_where_its_graph_reads_it():
+    """Two rows of lengths 2 and 3: left padding puts the short row's past at the end, right at the start."""
+    def cache(length: int, value: float) -> KVCache:
+        return KVCache(length=length, values={"k": _Value(np.full((1, 1, length, 2), value, dtype=np.float32))})
+
+    for padding, short_row, step_mask in (("left", [0, 1, 1], [[0, 1, 1, 1], [1, 1, 1, 1]]),
+                                          ("right", [1, 1, 0], [[1, 1, 1, 0], [1, 1, 1, 1]])):
+        batch = BatchKV(padding=padding)
+        batch.join(cache(2, 5.0))
+        batch.join(cache(3, 7.0))
+        assert batch.mask.tolist() == [short_row, [1, 1, 1]]
+        assert batch.values["k"][0, 0, :, 0].tolist() == [5.0 * m for m in short_row]
+        assert batch.step_mask().tolist() == step_mask
+        batch.keep([0])
+        assert batch.width == 2 and batch.values["k"][0, 0, :, 0].tolist() == [5.0, 5.0]
+    with pytest.raises(ValueError, match="padding"):
+        BatchKV(padding="middle")
+
+
+class _Value:
+    """Stands in for an OrtValue in the layout test: what BatchKV calls on one."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def numpy(self) -> np.ndarray:
+        return self.array
 
 
 def _metric(text: str, name: str) -> float:
