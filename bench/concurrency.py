@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -37,8 +38,16 @@ SETTINGS = {"unbatched": ["--max-batch", "1"], "batched-exact": ["--batch-align"
             "batched-all": ["--batch-align", "1"]}
 
 
+@dataclass
+class Server:
+    url: str
+    pid: int
+    ready_seconds: float   # cold start: process start to /health/ready (which waits for a warm-up generation)
+
+
 @contextlib.contextmanager
 def server(variant: str, flags: list[str], threads: int, concurrency: int):
+    """A real `lmpack serve` on a free loopback port, ready (warmed up) when this yields."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -46,6 +55,7 @@ def server(variant: str, flags: list[str], threads: int, concurrency: int):
     process = subprocess.Popen([sys.executable, "-m", "lmpack", "serve", variant, "--port", str(port), "--threads",
                                 str(threads), "--max-concurrency", str(concurrency), "--queue", "16", *flags],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = time.perf_counter()
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -55,8 +65,8 @@ def server(variant: str, flags: list[str], threads: int, concurrency: int):
                     break
             if process.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"server with {flags} did not start")
-            time.sleep(0.2)
-        yield url
+            time.sleep(0.05)
+        yield Server(url, process.pid, time.perf_counter() - started)
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -97,7 +107,7 @@ def main() -> None:
     args = parser.parse_args()
     best: dict[tuple[str, int], dict] = {}
     with contextlib.ExitStack() as stack:  # all servers up at once (idle ones use no CPU), measured in turns
-        urls = {name: stack.enter_context(server(args.variant, SETTINGS[name], args.threads, max(args.clients)))
+        urls = {name: stack.enter_context(server(args.variant, SETTINGS[name], args.threads, max(args.clients))).url
                 for name in args.settings}
         for _ in range(args.repeat):
             for clients in args.clients:

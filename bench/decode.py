@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -106,8 +105,17 @@ def _child(engine: str, path: str, tokens: int, threads: int, repeat: int) -> No
         return
     best = max(runs, key=lambda r: (r["new_tokens"] - 1) / r["decode_s"])
     best["wall_s"] = time.perf_counter() - started
-    best["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    best["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(best))
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """VmHWM: the process's peak resident memory. (getrusage's ru_maxrss would not do: it survives exec, so a
+    child would report the parent's peak when that is larger.)"""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def bandwidth_gbs() -> float:
@@ -123,12 +131,30 @@ def bandwidth_gbs() -> float:
     return best
 
 
-def _weights_bytes(engine: str, path: str) -> int:
+def weights_bytes(path: str) -> int:
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
     return sum(f.stat().st_size for f in p.rglob("*") if f.suffix in (".onnx", ".data", ".safetensors")
                or f.name.endswith((".onnx.data", ".onnx_data")))
+
+
+def measure(engine: str, path: str, *, tokens: int, threads: int, repeat: int) -> dict:
+    """One engine in its own process: its best run, or {"skipped": why} / {"failed": why}."""
+    if engine not in ENGINES:
+        raise SystemExit(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    child = subprocess.run([sys.executable, __file__, "--child", engine, path, "--tokens", str(tokens),
+                            "--threads", str(threads), "--repeat", str(repeat), "x"],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+    if child.returncode != 0 or not lines:
+        return {"failed": (child.stderr.strip().splitlines() or ["no output"])[-1]}
+    result = json.loads(lines[-1])
+    if "skipped" not in result:
+        result["weights_bytes"] = weights_bytes(path)
+        result["decode_tok_s"] = (result["new_tokens"] - 1) / result["decode_s"]
+        result["prefill_tok_s"] = result["prompt_tokens"] / result["prefill_s"]
+    return result
 
 
 def main() -> None:
@@ -144,30 +170,18 @@ def main() -> None:
         return
     bandwidth = bandwidth_gbs()
     print(f"memory bandwidth (1 thread, numpy sum): {bandwidth:.1f} GB/s")
-    print("| engine | model | weights MB | bound tok/s | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | "
-          "process wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| engine | model | weights MB | bound tok/s | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for spec in args.engines:
         engine, _, path = spec.partition(":")
-        if engine not in ENGINES:
-            sys.exit(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
-        started = time.perf_counter()
-        child = subprocess.run([sys.executable, __file__, "--child", engine, path, "--tokens", str(args.tokens),
-                                "--threads", str(args.threads), "--repeat", str(args.repeat), "x"],
-                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-        lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
-        if child.returncode != 0 or not lines:
-            print(f"| {engine} | {path} | failed: {child.stderr.strip().splitlines()[-1:]} |||||||")
+        r = measure(engine, path, tokens=args.tokens, threads=args.threads, repeat=args.repeat)
+        if "skipped" in r or "failed" in r:
+            print(f"| {engine} | {path} | {r.get('skipped') or 'failed: ' + r['failed']} ||||||")
             continue
-        r = json.loads(lines[-1])
-        if "skipped" in r:
-            print(f"| {engine} | {path} | skipped: {r['skipped']} |||||||")
-            continue
-        weights = _weights_bytes(engine, path)
-        decode = (r["new_tokens"] - 1) / r["decode_s"]
-        print(f"| {engine} | {Path(path).name} | {weights / 1e6:.0f} | {bandwidth * 1e9 / weights:.0f} | {decode:.1f} | "
-              f"{r['prompt_tokens'] / r['prefill_s']:.0f} | {r['prefill_s'] * 1000:.0f} | {r['peak_rss_mb']:.0f} | "
-              f"{time.perf_counter() - started:.1f} |", flush=True)
+        weights = r["weights_bytes"]
+        print(f"| {engine} | {Path(path).name} | {weights / 1e6:.0f} | {bandwidth * 1e9 / weights:.0f} | "
+              f"{r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.0f} | {r['prefill_s'] * 1000:.0f} | "
+              f"{r['peak_rss_mb']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

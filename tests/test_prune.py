@@ -77,7 +77,8 @@ def test_layer_drop_build_is_smaller_and_judged_against_the_unpruned_model(tiny_
     assert report["sizes"]["model_bytes"] < report["sizes"]["reference_bytes"]
     assert report["sizes"]["ratio"] < 0.5
     assert report["quality"]["gate"] == "passed"
-    assert report["quality"]["perplexity_increase"] > 0.0
+    # a layer fewer changes the perplexity (either way on this tiny random model): it was not compared with itself
+    assert abs(report["quality"]["perplexity_increase"]) > 1e-4
 
     plain = api.build(str(tiny_llama), target="cpu-x86", profile="fp32", output_dir=tmp_path / "dist")
     assert report["quality"]["perplexity_reference"] == plain.report["quality"]["perplexity_reference"]

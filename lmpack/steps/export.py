@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import sys
 import warnings
@@ -124,6 +125,11 @@ def _export_optimum(src: Path, out_dir: Path, config: dict, task: str, params: E
     main_export(str(src), output=out_dir, task=_OPTIMUM_TASK[task], opset=params.opset, device="cpu",
                 library_name="transformers", trust_remote_code=trust_remote_code,
                 do_validation=params.validate_export, local_files_only=True)
+    # optimum embeds the weights up to 2 GB; lmpack always keeps them in model.onnx.data (onnx_graph.save_model)
+    model = load_model(out_dir / ONNX_FILE)
+    for data in out_dir.glob(f"{ONNX_FILE}_data"):
+        data.unlink()
+    save_model(model, out_dir / ONNX_FILE)
 
 
 def _export_genai(src: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
@@ -136,9 +142,16 @@ def _export_genai(src: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
 
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".genai-") as scratch:
         built, cache = Path(scratch) / "out", Path(scratch) / "cache"
-        # hf_remote is the builder's trust_remote_code (on unless told); hf_token=false: no token lookup, ever.
-        create_model(None, str(src), str(built), "fp32", "cpu", str(cache),
-                     hf_remote=trust_remote_code, hf_token="false")
+        chatter = io.StringIO()  # a line per layer and a progress bar per tensor: kept for the error, not shown
+        try:
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                # hf_remote is the builder's trust_remote_code (on unless told); hf_token=false: no token lookup.
+                create_model(None, str(src), str(built), "fp32", "cpu", str(cache),
+                             hf_remote=trust_remote_code, hf_token="false")
+        except Exception as exc:
+            tail = " | ".join(chatter.getvalue().strip().splitlines()[-3:])
+            raise StepError(f"onnxruntime-genai's builder failed: {type(exc).__name__}: {exc}"
+                            + (f" (its last output: {tail})" if tail else "")) from exc
         model = load_model(built / ONNX_FILE)
         save_model(model, out_dir / ONNX_FILE)
 

@@ -106,6 +106,7 @@ def _dynamic_int8(src: Path, dst: Path) -> dict[str, Any]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    save_model(load_model(dst), dst)  # the weights to model.onnx.data, like every lmpack graph
     return {}
 
 

@@ -1,0 +1,233 @@
+"""lmpack against its peers on one model, in one run: the comparison issue 4 asks for, with its goals checked.
+
+    python bench/peers.py --int8 dist/VARIANT_INT8 --int4 dist/VARIANT_INT4 --hf HF_DIR --genai GENAI_INT4_DIR \
+        --q8 MODEL.q8_0.gguf --q4 MODEL.Q4_1.gguf [--tokens 128] [--threads 2] [--json OUT.json] [--svg OUT.svg]
+
+1. Single stream (bench/decode.py, each engine in its own process, same prompt, greedy, --tokens new
+   tokens, best of --repeat): lmpack int8 and int4, transformers (PyTorch fp32), onnxruntime-genai int4
+   (its own builder), llama.cpp q8_0 and Q4_1: decode and prefill tokens/s, time to first token, peak RSS,
+   and the memory-bandwidth bound (weights bytes / measured bandwidth).
+2. Through the HTTP server, for each lmpack variant: cold start (process start to /health/ready, which
+   waits for a warm-up generation), then 1, 4 and 8 concurrent streaming clients (distinct prompts,
+   --tokens each, --rounds rounds): total tokens/s, p50/p99 request latency, p50 time to first token,
+   and the server's peak RSS.
+3. The goals, each with the measured numbers: single-stream decode at least 1.25x the fastest peer of
+   the same bit width; 8 clients at least 3x the single-client throughput; cold start under 3 s; peak
+   RSS under 1.5x the model's file size.
+
+Peers whose library is missing are reported as skipped. Numbers on a shared machine are noisy: this
+script runs everything in one go so that they are at least comparable with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from concurrency import PROMPTS, server  # noqa: E402
+from decode import bandwidth_gbs, measure, peak_rss_mb, weights_bytes  # noqa: E402
+
+GOAL_PEER_RATIO, GOAL_SCALING, GOAL_COLD_START_S, GOAL_RSS_RATIO = 1.25, 3.0, 3.0, 1.5
+
+
+def _stream(url: str, prompt: str, tokens: int) -> dict:
+    """One streaming completion: time to first token, whole latency, tokens."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    started = time.perf_counter()
+    first, count = None, 0
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                first = time.perf_counter() - started
+            if chunk.get("usage"):
+                count = chunk["usage"]["completion_tokens"]
+    return {"ttft_s": first if first is not None else float("nan"), "latency_s": time.perf_counter() - started,
+            "tokens": count}
+
+
+def _round(url: str, clients: int, tokens: int) -> tuple[float, list[dict]]:
+    barrier, results = threading.Barrier(clients + 1), [None] * clients
+
+    def client(i: int) -> None:
+        barrier.wait()
+        results[i] = _stream(url, PROMPTS[i % len(PROMPTS)], tokens)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started, results
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def http_bench(variant: str, *, clients: list[int], tokens: int, threads: int, rounds: int) -> dict:
+    with server(variant, [], threads, max(clients)) as live:
+        rows = []
+        for count in clients:
+            best_rate, requests = 0.0, []
+            for _ in range(rounds):
+                seconds, results = _round(live.url, count, tokens)
+                requests += results
+                best_rate = max(best_rate, sum(r["tokens"] for r in results) / seconds)
+            latencies = [r["latency_s"] for r in requests]
+            rows.append({"clients": count, "tokens_per_s": best_rate, "requests": len(requests),
+                         "latency_p50_s": _percentile(latencies, 0.5), "latency_p99_s": _percentile(latencies, 0.99),
+                         "ttft_p50_s": _percentile([r["ttft_s"] for r in requests], 0.5)})
+        return {"cold_start_s": live.ready_seconds, "peak_rss_mb": peak_rss_mb(live.pid), "clients": rows,
+                "weights_bytes": weights_bytes(variant)}
+
+
+def goals(single: dict[str, dict], http: dict[str, dict]) -> list[dict]:
+    """Each goal with its numbers and whether it was met."""
+    def decode(name: str) -> float | None:
+        r = single.get(name, {})
+        return r.get("decode_tok_s")
+
+    out = []
+    for bits, ours, peers in (("8-bit", "lmpack int8", ["llama.cpp q8_0"]),
+                              ("4-bit", "lmpack int4", ["onnxruntime-genai int4", "llama.cpp Q4_1"])):
+        measured = {p: decode(p) for p in peers if decode(p)}
+        if decode(ours) and measured:
+            fastest = max(measured, key=measured.get)
+            ratio = decode(ours) / measured[fastest]
+            out.append({"goal": f"{bits} single-stream decode >= {GOAL_PEER_RATIO}x the fastest peer",
+                        "measured": f"{decode(ours):.1f} vs {fastest} {measured[fastest]:.1f} tok/s = {ratio:.2f}x",
+                        "met": ratio >= GOAL_PEER_RATIO})
+    for name, result in http.items():
+        by_clients = {row["clients"]: row["tokens_per_s"] for row in result["clients"]}
+        if 1 in by_clients and 8 in by_clients:
+            scale = by_clients[8] / by_clients[1]
+            out.append({"goal": f"{name}: 8 clients >= {GOAL_SCALING}x one client's throughput",
+                        "measured": f"{by_clients[8]:.1f} / {by_clients[1]:.1f} tok/s = {scale:.2f}x",
+                        "met": scale >= GOAL_SCALING})
+        out.append({"goal": f"{name}: cold start < {GOAL_COLD_START_S} s",
+                    "measured": f"{result['cold_start_s']:.2f} s", "met": result["cold_start_s"] < GOAL_COLD_START_S})
+        ratio = result["peak_rss_mb"] * 1e6 / result["weights_bytes"]
+        out.append({"goal": f"{name}: serving peak RSS < {GOAL_RSS_RATIO}x the model file",
+                    "measured": f"{result['peak_rss_mb']:.0f} MB / {result['weights_bytes'] / 1e6:.0f} MB = {ratio:.2f}x",
+                    "met": ratio < GOAL_RSS_RATIO})
+    return out
+
+
+def svg(single: dict[str, dict], http: dict[str, dict], bandwidth: float) -> str:
+    """Two bar charts side by side, no plotting library: single-stream decode tokens/s (with each model's
+    bandwidth bound as a tick), and lmpack's HTTP throughput by client count."""
+    bar_h, gap, left, width = 18, 6, 190, 300
+    engines = [(name, r) for name, r in single.items() if "decode_tok_s" in r]
+    top = max([r["decode_tok_s"] for _, r in engines] + [1.0])
+    lines = []
+    y = 40
+    lines.append(f'<text x="10" y="22" font-weight="bold">Single-stream decode, tokens/s (| = bandwidth bound, '
+                 f'{bandwidth:.0f} GB/s)</text>')
+    scale = width / max(top, max((bandwidth * 1e9 / r["weights_bytes"] for _, r in engines), default=top))
+    for name, r in engines:
+        w = r["decode_tok_s"] * scale
+        bound = bandwidth * 1e9 / r["weights_bytes"] * scale
+        colour = "#2b6cb0" if name.startswith("lmpack") else "#a0aec0"
+        lines += [f'<text x="10" y="{y + 13}">{name}</text>',
+                  f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{colour}"/>',
+                  f'<text x="{left + w + 4:.1f}" y="{y + 13}">{r["decode_tok_s"]:.0f}</text>',
+                  f'<line x1="{left + bound:.1f}" x2="{left + bound:.1f}" y1="{y - 2}" y2="{y + bar_h + 2}" '
+                  f'stroke="#c53030" stroke-width="2"/>']
+        y += bar_h + gap
+    x0 = left + width + 170
+    y2 = 40
+    lines.append(f'<text x="{x0 - 150}" y="22" font-weight="bold">lmpack serve, total tokens/s by concurrent '
+                 f'clients</text>')
+    rows = [(f"{name}, {row['clients']} client{'s' if row['clients'] > 1 else ''}", row["tokens_per_s"])
+            for name, result in http.items() for row in result["clients"]]
+    top2 = max([rate for _, rate in rows] + [1.0])
+    for label, rate in rows:
+        w = rate / top2 * width
+        lines += [f'<text x="{x0 - 150}" y="{y2 + 13}">{label}</text>',
+                  f'<rect x="{x0}" y="{y2}" width="{w:.1f}" height="{bar_h}" fill="#2f855a"/>',
+                  f'<text x="{x0 + w + 4:.1f}" y="{y2 + 13}">{rate:.0f}</text>']
+        y2 += bar_h + gap
+    height = max(y, y2) + 10
+    total_width = x0 + width + 60
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_width}" height="{height}" '
+            f'font-family="sans-serif" font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n'
+            + "\n".join(lines) + "\n</svg>\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--int8", required=True, help="lmpack int8 variant directory")
+    parser.add_argument("--int4", required=True, help="lmpack int4 variant directory")
+    parser.add_argument("--hf", help="the Hugging Face directory, for transformers (PyTorch fp32)")
+    parser.add_argument("--genai", help="onnxruntime-genai int4 model directory (its own builder's)")
+    parser.add_argument("--q8", help="llama.cpp q8_0 GGUF")
+    parser.add_argument("--q4", help="llama.cpp Q4_1 GGUF")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="HTTP rounds per client count")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--json", type=Path, help="write every number here")
+    parser.add_argument("--svg", type=Path, help="write the plot here")
+    args = parser.parse_args()
+
+    bandwidth = bandwidth_gbs()
+    engines = {"lmpack int8": ("lmpack", args.int8), "lmpack int4": ("lmpack", args.int4),
+               "transformers fp32": ("transformers", args.hf), "onnxruntime-genai int4": ("genai", args.genai),
+               "llama.cpp q8_0": ("llamacpp", args.q8), "llama.cpp Q4_1": ("llamacpp", args.q4)}
+    print(f"memory bandwidth (1 thread, numpy sum): {bandwidth:.1f} GB/s\n")
+    print("| engine | weights MB | bound tok/s | decode tok/s | of bound | prefill tok/s | TTFT ms | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    single = {}
+    for name, (engine, path) in engines.items():
+        if not path:
+            continue
+        r = single[name] = measure(engine, path, tokens=args.tokens, threads=args.threads, repeat=args.repeat)
+        if "decode_tok_s" not in r:
+            print(f"| {name} | {r.get('skipped') or 'failed: ' + r.get('failed', '?')} |||||||", flush=True)
+            continue
+        bound = bandwidth * 1e9 / r["weights_bytes"]
+        print(f"| {name} | {r['weights_bytes'] / 1e6:.0f} | {bound:.0f} | {r['decode_tok_s']:.1f} | "
+              f"{r['decode_tok_s'] / bound:.0%} | {r['prefill_tok_s']:.0f} | {r['prefill_s'] * 1000:.0f} | "
+              f"{r['peak_rss_mb']:.0f} |", flush=True)
+
+    http = {}
+    print("\n| variant | clients | total tokens/s | p50 latency s | p99 latency s | p50 TTFT ms |")
+    print("|---|---|---|---|---|---|")
+    for name, path in (("lmpack int8", args.int8), ("lmpack int4", args.int4)):
+        result = http[name] = http_bench(path, clients=args.clients, tokens=args.tokens, threads=args.threads,
+                                         rounds=args.rounds)
+        for row in result["clients"]:
+            print(f"| {name} | {row['clients']} | {row['tokens_per_s']:.1f} | {row['latency_p50_s']:.2f} | "
+                  f"{row['latency_p99_s']:.2f} | {row['ttft_p50_s'] * 1000:.0f} |", flush=True)
+        print(f"| {name} | cold start {result['cold_start_s']:.2f} s, server peak RSS {result['peak_rss_mb']:.0f} MB "
+              f"||||| ", flush=True)
+
+    print("\n| goal | measured | met |\n|---|---|---|")
+    checked = goals(single, http)
+    for goal in checked:
+        print(f"| {goal['goal']} | {goal['measured']} | {'yes' if goal['met'] else 'no'} |")
+    if args.json:
+        args.json.write_text(json.dumps({"bandwidth_gbs": bandwidth, "tokens": args.tokens, "threads": args.threads,
+                                         "single_stream": single, "http": http, "goals": checked}, indent=2))
+    if args.svg:
+        args.svg.parent.mkdir(parents=True, exist_ok=True)
+        args.svg.write_text(svg(single, http, bandwidth))
+
+
+if __name__ == "__main__":
+    main()
