@@ -159,6 +159,27 @@ def _free_gpu0() -> GpuFacts | None:
     return gpus[0] if gpus else None
 
 
+def load_cuda_libraries() -> None:
+    """Let onnxruntime-gpu find the CUDA runtime the wheelhouse carries (NVIDIA's nvidia-* wheels).
+
+    onnxruntime-gpu looks for cuBLAS, cuDNN and cudart on the system's library path only, unless
+    `onnxruntime.preload_dlls()` (1.21 and later) loads them from those packages first; with no such
+    packages (JetPack's system CUDA) it falls through to the library path. The CPU onnxruntime has no
+    CUDA version and returns at once.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # a missing library shows up again, with the provider's own message, at session creation
+        log.warning("onnxruntime.preload_dlls() failed (%s); relying on the system's library path for CUDA", exc)
+
+
 # --- carrying out the plan ----------------------------------------------------------------------------------
 
 def apply_plan(variant: Variant, facts: EngineFacts | None, plan: EnginePlan | None, host: HostFacts, *,

@@ -21,7 +21,7 @@ from typing import Any
 
 from lmpack.bundle.manifest import MANIFEST, Compatibility, VariantEntry, parse_manifest
 from lmpack.errors import BundleError, NoCompatibleVariantError, NotFoundError, VariantError
-from lmpack.runtime.engine_cache import apply_plan, cache_root, cached, entry_dir, model_digest
+from lmpack.runtime.engine_cache import apply_plan, cache_root, cached, entry_dir, load_cuda_libraries, model_digest
 from lmpack.runtime.engines import CPU, EngineFacts, EnginePlan, EnginePolicy, decide, read_engine_facts
 from lmpack.runtime import host as host_probe
 from lmpack.runtime.host import HostFacts
@@ -270,6 +270,8 @@ def prepare_variant(path: Path | str, *, strict: bool = False, engine_rebuild: b
     host = host or host_probe.probe_host()
     policy = EnginePolicy(rebuild=engine_rebuild, strict=strict)
     verdict = choose_verdict(path, host, policy, engine_cache_dir)
+    if verdict.uses_gpu:  # before the rebuild's session as much as the server's
+        load_cuda_libraries()
     return apply_plan(load_variant(verdict.candidate.path), verdict.engine, verdict.plan, host,
                       need_bytes=verdict.need_gpu_bytes if verdict.uses_gpu else 0, policy=policy,
                       entry=verdict.cache)

@@ -455,3 +455,15 @@ def test_an_engine_from_another_gpu_is_rebuilt_here_once_and_answers(tiny_llama,
     ids = engine.encode_prompt("The railway")
     assert engine.generate(ids, SamplingParams(max_tokens=4)).result().completion_tokens >= 1
     assert prepare_variant(built).onnx_path == variant.onnx_path  # the second start reuses the cache
+
+
+def test_cuda_libraries_are_preloaded_only_for_a_gpu_variant(engine_variant, monkeypatch):
+    """onnxruntime.preload_dlls is the edge (it loads NVIDIA's libraries); count its calls."""
+    import onnxruntime
+
+    calls = []
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda: calls.append("preload"), raising=False)
+    prepare_variant(engine_variant, host=CPU_ONLY)
+    assert calls == []
+    prepare_variant(engine_variant, host=gpu_host(), engine_cache_dir=None)
+    assert calls == ["preload"]
