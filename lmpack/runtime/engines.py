@@ -196,6 +196,15 @@ def _driver_too_old(cuda: str | None, host: HostFacts) -> str | None:
             "update the NVIDIA driver")
 
 
+def gpu_too_small(host: HostFacts, need_bytes: int) -> list[str]:
+    """The GPU-memory line, when GPU 0 is smaller than the variant's floor (its free memory is checked at load)."""
+    gpu = device(host)
+    if gpu is None or not need_bytes or gpu.memory_bytes >= need_bytes:
+        return []
+    return [f"the variant needs {need_bytes / _GIB:.1f} GiB of GPU memory, {_gpu_label(gpu)} has "
+            f"{gpu.memory_bytes / _GIB:.1f} GiB"]
+
+
 def gpu_runtime_problems(host: HostFacts, *, need_bytes: int = 0) -> list[str]:
     """Why onnxruntime's CUDA provider cannot run a model on this host's GPU; empty when it can."""
     gpu = device(host)
@@ -207,10 +216,7 @@ def gpu_runtime_problems(host: HostFacts, *, need_bytes: int = 0) -> list[str]:
                         "onnxruntime)")
     if (old := _driver_too_old(host.software.onnxruntime_cuda_version, host)) is not None:
         problems.append(f"onnxruntime-gpu here was built for CUDA {host.software.onnxruntime_cuda_version}; {old}")
-    if need_bytes and gpu.memory_bytes < need_bytes:
-        problems.append(f"the variant needs {need_bytes / _GIB:.1f} GiB of GPU memory, {_gpu_label(gpu)} has "
-                        f"{gpu.memory_bytes / _GIB:.1f} GiB")
-    return problems
+    return problems + gpu_too_small(host, need_bytes)
 
 
 # --- deciding ----------------------------------------------------------------------------------------------
@@ -251,8 +257,7 @@ def decide(facts: EngineFacts, host: HostFacts, *, has_onnx: bool, cached: bool 
            policy: EnginePolicy = EnginePolicy()) -> EnginePlan:
     """What to serve for a variant carrying a TensorRT engine on `host` (see the module docstring)."""
     gpu_problems = gpu_runtime_problems(host, need_bytes=need_bytes)
-    memory = [p for p in gpu_problems if "GPU memory" in p]
-    mismatches = tuple(engine_mismatches(facts, host)) + tuple(memory)
+    mismatches = tuple(engine_mismatches(facts, host)) + tuple(gpu_too_small(host, need_bytes))
     if not mismatches:
         return EnginePlan(ENGINE, (TENSORRT_EP, CUDA_EP, CPU_EP), ())
     blockers = []
