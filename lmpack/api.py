@@ -282,13 +282,17 @@ def serve(path: Path, *, config_file: Path | None = None, **flags: Any) -> None:
     run_server(path, config)
 
 
-def doctor(path: Path) -> dict[str, Any]:
-    """This host's facts and, for each variant under `path`, whether it can run here and which would be served."""
+def doctor(path: Path, *, strict: bool = False, engine_rebuild: bool = True,
+           engine_cache_dir: Path | None = None) -> dict[str, Any]:
+    """This host's facts and, for each variant under `path`, whether it can run here and which would be served
+    (with serve's --strict / --no-engine-rebuild / engine cache, what each TensorRT engine would become)."""
+    from lmpack.runtime.engines import EnginePolicy
     from lmpack.runtime.host import probe_host
     from lmpack.runtime.select import explain
 
     host = probe_host()
-    return {"host": host.to_dict(), **explain(path, host).to_dict()}
+    policy = EnginePolicy(rebuild=engine_rebuild, strict=strict)
+    return {"host": host.to_dict(), **explain(path, host, policy, engine_cache_dir).to_dict()}
 
 
 def generate(variant_dir: Path, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
@@ -300,12 +304,10 @@ def generate(variant_dir: Path, prompt: str, *, max_tokens: int = 64, temperatur
     Returns a lmpack.runtime.engine.Completion (text, finish_reason, token counts, timings).
     """
     from lmpack.runtime.engine import DecoderEngine
-    from lmpack.runtime.host import probe_host
     from lmpack.runtime.sampling import SamplingParams
-    from lmpack.runtime.select import choose
-    from lmpack.runtime.variant import load_variant
+    from lmpack.runtime.select import prepare_variant
 
-    engine = DecoderEngine(load_variant(choose(variant_dir, probe_host()).path), threads=threads)
+    engine = DecoderEngine(prepare_variant(variant_dir), threads=threads)
     ids = engine.encode_chat([{"role": "user", "content": prompt}]) if chat else engine.encode_prompt(prompt)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=tuple(stop), repetition_penalty=repetition_penalty)

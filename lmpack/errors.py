@@ -136,3 +136,9 @@ class SwitchError(LmpackError):
     back to); the version that was serving keeps serving."""
 
     exit_code = 19
+
+
+class GpuMemoryError(LmpackError):
+    """The GPU has too little free memory to load the chosen variant; the message names both numbers."""
+
+    exit_code = 20

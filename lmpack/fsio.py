@@ -16,7 +16,7 @@ from typing import Callable
 
 from lmpack.errors import DiskFullError
 
-__all__ = ["publish", "guard_disk_full", "is_disk_full", "remove_path", "fsync_dir"]
+__all__ = ["publish", "publish_new", "guard_disk_full", "is_disk_full", "remove_path", "fsync_dir"]
 
 
 def remove_path(path: Path) -> None:
@@ -56,6 +56,27 @@ def publish(destination: Path, write: Callable[[Path], None]) -> None:
             os.rename(destination, retired)
             os.rename(staging, destination)
             remove_path(retired)
+
+
+def publish_new(destination: Path, write: Callable[[Path], None]) -> bool:
+    """Like `publish`, but never replaces: when `destination` appeared meanwhile (another process wrote the
+    same thing), keep that one, drop ours and return False. True when ours was published."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".{destination.name}.partial-{uuid.uuid4().hex[:8]}"
+    with guard_disk_full(staging):
+        write(staging)
+        if destination.exists():
+            remove_path(staging)
+            return False
+        try:
+            os.rename(staging, destination)  # a directory: fails when one exists by now
+        except OSError as exc:
+            if not destination.exists() or is_disk_full(exc):
+                raise
+            remove_path(staging)
+            return False
+        fsync_dir(destination.parent)
+        return True
 
 
 class guard_disk_full:

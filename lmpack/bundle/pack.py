@@ -184,8 +184,9 @@ def _stage_wheels(staging: Path, variants: list[_Variant], entries: list[FileEnt
     platform_tag, python = _target_facts(variants)
     model_entries = list(entries)
     with tempfile.TemporaryDirectory(prefix="lmpack-wheels-", dir=staging.parent) as scratch:
+        runtime = wheelhouse.runtime_set([v.meta["target"] for v in variants])
         wheels = wheelhouse.build_wheelhouse(Path(scratch), platform_tag=platform_tag, python=python,
-                                             source=options.source)
+                                             source=options.source, runtime=runtime)
         for wheel in wheels:
             entries.append(_copy_digesting(Path(scratch) / wheel.filename, staging,
                                            f"{wheelhouse.WHEELS_DIR}/{wheel.filename}"))

@@ -7,6 +7,12 @@ one on the server would need a compiler and run arbitrary setup code. The build 
 transformers, optimum) must never reach the wheelhouse; if a dependency drags one in, packing fails
 instead of shipping gigabytes the runtime must not import.
 
+A target with a GPU gets the `runtime-gpu` extra instead: onnxruntime-gpu in place of onnxruntime (never
+both: they install the same module, and the second would silently replace the first), nvidia-ml-py for
+NVML, and, unless the target says the vendor's OS image provides CUDA (`cuda_wheels = false`, Jetson),
+NVIDIA's CUDA runtime wheels through onnxruntime-gpu's `cuda` and `cudnn` extras. The NVIDIA driver and
+TensorRT never come from here (docs/airgapped-install.md).
+
 Build-side: runs pip (and hatchling, through pip's build isolation) as subprocesses.
 """
 
@@ -26,7 +32,12 @@ WHEELS_DIR = "wheels"
 LOCK_NAME = "requirements.lock"
 LOCK_PATH = f"{WHEELS_DIR}/{LOCK_NAME}"
 RUNTIME_EXTRA = "runtime"
+RUNTIME_GPU_EXTRA = "runtime-gpu"
+# onnxruntime-gpu's extras that pull NVIDIA's CUDA runtime wheels (nvidia-cuda-runtime, -cudnn, -cublas, ...).
+CUDA_RUNTIME = "onnxruntime-gpu[cuda,cudnn]"
 FORBIDDEN = ("torch", "transformers", "optimum", "optimum-onnx")  # the build half; never on the server
+# Pairs that install the same module: a wheelhouse carrying both would leave whichever pip installed last.
+EXCLUSIVE = (("onnxruntime", "onnxruntime-gpu"),)
 _WHEEL_RE = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-(?P<version>[A-Za-z0-9_.!+]+)(-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl\Z")
 _MANYLINUX_RE = re.compile(r"^manylinux_2_(?P<minor>\d+)_(?P<arch>x86_64|aarch64)\Z")
 _PIP_TIMEOUT_S = 900
@@ -93,7 +104,30 @@ def _pip(args: list[str], source: Path | None) -> None:
                           hint="check the build host's access to the package index, or pass --wheel-source DIR")
 
 
-def build_wheelhouse(destination: Path, *, platform_tag: str, python: str, source: Path | None = None) -> list[Wheel]:
+@dataclass(frozen=True)
+class RuntimeSet:
+    """What a wheelhouse resolves besides lmpack itself: one extra of lmpack's, plus further requirements."""
+
+    extra: str = RUNTIME_EXTRA
+    extra_requirements: tuple[str, ...] = ()
+
+    def requirements(self, own_wheel: str) -> list[str]:
+        return [f"{own_wheel}[{self.extra}]", *self.extra_requirements]
+
+
+def runtime_set(targets: list[dict]) -> RuntimeSet:
+    """The runtime packages for variants built for `targets` (Target.to_dict()): GPU ones when any has a GPU,
+    since onnxruntime-gpu runs the CPU variants too; CUDA runtime wheels unless every GPU target has the
+    vendor's own CUDA (cuda_wheels = false)."""
+    gpus = [t["gpu"] for t in targets if t.get("gpu")]
+    if not gpus:
+        return RuntimeSet()
+    cuda = any(gpu.get("cuda_wheels", True) for gpu in gpus)
+    return RuntimeSet(RUNTIME_GPU_EXTRA, (CUDA_RUNTIME,) if cuda else ())
+
+
+def build_wheelhouse(destination: Path, *, platform_tag: str, python: str, source: Path | None = None,
+                     runtime: RuntimeSet = RuntimeSet()) -> list[Wheel]:
     """Fill `destination` with lmpack's wheel and its runtime closure for the target; return them sorted."""
     destination.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lmpack-own-wheel-") as scratch:
@@ -103,7 +137,7 @@ def build_wheelhouse(destination: Path, *, platform_tag: str, python: str, sourc
             raise BundleError(f"building lmpack's own wheel gave {len(own)} wheels instead of one")
         platforms = [arg for tag in compatible_platforms(platform_tag) for arg in ("--platform", tag)]
         _pip(["download", "--only-binary=:all:", *platforms, "--python-version", python, "--implementation", "cp",
-              "--dest", str(destination), f"{own[0]}[{RUNTIME_EXTRA}]"], source)
+              "--dest", str(destination), *runtime.requirements(str(own[0]))], source)
     wheels = describe(destination)
     if "lmpack" not in {w.name for w in wheels}:
         raise BundleError("lmpack's own wheel is missing from the wheelhouse")
@@ -122,6 +156,11 @@ def describe(directory: Path) -> list[Wheel]:
         raise BundleError(f"the runtime wheelhouse would contain {', '.join(banned)}, which belong to the build "
                           "half only", hint="find the runtime dependency that pulls it in and drop or pin it")
     names = [w.name for w in wheels]
+    for pair in EXCLUSIVE:
+        if set(pair) <= set(names):
+            raise BundleError(f"the wheelhouse would contain both {' and '.join(pair)}, which install the same module",
+                              hint="a GPU target's wheelhouse carries onnxruntime-gpu only; drop the dependency "
+                                   "that pulls in the other")
     if len(set(names)) != len(names):
         raise BundleError(f"the wheelhouse holds two versions of one package: {sorted(names)}")
     return wheels
@@ -134,20 +173,23 @@ def lock_text(wheels: list[Wheel]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prefetch(destination: Path, *, platform_tag: str, python: str) -> list[Wheel]:
+def prefetch(destination: Path, *, platform_tag: str, python: str, runtime: RuntimeSet = RuntimeSet()) -> list[Wheel]:
     """Fill a local wheel directory that later packs can use offline (`--wheel-source`).
 
     It holds the runtime closure for the target plus hatchling and its dependencies for this host,
     which pip's build isolation needs to build lmpack's own wheel without an index. scripts/setup runs
     it, so the test suite packs real wheelhouses without touching the network.
     """
-    wheels = build_wheelhouse(destination, platform_tag=platform_tag, python=python)
+    wheels = build_wheelhouse(destination, platform_tag=platform_tag, python=python, runtime=runtime)
     for own in destination.glob("lmpack-*.whl"):  # rebuilt from the source tree at every pack
         own.unlink()
     _pip(["download", "--only-binary=:all:", "--dest", str(destination), "hatchling"], None)
     return [w for w in wheels if w.name != "lmpack"]
 
 
-if __name__ == "__main__":  # python -m lmpack.bundle.wheels DEST PLATFORM_TAG PYTHON
-    fetched = prefetch(Path(sys.argv[1]), platform_tag=sys.argv[2], python=sys.argv[3])
+if __name__ == "__main__":  # python -m lmpack.bundle.wheels DEST PLATFORM_TAG PYTHON [gpu|gpu-no-cuda]
+    kind = sys.argv[4] if len(sys.argv) > 4 else "cpu"
+    chosen = {"cpu": RuntimeSet(), "gpu": RuntimeSet(RUNTIME_GPU_EXTRA, (CUDA_RUNTIME,)),
+              "gpu-no-cuda": RuntimeSet(RUNTIME_GPU_EXTRA)}[kind]
+    fetched = prefetch(Path(sys.argv[1]), platform_tag=sys.argv[2], python=sys.argv[3], runtime=chosen)
     print(f"{len(fetched)} runtime wheels, {sum(w.size for w in fetched) / 1e6:.1f} MB in {sys.argv[1]}")

@@ -40,9 +40,18 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
 @click.option("--tls-key", type=click.Path(path_type=Path), default=None, help="PEM private key for --tls-cert.")
 @click.option("--cache/--no-cache", default=None,
               help="Replay answers to repeated deterministic requests (greedy or seeded) [default: off].")
+@click.option("--strict/--no-strict", default=None,
+              help="Refuse to start rather than serve a variant whose TensorRT engine does not fit this host "
+                   "(and cannot be rebuilt) on the CUDA provider or the CPU [default: off].")
+@click.option("--engine-rebuild/--no-engine-rebuild", default=None,
+              help="Rebuild a TensorRT engine that does not fit this host from the variant's ONNX, once, and "
+                   "cache it [default: on].")
+@click.option("--engine-cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where rebuilt engines are kept [default: PREFIX/releases/NAME/.engines, beside the release].")
 @handle_errors
 def serve_command(path, config_file, host, port, threads, max_concurrency, max_batch, batch_align, queue,
-                  api_key_file, drain_seconds, tls_cert, tls_key, cache) -> None:
+                  api_key_file, drain_seconds, tls_cert, tls_key, cache, strict, engine_rebuild,
+                  engine_cache_dir) -> None:
     """Answer an OpenAI-compatible HTTP API for the variant at PATH that suits this host.
 
     PATH is a variant directory, an unpacked bundle, or an installed release (PREFIX/releases/NAME,
@@ -59,7 +68,8 @@ def serve_command(path, config_file, host, port, threads, max_concurrency, max_b
     """
     api.serve(path, config_file=config_file, host=host, port=port, threads=threads, max_concurrency=max_concurrency,
               max_batch=max_batch, batch_align=batch_align, queue=queue, api_key_file=api_key_file,
-              drain_seconds=drain_seconds, tls_cert=tls_cert, tls_key=tls_key, cache=cache)
+              drain_seconds=drain_seconds, tls_cert=tls_cert, tls_key=tls_key, cache=cache, strict=strict,
+              engine_rebuild=engine_rebuild, engine_cache_dir=engine_cache_dir)
 
 
 @click.command("generate")

@@ -36,6 +36,9 @@ class ServeSettings:
     cache: bool = False
     cache_max_entries: int = 1024
     cache_max_bytes: int = 64 * MIB
+    strict: bool = False            # refuse rather than serve a mismatched TensorRT engine's variant on CUDA or the CPU
+    engine_rebuild: bool = True     # rebuild a mismatched TensorRT engine on this host, once (docs/gpu-targets.md)
+    engine_cache_dir: Path | None = None  # where rebuilt engines are kept; default: beside the release
 
 
 # field: (minimum, maximum) for the integers, shared by the file and the environment.
@@ -43,7 +46,7 @@ _BOUNDS = {"port": (0, 65535), "threads": (1, 1024), "max_concurrency": (1, 1024
            "batch_align": (1, 64), "queue": (0, 100_000), "drain_seconds": (0, 86_400),
            "max_body_bytes": (1024, 1024 * MIB),
            "cache_max_entries": (1, 10_000_000), "cache_max_bytes": (1024, 64 * 1024 * MIB)}
-_PATHS = ("api_key_file", "tls_cert", "tls_key")
+_PATHS = ("api_key_file", "tls_cert", "tls_key", "engine_cache_dir")
 # Settings that LMPACK_SERVE_<NAME> may set: the scalar ones a unit file or container might inject.
 ENV_FIELDS = ("host", "port", "threads", "max_concurrency", "max_batch", "batch_align", "queue", "drain_seconds",
               "api_key_file", "tls_cert", "tls_key")
@@ -59,6 +62,9 @@ def read_serve_file(path: Path) -> dict[str, Any]:
         if not name.startswith("cache_"):
             values[name] = top.int(name, minimum=low, maximum=high)
     values["api_key_file"] = top.str("api_key_file")
+    values["strict"] = top.bool("strict")
+    values["engine_rebuild"] = top.bool("engine_rebuild")
+    values["engine_cache_dir"] = top.str("engine_cache_dir")
     if (tls := top.table("tls")) is not None:
         values["tls_cert"], values["tls_key"] = tls.str("cert", required=True), tls.str("key", required=True)
         tls.finish()

@@ -29,6 +29,9 @@ class GpuFacts:
     model: str
     compute_capability: str
     memory_gib: float
+    # The CUDA runtime (cudart, cuBLAS, cuDNN, ...) ships in the wheelhouse as NVIDIA's pip wheels; false where
+    # the vendor's OS image provides it (JetPack on Jetson), so the bundle does not carry a second copy.
+    cuda_wheels: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ def parse_target(data: dict, *, source: str, digest: str = "") -> Target:
             model=gpu_table.str("model", required=True),
             compute_capability=_compute_capability(gpu_table),
             memory_gib=gpu_table.float("memory_gib", required=True, minimum=0.5),
+            cuda_wheels=gpu_table.bool("cuda_wheels", True),
         )
         gpu_table.finish()
     tensorrt = None

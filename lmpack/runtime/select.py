@@ -4,19 +4,28 @@ The decision is a pure function of the manifest's compatibility rules and record
 (lmpack/runtime/host.py), so it can be tested on hosts we do not have and explained line by line by
 `lmpack doctor`. Order: variants that run here first; among them GPU variants first (a GPU that
 matches is why they were built), then by PRECISION_PREFERENCE, then by name so the choice is stable.
+
+A variant carrying a TensorRT engine is judged by its engine's recorded facts instead of the rule's
+exact-GPU line (lmpack/runtime/engines.py): a mismatched engine may still run, rebuilt on this host or
+on a fallback provider. A variant served on a fallback ranks after those that run as built: a CUDA
+fallback after GPU variants that run as built, a CPU fallback after every variant built for the CPU.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lmpack.bundle.manifest import MANIFEST, Compatibility, VariantEntry, parse_manifest
 from lmpack.errors import BundleError, NoCompatibleVariantError, NotFoundError, VariantError
+from lmpack.runtime.engine_cache import apply_plan, cache_root, cached, entry_dir, load_cuda_libraries, model_digest
+from lmpack.runtime.engines import CPU, EngineFacts, EnginePlan, EnginePolicy, decide, read_engine_facts
+from lmpack.runtime import host as host_probe
 from lmpack.runtime.host import HostFacts
-from lmpack.runtime.variant import MODEL_INFO, VARIANT_FILE
+from lmpack.runtime.variant import MODEL_DIR, MODEL_INFO, VARIANT_FILE, Variant, load_variant
 
 log = logging.getLogger("lmpack.select")
 
@@ -41,17 +50,28 @@ class Verdict:
     candidate: Candidate
     reasons: tuple[str, ...]    # why it cannot run here; empty when it can
     uses_gpu: bool
+    engine: EngineFacts | None = None   # the shipped TensorRT engine's facts, when it carries one
+    plan: EnginePlan | None = None      # what is served instead of / with that engine
+    cache: Path | None = None           # where this host's rebuilt engine is (or would be) kept
 
     @property
     def ok(self) -> bool:
         return not self.reasons
 
+    @property
+    def need_gpu_bytes(self) -> int:
+        entry = self.candidate.entry
+        return entry.compatibility.gpu.min_memory_bytes if entry and entry.compatibility.gpu else 0
+
     def to_dict(self) -> dict[str, Any]:
         entry = self.candidate.entry
+        engine = None if self.engine is None else {**self.engine.to_dict(),
+                                                   "plan": self.plan.to_dict() if self.plan else None,
+                                                   "cache": str(self.cache) if self.cache else None}
         return {"name": self.candidate.name, "path": str(self.candidate.path), "ok": self.ok,
                 "reasons": list(self.reasons), "gpu": self.uses_gpu,
                 "precision": entry.precision if entry else None, "target": entry.target if entry else None,
-                "compatibility": entry.compatibility.to_dict() if entry else None}
+                "compatibility": entry.compatibility.to_dict() if entry else None, "engine": engine}
 
 
 @dataclass(frozen=True)
@@ -156,32 +176,76 @@ def check_rule(rule: Compatibility, host: HostFacts) -> tuple[list[str], bool]:
     return reasons, True
 
 
-def judge(candidate: Candidate, host: HostFacts) -> Verdict:
+def _model_dir(candidate: Candidate) -> Path:
+    return candidate.path / MODEL_DIR if (candidate.path / VARIANT_FILE).is_file() else candidate.path
+
+
+def judge(candidate: Candidate, host: HostFacts, policy: EnginePolicy = EnginePolicy(),
+          cache: Path | None = None) -> Verdict:
+    """`cache` is the engine cache root for the source (engine_cache.cache_root); None: beside the variant."""
     if candidate.entry is None:  # nothing recorded to check: a bare model directory is served as given
         return Verdict(candidate, (), False)
-    reasons, gpu = check_rule(candidate.entry.compatibility, host)
-    return Verdict(candidate, tuple(reasons), gpu)
+    try:
+        engine = read_engine_facts(_model_dir(candidate))
+    except VariantError as exc:
+        return Verdict(candidate, (exc.message,), False)
+    rule = candidate.entry.compatibility
+    if engine is None:
+        reasons, gpu = check_rule(rule, host)
+        return Verdict(candidate, tuple(reasons), gpu)
+    reasons, _ = check_rule(replace(rule, gpu=None), host)  # the engine's own facts replace the GPU line
+    entry = entry_dir(cache or cache_root(candidate.path, None), candidate.name, host)
+    plan = decide(engine, host, has_onnx=_has_onnx(candidate), cached=cached(entry, model_digest(candidate.path)),
+                  need_bytes=rule.gpu.min_memory_bytes if rule.gpu else 0, policy=policy)
+    if plan.mode == "refuse":
+        reasons += list(plan.notes)
+    return Verdict(candidate, tuple(reasons), plan.uses_gpu, engine=engine, plan=plan, cache=entry)
+
+
+def _has_onnx(candidate: Candidate) -> bool:
+    """Whether the variant carries the ONNX its engine was built from (what the server rebuilds or falls back to)."""
+    model_dir = _model_dir(candidate)
+    try:
+        info = json.loads((model_dir / MODEL_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    name = info.get("onnx", "model.onnx") if isinstance(info, dict) else "model.onnx"
+    return isinstance(name, str) and (model_dir / name).is_file()
 
 
 def _rank(verdict: Verdict) -> tuple:
     precision = verdict.candidate.entry.precision if verdict.candidate.entry else ""
     order = PRECISION_PREFERENCE.index(precision) if precision in PRECISION_PREFERENCE else len(PRECISION_PREFERENCE)
-    return (not verdict.ok, not verdict.uses_gpu, order, verdict.candidate.name)
+    plan = verdict.plan
+    return (not verdict.ok, bool(plan and plan.mode == CPU), not verdict.uses_gpu, bool(plan and plan.fallback), order,
+            verdict.candidate.name)
 
 
-def rank(kind: str, source: Path, candidates: list[Candidate], host: HostFacts) -> Selection:
-    """Every candidate judged against `host`, best first; never raises (doctor shows the rejections)."""
-    return Selection(source=source, kind=kind, verdicts=tuple(sorted((judge(c, host) for c in candidates), key=_rank)))
+def rank(kind: str, source: Path, candidates: list[Candidate], host: HostFacts,
+         policy: EnginePolicy = EnginePolicy(), cache: Path | None = None) -> Selection:
+    """Every candidate judged against `host`, best first; never raises (doctor shows the rejections).
+
+    `cache` overrides where rebuilt engines are kept (the serve setting engine_cache_dir)."""
+    root = cache_root(source, cache)
+    verdicts = (judge(c, host, policy, root) for c in candidates)
+    return Selection(source=source, kind=kind, verdicts=tuple(sorted(verdicts, key=_rank)))
 
 
-def explain(path: Path | str, host: HostFacts) -> Selection:
+def explain(path: Path | str, host: HostFacts, policy: EnginePolicy = EnginePolicy(),
+            cache: Path | None = None) -> Selection:
     kind, root, candidates = find_candidates(path)
-    return rank(kind, root, candidates, host)
+    return rank(kind, root, candidates, host, policy, cache)
 
 
-def choose(path: Path | str, host: HostFacts) -> Candidate:
+def choose(path: Path | str, host: HostFacts, policy: EnginePolicy = EnginePolicy()) -> Candidate:
     """The variant to serve from `path` on `host`, logging why; NoCompatibleVariantError lists every rejection."""
-    selection = explain(path, host)
+    return choose_verdict(path, host, policy).candidate
+
+
+def choose_verdict(path: Path | str, host: HostFacts, policy: EnginePolicy = EnginePolicy(),
+                   cache: Path | None = None) -> Verdict:
+    """choose(), with the engine facts and plan of the chosen variant (what engine_cache.apply_plan carries out)."""
+    selection = explain(path, host, policy, cache)
     chosen = selection.chosen
     for verdict in selection.verdicts:
         if verdict is not chosen:
@@ -196,4 +260,18 @@ def choose(path: Path | str, host: HostFacts) -> Candidate:
                                             "target this host matches")
     log.info("serving variant %s from %s %s (%s)", chosen.candidate.name, selection.kind, selection.source,
              "GPU" if chosen.uses_gpu else "CPU")
-    return chosen.candidate
+    return chosen
+
+
+def prepare_variant(path: Path | str, *, strict: bool = False, engine_rebuild: bool = True,
+                    engine_cache_dir: Path | None = None, host: HostFacts | None = None) -> Variant:
+    """The variant at `path` this host should serve, ready to load: chosen, its TensorRT engine matched,
+    rebuilt or replaced by a fallback provider, and the GPU's free memory checked (engine_cache.py)."""
+    host = host or host_probe.probe_host()
+    policy = EnginePolicy(rebuild=engine_rebuild, strict=strict)
+    verdict = choose_verdict(path, host, policy, engine_cache_dir)
+    if verdict.uses_gpu:  # before the rebuild's session as much as the server's
+        load_cuda_libraries()
+    return apply_plan(load_variant(verdict.candidate.path), verdict.engine, verdict.plan, host,
+                      need_bytes=verdict.need_gpu_bytes if verdict.uses_gpu else 0, policy=policy,
+                      entry=verdict.cache)

@@ -39,7 +39,6 @@ from lmpack.runtime.protocol import (ApiError, check_model, completion_body, emb
                                      parse_generation, usage, with_max_tokens)
 from lmpack.runtime.sampling import SamplingParams
 from lmpack.runtime.streaming import cached_response, live_stream, run_in_worker
-from lmpack.runtime.variant import load_variant
 
 log = logging.getLogger("lmpack.serve")
 
@@ -71,6 +70,9 @@ class ServerConfig:
     cache: bool = _SETTINGS.cache              # the response cache for deterministic requests (cache.py)
     cache_max_entries: int = _SETTINGS.cache_max_entries
     cache_max_bytes: int = _SETTINGS.cache_max_bytes
+    strict: bool = _SETTINGS.strict            # TensorRT engines: refuse instead of falling back (engines.py)
+    engine_rebuild: bool = _SETTINGS.engine_rebuild
+    engine_cache_dir: Path | None = _SETTINGS.engine_cache_dir
 
 
 class ServerState:
@@ -343,14 +345,13 @@ def serve(path: Path | str, config: ServerConfig = ServerConfig()) -> None:
     """
     import uvicorn
 
-    from lmpack.runtime.host import probe_host
-    from lmpack.runtime.select import choose
-
     if not logging.getLogger().handlers:  # this is the process's entry point: make the selection's reasons visible
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    candidate = choose(path, probe_host())
-    engine = load_engine(load_variant(candidate.path), threads=config.threads,
-                         max_tokens_limit=config.max_tokens_limit)
+    from lmpack.runtime.select import prepare_variant
+
+    variant = prepare_variant(path, strict=config.strict, engine_rebuild=config.engine_rebuild,
+                              engine_cache_dir=config.engine_cache_dir)
+    engine = load_engine(variant, threads=config.threads, max_tokens_limit=config.max_tokens_limit)
     app = create_app(engine, config)
     state: ServerState = app.state.lmpack
 

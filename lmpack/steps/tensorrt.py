@@ -21,12 +21,11 @@ from typing import Any
 
 from lmpack.errors import PlanError, StepError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext, register
+from lmpack.runtime.engines import ENGINE_MODEL
+from lmpack.runtime.host import probe_onnxruntime, probe_tensorrt_version
+from lmpack.runtime.trt_build import build_engine, engine_options
 from lmpack.runtime.variant import MODEL_INFO, TEXT_GENERATION
 from lmpack.steps.export import onnx_model_path, read_model_info
-
-ENGINE_MODEL = "model_ctx.onnx"
-# Precision flags of the TensorRT provider, by profile precision; fp32 and tf32 need none.
-_PRECISION_FLAGS = {"fp16": "trt_fp16_enable", "bf16": "trt_bf16_enable", "int8": "trt_int8_enable"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +73,13 @@ class TensorrtStep(Step):
         shutil.copytree(source.path, out_dir, dirs_exist_ok=True)
         info = read_model_info(out_dir)
         options = provider_options(ctx.target, ctx.profile.precision, info, self.params, out_dir)
-        _build_engine(onnx_model_path(out_dir), options)
+        build_engine(onnx_model_path(out_dir), options)
         if not (out_dir / ENGINE_MODEL).is_file():
             raise StepError(f"the TensorRT provider did not write {ENGINE_MODEL}")
         facts = {**gpu, **_runtime_versions(), "precision": ctx.profile.precision,
                  "hardware_compatibility": ctx.target.tensorrt.hardware_compatibility,
                  "version_compatible": ctx.target.tensorrt.version_compatible,
+                 "sparse_weights": self.params.sparse_weights,
                  "profile_shapes": {k: options[k] for k in options if k.startswith("trt_profile_")}}
         info["tensorrt"] = {"engine_model": ENGINE_MODEL, **facts}
         (out_dir / MODEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
@@ -116,37 +116,11 @@ def provider_options(target, precision: str, info: dict[str, Any], params: Tenso
                      out_dir: Path) -> dict[str, Any]:
     """TensorRT provider options for one build: precision, workspace, optimization level, caches, EP context."""
     trt = target.tensorrt
-    options: dict[str, Any] = {
-        "trt_max_workspace_size": int(trt.workspace_gib * (1 << 30)),
-        "trt_builder_optimization_level": trt.builder_optimization_level,
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(out_dir / "engines"),
-        "trt_dump_ep_context_model": True,
-        "trt_ep_context_file_path": str(out_dir / ENGINE_MODEL),
-        "trt_ep_context_embed_mode": 0,  # the engine stays a separate file, hashed in the manifest like any other
-        "trt_ep_context_compute_capability_enable": True,  # the provider refuses it on another compute capability
-        "trt_timing_cache_enable": params.timing_cache,
-        "trt_timing_cache_path": str(out_dir / "engines"),
-        "trt_engine_hw_compatible": trt.hardware_compatibility == "ampere_plus",
-        "trt_sparsity_enable": params.sparse_weights,
-        **profile_shapes(info, params),
-    }
-    if precision in _PRECISION_FLAGS:
-        options[_PRECISION_FLAGS[precision]] = True
-    return options
-
-
-def _build_engine(model: Path, options: dict[str, Any]) -> None:
-    import onnxruntime as ort
-
-    if "TensorrtExecutionProvider" not in ort.get_available_providers():
-        raise StepError("this onnxruntime has no TensorrtExecutionProvider",
-                        hint="install lmpack[gpu] (onnxruntime-gpu) and TensorRT on the build host")
-    try:
-        # Creating the session compiles the engine and writes the EP context model.
-        ort.InferenceSession(str(model), providers=[("TensorrtExecutionProvider", options), "CUDAExecutionProvider"])
-    except Exception as exc:  # the provider raises plain RuntimeErrors with TensorRT's message
-        raise StepError(f"TensorRT engine build failed: {exc}") from exc
+    return engine_options(precision=precision, workspace_gib=trt.workspace_gib,
+                          builder_optimization_level=trt.builder_optimization_level,
+                          hardware_compatible=trt.hardware_compatibility == "ampere_plus",
+                          shapes=profile_shapes(info, params), timing_cache=params.timing_cache,
+                          sparse_weights=params.sparse_weights, out_dir=out_dir)
 
 
 def gpu_facts() -> dict[str, Any] | None:
@@ -176,12 +150,7 @@ def gpu_facts() -> dict[str, Any] | None:
 
 
 def _runtime_versions() -> dict[str, str | None]:
-    import onnxruntime as ort
-
-    try:
-        import tensorrt
-
-        trt_version = tensorrt.__version__
-    except ImportError:
-        trt_version = None  # the provider loads TensorRT's libraries itself; the Python package is optional
-    return {"onnxruntime_version": ort.__version__, "tensorrt_version": trt_version}
+    """The versions a server compares with its own (lmpack/runtime/engines.py), probed the way it probes them:
+    TensorRT from its Python package or libnvinfer, the CUDA that onnxruntime-gpu was built for."""
+    ort_version, cuda, _ = probe_onnxruntime()
+    return {"onnxruntime_version": ort_version, "cuda_version": cuda, "tensorrt_version": probe_tensorrt_version()}
