@@ -196,3 +196,30 @@ def test_a_disconnecting_client_leaves_the_batch_alone(batch_server, engine):
     assert answer["choices"][0]["text"] == expected.text and answer["usage"]["completion_tokens"] == 400
     after = _metric(httpx.get(f"{batch_server.url}/metrics").text, "lmpack_generated_tokens_total")
     assert 400 < after - before < 700
+
+
+def test_in_place_cache_gives_the_copied_caches_logits_across_growth(llama_variant):
+    """onnxruntime-genai's graph written in place (one buffer bound as past and present) against the same
+    graph with presents copied out each step: identical logits for 300 tokens, across buffer growth."""
+    from lmpack.runtime.sessions import DecoderRunner
+
+    onnx_path = load_variant(llama_variant).onnx_path
+    in_place = DecoderRunner(onnx_path, threads=1, kv_padding="right")
+    copied = DecoderRunner(onnx_path, threads=1, kv_padding="left")  # the step path without I/O binding
+    assert in_place.in_place and not copied.in_place
+    caches = {"in_place": KVCache(), "copied": KVCache()}
+    prompt = [5, 17, 33, 8, 2, 40, 41]
+    in_place_tokens = list(prompt)
+    logits = {"in_place": in_place.step(prompt, caches["in_place"]), "copied": copied.step(prompt, caches["copied"])}
+    buffers, grown = None, 0
+    for _ in range(300):
+        assert np.array_equal(logits["in_place"], logits["copied"])
+        token = int(np.argmax(logits["in_place"]))
+        in_place_tokens.append(token)
+        before = caches["in_place"].values
+        logits = {"in_place": in_place.step([token], caches["in_place"]), "copied": copied.step([token], caches["copied"])}
+        after = caches["in_place"].values
+        grown += after is not before
+        buffers = next(iter(after.values()))
+        assert buffers.shape[2] >= caches["in_place"].length  # grown when a step needs room, not before
+    assert grown >= 1 and caches["in_place"].length == len(in_place_tokens)
