@@ -22,7 +22,7 @@ from typing import Any, Callable
 from lmpack.errors import GpuMemoryError, LmpackError, NoCompatibleVariantError, StepError
 from lmpack.fsio import file_sha256, publish_new, remove_path
 from lmpack.runtime.engines import (CACHED, CPU, CUDA, ENGINE, ENGINE_MODEL, REBUILD, REFUSE, EngineFacts, EnginePlan,
-                                    EnginePolicy, decide, device)
+                                    TENSORRT_EP, EnginePolicy, decide, device)
 from lmpack.runtime.host import GpuFacts, HostFacts, probe_gpus
 from lmpack.runtime.variant import VARIANT_FILE, Variant
 
@@ -207,7 +207,8 @@ def apply_plan(variant: Variant, facts: EngineFacts | None, plan: EnginePlan | N
     if plan.uses_gpu:
         check_gpu_memory(need_bytes, free_gpu(), variant=variant.name)
     if plan.mode == ENGINE:
-        return replace(variant, onnx_path=variant.model_dir / facts.engine_model, providers=list(plan.providers))
+        return replace(variant, onnx_path=variant.model_dir / facts.engine_model,
+                       providers=engine_providers(plan, facts))
     if plan.mode in (CACHED, REBUILD):
         entry = entry or entry_dir(cache_root(variant.path), variant.name, host)
         try:
@@ -242,5 +243,13 @@ def _use_entry(variant: Variant, facts: EngineFacts, host: HostFacts, entry: Pat
             log.info("variant %s: another process rebuilt the engine first; using its", variant.name)
         if problems := verify_entry(entry):
             raise StepError(f"the rebuilt engine in {entry} does not check out: {'; '.join(problems)}")
-    return replace(variant, onnx_path=entry / ENGINE_MODEL, providers=list(plan.providers))
+    return replace(variant, onnx_path=entry / ENGINE_MODEL, providers=engine_providers(plan, facts))
+
+
+def engine_providers(plan: EnginePlan, facts: EngineFacts) -> list[Any]:
+    """The plan's providers, with the TensorRT one carrying the load-time option a hardware-compatible engine
+    needs (the provider refuses such an engine without it)."""
+    if facts.hardware_compatibility == "none":
+        return list(plan.providers)
+    return [(p, {"trt_engine_hw_compatible": True}) if p == TENSORRT_EP else p for p in plan.providers]
 

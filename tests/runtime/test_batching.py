@@ -223,3 +223,30 @@ def test_in_place_cache_gives_the_copied_caches_logits_across_growth(llama_varia
         buffers = next(iter(after.values()))
         assert buffers.shape[2] >= caches["in_place"].length  # grown when a step needs room, not before
     assert grown >= 1 and caches["in_place"].length == len(in_place_tokens)
+
+
+def test_kv_bound_to_a_device_gives_the_same_logits(llama_variant_optimum):
+    """The I/O-binding path GPU providers take (presents bound to the provider's device, here the CPU's),
+    single and batched, against run_with_ort_values: identical logits. GPU variants are optimum's
+    left-padded graphs. On a GPU the device is "cuda", which has not run here."""
+    from lmpack.runtime.sessions import DecoderRunner
+
+    variant = load_variant(llama_variant_optimum)
+    plain = DecoderRunner(variant.onnx_path, threads=1, kv_padding="left")
+    bound = DecoderRunner(variant.onnx_path, threads=1, kv_padding="left", bind_kv=True)
+    assert (plain.bind_kv, bound.bind_kv, bound.kv_device) == (False, True, "cpu")
+    caches = [KVCache(), KVCache()]
+    logits = [plain.step([3, 9, 27, 4], caches[0]), bound.step([3, 9, 27, 4], caches[1])]
+    for _ in range(20):
+        assert np.array_equal(*logits)
+        token = int(np.argmax(logits[0]))
+        logits = [plain.step([token], caches[0]), bound.step([token], caches[1])]
+    batches = [plain.new_batch(), bound.new_batch()]
+    for runner, batch in zip((plain, bound), batches):
+        for prompt in ([5, 6, 7], [8, 9, 10, 11, 12]):
+            cache = KVCache()
+            runner.step(prompt, cache)
+            batch.join(cache)
+    for _ in range(5):
+        rows = [plain.step_batch([1, 2], batches[0]), bound.step_batch([1, 2], batches[1])]
+        assert np.array_equal(*rows)

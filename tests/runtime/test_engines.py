@@ -77,6 +77,25 @@ def test_the_same_compute_capability_on_another_gpu_model_is_a_mismatch_unless_h
     assert "Ampere and later" in turing and "Tesla T4 (compute capability 7.5)" in turing
 
 
+def test_a_hardware_compatible_engine_is_loaded_with_the_option_that_lets_the_provider_accept_it():
+    from lmpack.runtime.engine_cache import engine_providers
+
+    plan = decide(A100_ENGINE, gpu_host(), has_onnx=True)
+    assert engine_providers(plan, A100_ENGINE) == [TRT, CUDA_EP, CPU_EP]
+    portable = replace(A100_ENGINE, hardware_compatibility="ampere_plus")
+    plan = decide(portable, gpu_host(name="NVIDIA A30", cc="8.0"), has_onnx=True)
+    assert plan.mode == ENGINE
+    assert engine_providers(plan, portable) == [(TRT, {"trt_engine_hw_compatible": True}), CUDA_EP, CPU_EP]
+
+
+def test_sessions_take_providers_with_options_and_skip_the_unavailable(llama_variant):
+    from lmpack.runtime.sessions import create_session
+
+    onnx_path = load_variant(llama_variant).onnx_path
+    session = create_session(onnx_path, providers=[(TRT, {"trt_engine_hw_compatible": True}), CUDA_EP])
+    assert session.get_providers() == ["CPUExecutionProvider"]  # neither GPU provider exists here
+
+
 def test_tensorrt_and_onnxruntime_versions_must_match_unless_version_compatible():
     lines = engine_mismatches(A100_ENGINE, gpu_host(tensorrt_version="10.3.0", onnxruntime_version="1.21.0"))
     assert lines == ["the engine was built with TensorRT 10.4.0, this host has 10.3.0 (an engine runs only on the "
