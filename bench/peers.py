@@ -4,9 +4,10 @@
         --q8 MODEL.q8_0.gguf --q4 MODEL.Q4_1.gguf [--tokens 128] [--threads 2] [--json OUT.json] [--svg OUT.svg]
 
 1. Single stream (bench/decode.py, each engine in its own process, same prompt, greedy, --tokens new
-   tokens, best of --repeat): lmpack int8 and int4, transformers (PyTorch fp32), onnxruntime-genai int4
-   (its own builder), llama.cpp q8_0 and Q4_1: decode and prefill tokens/s, time to first token, peak RSS,
-   and the memory-bandwidth bound (weights bytes / measured bandwidth).
+   tokens; --repeat rounds that take the engines in turn, best round kept): lmpack int8 and int4,
+   transformers (PyTorch fp32), onnxruntime-genai int4 (its own builder), llama.cpp q8_0 and Q4_1:
+   decode and prefill tokens/s, time to first token, peak RSS, and the memory-bandwidth bound
+   (weights bytes / measured bandwidth).
 2. Through the HTTP server, for each lmpack variant: cold start (process start to /health/ready, which
    waits for a warm-up generation), then 1, 4 and 8 concurrent streaming clients (distinct prompts,
    --tokens each, --rounds rounds): total tokens/s, p50/p99 request latency, p50 time to first token,
@@ -102,6 +103,13 @@ def goals(single: dict[str, dict], http: dict[str, dict]) -> list[dict]:
         return r.get("decode_tok_s")
 
     out = []
+    for name in ("lmpack int8", "lmpack int4"):
+        r = single.get(name, {})
+        if "peak_rss_mb" in r:
+            ratio = r["peak_rss_mb"] * 1e6 / r["weights_bytes"]
+            out.append({"goal": f"{name}: single-stream peak RSS < {GOAL_RSS_RATIO}x the model file",
+                        "measured": f"{r['peak_rss_mb']:.0f} MB / {r['weights_bytes'] / 1e6:.0f} MB = {ratio:.2f}x",
+                        "met": ratio < GOAL_RSS_RATIO})
     for bits, ours, peers in (("8-bit", "lmpack int8", ["llama.cpp q8_0"]),
                               ("4-bit", "lmpack int4", ["onnxruntime-genai int4", "llama.cpp Q4_1"])):
         measured = {p: decode(p) for p in peers if decode(p)}
@@ -121,7 +129,7 @@ def goals(single: dict[str, dict], http: dict[str, dict]) -> list[dict]:
         out.append({"goal": f"{name}: cold start < {GOAL_COLD_START_S} s",
                     "measured": f"{result['cold_start_s']:.2f} s", "met": result["cold_start_s"] < GOAL_COLD_START_S})
         ratio = result["peak_rss_mb"] * 1e6 / result["weights_bytes"]
-        out.append({"goal": f"{name}: serving peak RSS < {GOAL_RSS_RATIO}x the model file",
+        out.append({"goal": f"{name}: server peak RSS (8 clients) < {GOAL_RSS_RATIO}x the model file",
                     "measured": f"{result['peak_rss_mb']:.0f} MB / {result['weights_bytes'] / 1e6:.0f} MB = {ratio:.2f}x",
                     "met": ratio < GOAL_RSS_RATIO})
     return out
@@ -192,11 +200,17 @@ def main() -> None:
     print(f"memory bandwidth (1 thread, numpy sum): {bandwidth:.1f} GB/s\n")
     print("| engine | weights MB | bound tok/s | decode tok/s | of bound | prefill tok/s | TTFT ms | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
-    single = {}
-    for name, (engine, path) in engines.items():
-        if not path:
-            continue
-        r = single[name] = measure(engine, path, tokens=args.tokens, threads=args.threads, repeat=args.repeat)
+    # The machine's speed drifts (shared hosts): every engine runs once per round, rounds interleave them,
+    # and each keeps its best round, so a slow minute costs every engine alike.
+    single: dict[str, dict] = {}
+    for _ in range(args.repeat):
+        for name, (engine, path) in engines.items():
+            if not path or "skipped" in single.get(name, {}) or "failed" in single.get(name, {}):
+                continue
+            r = measure(engine, path, tokens=args.tokens, threads=args.threads, repeat=1)
+            if name not in single or r.get("decode_tok_s", 0) > single[name].get("decode_tok_s", 0):
+                single[name] = r
+    for name, r in single.items():
         if "decode_tok_s" not in r:
             print(f"| {name} | {r.get('skipped') or 'failed: ' + r.get('failed', '?')} |||||||", flush=True)
             continue

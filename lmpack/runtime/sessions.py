@@ -146,7 +146,7 @@ def _as_array(value: Any) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.numpy()
 
 
-# Right-padded caches grow in steps of this many positions (plus the same again as headroom), so a
+# Right-padded caches grow in steps of this many positions, so a
 # sequence re-allocates its buffers once every 128 tokens, not every token.
 _GROWTH = 128
 
@@ -156,7 +156,7 @@ def _grow(buffers: dict[str, np.ndarray], rows: int, needed: int, like: dict[str
     have = min((b.shape[2] for b in buffers.values()), default=0)
     if buffers and have >= needed:
         return buffers
-    capacity = (needed // _GROWTH + 2) * _GROWTH
+    capacity = (needed // _GROWTH + 1) * _GROWTH
     grown = {}
     for name, (heads, head_dim, dtype) in like.items():
         grown[name] = np.zeros((rows, heads, capacity, head_dim), dtype=dtype)
