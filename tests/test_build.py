@@ -121,6 +121,46 @@ def _with_config(model_copy, tiny_llama, **changes) -> Path:
     return model_copy("odd", files={"config.json": json.dumps({**config, **changes})})
 
 
+def test_int4_embedding_reads_the_tied_8bit_head(tiny_llama, session_cache, tmp_path):
+    """The int4 profile's tied embedding is the 8-bit head's weight, gathered and dequantized in the graph:
+    no table of its own, and each row within half a quantization step of the fp32 embedding."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    result = build(str(tiny_llama), "--target", "cpu-x86", "--profile", "int4", "-o", str(tmp_path), "--json",
+                   cache=session_cache)
+    assert result.exit_code == 0, result.output
+    steps = {s["step"]: s for s in json.loads(result.stdout)["report"]["steps"]}
+    assert steps["quantize"]["metrics"]["embedding_shares_head"] is True
+    model = onnx.load(str(Path(json.loads(result.stdout)["variant_dir"]) / "model" / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert "GatherBlockQuantized" not in ops
+    head = next(n for n in model.graph.node if "logits" in n.output)
+    assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
+    embedding = next(n for n in model.graph.node if n.op_type == "Reshape" and n.input[0].endswith("_d"))
+    inits = {i.name: i for i in model.graph.initializer}
+    assert sum(1 for i in inits.values() if list(i.dims)[:1] == [512] and i.data_type == TensorProto.FLOAT
+               and len(i.dims) == 2 and i.dims[1] == 64) == 0  # no fp32 [vocab, hidden] table left
+    # run the graph up to the embedding and compare with the fp32 export's table
+    model.graph.output.append(helper.make_tensor_value_info(embedding.output[0], TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[1, 5, 7, 300, 511]], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+    rows = session.run([embedding.output[0]], feed)[0][0]                 # [5, hidden]
+    scales = numpy_helper.to_array(inits[head.input[2]])[ids[0]]            # [5, blocks]
+    weight = numpy_helper.to_array(inits[head.input[1]])[ids[0]].astype(np.float32) - 128
+    np.testing.assert_array_equal(rows, (weight * scales[..., None]).reshape(rows.shape))
+    from safetensors.numpy import load_file
+
+    table = load_file(str(tiny_llama / "model.safetensors"))["model.embed_tokens.weight"][ids[0]]
+    step = np.repeat(scales, rows.shape[1] // scales.shape[1], axis=1)
+    assert np.all(np.abs(rows - table) <= np.abs(step) / 2 + 1e-6)  # the quantizer may store negative scales
+
+
 def test_optimum_exports_what_the_builder_does_not(llama_variant_optimum, tiny_bert, session_cache, tmp_path):
     info = json.loads((llama_variant_optimum / "model" / "lmpack-model.json").read_text())
     assert (info["exporter"], info["kv_padding"]) == ("optimum", "left")

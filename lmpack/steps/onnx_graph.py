@@ -96,6 +96,8 @@ def quantize_embeddings_int8(model) -> int:
         table = initializers[node.input[0]]
         if table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or table.dims[0] < 256:
             continue  # small tables (positions, types) are not worth it
+        if len(_consumers(graph, node.input[0])) > 1:
+            continue  # a table other nodes read too (the shared head's scales) is theirs to keep
         weight = numpy_helper.to_array(table)
         scale = np.maximum(np.abs(weight).max(axis=1, keepdims=True) / 127.0, 1e-12).astype(np.float32)
         quantized = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
@@ -123,3 +125,74 @@ def quantize_embeddings_int8(model) -> int:
         if missing:
             raise ValueError(f"{node.op_type} {node.name} still reads the replaced table {missing[0]}")
     return count
+
+
+def tied_embedding(model, head: str | None) -> str | None:
+    """The Gather whose fp32 table is the LM head's weight transposed (a tied embedding), after folding.
+
+    Compared by value, so it holds whichever exporter wrote the graph and whichever way it was tied.
+    """
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    head_node = next((n for n in graph.node if n.name == head), None)
+    if head_node is None or head_node.input[1] not in initializers:
+        return None
+    head_weight = initializers[head_node.input[1]]
+    for node in graph.node:
+        table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
+        if (table is not None and table.data_type == TensorProto.FLOAT and len(table.dims) == 2
+                and list(table.dims) == list(reversed(head_weight.dims))
+                and np.array_equal(numpy_helper.to_array(table), numpy_helper.to_array(head_weight).T)):
+            return node.name
+    return None
+
+
+def share_head_with_embedding(model, gather: str, head: str) -> None:
+    """Make the embedding Gather read the 8-bit LM head's quantized weight instead of a table of its own.
+
+    MatMulNBits keeps its 8-bit weight as [vocab, blocks, block_size] unsigned bytes with a zero point of
+    128 and scales [vocab, blocks], so a vocabulary row is a row of the head: gather it, subtract 128,
+    multiply each block by its scale. The separate table (28 MB for SmolLM2 at 8 bits) is gone from the
+    file, and the embedding is as exact as the head's block-wise 8 bits.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    nodes = {n.name: n for n in graph.node}
+    node, head_node = nodes[gather], nodes[head]
+    bits = next((a.i for a in head_node.attribute if a.name == "bits"), 4)
+    if head_node.op_type != "MatMulNBits" or bits != 8 or (len(head_node.input) > 3 and head_node.input[3]):
+        raise ValueError(f"{head} is not a symmetric 8-bit MatMulNBits; its weight cannot serve as the embedding")
+    weight, scales = head_node.input[1], head_node.input[2]
+    k = next(a.i for a in head_node.attribute if a.name == "K")
+    ids, out, name = node.input[1], node.output[0], node.name
+    graph.initializer.extend([numpy_helper.from_array(np.array(128.0, dtype=np.float32), f"{name}_zero_point"),
+                              numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{name}_last_axis"),
+                              numpy_helper.from_array(np.array([k], dtype=np.int64), f"{name}_hidden")])
+    new_nodes = [
+        helper.make_node("Gather", [weight, ids], [f"{out}_q"], name=f"{name}_q"),            # [.., blocks, size]
+        helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], to=TensorProto.FLOAT, name=f"{name}_cast"),
+        helper.make_node("Sub", [f"{out}_f", f"{name}_zero_point"], [f"{out}_c"], name=f"{name}_center"),
+        helper.make_node("Gather", [scales, ids], [f"{out}_s"], name=f"{name}_s"),            # [.., blocks]
+        helper.make_node("Unsqueeze", [f"{out}_s", f"{name}_last_axis"], [f"{out}_s1"], name=f"{name}_s1"),
+        helper.make_node("Mul", [f"{out}_c", f"{out}_s1"], [f"{out}_d"], name=f"{name}_dequant"),
+        helper.make_node("Shape", [ids], [f"{out}_ids_shape"], name=f"{name}_ids_shape"),
+        helper.make_node("Concat", [f"{out}_ids_shape", f"{name}_hidden"], [f"{out}_shape"], axis=0,
+                         name=f"{name}_shape"),
+        helper.make_node("Reshape", [f"{out}_d", f"{out}_shape"], [out], name=f"{name}_rows"),
+    ]
+    index = list(graph.node).index(node)
+    graph.node.remove(node)
+    for offset, new_node in enumerate(new_nodes):
+        graph.node.insert(index + offset, new_node)
+    drop_unused_initializers(model)
+
+
+def drop_unused_initializers(model) -> int:
+    used = {name for n in model.graph.node for name in n.input}
+    unused = [i for i in model.graph.initializer if i.name not in used]
+    for initializer in unused:
+        model.graph.initializer.remove(initializer)
+    return len(unused)

@@ -13,7 +13,7 @@ from lmpack.errors import PlanError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext, register
 from lmpack.steps.export import MODEL_INFO, onnx_model_path, read_model_info
 from lmpack.steps.onnx_graph import (fold_transposed_weights, load_model, logits_matmul, quantize_embeddings_int8,
-                                     save_model, upgrade_opset)
+                                     save_model, share_head_with_embedding, tied_embedding, upgrade_opset)
 
 _PRECISION_OF_METHOD = {"dynamic_int8": "int8", "fp16": "fp16"}
 
@@ -30,6 +30,10 @@ class QuantizeParams:
     embedding_bits: Literal[4, 8, 32] = 8
     # The LM head (the MatMul that produces the logits) is the most sensitive weight; 0 = same as `bits`.
     head_bits: Literal[0, 4, 8] = 0
+    # A tied embedding reads the 8-bit head's quantized weight instead of a table of its own (embedding_bits
+    # then applies only to untied models): a smaller file and an 8-bit embedding, but the head's weight stays
+    # resident beside its prepacked copy (docs/build.md, "Shared embedding").
+    share_tied_embedding: bool = False
 
 
 @register
@@ -77,8 +81,12 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
         # GatherBlockQuantized needs int4 types (opset 21); the quantizer only bumps the number, so convert for real.
         model = upgrade_opset(model, 21)
     head = logits_matmul(model)
+    head_bits = params.head_bits or params.bits
+    # A tied embedding reads the 8-bit head's weight after quantization instead of keeping its own table.
+    shared = (tied_embedding(model, head) if params.share_tied_embedding and head and head_bits == 8
+              and params.symmetric else None)
     # nodes_to_include widens rather than narrows the quantizer's selection, so the head pass excludes the rest.
-    passes = [(params.bits, op_types, [head] if head and params.head_bits else [])]
+    passes = [(params.bits, op_types, ([head] if head and params.head_bits else []) + ([shared] if shared else []))]
     if head and params.head_bits:
         others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
         passes.insert(0, (params.head_bits, ("MatMul",), others))
@@ -95,11 +103,19 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
             model = quantizer.model.model
     finally:
         quiet.setLevel(level)
+    if shared:
+        share_head_with_embedding(model, shared, _quantized_name(model, head))
     embeddings = quantize_embeddings_int8(model) if params.embedding_bits == 8 else 0
     save_model(model, dst)
     ops = [n.op_type for n in model.graph.node]
     return {"matmul_nbits_nodes": ops.count("MatMulNBits"), "gather_block_quantized_nodes":
-            ops.count("GatherBlockQuantized"), "int8_embeddings": embeddings, "folded_transposes": folded}
+            ops.count("GatherBlockQuantized"), "int8_embeddings": embeddings, "folded_transposes": folded,
+            "embedding_shares_head": bool(shared)}
+
+
+def _quantized_name(model, head: str) -> str:
+    """The quantizer renames the head it replaces (NAME_Q8); find it by the logits it still produces."""
+    return next(n.name for n in model.graph.node if "logits" in n.output)
 
 
 def _dynamic_int8(src: Path, dst: Path) -> dict[str, Any]:
