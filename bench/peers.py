@@ -81,17 +81,18 @@ def _percentile(values: list[float], q: float) -> float:
 
 def http_bench(variant: str, *, clients: list[int], tokens: int, threads: int, rounds: int) -> dict:
     with server(variant, [], threads, max(clients)) as live:
+        best_rate, requests = {count: 0.0 for count in clients}, {count: [] for count in clients}
+        for _ in range(rounds):  # the client counts take turns, so a slow minute does not hit one of them only
+            for count in clients:
+                seconds, results = _round(live.url, count, tokens)
+                requests[count] += results
+                best_rate[count] = max(best_rate[count], sum(r["tokens"] for r in results) / seconds)
         rows = []
         for count in clients:
-            best_rate, requests = 0.0, []
-            for _ in range(rounds):
-                seconds, results = _round(live.url, count, tokens)
-                requests += results
-                best_rate = max(best_rate, sum(r["tokens"] for r in results) / seconds)
-            latencies = [r["latency_s"] for r in requests]
-            rows.append({"clients": count, "tokens_per_s": best_rate, "requests": len(requests),
+            latencies = [r["latency_s"] for r in requests[count]]
+            rows.append({"clients": count, "tokens_per_s": best_rate[count], "requests": len(requests[count]),
                          "latency_p50_s": _percentile(latencies, 0.5), "latency_p99_s": _percentile(latencies, 0.99),
-                         "ttft_p50_s": _percentile([r["ttft_s"] for r in requests], 0.5)})
+                         "ttft_p50_s": _percentile([r["ttft_s"] for r in requests[count]], 0.5)})
         return {"cold_start_s": live.ready_seconds, "peak_rss_mb": peak_rss_mb(live.pid), "clients": rows,
                 "weights_bytes": weights_bytes(variant)}
 
