@@ -77,23 +77,32 @@ def _metric(url: str, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def round_trip(url: str, clients: int, tokens: int) -> tuple[float, int]:
-    """(seconds, completion tokens) for `clients` requests sent at the same moment."""
-    barrier, counts = threading.Barrier(clients + 1), [0] * clients
+def at_once(jobs: list) -> tuple[float, list]:
+    """Run the callables in threads released at the same moment; (seconds until the last ends, their results)."""
+    barrier, results = threading.Barrier(len(jobs) + 1), [None] * len(jobs)
 
-    def client(i: int) -> None:
-        body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "temperature": 0}
+    def run(i: int) -> None:
         barrier.wait()
-        counts[i] = httpx.post(f"{url}/v1/completions", json=body, timeout=600).json()["usage"]["completion_tokens"]
+        results[i] = jobs[i]()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     for thread in threads:
         thread.start()
     barrier.wait()
     started = time.perf_counter()
     for thread in threads:
         thread.join()
-    return time.perf_counter() - started, sum(counts)
+    return time.perf_counter() - started, results
+
+
+def round_trip(url: str, clients: int, tokens: int) -> tuple[float, int]:
+    """(seconds, completion tokens) for `clients` requests sent at the same moment."""
+    def client(i: int) -> int:
+        body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "temperature": 0}
+        return httpx.post(f"{url}/v1/completions", json=body, timeout=600).json()["usage"]["completion_tokens"]
+
+    seconds, counts = at_once([lambda i=i: client(i) for i in range(clients)])
+    return seconds, sum(counts)
 
 
 def main() -> None:
