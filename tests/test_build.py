@@ -262,3 +262,14 @@ def test_a_malformed_bundle_spec_fails_before_any_work(tiny_llama, tmp_path):
                    cache=tmp_path / "cache")
     assert result.exit_code == 3 and "NAME:VERSION" in result.output
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_failing_builder_names_itself_and_its_last_output(model_copy, tiny_llama, tmp_path):
+    """A Llama the builder cannot read (its config lies about the hidden size): exit 11, one clear line."""
+    broken = _with_config(model_copy, tiny_llama, hidden_size=96)
+    result = build(str(broken), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path / "dist"),
+                   cache=tmp_path / "cache")
+    assert result.exit_code == 11, result.output
+    assert "error: onnxruntime-genai's builder failed: RuntimeError" in result.output
+    assert "size mismatch" in result.output and "ONNX export of" not in result.output  # said once, not re-wrapped
+    assert not (tmp_path / "dist").exists()

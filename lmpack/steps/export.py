@@ -89,7 +89,7 @@ class ExportStep(Step):
                     _export_genai(source.path, out_dir, trust_remote_code=trust_remote_code)
                 else:
                     _export_optimum(source.path, out_dir, config, task, self.params, trust_remote_code=trust_remote_code)
-        except UnsupportedModelError:
+        except (UnsupportedModelError, StepError):  # already say what failed and why
             raise
         except Exception as exc:  # the exporters raise many types; the user needs the architecture and the cause
             raise StepError(f"ONNX export of {model_type} with {exporter} failed: {type(exc).__name__}: {exc}") from exc
