@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from lmpack.nvml import NvmlUnavailable, nvml, nvml_text
+
 # Every name an alert rule may use, with the help text shown on the agent's /metrics.
 METRICS: dict[str, str] = {
     "host_cpu_percent": "Host CPU use, all cores, percent",
@@ -174,40 +176,28 @@ class HostSampler:
 def gpu_sample() -> dict[str, Any]:
     """GPU 0 through NVML: {"available": False, "reason": ...} where there is no driver, GPU or nvidia-ml-py."""
     try:
-        import pynvml
-    except ImportError:
-        return {"available": False, "reason": "nvidia-ml-py (pynvml) is not installed"}
-    try:
-        pynvml.nvmlInit()
-    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-        return {"available": False, "reason": f"NVML could not start: {exc}"}
-    try:
-        if pynvml.nvmlDeviceGetCount() < 1:
-            return {"available": False, "reason": "NVML sees no GPU"}
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        values = {"available": True, "name": _text(pynvml.nvmlDeviceGetName(handle)),
-                  "gpu_utilization_percent": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
-                  "gpu_memory_percent": 100.0 * memory.used / memory.total if memory.total else None,
-                  "gpu_temperature_celsius": float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
-                  "gpu_ecc_errors": None}
-        try:
-            values["gpu_ecc_errors"] = float(pynvml.nvmlDeviceGetTotalEccErrors(
-                handle, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC))
-        except Exception:  # consumer GPUs have no ECC
-            pass
-        return values
+        with nvml() as pynvml:
+            if pynvml.nvmlDeviceGetCount() < 1:
+                return {"available": False, "reason": "NVML sees no GPU"}
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            values = {"available": True, "name": nvml_text(pynvml.nvmlDeviceGetName(handle)),
+                      "gpu_utilization_percent": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                      "gpu_memory_percent": 100.0 * memory.used / memory.total if memory.total else None,
+                      "gpu_temperature_celsius": float(pynvml.nvmlDeviceGetTemperature(handle,
+                                                                                       pynvml.NVML_TEMPERATURE_GPU)),
+                      "gpu_ecc_errors": None}
+            try:
+                values["gpu_ecc_errors"] = float(pynvml.nvmlDeviceGetTotalEccErrors(
+                    handle, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC))
+            except Exception:  # consumer GPUs have no ECC
+                pass
+            return values
+    except NvmlUnavailable as exc:
+        reason = "nvidia-ml-py (pynvml) is not installed" if exc.missing_package else f"NVML could not start: {exc}"
+        return {"available": False, "reason": reason}
     except Exception as exc:
         return {"available": False, "reason": f"NVML failed: {exc}"}
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def render_prometheus(values: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@
 Probing is kept apart from deciding (lmpack/runtime/select.py) so the decision is a pure function of
 recorded facts: tests feed it a fake GPU host, an aarch64 host or a small-memory host, and
 `lmpack doctor --json` prints the same facts the server decided on. NVML (nvidia-ml-py) is optional and
-imported only inside `probe_gpus`: a CPU-only server needs neither the package nor a driver.
+imported only inside `lmpack.nvml.nvml()`: a CPU-only server needs neither the package nor a driver.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lmpack.nvml import NvmlUnavailable, nvml, nvml_text
 
 log = logging.getLogger("lmpack.host")
 
@@ -105,57 +107,31 @@ def probe_memory() -> int:
 def probe_gpus() -> tuple[tuple[GpuFacts, ...], str]:
     """NVIDIA GPUs via NVML, or () and the reason there are none (no package, no driver, no device)."""
     try:
-        import pynvml
-    except ImportError:
-        return (), "nvidia-ml-py is not installed"
-    try:
-        pynvml.nvmlInit()
-    except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...: a host without a usable GPU
-        return (), f"NVML is not available: {exc}"
-    try:
-        gpus = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            free = getattr(memory, "free", None)
-            gpus.append(GpuFacts(name=_text(name), compute_capability=f"{major}.{minor}",
-                                 memory_bytes=int(memory.total), free_memory_bytes=None if free is None else int(free)))
-        return tuple(gpus), "" if gpus else "NVML found no GPU"
+        with nvml() as pynvml:
+            gpus = []
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+                memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+                free = getattr(memory, "free", None)
+                gpus.append(GpuFacts(name=nvml_text(pynvml.nvmlDeviceGetName(handle)),
+                                     compute_capability=f"{major}.{minor}", memory_bytes=int(memory.total),
+                                     free_memory_bytes=None if free is None else int(free)))
+            return tuple(gpus), "" if gpus else "NVML found no GPU"
+    except NvmlUnavailable as exc:
+        return (), str(exc) if exc.missing_package else f"NVML is not available: {exc}"
     except Exception as exc:
         return (), f"NVML failed: {exc}"
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def probe_driver() -> tuple[str | None, str | None]:
     """(driver version, newest CUDA it supports as "12.4") through NVML; (None, None) without one."""
     try:
-        import pynvml
-    except ImportError:
+        with nvml() as pynvml:
+            cuda = int(pynvml.nvmlSystemGetCudaDriverVersion())  # 12040 for CUDA 12.4
+            return nvml_text(pynvml.nvmlSystemGetDriverVersion()), f"{cuda // 1000}.{cuda % 1000 // 10}"
+    except Exception:  # NvmlUnavailable, or an NVML call failing
         return None, None
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return None, None
-    try:
-        cuda = int(pynvml.nvmlSystemGetCudaDriverVersion())  # 12040 for CUDA 12.4
-        return _text(pynvml.nvmlSystemGetDriverVersion()), f"{cuda // 1000}.{cuda % 1000 // 10}"
-    except Exception:
-        return None, None
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 def decode_tensorrt_version(number: int) -> str:
