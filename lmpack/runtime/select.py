@@ -237,14 +237,10 @@ def explain(path: Path | str, host: HostFacts, policy: EnginePolicy = EnginePoli
     return rank(kind, root, candidates, host, policy, cache)
 
 
-def choose(path: Path | str, host: HostFacts, policy: EnginePolicy = EnginePolicy()) -> Candidate:
-    """The variant to serve from `path` on `host`, logging why; NoCompatibleVariantError lists every rejection."""
-    return choose_verdict(path, host, policy).candidate
-
-
-def choose_verdict(path: Path | str, host: HostFacts, policy: EnginePolicy = EnginePolicy(),
-                   cache: Path | None = None) -> Verdict:
-    """choose(), with the engine facts and plan of the chosen variant (what engine_cache.apply_plan carries out)."""
+def choose(path: Path | str, host: HostFacts, policy: EnginePolicy = EnginePolicy(),
+           cache: Path | None = None) -> Verdict:
+    """The variant to serve from `path` on `host`, logging why, with its engine facts and plan (what
+    engine_cache.apply_plan carries out); NoCompatibleVariantError lists every rejection."""
     selection = explain(path, host, policy, cache)
     chosen = selection.chosen
     for verdict in selection.verdicts:
@@ -269,7 +265,7 @@ def prepare_variant(path: Path | str, *, strict: bool = False, engine_rebuild: b
     rebuilt or replaced by a fallback provider, and the GPU's free memory checked (engine_cache.py)."""
     host = host or host_probe.probe_host()
     policy = EnginePolicy(rebuild=engine_rebuild, strict=strict)
-    verdict = choose_verdict(path, host, policy, engine_cache_dir)
+    verdict = choose(path, host, policy, engine_cache_dir)
     if verdict.uses_gpu:  # before the rebuild's session as much as the server's
         load_cuda_libraries()
     return apply_plan(load_variant(verdict.candidate.path), verdict.engine, verdict.plan, host,

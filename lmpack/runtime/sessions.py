@@ -185,8 +185,6 @@ class DecoderRunner:
         self.kv_padding = kv_padding   # how batched pasts are laid out: lmpack-model.json's kv_padding
         self.session = create_session(model_path, threads=threads, providers=providers)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.output_index = self.output_names.index("logits")
         self.past_names = [name for name in self.inputs if name.startswith(_PAST_PREFIX)]
         self.present_of = {name: _PRESENT_PREFIX + name[len(_PAST_PREFIX):] for name in self.past_names}
         unexpected = set(self.inputs) - {"input_ids", "attention_mask", "position_ids", *self.past_names}
@@ -223,7 +221,7 @@ class DecoderRunner:
         """Logits for every position of one window, from an empty cache: [length, vocab]."""
         feed = self._feed(token_ids.reshape(1, -1), 0)
         feed.update({name: self._empty_past(name) for name in self.past_names})
-        return self.session.run(None, feed)[self.output_index][0].astype(np.float32)
+        return self.session.run(["logits"], feed)[0][0].astype(np.float32)
 
     def step(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
         """Run `token_ids` after what `cache` holds; return the last position's logits and advance the cache."""

@@ -140,17 +140,23 @@ def tied_embedding(model, head: str | None) -> str | None:
     if head_node is None or head_node.input[1] not in initializers:
         return None
     head_weight = initializers[head_node.input[1]]
+    head_transposed = None
     for node in graph.node:
         table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
-        if (table is not None and table.data_type == TensorProto.FLOAT and len(table.dims) == 2
-                and list(table.dims) == list(reversed(head_weight.dims))
-                and np.array_equal(numpy_helper.to_array(table), numpy_helper.to_array(head_weight).T)):
+        if (table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2
+                or list(table.dims) != list(reversed(head_weight.dims))):
+            continue
+        if head_transposed is None:
+            head_transposed = numpy_helper.to_array(head_weight).T
+        if np.array_equal(numpy_helper.to_array(table), head_transposed):
             return node.name
     return None
 
 
-def share_head_with_embedding(model, gather: str, head: str) -> None:
+def share_head_with_embedding(model, gather: str) -> None:
     """Make the embedding Gather read the 8-bit LM head's quantized weight instead of a table of its own.
+
+    The head is the node that produces `logits` (the quantizer has renamed it by now).
 
     MatMulNBits keeps its 8-bit weight as [vocab, blocks, block_size] unsigned bytes with a zero point of
     128 and scales [vocab, blocks], so a vocabulary row is a row of the head: gather it, subtract 128,
@@ -161,7 +167,9 @@ def share_head_with_embedding(model, gather: str, head: str) -> None:
 
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
-    node, head_node = nodes[gather], nodes[head]
+    node = nodes[gather]
+    head_node = next(n for n in graph.node if "logits" in n.output)
+    head = head_node.name
     bits = next((a.i for a in head_node.attribute if a.name == "bits"), 4)
     if head_node.op_type != "MatMulNBits" or bits != 8 or (len(head_node.input) > 3 and head_node.input[3]):
         raise ValueError(f"{head} is not a symmetric 8-bit MatMulNBits; its weight cannot serve as the embedding")

@@ -104,18 +104,13 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
     finally:
         quiet.setLevel(level)
     if shared:
-        share_head_with_embedding(model, shared, _quantized_name(model, head))
+        share_head_with_embedding(model, shared)
     embeddings = quantize_embeddings_int8(model) if params.embedding_bits == 8 else 0
     save_model(model, dst)
     ops = [n.op_type for n in model.graph.node]
     return {"matmul_nbits_nodes": ops.count("MatMulNBits"), "gather_block_quantized_nodes":
             ops.count("GatherBlockQuantized"), "int8_embeddings": embeddings, "folded_transposes": folded,
             "embedding_shares_head": bool(shared)}
-
-
-def _quantized_name(model, head: str) -> str:
-    """The quantizer renames the head it replaces (NAME_Q8); find it by the logits it still produces."""
-    return next(n.name for n in model.graph.node if "logits" in n.output)
 
 
 def _dynamic_int8(src: Path, dst: Path) -> dict[str, Any]:
