@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpack.errors import VariantError
-from lmpack.runtime.host import GpuFacts, HostFacts
+from lmpack.runtime.host import GpuFacts, HostFacts, parse_compute_capability as _cc
 from lmpack.runtime.variant import MODEL_INFO
 
 ENGINE_MODEL = "model_ctx.onnx"
@@ -118,11 +118,6 @@ def version_tuple(version: str | None, parts: int = 3) -> tuple[int, ...] | None
         return None
     values = [int(n) for n in numbers[:parts]]
     return tuple(values + [0] * (parts - len(values)))
-
-
-def _cc(value: str) -> tuple[int, int]:
-    major, _, minor = value.partition(".")
-    return int(major), int(minor or 0)
 
 
 def device(host: HostFacts) -> GpuFacts | None:

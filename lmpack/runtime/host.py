@@ -76,6 +76,12 @@ class HostFacts:
                 "software": self.software.to_dict()}
 
 
+def parse_compute_capability(value: str) -> tuple[int, int]:
+    """"8.9" as (8, 9), for comparing compute capabilities."""
+    major, _, minor = value.partition(".")
+    return int(major), int(minor or 0)
+
+
 def normalize_arch(machine: str) -> str:
     machine = machine.strip().lower()
     return _ARCH_ALIASES.get(machine, machine)

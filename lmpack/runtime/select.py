@@ -24,7 +24,7 @@ from lmpack.errors import BundleError, NoCompatibleVariantError, NotFoundError, 
 from lmpack.runtime.engine_cache import apply_plan, cache_root, cached, entry_dir, load_cuda_libraries, model_digest
 from lmpack.runtime.engines import CPU, EngineFacts, EnginePlan, EnginePolicy, decide, read_engine_facts
 from lmpack.runtime import host as host_probe
-from lmpack.runtime.host import HostFacts
+from lmpack.runtime.host import HostFacts, parse_compute_capability as _cc
 from lmpack.runtime.variant import MODEL_DIR, MODEL_INFO, VARIANT_FILE, Variant, load_variant
 
 log = logging.getLogger("lmpack.select")
@@ -141,11 +141,6 @@ def _variant_dir_entry(root: Path) -> VariantEntry | None:
 
 def _gib(n: int) -> str:
     return f"{n / _GIB:.1f} GiB"
-
-
-def _cc(value: str) -> tuple[int, int]:
-    major, _, minor = value.partition(".")
-    return int(major), int(minor or 0)
 
 
 def check_rule(rule: Compatibility, host: HostFacts) -> tuple[list[str], bool]:

@@ -12,12 +12,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lmpack.runtime.engines import CUDA_EP, TENSORRT_EP
+
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 _PAST_PREFIX = "past_key_values."
 _PRESENT_PREFIX = "present."
 KV_PADDINGS = ("left", "right")
-_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 def create_session(model_path: Path, *, threads: int | None = None, providers: Sequence[Any] | None = None):
@@ -191,7 +192,7 @@ class DecoderRunner:
         if unexpected:
             raise ValueError(f"unexpected decoder inputs {sorted(unexpected)}")
         # Where the KV cache lives between steps: the GPU's memory when a GPU provider runs the graph.
-        self.kv_device = "cuda" if self.session.get_providers()[0] in _GPU_PROVIDERS else "cpu"
+        self.kv_device = "cuda" if self.session.get_providers()[0] in (TENSORRT_EP, CUDA_EP) else "cpu"
         self.bind_kv = self.kv_device != "cpu" if bind_kv is None else bind_kv
         # Right-padded graphs write their cache in place in host buffers (CPU targets' graphs; GPU profiles
         # export with optimum, whose graphs are left-padded).
