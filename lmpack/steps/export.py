@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -152,8 +153,10 @@ def _export_genai(src: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
             tail = " | ".join(chatter.getvalue().strip().splitlines()[-3:])
             raise StepError(f"onnxruntime-genai's builder failed: {type(exc).__name__}: {exc}"
                             + (f" (its last output: {tail})" if tail else "")) from exc
-        model = load_model(built / ONNX_FILE)
-        save_model(model, out_dir / ONNX_FILE)
+        # The builder already writes lmpack's layout (the graph, its weights in model.onnx.data): move, not rewrite.
+        for name in (ONNX_FILE, f"{ONNX_FILE}.data"):
+            if (built / name).is_file():
+                shutil.move(built / name, out_dir / name)
 
 
 def _model_info(config: dict, task: str, exporter: str) -> dict[str, Any]:
