@@ -282,24 +282,26 @@ def serve(path: Path, *, config_file: Path | None = None, **flags: Any) -> None:
     run_server(path, config)
 
 
-def doctor(path: Path, *, strict: bool = False, engine_rebuild: bool = True,
+def doctor(path: Path, *, variant: str | None = None, strict: bool = False, engine_rebuild: bool = True,
            engine_cache_dir: Path | None = None) -> dict[str, Any]:
     """This host's facts and, for each variant under `path`, whether it can run here and which would be served
-    (with serve's --strict / --no-engine-rebuild / engine cache, what each TensorRT engine would become)."""
+    (with serve's --variant / --strict / --no-engine-rebuild / engine cache, what each TensorRT engine would
+    become)."""
     from lmpack.runtime.engines import EnginePolicy
     from lmpack.runtime.host import probe_host
     from lmpack.runtime.select import explain
 
     host = probe_host()
     policy = EnginePolicy(rebuild=engine_rebuild, strict=strict)
-    return {"host": host.to_dict(), **explain(path, host, policy, engine_cache_dir).to_dict()}
+    return {"host": host.to_dict(), **explain(path, host, policy, engine_cache_dir, variant).to_dict()}
 
 
 def generate(variant_dir: Path, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop: tuple[str, ...] = (), repetition_penalty: float = 1.0,
-             chat: bool = False, threads: int | None = None, on_text=None):
+             chat: bool = False, threads: int | None = None, variant: str | None = None, on_text=None):
     """One completion without a server (greedy by default); `on_text` receives the text as it is generated.
 
+    `variant` names which of a bundle's or release's variants to use (default: the one serve would choose).
     With `chat`, the prompt is sent as one user message through the model's chat template.
     Returns a lmpack.runtime.engine.Completion (text, finish_reason, token counts, timings).
     """
@@ -307,7 +309,7 @@ def generate(variant_dir: Path, prompt: str, *, max_tokens: int = 64, temperatur
     from lmpack.runtime.sampling import SamplingParams
     from lmpack.runtime.select import prepare_variant
 
-    engine = DecoderEngine(prepare_variant(variant_dir), threads=threads)
+    engine = DecoderEngine(prepare_variant(variant_dir, variant=variant), threads=threads)
     ids = engine.encode_chat([{"role": "user", "content": prompt}]) if chat else engine.encode_prompt(prompt)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=tuple(stop), repetition_penalty=repetition_penalty)

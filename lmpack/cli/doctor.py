@@ -30,7 +30,12 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  {variant['name']}  [{variant['precision'] or '?'}, {kind}]  {status}")
         if variant.get("engine"):
             lines += _engine_lines(variant["engine"])
-    lines += ["", f"chosen:  {report['chosen'] or 'none: no variant can run on this host'}"]
+    wanted = report.get("wanted")
+    if report["chosen"]:
+        chosen = report["chosen"] + (" (named by --variant)" if wanted else "")
+    else:
+        chosen = f"none: {wanted} cannot run on this host" if wanted else "none: no variant can run on this host"
+    lines += ["", f"chosen:  {chosen}"]
     return "\n".join(lines)
 
 
@@ -74,6 +79,8 @@ def _needed_isa(report: dict[str, Any]) -> str:
 
 @click.command("doctor")
 @click.argument("path", type=click.Path(path_type=Path))
+@click.option("--variant", metavar="NAME", default=None,
+              help="Judge as `lmpack serve --variant NAME` would: that variant is chosen if it can run here.")
 @click.option("--strict", is_flag=True, help="Judge as `lmpack serve --strict` would: no CUDA or CPU fallback.")
 @click.option("--no-engine-rebuild", "no_engine_rebuild", is_flag=True,
               help="Judge as `lmpack serve --no-engine-rebuild` would.")
@@ -81,21 +88,22 @@ def _needed_isa(report: dict[str, Any]) -> str:
               help="Rebuilt engines' directory, as given to serve.")
 @json_option
 @handle_errors
-def doctor_command(path: Path, strict: bool, no_engine_rebuild: bool, engine_cache_dir: Path | None,
+def doctor_command(path: Path, variant: str | None, strict: bool, no_engine_rebuild: bool, engine_cache_dir: Path | None,
                    as_json: bool) -> None:
     """Show this host's facts, whether each variant at PATH can run here, and which `lmpack serve` would choose.
 
     PATH is a variant directory, an unpacked bundle or an installed release. A variant with a TensorRT
     engine also shows the engine's facts, every mismatch with this host and what serve would do (use
     it, rebuild it, fall back to CUDA or the CPU, or refuse). Exits 0 when a variant can run here and 17
-    when none can.
+    when none can (with --variant: when that one cannot).
 
     \b
     Examples:
       lmpack doctor /opt/lmpack/releases/smollm2
       lmpack doctor bundle-dir --json
+      lmpack doctor /opt/lmpack/releases/smollm2 --variant smollm2-135m-instruct.q4-1-cpu-x86-int4
     """
-    report = api.doctor(path, strict=strict, engine_rebuild=not no_engine_rebuild, engine_cache_dir=engine_cache_dir)
+    report = api.doctor(path, variant=variant, strict=strict, engine_rebuild=not no_engine_rebuild, engine_cache_dir=engine_cache_dir)
     if as_json:
         emit_json(report)
     else:

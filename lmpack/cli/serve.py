@@ -10,12 +10,16 @@ from lmpack import api
 from lmpack.cli.common import emit_json, handle_errors, json_option
 
 _variant_arg = click.argument("variant_dir", metavar="PATH", type=click.Path(path_type=Path))
+_variant_name = click.option("--variant", "variant", metavar="NAME", default=None,
+                             help="Use this variant of a bundle or release (its name in `lmpack doctor`) instead "
+                                  "of the one lmpack would choose; it must still run on this host.")
 _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
                         help="onnxruntime threads per generation (default: onnxruntime's choice).")
 
 
 @click.command("serve")
 @click.argument("path", type=click.Path(path_type=Path))
+@_variant_name
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="serve.toml with any of the settings below; flags and LMPACK_SERVE_* override it.")
 @click.option("--host", default=None,
@@ -49,7 +53,7 @@ _threads = click.option("--threads", type=click.IntRange(min=1), default=None,
 @click.option("--engine-cache-dir", type=click.Path(path_type=Path), default=None,
               help="Where rebuilt engines are kept [default: PREFIX/releases/NAME/.engines, beside the release].")
 @handle_errors
-def serve_command(path, config_file, host, port, threads, max_concurrency, max_batch, batch_align, queue,
+def serve_command(path, variant, config_file, host, port, threads, max_concurrency, max_batch, batch_align, queue,
                   api_key_file, drain_seconds, tls_cert, tls_key, cache, strict, engine_rebuild,
                   engine_cache_dir) -> None:
     """Answer an OpenAI-compatible HTTP API for the variant at PATH that suits this host.
@@ -61,12 +65,13 @@ def serve_command(path, config_file, host, port, threads, max_concurrency, max_b
     Examples:
       lmpack serve dist/smollm2-135m-instruct.q4-1-cpu-x86-int8
       lmpack serve /opt/lmpack/releases/smollm2 --config /etc/lmpack/serve.toml
+      lmpack serve /opt/lmpack/releases/smollm2 --variant smollm2-135m-instruct.q4-1-cpu-x86-int4
       lmpack serve dist/MODEL --tls-cert server.crt --tls-key server.key --cache
       LMPACK_API_KEYS=... lmpack serve dist/MODEL --threads 2 --max-concurrency 8 --queue 16
 
     See docs/serving.md for the endpoints, settings, limits and errors.
     """
-    api.serve(path, config_file=config_file, host=host, port=port, threads=threads, max_concurrency=max_concurrency,
+    api.serve(path, config_file=config_file, variant=variant, host=host, port=port, threads=threads, max_concurrency=max_concurrency,
               max_batch=max_batch, batch_align=batch_align, queue=queue, api_key_file=api_key_file,
               drain_seconds=drain_seconds, tls_cert=tls_cert, tls_key=tls_key, cache=cache, strict=strict,
               engine_rebuild=engine_rebuild, engine_cache_dir=engine_cache_dir)
@@ -82,10 +87,11 @@ def serve_command(path, config_file, host, port, threads, max_concurrency, max_b
 @click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
 @click.option("--stop", multiple=True, help="Stop sequence (repeatable, at most 4).")
 @click.option("--chat", is_flag=True, help="Send PROMPT as a user message through the model's chat template.")
+@_variant_name
 @_threads
 @json_option
 @handle_errors
-def generate_command(variant_dir, prompt, max_tokens, temperature, top_p, top_k, seed, stop, chat, threads,
+def generate_command(variant_dir, prompt, max_tokens, temperature, top_p, top_k, seed, stop, chat, variant, threads,
                      as_json) -> None:
     """Complete PROMPT with the text-generation variant at PATH (chosen for this host as `serve` does), without a server.
 
@@ -100,7 +106,8 @@ def generate_command(variant_dir, prompt, max_tokens, temperature, top_p, top_k,
     """
     on_text = None if as_json else (lambda text: click.echo(text, nl=False))
     result = api.generate(variant_dir, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          top_k=top_k, seed=seed, stop=stop, chat=chat, threads=threads, on_text=on_text)
+                          top_k=top_k, seed=seed, stop=stop, chat=chat, threads=threads, variant=variant,
+                          on_text=on_text)
     if as_json:
         emit_json({"text": result.text, "finish_reason": result.finish_reason,
                    "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},

@@ -21,6 +21,7 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class ServeSettings:
+    variant: str | None = None  # serve this variant of a bundle or release (by name), not the one lmpack would choose
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int | None = None
@@ -48,7 +49,7 @@ _BOUNDS = {"port": (0, 65535), "threads": (1, 1024), "max_concurrency": (1, 1024
            "cache_max_entries": (1, 10_000_000), "cache_max_bytes": (1024, 64 * 1024 * MIB)}
 _PATHS = ("api_key_file", "tls_cert", "tls_key", "engine_cache_dir")
 # Settings that LMPACK_SERVE_<NAME> may set: the scalar ones a unit file or container might inject.
-ENV_FIELDS = ("host", "port", "threads", "max_concurrency", "max_batch", "batch_align", "queue", "drain_seconds",
+ENV_FIELDS = ("variant", "host", "port", "threads", "max_concurrency", "max_batch", "batch_align", "queue", "drain_seconds",
               "api_key_file", "tls_cert", "tls_key")
 
 
@@ -57,7 +58,7 @@ def read_serve_file(path: Path) -> dict[str, Any]:
     path = Path(path)
     top = TableReader(load_toml(path), source=str(path))
     check_schema_version(top)
-    values: dict[str, Any] = {"host": top.str("host")}
+    values: dict[str, Any] = {"variant": top.str("variant"), "host": top.str("host")}
     for name, (low, high) in _BOUNDS.items():
         if not name.startswith("cache_"):
             values[name] = top.int(name, minimum=low, maximum=high)

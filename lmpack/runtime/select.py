@@ -4,6 +4,7 @@ The decision is a pure function of the manifest's compatibility rules and record
 (lmpack/runtime/host.py), so it can be tested on hosts we do not have and explained line by line by
 `lmpack doctor`. Order: variants that run here first; among them GPU variants first (a GPU that
 matches is why they were built), then by PRECISION_PREFERENCE, then by name so the choice is stable.
+An operator may name the variant instead (serve --variant); it is still checked against the host.
 
 A variant carrying a TensorRT engine is judged by its engine's recorded facts instead of the rule's
 exact-GPU line (lmpack/runtime/engines.py): a mismatched engine may still run, rebuilt on this host or
@@ -79,15 +80,16 @@ class Selection:
     source: Path
     kind: str                      # "variant", "bundle" or "release"
     verdicts: tuple[Verdict, ...]  # ranked: the first ok one is chosen
+    wanted: str | None = None      # a variant named by the operator (--variant): that one or none
 
     @property
     def chosen(self) -> Verdict | None:
-        return next((v for v in self.verdicts if v.ok), None)
+        return next((v for v in self.verdicts if v.ok and self.wanted in (None, v.candidate.name)), None)
 
     def to_dict(self) -> dict[str, Any]:
         chosen = self.chosen
         return {"source": str(self.source), "kind": self.kind, "variants": [v.to_dict() for v in self.verdicts],
-                "chosen": chosen.candidate.name if chosen else None}
+                "wanted": self.wanted, "chosen": chosen.candidate.name if chosen else None}
 
 
 # --- finding the variants ---------------------------------------------------------------------------------
@@ -217,31 +219,43 @@ def _rank(verdict: Verdict) -> tuple:
 
 
 def rank(kind: str, source: Path, candidates: list[Candidate], host: HostFacts,
-         policy: EnginePolicy = EnginePolicy(), cache: Path | None = None) -> Selection:
-    """Every candidate judged against `host`, best first; never raises (doctor shows the rejections).
+         policy: EnginePolicy = EnginePolicy(), cache: Path | None = None, wanted: str | None = None) -> Selection:
+    """Every candidate judged against `host`, best first; rejections are reasons, not errors (doctor shows them).
 
-    `cache` overrides where rebuilt engines are kept (the serve setting engine_cache_dir)."""
+    `cache` overrides where rebuilt engines are kept (the serve setting engine_cache_dir). `wanted` names
+    the one variant the operator allows (serve --variant); a name the source does not hold is a NotFoundError."""
+    names = [c.name for c in candidates]
+    if wanted is not None and wanted not in names:
+        raise NotFoundError(f"{source} holds no variant named {wanted!r}; it holds {', '.join(names)}",
+                            hint="leave out --variant to let lmpack choose, or name one of those")
     root = cache_root(source, cache)
     verdicts = (judge(c, host, policy, root) for c in candidates)
-    return Selection(source=source, kind=kind, verdicts=tuple(sorted(verdicts, key=_rank)))
+    return Selection(source=source, kind=kind, verdicts=tuple(sorted(verdicts, key=_rank)), wanted=wanted)
 
 
 def explain(path: Path | str, host: HostFacts, policy: EnginePolicy = EnginePolicy(),
-            cache: Path | None = None) -> Selection:
+            cache: Path | None = None, wanted: str | None = None) -> Selection:
     kind, root, candidates = find_candidates(path)
-    return rank(kind, root, candidates, host, policy, cache)
+    return rank(kind, root, candidates, host, policy, cache, wanted)
 
 
 def choose(path: Path | str, host: HostFacts, policy: EnginePolicy = EnginePolicy(),
-           cache: Path | None = None) -> Verdict:
-    """The variant to serve from `path` on `host`, logging why, with its engine facts and plan (what
-    engine_cache.apply_plan carries out); NoCompatibleVariantError lists every rejection."""
-    selection = explain(path, host, policy, cache)
+           cache: Path | None = None, wanted: str | None = None) -> Verdict:
+    """The variant to serve from `path` on `host` (only `wanted`, when named), logging why, with its engine
+    facts and plan (what engine_cache.apply_plan carries out); NoCompatibleVariantError lists every rejection."""
+    selection = explain(path, host, policy, cache, wanted)
     chosen = selection.chosen
     for verdict in selection.verdicts:
         if verdict is not chosen:
             log.info("variant %s: %s", verdict.candidate.name,
-                     "; ".join(verdict.reasons) if verdict.reasons else "runs here, ranked lower")
+                     "; ".join(verdict.reasons) if verdict.reasons
+                     else "runs here, not the one named" if wanted else "runs here, ranked lower")
+    if chosen is None and wanted is not None:
+        reasons = next(list(v.reasons) for v in selection.verdicts if v.candidate.name == wanted)
+        raise NoCompatibleVariantError(f"variant {wanted} of {selection.source} cannot run on this host "
+                                       f"({', '.join(reasons)})", rejected={wanted: reasons},
+                                       hint=f"`lmpack doctor {path}` shows the host facts and which variants can "
+                                            "run; leave out --variant to let lmpack choose")
     if chosen is None:
         rejected = {v.candidate.name: list(v.reasons) for v in selection.verdicts}
         lines = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in rejected.items())
@@ -249,18 +263,20 @@ def choose(path: Path | str, host: HostFacts, policy: EnginePolicy = EnginePolic
                                        rejected=rejected,
                                        hint=f"`lmpack doctor {path}` shows the host facts; build a variant for a "
                                             "target this host matches")
-    log.info("serving variant %s from %s %s (%s)", chosen.candidate.name, selection.kind, selection.source,
-             "GPU" if chosen.uses_gpu else "CPU")
+    log.info("serving variant %s from %s %s (%s%s)", chosen.candidate.name, selection.kind, selection.source,
+             "GPU" if chosen.uses_gpu else "CPU", ", named by --variant" if wanted else "")
     return chosen
 
 
-def prepare_variant(path: Path | str, *, strict: bool = False, engine_rebuild: bool = True,
-                    engine_cache_dir: Path | None = None, host: HostFacts | None = None) -> Variant:
-    """The variant at `path` this host should serve, ready to load: chosen, its TensorRT engine matched,
-    rebuilt or replaced by a fallback provider, and the GPU's free memory checked (engine_cache.py)."""
+def prepare_variant(path: Path | str, *, variant: str | None = None, strict: bool = False,
+                    engine_rebuild: bool = True, engine_cache_dir: Path | None = None,
+                    host: HostFacts | None = None) -> Variant:
+    """The variant at `path` this host should serve (`variant`: only the one of that name), ready to load:
+    chosen, its TensorRT engine matched, rebuilt or replaced by a fallback provider, and the GPU's free
+    memory checked (engine_cache.py)."""
     host = host or host_probe.probe_host()
     policy = EnginePolicy(rebuild=engine_rebuild, strict=strict)
-    verdict = choose(path, host, policy, engine_cache_dir)
+    verdict = choose(path, host, policy, engine_cache_dir, variant)
     if verdict.uses_gpu:  # before the rebuild's session as much as the server's
         load_cuda_libraries()
     return apply_plan(load_variant(verdict.candidate.path), verdict.engine, verdict.plan, host,

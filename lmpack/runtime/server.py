@@ -51,6 +51,7 @@ _SETTINGS = ServeSettings()  # the operator-facing defaults live in one place: l
 @dataclass(frozen=True)
 class ServerConfig:
     """ServeSettings (what an operator sets) plus what only code and tests set: keys, limits, warm-up."""
+    variant: str | None = _SETTINGS.variant   # the operator's choice among a bundle's variants (select.py)
     host: str = _SETTINGS.host
     port: int = _SETTINGS.port
     threads: int | None = _SETTINGS.threads    # onnxruntime intra-op threads; None: onnxruntime decides
@@ -349,7 +350,7 @@ def serve(path: Path | str, config: ServerConfig = ServerConfig()) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     from lmpack.runtime.select import prepare_variant
 
-    variant = prepare_variant(path, strict=config.strict, engine_rebuild=config.engine_rebuild,
+    variant = prepare_variant(path, variant=config.variant, strict=config.strict, engine_rebuild=config.engine_rebuild,
                               engine_cache_dir=config.engine_cache_dir)
     engine = load_engine(variant, threads=config.threads, max_tokens_limit=config.max_tokens_limit)
     app = create_app(engine, config)

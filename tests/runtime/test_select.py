@@ -173,3 +173,39 @@ def test_doctor_prints_the_host_each_variant_and_the_choice(bundle_dir, lmpack_c
     report = json.loads(result.stdout)
     assert report["host"]["gpu_note"] == "nvidia-ml-py is not installed"
     assert report["chosen"] == report["variants"][0]["name"] and all(v["ok"] for v in report["variants"])
+
+
+# --- the operator names the variant (serve/generate/doctor --variant) --------------------------------------
+
+def test_a_named_variant_is_chosen_if_it_runs_here_and_refused_with_its_reasons_if_not(tmp_path, monkeypatch):
+    from lmpack.errors import NotFoundError
+
+    assert rank("bundle", Path("b"), BUNDLE, CPU_HOST, wanted="m-cpu-x86-fp32").chosen.candidate.name == "m-cpu-x86-fp32"
+    selection = rank("bundle", Path("b"), BUNDLE, CPU_HOST, wanted="m-t4-int8")
+    assert selection.chosen is None and selection.to_dict()["wanted"] == "m-t4-int8"
+    monkeypatch.setattr("lmpack.runtime.select.find_candidates", lambda path: ("bundle", Path(path), BUNDLE))
+    with pytest.raises(NoCompatibleVariantError) as caught:
+        choose(tmp_path, CPU_HOST, wanted="m-t4-int8")   # not silently replaced by the int8 that would run
+    assert list(caught.value.rejected) == ["m-t4-int8"]
+    assert "needs a GPU with compute capability 7.5" in caught.value.message and "--variant" in caught.value.hint
+    with pytest.raises(NotFoundError) as unknown:
+        choose(tmp_path, CPU_HOST, wanted="m-cpu-x86-int4")
+    assert "m-cpu-x86-int8, m-cpu-x86-fp32" in unknown.value.message
+
+
+def test_doctor_and_generate_take_the_named_variant_of_a_real_bundle(bundle_dir, lmpack_cli, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setattr("lmpack.runtime.host.probe_host", lambda: CPU_HOST)
+    default = json.loads(lmpack_cli("doctor", bundle_dir, "--json").stdout)
+    other = next(v["name"] for v in default["variants"] if v["name"] != default["chosen"])
+    result = lmpack_cli("doctor", bundle_dir, "--variant", other)
+    assert result.exit_code == 0, result.output
+    assert f"chosen:  {other} (named by --variant)" in result.stdout
+    missing = lmpack_cli("doctor", bundle_dir, "--variant", "no-such-variant")
+    assert missing.exit_code == 4 and default["chosen"] in missing.output
+    with caplog.at_level(logging.INFO, logger="lmpack.select"):
+        generated = lmpack_cli("generate", bundle_dir, "The railway", "--max-tokens", "4", "--threads", "1",
+                               "--variant", other, "--json")
+    assert generated.exit_code == 0, generated.output
+    assert f"serving variant {other} from bundle" in caplog.text and "named by --variant" in caplog.text

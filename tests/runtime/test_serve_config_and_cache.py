@@ -28,12 +28,16 @@ def test_the_documented_example_file_reads(tmp_path, monkeypatch):
 
 
 def test_flags_override_the_environment_which_overrides_the_file(tmp_path, monkeypatch):
-    path = write(tmp_path, 'host = "10.0.0.1"\nport = 9000\nqueue = 3\n[cache]\nenabled = true\nmax_bytes = 4096\n')
+    path = write(tmp_path, 'variant = "m-int4"\nhost = "10.0.0.1"\nport = 9000\nqueue = 3\n[cache]\nenabled = true\nmax_bytes = 4096\n')
     monkeypatch.setenv("LMPACK_SERVE_PORT", "9001")
     monkeypatch.setenv("LMPACK_SERVE_QUEUE", "5")
     monkeypatch.setenv("LMPACK_SERVE_MAX_BATCH", "2")
     settings = resolve_serve_settings(path, {"queue": 7, "host": None})
     assert (settings.host, settings.port, settings.queue, settings.max_batch) == ("10.0.0.1", 9001, 7, 2)
+    assert settings.variant == "m-int4"
+    monkeypatch.setenv("LMPACK_SERVE_VARIANT", "m-int8")
+    assert resolve_serve_settings(path, {}).variant == "m-int8"
+    monkeypatch.delenv("LMPACK_SERVE_VARIANT")
     assert settings.cache and settings.cache_max_bytes == 4096 and settings.cache_max_entries == 1024
     assert resolve_serve_settings(None, {}) == ServeSettings(port=9001, queue=5, max_batch=2)  # no file: defaults, then env
     monkeypatch.setenv("LMPACK_SERVE_PORT", "eighty")
