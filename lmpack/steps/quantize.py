@@ -22,7 +22,7 @@ _PRECISION_OF_METHOD = {"dynamic_int8": "int8", "fp16": "fp16"}
 class QuantizeParams:
     method: Literal["matmul_nbits", "dynamic_int8", "fp16"] = "matmul_nbits"
     bits: Literal[4, 8] = 8
-    block_size: Literal[16, 32, 64, 128] = 32
+    block_size: Literal[16, 32, 64, 128] = 64
     symmetric: bool = True
     # 4 = int8 compute inside MatMulNBits: several times faster on CPU (docs/build.md has the numbers).
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4
