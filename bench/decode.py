@@ -3,8 +3,9 @@
     python bench/decode.py lmpack:dist/VARIANT_INT8 lmpack:dist/VARIANT_INT4 \
         transformers:HF_DIR genai:GENAI_MODEL_DIR llamacpp:FILE.gguf [--tokens 128] [--repeat 3]
 
-Each engine runs in its own process (so peak RSS and cold start are its own), with 2 threads, greedy
-decoding, the same prompt and the same number of new tokens; the best of --repeat runs is kept.
+Each engine runs in its own process (so peak RSS and cold start are its own) and loads its model once,
+then generates --repeat times with 2 threads, greedy decoding, the same prompt and the same number of
+new tokens; the best run is kept.
 An engine whose library is not installed is reported as skipped. Also prints the memory-bandwidth
 bound: a decoder reads every weight once per token, so model bytes / bandwidth is the fastest a
 token can be.
@@ -23,15 +24,22 @@ from pathlib import Path
 PROMPT = "The history of the railway in England began"
 
 
-def _lmpack(path: str, tokens: int, threads: int) -> dict:
-    from lmpack import api
+def _lmpack(path: str, tokens: int, threads: int):
+    from lmpack.runtime.engine import DecoderEngine
+    from lmpack.runtime.sampling import SamplingParams
+    from lmpack.runtime.select import prepare_variant
 
-    result = api.generate(Path(path), PROMPT, max_tokens=tokens, threads=threads)
-    return {"new_tokens": result.completion_tokens, "prompt_tokens": result.prompt_tokens,
-            "prefill_s": result.prefill_seconds, "decode_s": result.decode_seconds}
+    engine = DecoderEngine(prepare_variant(Path(path)), threads=threads)
+    ids = engine.encode_prompt(PROMPT)
+
+    def run() -> dict:
+        result = engine.generate(ids, SamplingParams(max_tokens=tokens, temperature=0.0)).result(None)
+        return {"new_tokens": result.completion_tokens, "prompt_tokens": result.prompt_tokens,
+                "prefill_s": result.prefill_seconds, "decode_s": result.decode_seconds}
+    return run
 
 
-def _transformers(path: str, tokens: int, threads: int) -> dict:
+def _transformers(path: str, tokens: int, threads: int):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,18 +47,21 @@ def _transformers(path: str, tokens: int, threads: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        started = time.perf_counter()
-        model(ids)  # prefill alone, to split prefill from decode
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        total = time.perf_counter() - started
-    return {"new_tokens": out.shape[1] - ids.shape[1], "prompt_tokens": ids.shape[1], "prefill_s": prefill,
-            "decode_s": max(total - prefill, 1e-9)}
+
+    def run() -> dict:
+        with torch.no_grad():
+            started = time.perf_counter()
+            model(ids)  # prefill alone, to split prefill from decode
+            prefill = time.perf_counter() - started
+            started = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            total = time.perf_counter() - started
+        return {"new_tokens": out.shape[1] - ids.shape[1], "prompt_tokens": ids.shape[1], "prefill_s": prefill,
+                "decode_s": max(total - prefill, 1e-9)}
+    return run
 
 
-def _genai(path: str, tokens: int, threads: int) -> dict:
+def _genai(path: str, tokens: int, threads: int):
     import onnxruntime_genai as og
 
     config = og.Config(path)
@@ -58,40 +69,49 @@ def _genai(path: str, tokens: int, threads: int) -> dict:
     model = og.Model(config)
     tokenizer = og.Tokenizer(model)
     ids = tokenizer.encode(PROMPT)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + tokens, min_length=len(ids) + tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    started = time.perf_counter()
-    generator.append_tokens(ids)
-    generator.generate_next_token()
-    prefill = time.perf_counter() - started
-    count = 1
-    started = time.perf_counter()
-    while not generator.is_done():
+
+    def run() -> dict:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + tokens, min_length=len(ids) + tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        started = time.perf_counter()
+        generator.append_tokens(ids)
         generator.generate_next_token()
-        count += 1
-    return {"new_tokens": count, "prompt_tokens": len(ids), "prefill_s": prefill,
-            "decode_s": time.perf_counter() - started}
+        prefill = time.perf_counter() - started
+        count = 1
+        started = time.perf_counter()
+        while not generator.is_done():
+            generator.generate_next_token()
+            count += 1
+        return {"new_tokens": count, "prompt_tokens": len(ids), "prefill_s": prefill,
+                "decode_s": time.perf_counter() - started}
+    return run
 
 
-def _llamacpp(path: str, tokens: int, threads: int) -> dict:
+def _llamacpp(path: str, tokens: int, threads: int):
     from llama_cpp import Llama
 
     llm = Llama(model_path=path, n_threads=threads, n_ctx=512, verbose=False)
     ids = llm.tokenize(PROMPT.encode())
-    started = time.perf_counter()
-    llm.eval(ids)
-    prefill = time.perf_counter() - started
-    count = 0
-    started = time.perf_counter()
-    for _ in range(tokens):
-        token = llm.sample(temp=0.0)
-        llm.eval([token])
-        count += 1
-    return {"new_tokens": count, "prompt_tokens": len(ids), "prefill_s": prefill,
-            "decode_s": time.perf_counter() - started}
+
+    def run() -> dict:
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(ids)
+        prefill = time.perf_counter() - started
+        count = 0
+        started = time.perf_counter()
+        for _ in range(tokens):
+            token = llm.sample(temp=0.0)
+            llm.eval([token])
+            count += 1
+        return {"new_tokens": count, "prompt_tokens": len(ids), "prefill_s": prefill,
+                "decode_s": time.perf_counter() - started}
+    return run
 
 
+# Each loads its model once and returns a function that runs one generation, so --repeat measures the
+# same loaded engine again (and peak RSS is one engine's, not two overlapping while the first is freed).
 ENGINES = {"lmpack": _lmpack, "transformers": _transformers, "genai": _genai, "llamacpp": _llamacpp}
 
 
@@ -99,7 +119,8 @@ def _child(engine: str, path: str, tokens: int, threads: int, repeat: int) -> No
     """Runs in the engine's own process; prints one JSON line."""
     started = time.perf_counter()
     try:
-        runs = [ENGINES[engine](path, tokens, threads) for _ in range(repeat)]
+        run = ENGINES[engine](path, tokens, threads)
+        runs = [run() for _ in range(repeat)]
     except ImportError as exc:
         print(json.dumps({"skipped": f"{type(exc).__name__}: {exc}"}))
         return
