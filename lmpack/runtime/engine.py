@@ -18,6 +18,7 @@ import numpy as np
 
 from lmpack.errors import RequestError
 from lmpack.runtime.chat import ChatTemplate
+from lmpack.runtime.heap import release_freed_heap
 from lmpack.runtime.sampling import SamplingParams, Sampler
 from lmpack.runtime.sessions import DecoderRunner, EncoderRunner, KVCache
 from lmpack.runtime.textstream import IncrementalDecoder, StopMatcher
@@ -163,9 +164,14 @@ class DecoderEngine:
             raise RequestError(f"{variant.name} is an embedding model (task {variant.task}); it cannot generate text")
         self.variant = variant
         self.batcher: Any = None   # a batcher.Batcher once a server starts one; None: each generation runs alone
+        # Parsing the tokenizer's JSON and building the session free tens of MB that glibc would keep:
+        # handing them back took SmolLM2 int8's resident memory from 258 to 238 MB after loading, 270 to
+        # 253 after three generations (the peak, while onnxruntime packs the LM head, stays 265).
+        self.tokenizer = variant.tokenizer()
+        release_freed_heap()
         self.runner = DecoderRunner(variant.onnx_path, threads=threads, providers=variant.providers,
                                     kv_padding=variant.info.get("kv_padding", "left"))
-        self.tokenizer = variant.tokenizer()
+        release_freed_heap()
         eos = set(variant.eos_token_ids)
         if not eos and variant.special_token("eos_token"):
             eos.add(self.tokenizer.token_to_id(variant.special_token("eos_token")))
@@ -221,9 +227,11 @@ class EncoderEngine:
         if variant.task != EMBEDDING:
             raise RequestError(f"{variant.name} is not an embedding model (task {variant.task})")
         self.variant = variant
-        self.runner = EncoderRunner(variant.onnx_path, threads=threads, providers=variant.providers)
-        self.max_input_tokens = _encoder_length(variant)
         self.tokenizer = variant.tokenizer()
+        release_freed_heap()   # as DecoderEngine does
+        self.runner = EncoderRunner(variant.onnx_path, threads=threads, providers=variant.providers)
+        release_freed_heap()
+        self.max_input_tokens = _encoder_length(variant)
         self.tokenizer.enable_truncation(self.max_input_tokens)
         pad = variant.special_token("pad_token")
         pad_id = self.tokenizer.token_to_id(pad) if pad else None
