@@ -43,6 +43,8 @@ def test_int8_build_writes_a_complete_variant(tiny_llama, session_cache, tmp_pat
     ops = [n.op_type for n in onnx.load(str(model / "model.onnx")).graph.node]
     # the builder's fused graph; the tied embedding was folded out of the LM head's Transpose and quantized too
     assert ops.count("GroupQueryAttention") == 4 and "MatMulNBits" in ops and "Transpose" not in ops
+    graph = onnx.load(str(model / "model.onnx")).graph
+    assert "num_logits_to_keep" in [i.name for i in graph.input]  # the LM head runs on the last positions only
     info = json.loads((model / "lmpack-model.json").read_text())
     assert info["task"] == "text-generation" and info["num_layers"] == 4
     assert (info["exporter"], info["kv_padding"]) == ("onnxruntime-genai", "right")
@@ -148,7 +150,7 @@ def test_int4_embedding_reads_the_tied_8bit_head(tiny_llama, session_cache, tmp_
     model.graph.output.append(helper.make_tensor_value_info(embedding.output[0], TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([[1, 5, 7, 300, 511]], dtype=np.int64)
-    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "num_logits_to_keep": np.array([1])}
     for i in session.get_inputs():
         if i.name.startswith("past_key_values."):
             feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)

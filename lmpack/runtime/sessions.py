@@ -18,6 +18,8 @@ NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(
              "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 _PAST_PREFIX = "past_key_values."
 _PRESENT_PREFIX = "present."
+# The input lmpack's export adds to compute the LM head for only the last positions (steps.onnx_graph.keep_last_logits).
+LOGITS_TO_KEEP = "num_logits_to_keep"
 KV_PADDINGS = ("left", "right")
 
 
@@ -192,7 +194,8 @@ class DecoderRunner:
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [name for name in self.inputs if name.startswith(_PAST_PREFIX)]
         self.present_of = {name: _PRESENT_PREFIX + name[len(_PAST_PREFIX):] for name in self.past_names}
-        unexpected = set(self.inputs) - {"input_ids", "attention_mask", "position_ids", *self.past_names}
+        unexpected = set(self.inputs) - {"input_ids", "attention_mask", "position_ids", LOGITS_TO_KEEP,
+                                         *self.past_names}
         if unexpected:
             raise ValueError(f"unexpected decoder inputs {sorted(unexpected)}")
         # Where the KV cache lives between steps: the GPU's memory when a GPU provider runs the graph.
@@ -212,9 +215,12 @@ class DecoderRunner:
         shape = [1 if i == 0 else (0 if i == 2 else dim) for i, dim in enumerate(self.inputs[name].shape)]
         return np.zeros(shape, dtype=self._type(name))
 
-    def _feed(self, ids: np.ndarray, past_length: int) -> dict[str, np.ndarray]:
+    def _feed(self, ids: np.ndarray, past_length: int, *, keep: int = 1) -> dict[str, np.ndarray]:
+        """The inputs of one run; graphs with LOGITS_TO_KEEP compute the logits of the last `keep` positions only."""
         length = ids.shape[1]
         feed = {"input_ids": ids.astype(np.int64)}
+        if LOGITS_TO_KEEP in self.inputs:
+            feed[LOGITS_TO_KEEP] = np.array([keep], dtype=np.int64)
         if "attention_mask" in self.inputs:
             feed["attention_mask"] = np.ones((1, past_length + length), dtype=self._type("attention_mask"))
         if "position_ids" in self.inputs:
@@ -224,7 +230,7 @@ class DecoderRunner:
 
     def logits(self, token_ids: np.ndarray) -> np.ndarray:
         """Logits for every position of one window, from an empty cache: [length, vocab]."""
-        feed = self._feed(token_ids.reshape(1, -1), 0)
+        feed = self._feed(token_ids.reshape(1, -1), 0, keep=token_ids.size)
         feed.update({name: self._empty_past(name) for name in self.past_names})
         return self.session.run(["logits"], feed)[0][0].astype(np.float32)
 
@@ -255,6 +261,8 @@ class DecoderRunner:
         rows = batch.size
         mask = batch.step_mask()
         feed = {"input_ids": np.asarray(tokens, dtype=np.int64).reshape(rows, 1)}
+        if LOGITS_TO_KEEP in self.inputs:
+            feed[LOGITS_TO_KEEP] = np.array([1], dtype=np.int64)
         if "attention_mask" in self.inputs:
             feed["attention_mask"] = mask.astype(self._type("attention_mask"))
         if "position_ids" in self.inputs:
@@ -338,6 +346,8 @@ class InPlaceBinding:
             self.session.run_with_iobinding(self.binding)
             return self.binding.get_outputs()[-1].numpy()   # bound last
         rows, positions = feed["input_ids"].shape
+        if LOGITS_TO_KEEP in feed:
+            positions = min(positions, int(feed[LOGITS_TO_KEEP][0]))
         if self.logits is None or self.logits.shape[:2] != (rows, positions):
             self.logits = np.empty((rows, positions, self.vocab), dtype=self.logits_type)
             self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))

@@ -22,7 +22,7 @@ from lmpack.errors import StepError, UnsupportedModelError
 from lmpack.pipeline.step import HF_MODEL, ONNX_MODEL, Artifact, Step, StepContext, register
 from lmpack.runtime.variant import EMBEDDING, MODEL_INFO, TEXT_GENERATION
 from lmpack.steps.model_files import copy_side_files
-from lmpack.steps.onnx_graph import load_model, save_model
+from lmpack.steps.onnx_graph import keep_last_logits, load_model, save_model
 
 ONNX_FILE = "model.onnx"
 OPTIMUM, GENAI = "optimum", "onnxruntime-genai"
@@ -136,9 +136,11 @@ def _export_optimum(src: Path, out_dir: Path, config: dict, task: str, params: E
 def _export_genai(src: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
     """onnxruntime-genai's model builder, fp32 for the CPU: lmpack's own quantize step makes the 8- and 4-bit graphs
     (its int8 keeps the embedding in fp32). Only the graph is kept: the builder's genai_config.json and its copies
-    of the tokenizer files would be a second, unused description of the model."""
+    of the tokenizer files would be a second, unused description of the model. The graph gets lmpack's
+    `num_logits_to_keep` input (onnx_graph.keep_last_logits), so a prompt's pass computes one position's logits."""
     import tempfile
 
+    import onnx
     from onnxruntime_genai.models.builder import create_model
 
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".genai-") as scratch:
@@ -157,6 +159,10 @@ def _export_genai(src: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
         for name in (ONNX_FILE, f"{ONNX_FILE}.data"):
             if (built / name).is_file():
                 shutil.move(built / name, out_dir / name)
+    # Only the graph is rewritten; the weights stay where the builder put them.
+    graph = onnx.load(str(out_dir / ONNX_FILE), load_external_data=False)
+    if keep_last_logits(graph):
+        onnx.save_model(graph, str(out_dir / ONNX_FILE))
 
 
 def _model_info(config: dict, task: str, exporter: str) -> dict[str, Any]:

@@ -272,3 +272,48 @@ def fuse_sibling_matmul_nbits(model) -> int:
     if removed:
         drop_unused_initializers(model)
     return removed
+
+
+LOGITS_TO_KEEP = "num_logits_to_keep"
+
+
+def keep_last_logits(model) -> bool:
+    """Give the graph an input `num_logits_to_keep` ([1], int64) and compute the LM head for only the last that
+    many positions of the hidden states.
+
+    A prompt's pass needs the next-token logits of its last position only, but a graph computes the head (a
+    fifth of SmolLM2's weights) and a [positions, vocabulary] float array for every position: 393 MB for a
+    2,000-token prompt. The runtime feeds 1; validation feeds the window length for every position's logits.
+    False when the graph has no `logits` output made by a MatMul (through Casts) or already has the input.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    if any(i.name == LOGITS_TO_KEEP for i in graph.input):
+        return False
+    producers = {out: node for node in graph.node for out in node.output}
+    head = producers.get("logits")
+    while head is not None and head.op_type == "Cast":
+        head = producers.get(head.input[0])
+    if head is None or head.op_type not in ("MatMul", "MatMulNBits"):
+        return False
+    hidden = head.input[0]
+    prefix = "/lmpack/keep_last_logits"
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
+    graph.initializer.extend([numpy_helper.from_array(np.array([0], dtype=np.int64), f"{prefix}/zero"),
+                              numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64),
+                                                      f"{prefix}/end"),
+                              numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}/axis")])
+    nodes = [
+        helper.make_node("Shape", [hidden], [f"{prefix}/shape"], name=f"{prefix}/Shape"),
+        helper.make_node("Gather", [f"{prefix}/shape", f"{prefix}/axis"], [f"{prefix}/length"], name=f"{prefix}/Gather"),
+        helper.make_node("Sub", [f"{prefix}/length", LOGITS_TO_KEEP], [f"{prefix}/from_end"], name=f"{prefix}/Sub"),
+        helper.make_node("Max", [f"{prefix}/from_end", f"{prefix}/zero"], [f"{prefix}/start"], name=f"{prefix}/Max"),
+        helper.make_node("Slice", [hidden, f"{prefix}/start", f"{prefix}/end", f"{prefix}/axis"], [f"{prefix}/hidden"],
+                         name=f"{prefix}/Slice"),
+    ]
+    index = list(graph.node).index(head)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
+    head.input[0] = f"{prefix}/hidden"
+    return True

@@ -225,6 +225,24 @@ def test_in_place_cache_gives_the_copied_caches_logits_across_growth(llama_varia
     assert grown >= 1 and caches["in_place"].length == len(in_place_tokens)
 
 
+def test_a_prompt_pass_computes_only_the_last_positions_logits(llama_variant):
+    """The builder's graph gets num_logits_to_keep: a step computes the LM head for its last position only (not a
+    [prompt, vocabulary] array), with the logits every-position validation gives for that position."""
+    from lmpack.runtime.sessions import LOGITS_TO_KEEP, DecoderRunner
+
+    runner = DecoderRunner(load_variant(llama_variant).onnx_path, threads=1, kv_padding="right")
+    assert LOGITS_TO_KEEP in runner.inputs
+    prompt = np.array([5, 17, 33, 8, 2, 40, 41, 9, 12, 77])
+    every = runner.logits(prompt)
+    assert every.shape[0] == prompt.size
+    cache = KVCache()
+    last = runner.step(prompt.tolist(), cache)
+    assert cache.binding.logits.shape[:2] == (1, 1)
+    np.testing.assert_allclose(last, every[-1], rtol=1e-5, atol=1e-5)
+    second = runner.step([int(np.argmax(last))], cache)
+    np.testing.assert_allclose(second, runner.logits(np.append(prompt, np.argmax(last)))[-1], rtol=1e-5, atol=1e-5)
+
+
 def test_kv_bound_to_a_device_gives_the_same_logits(llama_variant_optimum):
     """The I/O-binding path GPU providers take (presents bound to the provider's device, here the CPU's),
     single and batched, against run_with_ort_values: identical logits. GPU variants are optimum's
