@@ -268,3 +268,11 @@ def test_kv_bound_to_a_device_gives_the_same_logits(llama_variant_optimum):
     for _ in range(5):
         rows = [plain.step_batch([1, 2], batches[0]), bound.step_batch([1, 2], batches[1])]
         assert np.array_equal(*rows)
+
+
+def test_prompt_sized_runs_shrink_the_arena_and_token_steps_do_not():
+    """A prompt's activations would stay in onnxruntime's arena for the server's life; a token step's are reused."""
+    from lmpack.runtime.sessions import run_options
+
+    assert run_options(1) is None and run_options(64) is None
+    assert run_options(65).get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
