@@ -37,6 +37,10 @@ def create_session(model_path: Path, *, threads: int | None = None, providers: S
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # The thread pool hands out a parallel loop's work in shrinking blocks instead of equal shares, which
+    # balances the small matrices of one-token steps better. SmolLM2, 2 threads, alternating in one process:
+    # decode int4 179.0 -> 197.5, int8 149.6 -> 172.6 tok/s; 8-row steps +3-4%; prefill the same.
+    options.add_session_config_entry("session.dynamic_block_base", "4")
     available = set(ort.get_available_providers())
     chosen = [p for p in (providers or []) if (p if isinstance(p, str) else p[0]) in available] \
         or ["CPUExecutionProvider"]
