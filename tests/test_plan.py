@@ -69,3 +69,30 @@ def test_cli_profiles_list_json():
     result = CliRunner().invoke(cli, ["profiles", "list", "--json"])
     assert result.exit_code == 0
     assert '"name": "int4"' in result.output
+
+
+def test_a_steps_cache_key_follows_the_helpers_it_uses(tmp_path, monkeypatch):
+    """Editing a graph-rewrite helper must invalidate the cached outputs of the steps that call it."""
+    import importlib.util
+    import sys
+
+    from lmpack.pipeline.step import _code_digest
+
+    def load(name: str, path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+        return module
+
+    helper, step = tmp_path / "helper.py", tmp_path / "step.py"
+    helper.write_text("def rewrite(model):\n    return 1\n")
+    step.write_text("from lmpack.steps._t_helper import rewrite\n\nclass FakeStep:\n    pass\n")
+    load("lmpack.steps._t_helper", helper)
+    fake = load("lmpack.steps._t_step", step).FakeStep
+    before = _code_digest(fake)
+    helper.write_text("def rewrite(model):\n    return 2\n")
+    after_helper = _code_digest(fake)
+    assert after_helper != before
+    step.write_text(step.read_text() + "# the step's own code counts too\n")
+    assert _code_digest(fake) not in (before, after_helper)

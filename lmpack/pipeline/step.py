@@ -90,18 +90,33 @@ class Step:
         return {}
 
     def tool_versions(self) -> dict[str, str]:
-        """Versions of the libraries the output depends on, plus lmpack's and a digest of the step's own code."""
+        """Versions of the libraries the output depends on, plus lmpack's and a digest of the step's code: its own
+        module and the lmpack.steps modules it takes names from (graph rewrites, file copies), so changing a
+        helper invalidates the cached outputs it shaped."""
         from lmpack import __version__
 
-        code = Path(inspect.getsourcefile(type(self)) or "")
-        versions = {"lmpack": __version__,
-                    "step_code": hashlib.sha256(code.read_bytes()).hexdigest()[:16] if code.is_file() else "?"}
+        versions = {"lmpack": __version__, "step_code": _code_digest(type(self))}
         for name in self.tools:
             try:
                 versions[name] = metadata.version(name)
             except metadata.PackageNotFoundError:
                 versions[name] = "absent"
         return versions
+
+
+def _code_digest(cls: type) -> str:
+    import sys
+
+    module = sys.modules[cls.__module__]
+    helpers = {getattr(value, "__module__", None) or getattr(value, "__name__", None) for value in vars(module).values()}
+    names = sorted({cls.__module__} | {name for name in helpers if name and name.startswith("lmpack.steps.")})
+    digest = hashlib.sha256()
+    for name in names:
+        path = Path(inspect.getsourcefile(sys.modules[name]) or "") if name in sys.modules else Path()
+        if not path.is_file():
+            return "?"
+        digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 _REGISTRY: dict[str, type[Step]] = {}
