@@ -76,9 +76,13 @@ class BatchKV:
     - "right" (GroupQueryAttention, which reads each row's length from the mask and writes its new keys
       right after them): row i's real past is its first `lengths[i]` columns.
 
-    Either way each row's past is one contiguous slice, and while the rows do not change each step's
-    presents are the next step's pasts as they are (OrtValues, no copy); only a row joining or leaving
-    re-packs the arrays. The width is always the longest row's length.
+    Either way each row's past is one contiguous slice. With left padding each step's presents are the
+    next step's pasts as they are (OrtValues, no copy), and a row joining or leaving re-packs the arrays.
+    Right-padded batches are written in place (DecoderRunner): the batch owns buffers with spare rows and
+    positions (`_store`), `values` are views of their first `size` rows, a newcomer is written into the
+    next free row and a leaving row's place is filled by moving the later rows up, so the running rows'
+    caches are copied only when the buffers must grow (rows double, positions grow by _GROWTH). The
+    width is always the longest row's length.
     """
 
     padding: str = "left"
@@ -86,6 +90,7 @@ class BatchKV:
     mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     values: dict[str, Any] = field(default_factory=dict)
     binding: "InPlaceBinding | None" = None   # as KVCache.binding
+    _store: dict[str, np.ndarray] = field(default_factory=dict, repr=False)   # right padding: see above
 
     def __post_init__(self) -> None:
         if self.padding not in KV_PADDINGS:
@@ -121,6 +126,16 @@ class BatchKV:
     def join(self, cache: KVCache) -> None:
         """Add one prefilled sequence as the last row; the narrower side is padded with masked zeros."""
         new = {name: _as_array(value)[:, :, :cache.length] for name, value in cache.values.items()}
+        if self.padding == "right":
+            width = max(self.width if self.lengths else 0, cache.length)
+            self._reserve(self.size + 1, width + 1, new)
+            for name, value in new.items():
+                row = self._store[name][self.size]
+                row[:, :cache.length] = value[0]
+                row[:, cache.length:width] = 0   # a previous row's leftovers: masked anyway, but kept clean
+            self.lengths.append(cache.length)
+            self._settle(width)
+            return
         if not self.lengths:
             self.values = {name: np.ascontiguousarray(value) for name, value in new.items()}
             self.mask = np.ones((1, cache.length), dtype=np.int64)
@@ -139,8 +154,16 @@ class BatchKV:
         padding a multiple of `align` of them, so each row's padding stays what the batcher made it modulo `align`)."""
         if not rows:
             self.lengths, self.values, self.mask = [], {}, np.zeros((0, 0), dtype=np.int64)
+            self._store = {}
             return
         self.lengths = [self.lengths[i] for i in rows]
+        if self.padding == "right":
+            width = max(self.lengths)
+            if rows != list(range(len(rows))):
+                for store in self._store.values():   # the fancy-indexed read copies first, so overlap is safe
+                    store[:len(rows), :, :width] = store[rows, :, :width]
+            self._settle(width)
+            return
         if self.padding == "left":
             start = self.width - max(self.lengths)
             start -= start % align
@@ -149,6 +172,36 @@ class BatchKV:
             window = slice(0, max(self.lengths))
         self.values = {name: np.ascontiguousarray(value[rows, :, window]) for name, value in self._arrays().items()}
         self.mask = self.mask[rows, window]
+
+
+    def reserve(self, positions: int) -> None:
+        """Right padding: room for `positions` positions in every row (the step about to run needs width + 1).
+        `values` stay the same arrays (and their I/O binding stays valid) unless the store had to grow."""
+        if self._reserve(self.size, positions, self._store):
+            self.values = {name: store[:self.size] for name, store in self._store.items()}
+
+    def _reserve(self, rows: int, positions: int, like: dict[str, np.ndarray]) -> bool:
+        """Make the store hold at least `rows` rows of `positions` positions, keeping what the current rows hold;
+        True when it was reallocated."""
+        sample = next(iter(self._store.values()), None)   # every buffer has the same rows and positions
+        have_rows, have_positions = (0, 0) if sample is None else (sample.shape[0], sample.shape[2])
+        if sample is not None and have_rows >= rows and have_positions >= positions:
+            return False
+        rows = have_rows if have_rows >= rows else max(rows, 2 * have_rows)
+        positions = have_positions if have_positions >= positions else (positions // _GROWTH + 1) * _GROWTH
+        store = {}
+        for name, sample in like.items():
+            store[name] = np.zeros((rows, sample.shape[1], positions, sample.shape[3]), dtype=sample.dtype)
+            if name in self._store and self.lengths:
+                store[name][:self.size, :, :self.width] = self._store[name][:self.size, :, :self.width]
+        self._store = store
+        return True
+
+    def _settle(self, width: int) -> None:
+        """Point `values` at the store's first rows and rebuild the mask for `width` columns."""
+        self.values = {name: store[:self.size] for name, store in self._store.items()}
+        lengths = np.asarray(self.lengths, dtype=np.int64)[:, None]
+        self.mask = (np.arange(width)[None, :] < lengths).astype(np.int64)
 
 
 def _as_array(value: Any) -> np.ndarray:
@@ -223,9 +276,9 @@ class DecoderRunner:
         # Where the KV cache lives between steps: the GPU's memory when a GPU provider runs the graph.
         self.kv_device = "cuda" if self.session.get_providers()[0] in (TENSORRT_EP, CUDA_EP) else "cpu"
         self.bind_kv = self.kv_device != "cpu" if bind_kv is None else bind_kv
-        # Right-padded graphs write their cache in place in host buffers (CPU targets' graphs; GPU profiles
-        # export with optimum, whose graphs are left-padded).
-        self.in_place = kv_padding == "right" and self.kv_device == "cpu"
+        # Right-padded graphs write their cache in place in host buffers: they are CPU targets' graphs (GPU
+        # profiles export with optimum, whose graphs are left-padded).
+        self.in_place = kv_padding == "right"
         self._past_layout = {name: (self.inputs[name].shape[1], self.inputs[name].shape[3], self._type(name))
                              for name in self.past_names}
 
@@ -290,7 +343,7 @@ class DecoderRunner:
         if "position_ids" in self.inputs:
             feed["position_ids"] = np.asarray(batch.lengths, dtype=self._type("position_ids")).reshape(rows, 1)
         if self.in_place:
-            batch.values = _grow(batch.values, rows, mask.shape[1], self._past_layout)
+            batch.reserve(mask.shape[1])
             logits = self._run_in_place(feed, batch)
         else:
             logits, batch.values = self._run(feed, batch.values)

@@ -94,12 +94,41 @@ def test_batch_layouts_put_each_rows_past_where_its_graph_reads_it():
         batch.join(cache(2, 5.0))
         batch.join(cache(3, 7.0))
         assert batch.mask.tolist() == [short_row, [1, 1, 1]]
-        assert batch.values["k"][0, 0, :, 0].tolist() == [5.0 * m for m in short_row]
+        # (right-padded rows have spare positions beyond the width: the graph writes the next keys there)
+        assert batch.values["k"][0, 0, :batch.width, 0].tolist() == [5.0 * m for m in short_row]
         assert batch.step_mask().tolist() == step_mask
         batch.keep([0])
-        assert batch.width == 2 and batch.values["k"][0, 0, :, 0].tolist() == [5.0, 5.0]
+        assert batch.width == 2 and batch.values["k"][0, 0, :batch.width, 0].tolist() == [5.0, 5.0]
     with pytest.raises(ValueError, match="padding"):
         BatchKV(padding="middle")
+
+
+def test_a_right_padded_batch_keeps_its_buffers_as_rows_join_and_leave():
+    """Rows join into spare rows and leave by moving the later rows up, in the same buffers; only growth
+    (rows doubling, positions by 128) allocates, and keeps every row's past."""
+    def cache(length: int, value: float) -> KVCache:
+        return KVCache(length=length, values={"k": _Value(np.full((1, 1, length, 2), value, dtype=np.float32))})
+
+    def rows(batch: BatchKV) -> list[list[float]]:
+        return batch.values["k"][:, 0, :batch.width, 0].tolist()
+
+    batch = BatchKV(padding="right")
+    for value, length in ((1.0, 3), (2.0, 5), (3.0, 4)):
+        batch.join(cache(length, value))
+    store = batch._store["k"]
+    assert store.shape[0] == 4 and store.shape[2] == 128        # rows doubled 1 -> 2 -> 4
+    batch.keep([0, 2])                                           # the middle row leaves, the last moves up
+    assert batch._store["k"] is store and batch.values["k"].base is store
+    assert rows(batch) == [[1, 1, 1, 0], [3, 3, 3, 3]]
+    batch.join(cache(2, 9.0))                                    # into the free row, over the old row's keys
+    assert batch._store["k"] is store and rows(batch) == [[1, 1, 1, 0], [3, 3, 3, 3], [9, 9, 0, 0]]
+    values = batch.values
+    batch.reserve(100)                                           # fits: the same arrays (and I/O binding)
+    assert batch.values is values
+    batch.reserve(200)                                           # grows, keeping every row
+    assert batch._store["k"].shape[2] == 256 and rows(batch) == [[1, 1, 1, 0], [3, 3, 3, 3], [9, 9, 0, 0]]
+    batch.keep([])
+    assert batch._store == {} and batch.size == 0
 
 
 class _Value:
