@@ -105,15 +105,17 @@ class BatchKV:
         return self.mask.shape[1]
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        """The pasts as arrays of exactly `width` positions (right-padded buffers have room beyond it)."""
+        """Left padding: the pasts as arrays of exactly `width` positions."""
         return {name: _as_array(value)[:, :, :self.width] for name, value in self.values.items()}
 
-    def _pad(self, array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
+    @staticmethod
+    def _pad(array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
+        """Left padding: masked zeros before a narrower row's past."""
         missing = width - array.shape[axis]
         if missing == 0:
             return array
         pad = [(0, 0)] * array.ndim
-        pad[axis] = (missing, 0) if self.padding == "left" else (0, missing)
+        pad[axis] = (missing, 0)
         return np.pad(array, pad)
 
     def step_mask(self) -> np.ndarray:
@@ -164,15 +166,10 @@ class BatchKV:
                     store[:len(rows), :, :width] = store[rows, :, :width]
             self._settle(width)
             return
-        if self.padding == "left":
-            start = self.width - max(self.lengths)
-            start -= start % align
-            window = slice(start, None)
-        else:
-            window = slice(0, max(self.lengths))
+        start = self.width - max(self.lengths)
+        window = slice(start - start % align, None)
         self.values = {name: np.ascontiguousarray(value[rows, :, window]) for name, value in self._arrays().items()}
         self.mask = self.mask[rows, window]
-
 
     def reserve(self, positions: int) -> None:
         """Right padding: room for `positions` positions in every row (the step about to run needs width + 1).
