@@ -185,10 +185,10 @@ class BatchKV:
         if sample is not None and have_rows >= rows and have_positions >= positions:
             return False
         rows = have_rows if have_rows >= rows else max(rows, 2 * have_rows)
-        positions = have_positions if have_positions >= positions else (positions // _GROWTH + 1) * _GROWTH
+        positions = have_positions if have_positions >= positions else _capacity(positions)
         store = {}
-        for name, sample in like.items():
-            store[name] = np.zeros((rows, sample.shape[1], positions, sample.shape[3]), dtype=sample.dtype)
+        for name, model in like.items():   # heads, head size and type from a row like those to hold
+            store[name] = np.zeros((rows, model.shape[1], positions, model.shape[3]), dtype=model.dtype)
             if name in self._store and self.lengths:
                 store[name][:self.size, :, :self.width] = self._store[name][:self.size, :, :self.width]
         self._store = store
@@ -228,12 +228,17 @@ def run_options(tokens: int):
 _GROWTH = 128
 
 
+def _capacity(positions: int) -> int:
+    """Buffer positions for `positions` and room to grow: the next multiple of _GROWTH above it."""
+    return (positions // _GROWTH + 1) * _GROWTH
+
+
 def _grow(buffers: dict[str, np.ndarray], rows: int, needed: int, like: dict[str, tuple]) -> dict[str, np.ndarray]:
     """Buffers with room for at least `needed` positions, holding what `buffers` held."""
     have = min((b.shape[2] for b in buffers.values()), default=0)
     if buffers and have >= needed:
         return buffers
-    capacity = (needed // _GROWTH + 1) * _GROWTH
+    capacity = _capacity(needed)
     grown = {}
     for name, (heads, head_dim, dtype) in like.items():
         grown[name] = np.zeros((rows, heads, capacity, head_dim), dtype=dtype)
