@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmpack.runtime.sessions import LOGITS_TO_KEEP  # the runtime feeds the input keep_last_logits adds
+
 
 def load_model(path: Path):
     import onnx
@@ -42,12 +44,19 @@ def upgrade_opset(model, version: int):
     return model if current >= version else version_converter.convert_version(model, version)
 
 
+def lm_head(model):
+    """The node that computes the `logits` output (the LM head), looking through Casts; None without one."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    head = producers.get("logits")
+    while head is not None and head.op_type == "Cast":
+        head = producers.get(head.input[0])
+    return head
+
+
 def logits_matmul(model) -> str | None:
-    """Name of the MatMul that produces the `logits` output (the LM head), if there is one."""
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and "logits" in node.output:
-            return node.name
-    return None
+    """Name of the (not yet quantized) MatMul that is the LM head, if there is one."""
+    head = lm_head(model)
+    return head.name if head is not None and head.op_type == "MatMul" else None
 
 
 def fold_transposed_weights(model) -> int:
@@ -156,7 +165,7 @@ def tied_embedding(model, head: str | None) -> str | None:
 def share_head_with_embedding(model, gather: str) -> None:
     """Make the embedding Gather read the 8-bit LM head's quantized weight instead of a table of its own.
 
-    The head is the node that produces `logits` (the quantizer has renamed it by now).
+    The head is found again (lm_head): the quantizer has renamed it by now.
 
     MatMulNBits keeps its 8-bit weight as [vocab, blocks, block_size] unsigned bytes with a zero point of
     128 and scales [vocab, blocks], so a vocabulary row is a row of the head: gather it, subtract 128,
@@ -168,7 +177,7 @@ def share_head_with_embedding(model, gather: str) -> None:
     graph = model.graph
     nodes = {n.name: n for n in graph.node}
     node = nodes[gather]
-    head_node = next(n for n in graph.node if "logits" in n.output)
+    head_node = lm_head(model)
     head = head_node.name
     bits = next((a.i for a in head_node.attribute if a.name == "bits"), 4)
     if head_node.op_type != "MatMulNBits" or bits != 8 or (len(head_node.input) > 3 and head_node.input[3]):
@@ -217,9 +226,9 @@ def fuse_sibling_matmul_nbits(model) -> int:
     hidden state; one kernel call over N1 + N2 columns instead of two halves the per-call overhead that
     dominates at one token a step (SmolLM2 int4 178.5 -> 198.2 tok/s, int8 +1-6%, measured alternating in
     one process with the same tokens out). Each output column is the same dot product as before; the
-    kernel may tile a wider matrix differently, so results agree to rounding. Only plain nodes are merged (weights and scales, no zero points, group index or
-    bias) whose weights nothing else reads (a shared embedding reads the LM head's). Returns how many
-    nodes were removed.
+    kernel may tile a wider matrix differently, so results agree to rounding. Only plain nodes are merged
+    (weights and scales, no zero points, group index or bias) whose weights nothing else reads (a shared
+    embedding reads the LM head's). Returns how many nodes were removed.
     """
     from collections import Counter, defaultdict
 
@@ -274,9 +283,6 @@ def fuse_sibling_matmul_nbits(model) -> int:
     return removed
 
 
-LOGITS_TO_KEEP = "num_logits_to_keep"
-
-
 def keep_last_logits(model) -> bool:
     """Give the graph an input `num_logits_to_keep` ([1], int64) and compute the LM head for only the last that
     many positions of the hidden states.
@@ -291,10 +297,7 @@ def keep_last_logits(model) -> bool:
     graph = model.graph
     if any(i.name == LOGITS_TO_KEEP for i in graph.input):
         return False
-    producers = {out: node for node in graph.node for out in node.output}
-    head = producers.get("logits")
-    while head is not None and head.op_type == "Cast":
-        head = producers.get(head.input[0])
+    head = lm_head(model)
     if head is None or head.op_type not in ("MatMul", "MatMulNBits"):
         return False
     hidden = head.input[0]
@@ -306,11 +309,12 @@ def keep_last_logits(model) -> bool:
                               numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}/axis")])
     nodes = [
         helper.make_node("Shape", [hidden], [f"{prefix}/shape"], name=f"{prefix}/Shape"),
-        helper.make_node("Gather", [f"{prefix}/shape", f"{prefix}/axis"], [f"{prefix}/length"], name=f"{prefix}/Gather"),
+        helper.make_node("Gather", [f"{prefix}/shape", f"{prefix}/axis"], [f"{prefix}/length"],
+                         name=f"{prefix}/Gather"),
         helper.make_node("Sub", [f"{prefix}/length", LOGITS_TO_KEEP], [f"{prefix}/from_end"], name=f"{prefix}/Sub"),
         helper.make_node("Max", [f"{prefix}/from_end", f"{prefix}/zero"], [f"{prefix}/start"], name=f"{prefix}/Max"),
-        helper.make_node("Slice", [hidden, f"{prefix}/start", f"{prefix}/end", f"{prefix}/axis"], [f"{prefix}/hidden"],
-                         name=f"{prefix}/Slice"),
+        helper.make_node("Slice", [hidden, f"{prefix}/start", f"{prefix}/end", f"{prefix}/axis"],
+                         [f"{prefix}/hidden"], name=f"{prefix}/Slice"),
     ]
     index = list(graph.node).index(head)
     for offset, node in enumerate(nodes):
