@@ -186,12 +186,8 @@ class BatchKV:
             return False
         rows = have_rows if have_rows >= rows else max(rows, 2 * have_rows)
         positions = have_positions if have_positions >= positions else _capacity(positions)
-        store = {}
-        for name, model in like.items():   # heads, head size and type from a row like those to hold
-            store[name] = np.zeros((rows, model.shape[1], positions, model.shape[3]), dtype=model.dtype)
-            if name in self._store and self.lengths:
-                store[name][:self.size, :, :self.width] = self._store[name][:self.size, :, :self.width]
-        self._store = store
+        layout = {name: (row.shape[1], row.shape[3], row.dtype) for name, row in like.items()}
+        self._store = _kv_buffers(layout, rows, positions, self._store, (self.size, self.width))
         return True
 
     def _settle(self, width: int) -> None:
@@ -233,18 +229,24 @@ def _capacity(positions: int) -> int:
     return (positions // _GROWTH + 1) * _GROWTH
 
 
+def _kv_buffers(layout: dict[str, tuple], rows: int, positions: int, old: dict[str, np.ndarray],
+                filled: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Zeroed buffers [rows, heads, positions, head_dim] for each past in `layout` ({name: (heads, head_dim,
+    dtype)}), holding what `old` held in its first `filled` (rows, positions)."""
+    buffers = {}
+    for name, (heads, head_dim, dtype) in layout.items():
+        buffers[name] = np.zeros((rows, heads, positions, head_dim), dtype=dtype)
+        if name in old:
+            buffers[name][:filled[0], :, :filled[1]] = old[name][:filled[0], :, :filled[1]]
+    return buffers
+
+
 def _grow(buffers: dict[str, np.ndarray], rows: int, needed: int, like: dict[str, tuple]) -> dict[str, np.ndarray]:
     """Buffers with room for at least `needed` positions, holding what `buffers` held."""
     have = min((b.shape[2] for b in buffers.values()), default=0)
     if buffers and have >= needed:
         return buffers
-    capacity = _capacity(needed)
-    grown = {}
-    for name, (heads, head_dim, dtype) in like.items():
-        grown[name] = np.zeros((rows, heads, capacity, head_dim), dtype=dtype)
-        if name in buffers:
-            grown[name][:, :, :have] = buffers[name][:, :, :have]
-    return grown
+    return _kv_buffers(like, rows, _capacity(needed), buffers, (rows, have))
 
 
 class DecoderRunner:
