@@ -164,14 +164,9 @@ class DecoderEngine:
             raise RequestError(f"{variant.name} is an embedding model (task {variant.task}); it cannot generate text")
         self.variant = variant
         self.batcher: Any = None   # a batcher.Batcher once a server starts one; None: each generation runs alone
-        # Parsing the tokenizer's JSON and building the session free tens of MB that glibc would keep:
-        # handing them back took SmolLM2 int8's resident memory from 258 to 238 MB after loading, 270 to
-        # 253 after three generations (the peak, while onnxruntime packs the LM head, stays 265).
-        self.tokenizer = variant.tokenizer()
-        release_freed_heap()
-        self.runner = DecoderRunner(variant.onnx_path, threads=threads, providers=variant.providers,
-                                    kv_padding=variant.info.get("kv_padding", "left"))
-        release_freed_heap()
+        self.tokenizer, self.runner = _load(variant, lambda: DecoderRunner(
+            variant.onnx_path, threads=threads, providers=variant.providers,
+            kv_padding=variant.info.get("kv_padding", "left")))
         eos = set(variant.eos_token_ids)
         if not eos and variant.special_token("eos_token"):
             eos.add(self.tokenizer.token_to_id(variant.special_token("eos_token")))
@@ -227,10 +222,8 @@ class EncoderEngine:
         if variant.task != EMBEDDING:
             raise RequestError(f"{variant.name} is not an embedding model (task {variant.task})")
         self.variant = variant
-        self.tokenizer = variant.tokenizer()
-        release_freed_heap()   # as DecoderEngine does
-        self.runner = EncoderRunner(variant.onnx_path, threads=threads, providers=variant.providers)
-        release_freed_heap()
+        self.tokenizer, self.runner = _load(variant, lambda: EncoderRunner(variant.onnx_path, threads=threads,
+                                                                           providers=variant.providers))
         self.max_input_tokens = _encoder_length(variant)
         self.tokenizer.enable_truncation(self.max_input_tokens)
         pad = variant.special_token("pad_token")
@@ -262,6 +255,20 @@ def _encoder_length(variant: Variant) -> int:
         except (ValueError, KeyError, TypeError):
             pass
     return min(limits)
+
+
+def _load(variant: Variant, make_runner: Callable[[], Any]) -> tuple[Any, Any]:
+    """The variant's tokenizer, then its runner, each followed by handing freed heap back to the system.
+
+    Parsing the tokenizer's JSON and building the session free tens of MB that glibc would keep: handing
+    them back took SmolLM2 int8's resident memory from 258 to 238 MB after loading, 270 to 253 after three
+    generations (the peak, while onnxruntime packs the LM head, stays 265).
+    """
+    tokenizer = variant.tokenizer()
+    release_freed_heap()
+    runner = make_runner()
+    release_freed_heap()
+    return tokenizer, runner
 
 
 def load_engine(variant: Variant, *, threads: int | None = None, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT):
