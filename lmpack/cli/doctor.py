@@ -88,8 +88,8 @@ def _needed_isa(report: dict[str, Any]) -> str:
               help="Rebuilt engines' directory, as given to serve.")
 @json_option
 @handle_errors
-def doctor_command(path: Path, variant: str | None, strict: bool, no_engine_rebuild: bool, engine_cache_dir: Path | None,
-                   as_json: bool) -> None:
+def doctor_command(path: Path, variant: str | None, strict: bool, no_engine_rebuild: bool,
+                   engine_cache_dir: Path | None, as_json: bool) -> None:
     """Show this host's facts, whether each variant at PATH can run here, and which `lmpack serve` would choose.
 
     PATH is a variant directory, an unpacked bundle or an installed release. A variant with a TensorRT
@@ -103,7 +103,8 @@ def doctor_command(path: Path, variant: str | None, strict: bool, no_engine_rebu
       lmpack doctor bundle-dir --json
       lmpack doctor /opt/lmpack/releases/smollm2 --variant smollm2-135m-instruct.q4-1-cpu-x86-int4
     """
-    report = api.doctor(path, variant=variant, strict=strict, engine_rebuild=not no_engine_rebuild, engine_cache_dir=engine_cache_dir)
+    report = api.doctor(path, variant=variant, strict=strict, engine_rebuild=not no_engine_rebuild,
+                        engine_cache_dir=engine_cache_dir)
     if as_json:
         emit_json(report)
     else:

@@ -71,10 +71,10 @@ def serve_command(path, variant, config_file, host, port, threads, max_concurren
 
     See docs/serving.md for the endpoints, settings, limits and errors.
     """
-    api.serve(path, config_file=config_file, variant=variant, host=host, port=port, threads=threads, max_concurrency=max_concurrency,
-              max_batch=max_batch, batch_align=batch_align, queue=queue, api_key_file=api_key_file,
-              drain_seconds=drain_seconds, tls_cert=tls_cert, tls_key=tls_key, cache=cache, strict=strict,
-              engine_rebuild=engine_rebuild, engine_cache_dir=engine_cache_dir)
+    api.serve(path, config_file=config_file, variant=variant, host=host, port=port, threads=threads,
+              max_concurrency=max_concurrency, max_batch=max_batch, batch_align=batch_align, queue=queue,
+              api_key_file=api_key_file, drain_seconds=drain_seconds, tls_cert=tls_cert, tls_key=tls_key,
+              cache=cache, strict=strict, engine_rebuild=engine_rebuild, engine_cache_dir=engine_cache_dir)
 
 
 @click.command("generate")

@@ -27,7 +27,7 @@ class ServeSettings:
     threads: int | None = None
     max_concurrency: int = 1
     max_batch: int = 8          # sequences per batched decode step (runtime/batcher.py); 1 turns batching off
-    batch_align: int = 4        # left-padded rows batch together when their lengths agree modulo this; 4 keeps answers exact
+    batch_align: int = 4        # left-padded rows batch when their lengths agree modulo this; 4 keeps answers exact
     queue: int = 8
     drain_seconds: int = 30
     api_key_file: Path | None = None
@@ -49,8 +49,8 @@ _BOUNDS = {"port": (0, 65535), "threads": (1, 1024), "max_concurrency": (1, 1024
            "cache_max_entries": (1, 10_000_000), "cache_max_bytes": (1024, 64 * 1024 * MIB)}
 _PATHS = ("api_key_file", "tls_cert", "tls_key", "engine_cache_dir")
 # Settings that LMPACK_SERVE_<NAME> may set: the scalar ones a unit file or container might inject.
-ENV_FIELDS = ("variant", "host", "port", "threads", "max_concurrency", "max_batch", "batch_align", "queue", "drain_seconds",
-              "api_key_file", "tls_cert", "tls_key")
+ENV_FIELDS = ("variant", "host", "port", "threads", "max_concurrency", "max_batch", "batch_align", "queue",
+              "drain_seconds", "api_key_file", "tls_cert", "tls_key")
 
 
 def read_serve_file(path: Path) -> dict[str, Any]:

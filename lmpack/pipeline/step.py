@@ -108,7 +108,8 @@ def _code_digest(cls: type) -> str:
     import sys
 
     module = sys.modules[cls.__module__]
-    helpers = {getattr(value, "__module__", None) or getattr(value, "__name__", None) for value in vars(module).values()}
+    helpers = {getattr(value, "__module__", None) or getattr(value, "__name__", None)
+               for value in vars(module).values()}
     names = sorted({cls.__module__} | {name for name in helpers if name and name.startswith("lmpack.steps.")})
     digest = hashlib.sha256()
     for name in names:

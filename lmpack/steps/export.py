@@ -89,7 +89,8 @@ class ExportStep(Step):
                 if exporter == GENAI:
                     _export_genai(source.path, out_dir, trust_remote_code=trust_remote_code)
                 else:
-                    _export_optimum(source.path, out_dir, config, task, self.params, trust_remote_code=trust_remote_code)
+                    _export_optimum(source.path, out_dir, config, task, self.params,
+                                    trust_remote_code=trust_remote_code)
         except (UnsupportedModelError, StepError):  # already say what failed and why
             raise
         except Exception as exc:  # the exporters raise many types; the user needs the architecture and the cause
