@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lmpack.runtime.engines import CUDA_EP, TENSORRT_EP
+from lmpack.runtime.heap import mapped_zeros
 
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -235,7 +236,7 @@ def _kv_buffers(layout: dict[str, tuple], rows: int, positions: int, old: dict[s
     dtype)}), holding what `old` held in its first `filled` (rows, positions)."""
     buffers = {}
     for name, (heads, head_dim, dtype) in layout.items():
-        buffers[name] = np.zeros((rows, heads, positions, head_dim), dtype=dtype)
+        buffers[name] = mapped_zeros((rows, heads, positions, head_dim), dtype)
         if name in old:
             buffers[name][:filled[0], :, :filled[1]] = old[name][:filled[0], :, :filled[1]]
     return buffers
