@@ -111,7 +111,7 @@ class Batcher:
     def _loop(self) -> None:
         active: list[_Sequence] = []    # rows of `batch`, in order
         waiting: list[_Sequence] = []   # taken from the queue, waiting for the batch's lengths to suit them
-        batch = self.engine.runner.new_batch()
+        batch = self.engine.runner.new_batch(self.max_batch)
         while True:
             with self._wake:
                 while not self._stopped and not self._pending and not active and not waiting:
@@ -135,7 +135,7 @@ class Batcher:
                 for seq in active + waiting:
                     if seq.generation.finish_reason is None:
                         seq.out.put(exc)
-                active, waiting, batch = [], [], self.engine.runner.new_batch()
+                active, waiting, batch = [], [], self.engine.runner.new_batch(self.max_batch)
 
     def _cancelled(self, seq: _Sequence) -> bool:
         if seq.generation.cancel.is_set():
@@ -169,7 +169,7 @@ class Batcher:
         generation = seq.generation
         if active and (len(generation.prompt_ids) - batch.lengths[0]) % self.align:
             return False
-        cache = KVCache()
+        cache = KVCache(room=generation.positions)
         started = time.perf_counter()
         logits = self.engine.runner.step(generation.prompt_ids, cache)
         seq.decode_started = time.perf_counter()

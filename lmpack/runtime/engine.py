@@ -109,6 +109,11 @@ class Generation:
         self.decode_seconds = 0.0
 
     @property
+    def positions(self) -> int:
+        """The most positions its cache can reach: the prompt and max_tokens, within the context."""
+        return min(len(self.prompt_ids) + self.params.max_tokens, self.engine.context_length)
+
+    @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
@@ -121,7 +126,7 @@ class Generation:
             yield from self.engine.batcher.run(self)
             return
         decoding, runner = self.decoding, self.engine.runner
-        cache = KVCache()
+        cache = KVCache(room=self.positions)
         if self.cancel.is_set():  # cancelled while it waited for a worker
             self.finish_reason = "cancelled"
             return

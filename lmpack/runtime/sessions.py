@@ -63,6 +63,10 @@ class KVCache:
     length: int = 0
     values: dict[str, Any] = field(default_factory=dict)
     binding: "InPlaceBinding | None" = None   # right-padded graphs: the I/O binding of `values`, reused
+    # Right-padded graphs: the positions this sequence may reach (its prompt and max_tokens). Its buffers (and
+    # a batch's it joins) are made that long at once, so they need not grow, which copies the whole cache
+    # while the old and new buffers are both resident; positions not yet written take no memory (mapped_zeros).
+    room: int = 0
 
 
 @dataclass
@@ -81,9 +85,10 @@ class BatchKV:
     next step's pasts as they are (OrtValues, no copy), and a row joining or leaving re-packs the arrays.
     Right-padded batches are written in place (DecoderRunner): the batch owns buffers with spare rows and
     positions (`_store`), `values` are views of their first `size` rows, a newcomer is written into the
-    next free row and a leaving row's place is filled by moving the later rows up, so the running rows'
-    caches are copied only when the buffers must grow (rows double, positions grow by _GROWTH). The
-    width is always the longest row's length.
+    next free row and a leaving row's place is filled by moving the later rows up. The buffers are made
+    with `max_rows` rows and each newcomer's `room` positions, so the running rows' caches are copied only
+    when a newcomer needs more positions than the buffers have (or rows beyond `max_rows` are asked for).
+    The width is always the longest row's length.
     """
 
     padding: str = "left"
@@ -91,6 +96,7 @@ class BatchKV:
     mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     values: dict[str, Any] = field(default_factory=dict)
     binding: "InPlaceBinding | None" = None   # as KVCache.binding
+    max_rows: int = 1                          # right padding: the rows the buffers are first made with
     _store: dict[str, np.ndarray] = field(default_factory=dict, repr=False)   # right padding: see above
 
     def __post_init__(self) -> None:
@@ -131,7 +137,7 @@ class BatchKV:
         new = {name: _as_array(value)[:, :, :cache.length] for name, value in cache.values.items()}
         if self.padding == "right":
             width = max(self.width if self.lengths else 0, cache.length)
-            self._reserve(self.size + 1, width + 1, new)
+            self._reserve(self.size + 1, max(width + 1, cache.room), new)
             for name, value in new.items():
                 row = self._store[name][self.size]
                 row[:, :cache.length] = value[0]
@@ -157,7 +163,7 @@ class BatchKV:
         padding a multiple of `align` of them, so each row's padding stays what the batcher made it modulo `align`)."""
         if not rows:
             self.lengths, self.values, self.mask = [], {}, np.zeros((0, 0), dtype=np.int64)
-            self._store = {}
+            self._store, self.binding = {}, None   # the binding would keep the buffers alive until the next batch
             return
         self.lengths = [self.lengths[i] for i in rows]
         if self.padding == "right":
@@ -185,7 +191,7 @@ class BatchKV:
         have_rows, have_positions = (0, 0) if sample is None else (sample.shape[0], sample.shape[2])
         if sample is not None and have_rows >= rows and have_positions >= positions:
             return False
-        rows = have_rows if have_rows >= rows else max(rows, 2 * have_rows)
+        rows = have_rows if have_rows >= rows else max(rows, 2 * have_rows, self.max_rows)
         positions = have_positions if have_positions >= positions else _capacity(positions)
         layout = {name: (row.shape[1], row.shape[3], row.dtype) for name, row in like.items()}
         self._store = _kv_buffers(layout, rows, positions, self._store, (self.size, self.width))
@@ -319,7 +325,7 @@ class DecoderRunner:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         feed = self._feed(ids, cache.length)
         if self.in_place:
-            cache.values = _grow(cache.values, 1, cache.length + ids.shape[1], self._past_layout)
+            cache.values = _grow(cache.values, 1, max(cache.length + ids.shape[1], cache.room), self._past_layout)
             logits = self._run_in_place(feed, cache)
         else:
             pasts = {name: cache.values[name] if name in cache.values else self._empty_past(name)
@@ -328,9 +334,9 @@ class DecoderRunner:
         cache.length += ids.shape[1]
         return logits[0, -1].astype(np.float32)
 
-    def new_batch(self) -> BatchKV:
-        """An empty batch laid out the way this graph wants its pasts."""
-        return BatchKV(padding=self.kv_padding)
+    def new_batch(self, max_rows: int = 1) -> BatchKV:
+        """An empty batch laid out the way this graph wants its pasts (right padding: buffers for `max_rows`)."""
+        return BatchKV(padding=self.kv_padding, max_rows=max_rows)
 
     def step_batch(self, tokens: Sequence[int], batch: BatchKV) -> np.ndarray:
         """One new token for each row of `batch` in one session run; return logits [rows, vocab], advance the batch.

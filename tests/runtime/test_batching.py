@@ -131,6 +131,37 @@ def test_a_right_padded_batch_keeps_its_buffers_as_rows_join_and_leave():
     assert batch._store == {} and batch.size == 0
 
 
+def test_buffers_are_made_for_the_room_asked_and_never_grow_within_it(engine):
+    """A cache made for its prompt and max_tokens, and a batch made for max_rows rows and its rows' room,
+    take every step in the same buffers (no copy of the cache as it grows), with the same logits as
+    growing buffers; an emptied batch lets its buffers go, binding included."""
+    ids = engine.encode_prompt(PROMPTS[1])
+    roomy, growing = KVCache(room=300), KVCache()
+    logits = [engine.runner.step(ids, roomy), engine.runner.step(ids, growing)]
+    buffers = roomy.values
+    assert next(iter(buffers.values())).shape[2] == 384          # 300 rounded up to the next 128
+    for _ in range(140):                                        # past 128 positions: `growing` grows
+        assert np.array_equal(*logits)
+        token = int(np.argmax(logits[0]))
+        logits = [engine.runner.step([token], roomy), engine.runner.step([token], growing)]
+    assert roomy.values is buffers and roomy.length > 128
+
+    batch = engine.runner.new_batch(max_rows=4)
+    for prompt, room in zip(PROMPTS, (200, 40, 100, 50)):   # the first asks the most
+        cache = KVCache(room=room)
+        engine.runner.step(engine.encode_prompt(prompt), cache)
+        batch.join(cache)
+        if batch.size == 1:
+            store = batch._store
+    sample = next(iter(store.values()))
+    assert (sample.shape[0], sample.shape[2]) == (4, 256)       # made once: 4 rows, room 200 -> 256 positions
+    for _ in range(100):
+        engine.runner.step_batch([5] * batch.size, batch)
+    assert batch._store is store and batch.binding is not None
+    batch.keep([])
+    assert batch._store == {} and batch.binding is None
+
+
 class _Value:
     """Stands in for an OrtValue in the layout test: what BatchKV calls on one."""
 
