@@ -51,10 +51,12 @@ def server(variant: str, flags: list[str], threads: int, concurrency: int):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    process = subprocess.Popen([sys.executable, "-m", "lmpack", "serve", variant, "--port", str(port), "--threads",
-                                str(threads), "--max-concurrency", str(concurrency), "--queue", "16", *flags],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    repo = Path(__file__).resolve().parents[1]   # this checkout's lmpack: `-m` imports from the working directory first
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    process = subprocess.Popen([sys.executable, "-m", "lmpack", "serve", str(Path(variant).resolve()), "--port",
+                                str(port), "--threads", str(threads), "--max-concurrency", str(concurrency),
+                                "--queue", "16", *flags],
+                               cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started = time.perf_counter()
     url = f"http://127.0.0.1:{port}"
     try:
