@@ -171,12 +171,16 @@ class Batcher:
             return False
         cache = KVCache(room=generation.positions)
         started = time.perf_counter()
-        logits = self.engine.runner.step(generation.prompt_ids, cache)
-        seq.decode_started = time.perf_counter()
-        generation.prefill_seconds = seq.decode_started - started
-        if self._emit(seq, generation.decoding.advance(logits, cache.length)):
-            active.append(seq)
-            batch.join(cache)
+        try:   # its prefill and its place in the batch are its own: a failure (no memory for its cache) ends it alone
+            logits = self.engine.runner.step(generation.prompt_ids, cache)
+            seq.decode_started = time.perf_counter()
+            generation.prefill_seconds = seq.decode_started - started
+            if self._emit(seq, generation.decoding.advance(logits, cache.length)):
+                batch.join(cache)   # grows the batch's buffers, if at all, before it changes anything else
+                active.append(seq)
+        except Exception as exc:
+            log.warning("a sequence could not join the batch: %s", exc)
+            seq.out.put(exc)
         return True
 
     def _decode(self, active: list[_Sequence], batch: BatchKV) -> None:

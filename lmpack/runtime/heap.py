@@ -49,5 +49,8 @@ def mapped_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     size = math.prod(shape) * dtype.itemsize
     if size == 0 or not hasattr(mmap, "MAP_PRIVATE"):   # mmap refuses length 0; Windows has no MAP_PRIVATE
         return np.zeros(shape, dtype=dtype)
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)   # anonymous: fileno -1
+    try:
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)   # anonymous: fileno -1
+    except OSError as exc:   # ENOMEM: over the commit limit where overcommit is strict (vm.overcommit_memory=2)
+        raise MemoryError(f"could not map {size / 2**20:.1f} MiB for a KV cache: {exc.strerror}") from exc
     return np.frombuffer(mapping, dtype=dtype).reshape(shape)   # the array keeps the mapping alive

@@ -162,6 +162,39 @@ def test_buffers_are_made_for_the_room_asked_and_never_grow_within_it(engine):
     assert batch._store == {} and batch.binding is None
 
 
+def test_a_sequence_whose_cache_cannot_be_made_fails_alone(llama_variant, monkeypatch):
+    """No memory for a newcomer's cache (here the mapping is refused above 256 positions, as a host with strict
+    overcommit would refuse a large one) fails that request only: the running sequence goes on in the batch
+    and still gives its unbatched answer."""
+    from lmpack.runtime import sessions
+    from lmpack.runtime.batcher import Batcher
+
+    engine = DecoderEngine(load_variant(llama_variant), threads=1)
+    ids, params = engine.encode_prompt(PROMPTS[1]), SamplingParams(max_tokens=60, temperature=0.0)
+    alone = engine.generate(ids, params).result()
+    assert alone.finish_reason == "length"   # long enough to be in the batch when the other one arrives
+    mapped = sessions.mapped_zeros
+
+    def refusing(shape, dtype):
+        if shape[2] > 256:
+            raise MemoryError(f"could not map a cache of {shape[2]} positions (refused by this test)")
+        return mapped(shape, dtype)
+
+    monkeypatch.setattr(sessions, "mapped_zeros", refusing)
+    engine.batcher = Batcher(engine, max_batch=4)
+    try:
+        running = engine.generate(ids, params)
+        deltas = iter(running)
+        text = next(deltas)                   # it is in the batch now
+        big = engine.generate(engine.encode_prompt(PROMPTS[0]), SamplingParams(max_tokens=400, temperature=0.0))
+        with pytest.raises(MemoryError, match="refused by this test"):
+            big.result()
+        text += "".join(deltas)
+    finally:
+        engine.batcher.stop()
+    assert text == alone.text and running.finish_reason == "length"
+
+
 class _Value:
     """Stands in for an OrtValue in the layout test: what BatchKV calls on one."""
 
