@@ -4,8 +4,9 @@ Loading a model frees a lot of short-lived memory (the tokenizer's parsed JSON, 
 transformations); glibc keeps it mapped for later mallocs, so it would count in the server's resident
 memory for its whole life: release_freed_heap hands it back (glibc's malloc_trim; elsewhere it does nothing).
 
-KV caches are large, come and go with every request and grow as a generation does: mapped_zeros gives
-them memory of their own that is resident only where written and leaves the process when freed.
+KV caches are large and come and go with every request: mapped_zeros gives them memory of their own that
+is resident only where written (so a cache can be made for all the positions its request may reach) and
+leaves the process when freed.
 """
 
 from __future__ import annotations
