@@ -187,15 +187,13 @@ class BatchKV:
     def _reserve(self, rows: int, positions: int, like: dict[str, np.ndarray]) -> bool:
         """Make the store hold at least `rows` rows of `positions` positions, keeping what the current rows hold;
         True when it was reallocated."""
-        sample = next(iter(self._store.values()), None)   # every buffer has the same rows and positions
-        have_rows, have_positions = (0, 0) if sample is None else (sample.shape[0], sample.shape[2])
-        if sample is not None and have_rows >= rows and have_positions >= positions:
-            return False
-        rows = have_rows if have_rows >= rows else max(rows, 2 * have_rows, self.max_rows)
-        positions = have_positions if have_positions >= positions else _capacity(positions)
+        have_rows = next((store.shape[0] for store in self._store.values()), 0)
+        if rows > have_rows:   # the batcher's max_rows at once, then doubling
+            rows = max(rows, 2 * have_rows, self.max_rows)
         layout = {name: (row.shape[1], row.shape[3], row.dtype) for name, row in like.items()}
-        self._store = _kv_buffers(layout, rows, positions, self._store, (self.size, self.width))
-        return True
+        store = _fit(self._store, layout, rows, positions, (self.size, self.width))
+        grew, self._store = store is not self._store, store
+        return grew
 
     def _settle(self, width: int) -> None:
         """Point `values` at the store's first rows and rebuild the mask for `width` columns."""
@@ -226,8 +224,8 @@ def run_options(tokens: int):
     return options
 
 
-# Right-padded caches grow in steps of this many positions, so a
-# sequence re-allocates its buffers once every 128 tokens, not every token.
+# Right-padded buffers are made a multiple of this many positions long: a cache made for its room
+# (KVCache.room) never grows; one made without (room 0) re-allocates once every 128 tokens, not every token.
 _GROWTH = 128
 
 
@@ -248,12 +246,16 @@ def _kv_buffers(layout: dict[str, tuple], rows: int, positions: int, old: dict[s
     return buffers
 
 
-def _grow(buffers: dict[str, np.ndarray], rows: int, needed: int, like: dict[str, tuple]) -> dict[str, np.ndarray]:
-    """Buffers with room for at least `needed` positions, holding what `buffers` held."""
-    have = min((b.shape[2] for b in buffers.values()), default=0)
-    if buffers and have >= needed:
+def _fit(buffers: dict[str, np.ndarray], layout: dict[str, tuple], rows: int, positions: int,
+         filled: tuple[int, int]) -> dict[str, np.ndarray]:
+    """`buffers` when they hold `rows` rows of `positions` positions; otherwise new ones that do (positions
+    rounded up by _capacity), holding what the first `filled` (rows, positions) of `buffers` held."""
+    sample = next(iter(buffers.values()), None)   # every buffer has the same rows and positions
+    have_rows, have_positions = (0, 0) if sample is None else (sample.shape[0], sample.shape[2])
+    if sample is not None and have_rows >= rows and have_positions >= positions:
         return buffers
-    return _kv_buffers(like, rows, _capacity(needed), buffers, (rows, have))
+    positions = have_positions if have_positions >= positions else _capacity(positions)
+    return _kv_buffers(layout, max(rows, have_rows), positions, buffers, filled)
 
 
 class DecoderRunner:
@@ -325,7 +327,8 @@ class DecoderRunner:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         feed = self._feed(ids, cache.length)
         if self.in_place:
-            cache.values = _grow(cache.values, 1, max(cache.length + ids.shape[1], cache.room), self._past_layout)
+            cache.values = _fit(cache.values, self._past_layout, 1, max(cache.length + ids.shape[1], cache.room),
+                                (1, cache.length))
             logits = self._run_in_place(feed, cache)
         else:
             pasts = {name: cache.values[name] if name in cache.values else self._empty_past(name)
@@ -425,8 +428,6 @@ class InPlaceBinding:
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """The logits [rows, positions, vocab], in a buffer the next run overwrites."""
-        import onnxruntime as ort
-
         for name, value in feed.items():
             self.binding.bind_cpu_input(name, value)
         options = run_options(feed["input_ids"].size)
@@ -437,6 +438,8 @@ class InPlaceBinding:
         if LOGITS_TO_KEEP in feed:
             positions = min(positions, int(feed[LOGITS_TO_KEEP][0]))
         if self.logits is None or self.logits.shape[:2] != (rows, positions):
+            import onnxruntime as ort
+
             self.logits = np.empty((rows, positions, self.vocab), dtype=self.logits_type)
             self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
         self.session.run_with_iobinding(self.binding, options)
