@@ -28,10 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from concurrency import PROMPTS, at_once, server  # noqa: E402
+from concurrency import CLIENT, PROMPTS, at_once, server  # noqa: E402
 from decode import bandwidth_gbs, measure, peak_rss_mb, weights_bytes  # noqa: E402
 
 GOAL_PEER_RATIO, GOAL_SCALING, GOAL_COLD_START_S, GOAL_RSS_RATIO = 1.25, 3.0, 3.0, 1.5
@@ -43,7 +41,7 @@ def _stream(url: str, prompt: str, tokens: int) -> dict:
             "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     first, count = None, 0
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+    with CLIENT.stream("POST", f"{url}/v1/completions", json=body) as response:
         for line in response.iter_lines():
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
