@@ -7,7 +7,7 @@
    tokens; --repeat rounds that take the engines in turn, best round kept): lmpack int8 and int4,
    transformers (PyTorch fp32), onnxruntime-genai int4 (its own builder), llama.cpp q8_0 and Q4_1:
    decode and prefill tokens/s, time to first token, peak RSS, and the memory-bandwidth bound
-   (weights bytes / measured bandwidth).
+   (weights bytes / the bandwidth measured with --threads threads).
 2. Through the HTTP server, for each lmpack variant: cold start (process start to /health/ready, which
    waits for a warm-up generation), then 1, 4 and 8 concurrent streaming clients (distinct prompts,
    --tokens each, --rounds rounds): total tokens/s, p50/p99 request latency, p50 time to first token,
@@ -179,11 +179,11 @@ def main() -> None:
     parser.add_argument("--svg", type=Path, help="write the plot here")
     args = parser.parse_args()
 
-    bandwidth = bandwidth_gbs()
+    bandwidth = bandwidth_gbs(args.threads)
     engines = {"lmpack int8": ("lmpack", args.int8), "lmpack int4": ("lmpack", args.int4),
                "transformers fp32": ("transformers", args.hf), "onnxruntime-genai int4": ("genai", args.genai),
                "llama.cpp q8_0": ("llamacpp", args.q8), "llama.cpp Q4_1": ("llamacpp", args.q4)}
-    print(f"memory bandwidth (1 thread, numpy sum): {bandwidth:.1f} GB/s\n")
+    print(f"memory bandwidth ({args.threads} threads reading): {bandwidth:.1f} GB/s\n")
     print("| engine | weights MB | bound tok/s | decode tok/s | of bound | prefill tok/s | TTFT ms | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     # The machine's speed drifts (shared hosts): every engine runs once per round, rounds interleave them,
