@@ -16,14 +16,17 @@
    the same bit width; 8 clients at least 3x the single-client throughput; cold start under 3 s; peak
    RSS under 1.5x the model's file size.
 
-Peers whose library is missing are reported as skipped. Numbers on a shared machine are noisy: this
-script runs everything in one go so that they are at least comparable with each other.
+It prints the host first (CPU model, cores, the instruction sets the kernels choose between,
+onnxruntime's version, load average; the load again at the end), since the same runs differ by 2x
+between hosts. Peers whose library is missing are reported as skipped. Numbers on a shared machine are
+noisy: this script runs everything in one go so that they are at least comparable with each other.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +36,23 @@ from concurrency import CLIENT, PROMPTS, at_once, server  # noqa: E402
 from decode import bandwidth_gbs, measure, peak_rss_mb, weights_bytes  # noqa: E402
 
 GOAL_PEER_RATIO, GOAL_SCALING, GOAL_COLD_START_S, GOAL_RSS_RATIO = 1.25, 3.0, 3.0, 1.5
+# The instruction sets onnxruntime's and llama.cpp's CPU kernels choose between: which of them a host has
+# moves every number here (the same runs went about twice as fast on one 2-core host as on another).
+KERNEL_ISA = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "neon", "sve")
+
+
+def host() -> dict:
+    """The facts that say which machine a run was on: CPU model, cores, kernel instruction sets, load."""
+    import onnxruntime
+
+    from lmpack.runtime.host import probe_cpu_flags
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 "unknown")
+    flags = probe_cpu_flags()
+    return {"cpu": model, "cores": os.cpu_count(), "isa": [i for i in KERNEL_ISA if i in flags],
+            "onnxruntime": onnxruntime.__version__, "load_average": os.getloadavg()[0]}
 
 
 def _stream(url: str, prompt: str, tokens: int) -> dict:
@@ -179,10 +199,13 @@ def main() -> None:
     parser.add_argument("--svg", type=Path, help="write the plot here")
     args = parser.parse_args()
 
+    machine = host()
     bandwidth = bandwidth_gbs(args.threads)
     engines = {"lmpack int8": ("lmpack", args.int8), "lmpack int4": ("lmpack", args.int4),
                "transformers fp32": ("transformers", args.hf), "onnxruntime-genai int4": ("genai", args.genai),
                "llama.cpp q8_0": ("llamacpp", args.q8), "llama.cpp Q4_1": ("llamacpp", args.q4)}
+    print(f"host: {machine['cpu']}, {machine['cores']} cores, {' '.join(machine['isa'])}; onnxruntime "
+          f"{machine['onnxruntime']}; load average {machine['load_average']:.1f}")
     print(f"memory bandwidth ({args.threads} threads reading): {bandwidth:.1f} GB/s\n")
     print("| engine | weights MB | bound tok/s | decode tok/s | of bound | prefill tok/s | TTFT ms | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -217,13 +240,16 @@ def main() -> None:
         print(f"| {name} | cold start {result['cold_start_s']:.2f} s, server peak RSS {result['peak_rss_mb']:.0f} MB "
               f"||||| ", flush=True)
 
+    machine["load_average_end"] = os.getloadavg()[0]
+    print(f"\nload average at the end: {machine['load_average_end']:.1f}")
     print("\n| goal | measured | met |\n|---|---|---|")
     checked = goals(single, http)
     for goal in checked:
         print(f"| {goal['goal']} | {goal['measured']} | {'yes' if goal['met'] else 'no'} |")
     if args.json:
-        args.json.write_text(json.dumps({"bandwidth_gbs": bandwidth, "tokens": args.tokens, "threads": args.threads,
-                                         "single_stream": single, "http": http, "goals": checked}, indent=2))
+        args.json.write_text(json.dumps({"host": machine, "bandwidth_gbs": bandwidth, "tokens": args.tokens,
+                                         "threads": args.threads, "single_stream": single, "http": http,
+                                         "goals": checked}, indent=2))
     if args.svg:
         args.svg.parent.mkdir(parents=True, exist_ok=True)
         args.svg.write_text(svg(single, http, bandwidth))
