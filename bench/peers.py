@@ -13,7 +13,7 @@
    --tokens each, --rounds rounds): total tokens/s, p50/p99 request latency, p50 time to first token,
    and the server's peak RSS.
 3. The goals, each with the measured numbers: single-stream decode at least 1.25x the fastest peer of
-   the same bit width; 8 clients at least 3x the single-client throughput; cold start under 3 s; peak
+   the same bit width (judged on the median over rounds of the ratio within each round); 8 clients at least 3x the single-client throughput; cold start under 3 s; peak
    RSS under 1.5x the model's file size.
 
 It prints the host first (CPU model, cores, the instruction sets the kernels choose between,
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -101,8 +102,8 @@ def http_bench(variant: str, *, clients: list[int], tokens: int, threads: int, r
                 "weights_bytes": weights_bytes(variant)}
 
 
-def goals(single: dict[str, dict], http: dict[str, dict]) -> list[dict]:
-    """Each goal with its numbers and whether it was met."""
+def goals(single: dict[str, dict], http: dict[str, dict], rounds: list[dict[str, float]]) -> list[dict]:
+    """Each goal with its numbers and whether it was met; `rounds` holds each round's decode tokens/s by engine."""
     def decode(name: str) -> float | None:
         r = single.get(name, {})
         return r.get("decode_tok_s")
@@ -118,12 +119,19 @@ def goals(single: dict[str, dict], http: dict[str, dict]) -> list[dict]:
     for bits, ours, peers in (("8-bit", "lmpack int8", ["llama.cpp q8_0"]),
                               ("4-bit", "lmpack int4", ["onnxruntime-genai int4", "llama.cpp Q4_1"])):
         measured = {p: decode(p) for p in peers if decode(p)}
-        if decode(ours) and measured:
+        # Within one round the engines run seconds apart, so their ratio is less touched by the host's drift,
+        # which moved each engine's best round by 10-30% between runs: the goal is judged on the median of the
+        # per-round ratios, and the best rounds' ratio is shown beside it.
+        paired = sorted(r[ours] / max(r[p] for p in measured if p in r) for r in rounds
+                        if ours in r and any(p in r for p in measured))
+        if decode(ours) and measured and paired:
             fastest = max(measured, key=measured.get)
-            ratio = decode(ours) / measured[fastest]
+            median = statistics.median(paired)
             out.append({"goal": f"{bits} single-stream decode >= {GOAL_PEER_RATIO}x the fastest peer",
-                        "measured": f"{decode(ours):.1f} vs {fastest} {measured[fastest]:.1f} tok/s = {ratio:.2f}x",
-                        "met": ratio >= GOAL_PEER_RATIO})
+                        "measured": f"{decode(ours):.1f} vs {fastest} {measured[fastest]:.1f} tok/s in the best rounds "
+                                    f"= {decode(ours) / measured[fastest]:.2f}x; round by round {median:.2f}x median "
+                                    f"({paired[0]:.2f}x-{paired[-1]:.2f}x over {len(paired)})",
+                        "met": median >= GOAL_PEER_RATIO})
     for name, result in http.items():
         by_clients = {row["clients"]: row["tokens_per_s"] for row in result["clients"]}
         if 1 in by_clients and 8 in by_clients:
@@ -212,11 +220,15 @@ def main() -> None:
     # The machine's speed drifts (shared hosts): every engine runs once per round, rounds interleave them,
     # and each keeps its best round, so a slow minute costs every engine alike.
     single: dict[str, dict] = {}
+    rounds: list[dict[str, float]] = []
     for _ in range(args.repeat):
+        rounds.append({})
         for name, (engine, path) in engines.items():
             if not path or "skipped" in single.get(name, {}) or "failed" in single.get(name, {}):
                 continue
             r = measure(engine, path, tokens=args.tokens, threads=args.threads, repeat=1)
+            if "decode_tok_s" in r:
+                rounds[-1][name] = r["decode_tok_s"]
             if name not in single or r.get("decode_tok_s", 0) > single[name].get("decode_tok_s", 0):
                 single[name] = r
     for name, r in single.items():
@@ -243,12 +255,12 @@ def main() -> None:
     machine["load_average_end"] = os.getloadavg()[0]
     print(f"\nload average at the end: {machine['load_average_end']:.1f}")
     print("\n| goal | measured | met |\n|---|---|---|")
-    checked = goals(single, http)
+    checked = goals(single, http, rounds)
     for goal in checked:
         print(f"| {goal['goal']} | {goal['measured']} | {'yes' if goal['met'] else 'no'} |")
     if args.json:
         args.json.write_text(json.dumps({"host": machine, "bandwidth_gbs": bandwidth, "tokens": args.tokens,
-                                         "threads": args.threads, "single_stream": single, "http": http,
+                                         "threads": args.threads, "single_stream": single, "rounds": rounds, "http": http,
                                          "goals": checked}, indent=2))
     if args.svg:
         args.svg.parent.mkdir(parents=True, exist_ok=True)
