@@ -13,8 +13,8 @@
    --tokens each, --rounds rounds): total tokens/s, p50/p99 request latency, p50 time to first token,
    and the server's peak RSS.
 3. The goals, each with the measured numbers: single-stream decode at least 1.25x the fastest peer of
-   the same bit width (judged on the median over rounds of the ratio within each round); 8 clients at least 3x the single-client throughput; cold start under 3 s; peak
-   RSS under 1.5x the model's file size.
+   the same bit width (judged on the median over rounds of the ratio within each round); 8 clients at
+   least 3x the single-client throughput; cold start under 3 s; peak RSS under 1.5x the model's file size.
 
 It prints the host first (CPU model, cores, the instruction sets the kernels choose between,
 onnxruntime's version, load average; the load again at the end), since the same runs differ by 2x
@@ -260,8 +260,8 @@ def main() -> None:
         print(f"| {goal['goal']} | {goal['measured']} | {'yes' if goal['met'] else 'no'} |")
     if args.json:
         args.json.write_text(json.dumps({"host": machine, "bandwidth_gbs": bandwidth, "tokens": args.tokens,
-                                         "threads": args.threads, "single_stream": single, "rounds": rounds, "http": http,
-                                         "goals": checked}, indent=2))
+                                         "threads": args.threads, "single_stream": single, "rounds": rounds,
+                                         "http": http, "goals": checked}, indent=2))
     if args.svg:
         args.svg.parent.mkdir(parents=True, exist_ok=True)
         args.svg.write_text(svg(single, http, bandwidth))
