@@ -46,12 +46,12 @@ def host() -> dict:
     """The facts that say which machine a run was on: CPU model, cores, kernel instruction sets, load."""
     import onnxruntime
 
-    from lmpack.runtime.host import probe_cpu_flags
+    from lmpack.runtime.host import parse_cpu_flags
 
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").is_file() else ""
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  "unknown")
-    flags = probe_cpu_flags()
+    flags = parse_cpu_flags(cpuinfo)
     return {"cpu": model, "cores": os.cpu_count(), "isa": [i for i in KERNEL_ISA if i in flags],
             "onnxruntime": onnxruntime.__version__, "load_average": os.getloadavg()[0]}
 
