@@ -18,7 +18,7 @@ import numpy as np
 
 from lmpack.errors import RequestError
 from lmpack.runtime.chat import ChatTemplate
-from lmpack.runtime.heap import release_freed_heap
+from lmpack.runtime.heap import release_file_pages, release_freed_heap
 from lmpack.runtime.sampling import SamplingParams, Sampler
 from lmpack.runtime.sessions import DecoderRunner, EncoderRunner, KVCache
 from lmpack.runtime.textstream import IncrementalDecoder, StopMatcher
@@ -267,12 +267,14 @@ def _load(variant: Variant, make_runner: Callable[[], Any]) -> tuple[Any, Any]:
 
     Parsing the tokenizer's JSON and building the session free tens of MB that glibc would keep: handing
     them back took SmolLM2 int8's resident memory from 258 to 238 MB after loading, 270 to 253 after three
-    generations (the peak, while onnxruntime packs the LM head, stays 265).
+    generations (the peak, while onnxruntime packs the LM head, stays 265). The weights file's pages that
+    the session keeps mapped after packing go back too (docs/serving.md, "Memory").
     """
     tokenizer = variant.tokenizer()
     release_freed_heap()
     runner = make_runner()
     release_freed_heap()
+    release_file_pages(variant.onnx_path.parent)
     return tokenizer, runner
 
 

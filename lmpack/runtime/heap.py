@@ -7,6 +7,11 @@ memory for its whole life: release_freed_heap hands it back (glibc's malloc_trim
 KV caches are large and come and go with every request: mapped_zeros gives them memory of their own that
 is resident only where written (so a cache can be made for all the positions its request may reach) and
 leaves the process when freed.
+
+onnxruntime maps the weights file and packs each MatMul's weight into memory of its own; a weight that
+another node reads too (the 8-bit LM head an `int4` variant's embedding gathers rows from) keeps its
+mapping, with every page the packing read resident. release_file_pages hands such pages back: they are
+read again from the file (the page cache) where a node needs them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ import ctypes
 import functools
 import math
 import mmap
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -55,3 +62,52 @@ def mapped_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     except OSError as exc:   # ENOMEM: over the commit limit where overcommit is strict (vm.overcommit_memory=2)
         raise MemoryError(f"could not map {size / 2**20:.1f} MiB for a KV cache: {exc.strerror}") from exc
     return np.frombuffer(mapping, dtype=dtype).reshape(shape)   # the array keeps the mapping alive
+
+
+@functools.cache
+def _madvise() -> Any:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return function
+
+
+def _file_mappings(smaps: str) -> Iterator[tuple[int, int, str, int, int]]:
+    """(start, end, path, resident KiB, modified KiB) of each file mapping in /proc/<pid>/smaps text."""
+    mapping = None
+    for line in smaps.splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+            if mapping and mapping[2]:
+                yield tuple(mapping)
+            start, end = (int(part, 16) for part in fields[0].split("-"))
+            mapping = [start, end, " ".join(fields[5:]) if len(fields) > 5 else "", 0, 0]
+        elif mapping and fields[:1] == ["Rss:"]:
+            mapping[3] = int(fields[1])
+        elif mapping and fields[:1] == ["Anonymous:"]:   # private pages written since mapping: the file lacks them
+            mapping[4] = int(fields[1])
+    if mapping and mapping[2]:
+        yield tuple(mapping)
+
+
+def release_file_pages(directory: Path) -> int:
+    """Drop this process's resident pages of the files under `directory` it maps and has not written to.
+
+    Returns the KiB released (0 where the system has no /proc/self/smaps or madvise). A mapping with a page
+    written since it was made is left alone, since only the file's own content comes back on the next read.
+    """
+    advise, dontneed = _madvise(), getattr(mmap, "MADV_DONTNEED", None)
+    try:
+        smaps = Path("/proc/self/smaps").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return 0
+    if advise is None or dontneed is None:
+        return 0
+    prefix = str(Path(directory).resolve()) + os.sep
+    released = 0
+    for start, end, path, resident, modified in _file_mappings(smaps):
+        if path.startswith(prefix) and resident and not modified and advise(start, end - start, dontneed) == 0:
+            released += resident
+    return released

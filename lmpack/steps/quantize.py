@@ -32,8 +32,8 @@ class QuantizeParams:
     # The LM head (the MatMul that produces the logits) is the most sensitive weight; 0 = same as `bits`.
     head_bits: Literal[0, 4, 8] = 0
     # A tied embedding reads the 8-bit head's quantized weight instead of a table of its own (embedding_bits
-    # then applies only to untied models): a smaller file and an 8-bit embedding, but the head's weight stays
-    # resident beside its prepacked copy (docs/build.md, "Shared embedding").
+    # then applies only to untied models): a smaller file and an 8-bit embedding (docs/build.md, "Shared
+    # embedding"); the runtime hands the head's mapped pages back after loading (runtime.heap).
     share_tied_embedding: bool = False
 
 

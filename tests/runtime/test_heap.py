@@ -1,14 +1,19 @@
-"""Memory the runtime frees leaves the process: freed heap after loading (glibc's malloc_trim), and KV cache
-buffers (their own mappings), measured on this process."""
+"""Memory the runtime frees leaves the process: freed heap after loading (glibc's malloc_trim), KV cache
+buffers (their own mappings), and the weights file's pages a session keeps mapped, measured on this process."""
 
 from __future__ import annotations
 
+import mmap
 import platform
+import sys
 
 import numpy as np
 import pytest
 
-from lmpack.runtime.heap import mapped_zeros, release_freed_heap
+from lmpack.runtime.engine import DecoderEngine
+from lmpack.runtime.heap import _file_mappings, mapped_zeros, release_file_pages, release_freed_heap
+from lmpack.runtime.sampling import SamplingParams
+from lmpack.runtime.select import prepare_variant
 
 
 def resident_kib() -> int:
@@ -45,3 +50,54 @@ def test_kv_buffers_take_memory_only_where_written_and_leave_when_freed():
     written = resident_kib()
     del kv
     assert written - resident_kib() > 10_000                # the whole 12 MB left with the array
+
+
+def _private_map(path) -> mmap.mmap:
+    """The file mapped as onnxruntime maps weights: private, readable and writable, every page read."""
+    with open(path, "rb") as file:
+        mapping = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    assert np.frombuffer(mapping, dtype=np.uint8).sum() > 0   # reads every page in
+    return mapping
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_mapped_weights_pages_go_back_and_read_the_same(tmp_path):
+    weights, other = tmp_path / "model", tmp_path / "elsewhere"
+    weights.mkdir()
+    other.mkdir()
+    content = np.random.default_rng(0).integers(1, 255, 32 * 2**20, dtype=np.uint8)
+    for directory in (weights, other):
+        content.tofile(directory / "model.onnx.data")
+    kept = _private_map(other / "model.onnx.data")          # outside the directory asked for
+    mapped = _private_map(weights / "model.onnx.data")
+    written = _private_map(weights / "model.onnx.data")     # a page written since mapping
+    written[0] = 0
+    before = resident_kib()
+
+    released = release_file_pages(weights)
+
+    assert 31_000 < released < 34_000        # the 32 MB read-only one, not the written one nor the other file's
+    assert before - resident_kib() > 24_000  # (VmRSS lags by a few MB where other threads allocate meanwhile)
+    assert np.array_equal(np.frombuffer(mapped, dtype=np.uint8), content)   # read again from the file
+    assert written[0] == 0 and written[1] == content[1]
+    assert np.array_equal(np.frombuffer(kept, dtype=np.uint8)[:4096], content[:4096])
+    for mapping in (kept, mapped, written):
+        mapping.close()
+
+
+def _resident_kib_of_files_under(directory) -> int:
+    smaps = open("/proc/self/smaps", encoding="utf-8", errors="replace").read()
+    prefix = str(directory.resolve()) + "/"
+    return sum(resident for _, _, path, resident, _ in _file_mappings(smaps) if path.startswith(prefix))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_loaded_engine_holds_none_of_its_weights_files_pages_until_a_step_reads_them(llama_variant):
+    engine = DecoderEngine(prepare_variant(llama_variant), threads=1)
+    model_dir = engine.variant.onnx_path.parent
+    assert _resident_kib_of_files_under(model_dir) == 0    # onnxruntime's packing had read them all in
+
+    completion = engine.generate(engine.encode_prompt("The cat"), SamplingParams(max_tokens=8, temperature=0)).result()
+
+    assert completion.completion_tokens > 0
+    assert _resident_kib_of_files_under(model_dir) > 0     # the embedding rows the steps read, from the file
