@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lmpack.steps.onnx_graph import fuse_sibling_matmul_nbits
+from lmpack.steps.onnx_graph import fuse_sibling_matmul_nbits, share_head_with_embedding
 
 
 def quantized_siblings(bits: int, block: int):
@@ -51,3 +52,35 @@ def test_siblings_become_one_matmul_and_a_split_with_the_same_outputs():
         for want, got in zip(before, after):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         assert fuse_sibling_matmul_nbits(model) == 0   # nothing left to merge
+
+
+@pytest.mark.parametrize("hidden", [64, 48])   # 48: the last of two 32-wide blocks is half padding
+def test_the_embedding_reads_the_8bit_heads_rows_whatever_the_blocks_padding(hidden):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    vocab = 40
+    table = np.random.default_rng(1).normal(size=(vocab, hidden)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["hidden"], name="embed"),
+         helper.make_node("MatMul", ["hidden", "table_t"], ["logits"], name="head")],
+        "tied", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 5])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("hidden", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(table, "table"), numpy_helper.from_array(table.T.copy(), "table_t")])
+    quantizer = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]),
+                                     bits=8, block_size=32, is_symmetric=True, accuracy_level=4)
+    quantizer.process()
+    model = quantizer.model.model
+
+    share_head_with_embedding(model, "embed")
+
+    assert "table" not in {i.name for i in model.graph.initializer}     # the fp32 table is gone
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    ids = np.array([[0, 3, 17, 39, 3]], dtype=np.int64)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = session.run(["hidden"], {"input_ids": ids})[0]
+    weight = inits[head.input[1]][ids].astype(np.float32) - 128          # [1, 5, blocks, 32]
+    expected = (weight * inits[head.input[2]][ids][..., None]).reshape(1, 5, -1)[..., :hidden]
+    np.testing.assert_array_equal(rows, expected)
+    assert np.abs(rows - table[ids]).max() <= np.abs(inits[head.input[2]]).max() / 2 + 1e-6

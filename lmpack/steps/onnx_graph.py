@@ -169,8 +169,9 @@ def share_head_with_embedding(model, gather: str) -> None:
 
     MatMulNBits keeps its 8-bit weight as [vocab, blocks, block_size] unsigned bytes with a zero point of
     128 and scales [vocab, blocks], so a vocabulary row is a row of the head: gather it, subtract 128,
-    multiply each block by its scale. The separate table (28 MB for SmolLM2 at 8 bits) is gone from the
-    file, and the embedding is as exact as the head's block-wise 8 bits.
+    multiply each block by its scale. Where the hidden size is not a multiple of the block size, the last
+    block is padded and the padding is cut off. The separate table (28 MB for SmolLM2 at 8 bits) is gone
+    from the file, and the embedding is as exact as the head's block-wise 8 bits.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -184,10 +185,13 @@ def share_head_with_embedding(model, gather: str) -> None:
         raise ValueError(f"{head} is not a symmetric 8-bit MatMulNBits; its weight cannot serve as the embedding")
     weight, scales = head_node.input[1], head_node.input[2]
     k = next(a.i for a in head_node.attribute if a.name == "K")
+    block_size = next(a.i for a in head_node.attribute if a.name == "block_size")
+    padded = -(-k // block_size) * block_size   # the blocks' width: K rounded up to whole blocks
     ids, out, name = node.input[1], node.output[0], node.name
+    rows = out if padded == k else f"{out}_padded"
     graph.initializer.extend([numpy_helper.from_array(np.array(128.0, dtype=np.float32), f"{name}_zero_point"),
                               numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{name}_last_axis"),
-                              numpy_helper.from_array(np.array([k], dtype=np.int64), f"{name}_hidden")])
+                              numpy_helper.from_array(np.array([padded], dtype=np.int64), f"{name}_hidden")])
     new_nodes = [
         helper.make_node("Gather", [weight, ids], [f"{out}_q"], name=f"{name}_q"),            # [.., blocks, size]
         helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], to=TensorProto.FLOAT, name=f"{name}_cast"),
@@ -198,8 +202,13 @@ def share_head_with_embedding(model, gather: str) -> None:
         helper.make_node("Shape", [ids], [f"{out}_ids_shape"], name=f"{name}_ids_shape"),
         helper.make_node("Concat", [f"{out}_ids_shape", f"{name}_hidden"], [f"{out}_shape"], axis=0,
                          name=f"{name}_shape"),
-        helper.make_node("Reshape", [f"{out}_d", f"{out}_shape"], [out], name=f"{name}_rows"),
+        helper.make_node("Reshape", [f"{out}_d", f"{out}_shape"], [rows], name=f"{name}_rows"),
     ]
+    if padded != k:
+        graph.initializer.extend([numpy_helper.from_array(np.array([0], dtype=np.int64), f"{name}_start"),
+                                  numpy_helper.from_array(np.array([k], dtype=np.int64), f"{name}_end")])
+        new_nodes.append(helper.make_node("Slice", [rows, f"{name}_start", f"{name}_end", f"{name}_last_axis"],
+                                          [out], name=f"{name}_unpad"))
     index = list(graph.node).index(node)
     graph.node.remove(node)
     for offset, new_node in enumerate(new_nodes):
