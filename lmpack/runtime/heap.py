@@ -99,11 +99,11 @@ def release_file_pages(directory: Path) -> int:
     written since it was made is left alone, since only the file's own content comes back on the next read.
     """
     advise, dontneed = _madvise(), getattr(mmap, "MADV_DONTNEED", None)
+    if advise is None or dontneed is None:
+        return 0
     try:
         smaps = Path("/proc/self/smaps").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return 0
-    if advise is None or dontneed is None:
         return 0
     prefix = str(Path(directory).resolve()) + os.sep
     released = 0
