@@ -92,6 +92,18 @@ def _file_mappings(smaps: str) -> Iterator[tuple[int, int, str, int, int]]:
         yield tuple(mapping)
 
 
+def file_mappings_under(directory: Path) -> list[tuple[int, int, int, int]]:
+    """(start, end, resident KiB, modified KiB) of this process's mappings of files under `directory`;
+    empty where the system has no /proc/self/smaps."""
+    try:
+        smaps = Path("/proc/self/smaps").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    prefix = str(Path(directory).resolve()) + os.sep
+    return [(start, end, resident, modified)
+            for start, end, path, resident, modified in _file_mappings(smaps) if path.startswith(prefix)]
+
+
 def release_file_pages(directory: Path) -> int:
     """Drop this process's resident pages of the files under `directory` it maps and has not written to.
 
@@ -101,13 +113,8 @@ def release_file_pages(directory: Path) -> int:
     advise, dontneed = _madvise(), getattr(mmap, "MADV_DONTNEED", None)
     if advise is None or dontneed is None:
         return 0
-    try:
-        smaps = Path("/proc/self/smaps").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return 0
-    prefix = str(Path(directory).resolve()) + os.sep
     released = 0
-    for start, end, path, resident, modified in _file_mappings(smaps):
-        if path.startswith(prefix) and resident and not modified and advise(start, end - start, dontneed) == 0:
+    for start, end, resident, modified in file_mappings_under(directory):
+        if resident and not modified and advise(start, end - start, dontneed) == 0:
             released += resident
     return released

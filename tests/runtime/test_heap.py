@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lmpack.runtime.engine import DecoderEngine
-from lmpack.runtime.heap import _file_mappings, mapped_zeros, release_file_pages, release_freed_heap
+from lmpack.runtime.heap import file_mappings_under, mapped_zeros, release_file_pages, release_freed_heap
 from lmpack.runtime.sampling import SamplingParams
 from lmpack.runtime.select import prepare_variant
 
@@ -86,9 +86,7 @@ def test_mapped_weights_pages_go_back_and_read_the_same(tmp_path):
 
 
 def _resident_kib_of_files_under(directory) -> int:
-    smaps = open("/proc/self/smaps", encoding="utf-8", errors="replace").read()
-    prefix = str(directory.resolve()) + "/"
-    return sum(resident for _, _, path, resident, _ in _file_mappings(smaps) if path.startswith(prefix))
+    return sum(resident for _, _, resident, _ in file_mappings_under(directory))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
