@@ -143,21 +143,21 @@ def goals(single: dict[str, dict], http: dict[str, dict], rounds: list[dict[str,
         r = single.get(name, {})
         return r.get("decode_tok_s")
 
-    def rss(name: str, peak_mb: float, weights: int) -> str:
-        text = f"{peak_mb:.0f} MB / {weights / 1e6:.0f} MB = {peak_mb * 1e6 / weights:.2f}x"
+    def memory_goal(goal: str, name: str, peak_mb: float, weights: int) -> dict:
+        ratio = peak_mb * 1e6 / weights
+        measured = f"{peak_mb:.0f} MB / {weights / 1e6:.0f} MB = {ratio:.2f}x"
         if name in (floor or {}):
             session_mb = floor[name]["session_mb"]
-            text += (f" (a bare onnxruntime session of the graph, loaded: {session_mb:.0f} MB = "
-                     f"{session_mb * 1e6 / weights:.2f}x)")
-        return text
+            measured += (f" (a bare onnxruntime session of the graph, loaded: {session_mb:.0f} MB = "
+                         f"{session_mb * 1e6 / weights:.2f}x)")
+        return {"goal": f"{goal} < {GOAL_RSS_RATIO}x the model file", "measured": measured,
+                "met": ratio < GOAL_RSS_RATIO}
 
     out = []
     for name in ("lmpack int8", "lmpack int4"):
         r = single.get(name, {})
         if "peak_rss_mb" in r:
-            out.append({"goal": f"{name}: single-stream peak RSS < {GOAL_RSS_RATIO}x the model file",
-                        "measured": rss(name, r["peak_rss_mb"], r["weights_bytes"]),
-                        "met": r["peak_rss_mb"] * 1e6 / r["weights_bytes"] < GOAL_RSS_RATIO})
+            out.append(memory_goal(f"{name}: single-stream peak RSS", name, r["peak_rss_mb"], r["weights_bytes"]))
     for bits, ours, peers in (("8-bit", "lmpack int8", ["llama.cpp q8_0"]),
                               ("4-bit", "lmpack int4", ["onnxruntime-genai int4", "llama.cpp Q4_1"])):
         measured = {p: decode(p) for p in peers if decode(p)}
@@ -184,9 +184,8 @@ def goals(single: dict[str, dict], http: dict[str, dict], rounds: list[dict[str,
         out.append({"goal": f"{name}: cold start < {GOAL_COLD_START_S} s",
                     "measured": f"{result['cold_start_s']:.2f} s", "met": result["cold_start_s"] < GOAL_COLD_START_S})
         most = max(row["clients"] for row in result["clients"])
-        out.append({"goal": f"{name}: server peak RSS ({most} clients) < {GOAL_RSS_RATIO}x the model file",
-                    "measured": rss(name, result["peak_rss_mb"], result["weights_bytes"]),
-                    "met": result["peak_rss_mb"] * 1e6 / result["weights_bytes"] < GOAL_RSS_RATIO})
+        out.append(memory_goal(f"{name}: server peak RSS ({most} clients)", name, result["peak_rss_mb"],
+                               result["weights_bytes"]))
     return out
 
 
@@ -281,17 +280,18 @@ def main() -> None:
               f"{r['decode_tok_s'] / bound:.0%} | {r['prefill_tok_s']:.0f} | {r['prefill_s'] * 1000:.0f} | "
               f"{r['peak_rss_mb']:.0f} |", flush=True)
 
-    floor = {name: onnxruntime_floor(path, args.threads) for name, path in (("lmpack int8", args.int8),
-                                                                            ("lmpack int4", args.int4))}
+    variants = {"lmpack int8": args.int8, "lmpack int4": args.int4}
+    floor = {name: onnxruntime_floor(path, args.threads) for name, path in variants.items()}
     print(f"\nonnxruntime alone: {floor['lmpack int8']['import_mb']:.0f} MB after `import onnxruntime`; a bare "
           "session of the graph (mapped weights pages released): " + ", ".join(
-              f"{name} {f['session_mb']:.0f} MB ({f['session_mb'] * 1e6 / weights_bytes(path):.2f}x its file)"
-              for (name, f), path in zip(floor.items(), (args.int8, args.int4))))
+              f"{name} {floor[name]['session_mb']:.0f} MB "
+              f"({floor[name]['session_mb'] * 1e6 / weights_bytes(path):.2f}x its file)"
+              for name, path in variants.items()))
 
     http = {}
     print("\n| variant | clients | total tokens/s | p50 latency s | p99 latency s | p50 TTFT ms |")
     print("|---|---|---|---|---|---|")
-    for name, path in (("lmpack int8", args.int8), ("lmpack int4", args.int4)):
+    for name, path in variants.items():
         result = http[name] = http_bench(path, clients=args.clients, tokens=args.tokens, threads=args.threads,
                                          rounds=args.rounds)
         for row in result["clients"]:
