@@ -6,30 +6,30 @@ import json
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lmpack import __version__
+from lmpack.bundle.manifest import check_name, parse_version
+from lmpack.bundle.variant_dir import variant_document, write_variant
 from lmpack.config import paths
 from lmpack.config.profiles import Profile, list_profiles, load_profile
 from lmpack.config.targets import Target, list_targets, load_target
 from lmpack.errors import ConfigError
 from lmpack.fsio import publish
 from lmpack.pipeline.cache import StepCache
-from lmpack.pipeline.digest import tree_size
-from lmpack.pipeline.plan import BuildPlan, make_plan
-from lmpack.pipeline.runner import EventHandler, StepRecord, run_step, run_steps
-from lmpack.pipeline.step import REFERENCE, Artifact, ProgressFactory, Step, StepContext, silent_progress
-from lmpack.runtime.variant import MODEL_DIR, VARIANT_FILE
-from lmpack.steps.pull import PullParams, PullStep, resolve_source
+from lmpack.pipeline.plan import PULL, BuildPlan, make_plan
+from lmpack.pipeline.report import build_report, render_report
+from lmpack.pipeline.runner import EventHandler, ignore_events, run_plan, run_step
+from lmpack.pipeline.step import ProgressFactory, StepContext, silent_progress
+from lmpack.steps import STEPS
+from lmpack.steps.pull import PullParams, resolve_source
+
+if TYPE_CHECKING:
+    from lmpack.bundle.pack import PackResult
 
 __all__ = ["targets", "target", "profiles", "profile", "plan", "pull", "build", "BuildResult", "PullResult", "serve",
            "generate"]
-
-REPORT_JSON = "report.json"
-REPORT_TEXT = "report.txt"
 
 
 def targets() -> list[Target]:
@@ -48,10 +48,11 @@ def profile(name_or_path: str) -> Profile:
     return load_profile(name_or_path)
 
 
-def plan(*, target: str, profile: str | None = None) -> BuildPlan:
-    """The build plan for a target and profile (the target's default profile when none is given)."""
+def plan(*, target: str, profile: str | None = None, pull: PullParams | None = None) -> BuildPlan:
+    """The build plan for a target and profile (the target's default profile when none is given); `pull` says
+    what the source may contain (pickle checkpoints, remote code)."""
     chosen_target = load_target(target)
-    return make_plan(chosen_target, load_profile(profile or chosen_target.default_profile))
+    return make_plan(chosen_target, load_profile(profile or chosen_target.default_profile), STEPS, pull_params=pull)
 
 
 @dataclass(frozen=True)
@@ -65,18 +66,12 @@ def _cache(cache_dir: Path | None) -> StepCache:
     return StepCache((cache_dir or paths.cache_dir()) / "steps")
 
 
-def _pull(model: str, ctx: StepContext, cache: StepCache, *, revision: str | None, allow_pickle: bool,
-          trust_remote_code: bool) -> tuple[Artifact, StepRecord]:
-    source = resolve_source(model, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    step = PullStep(PullParams(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code))
-    return run_step(step, ctx, source, cache)
-
-
 def pull(model: str, *, revision: str | None = None, output: Path | None = None, allow_pickle: bool = False,
          trust_remote_code: bool = False, cache_dir: Path | None = None) -> PullResult:
     """Fetch a model into the step cache as a clean Hugging Face directory; copy it to `output` if given."""
-    artifact, record = _pull(model, StepContext(), _cache(cache_dir), revision=revision, allow_pickle=allow_pickle,
-                             trust_remote_code=trust_remote_code)
+    params = PullParams(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    source = resolve_source(model, revision=revision, params=params)
+    artifact, record = run_step(STEPS.get(PULL)(params), StepContext(), source, _cache(cache_dir))
     path = artifact.path
     if output is not None:
         publish(Path(output), lambda staging: shutil.copytree(artifact.path, staging))
@@ -88,7 +83,7 @@ def pull(model: str, *, revision: str | None = None, output: Path | None = None,
 class BuildResult:
     variant_dir: Path
     report: dict[str, Any]
-    bundle: Any = None  # lmpack.bundle.pack.PackResult when the build was asked to pack one
+    bundle: PackResult | None = None  # when the build was asked to pack one
 
 
 @dataclass(frozen=True)
@@ -101,9 +96,7 @@ class BundleRequest:
     wheel_source: Path | None = None
 
     @classmethod
-    def parse(cls, spec: str, *, wheels: bool = False, wheel_source: Path | None = None) -> "BundleRequest":
-        from lmpack.bundle.manifest import check_name, parse_version
-
+    def parse(cls, spec: str, *, wheels: bool = False, wheel_source: Path | None = None) -> BundleRequest:
         name, sep, version = spec.partition(":")
         if not sep:
             raise ConfigError(f"--bundle {spec!r} must look like NAME:VERSION, e.g. smollm2:1.0.0")
@@ -124,40 +117,21 @@ def build(model: str, *, target: str, profile: str | None = None, output_dir: Pa
     the variant directory appears only once complete.
     """
     started = time.perf_counter()
-    build_plan = plan(target=target, profile=profile)
-    events = on_event or (lambda event, data: None)
+    pull_params = PullParams(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    build_plan = plan(target=target, profile=profile, pull=pull_params)
     ctx = StepContext(target=build_plan.target, profile=build_plan.profile, progress=progress,
                       options={"allow_quality_loss": allow_quality_loss, "trust_remote_code": trust_remote_code})
-    cache = _cache(cache_dir)
-    reference_step = _reference_step(build_plan)
-    head = 2 if reference_step else 1  # pull, and the reference export when the plan needs its own
-    total = len(build_plan.steps) + head
-
-    def announce(index: int, label: str, run) -> tuple[Artifact, StepRecord]:
-        events("step-start", {"index": index, "total": total, "step": label})
-        artifact, record = run()
-        events("step-done", {"index": index, "total": total, "step": label, "cached": record.cached,
-                             "seconds": record.seconds})
-        return artifact, record
-
-    pulled, pull_record = announce(1, "pull", lambda: _pull(model, ctx, cache, revision=revision,
-                                                            allow_pickle=allow_pickle,
-                                                            trust_remote_code=trust_remote_code))
-    ctx.artifacts["pull"] = pulled
-    records: list[StepRecord] = []
-    if reference_step is not None:
-        ctx.artifacts[REFERENCE], record = announce(2, REFERENCE, lambda: run_step(reference_step, ctx, pulled, cache))
-        records.append(replace(record, step=REFERENCE))
-
-    def renumber(event: str, data: dict[str, Any]) -> None:
-        events(event, {**data, "index": data["index"] + head, "total": total})
-
-    final, step_records = run_steps(build_plan.steps, ctx, pulled, cache, on_event=renumber)
-    records += step_records
-    variant_name = name or f"{_slug(pull_record.metrics)}-{build_plan.target.name}-{build_plan.profile.name}"
-    report = _report(build_plan, pull_record, records, ctx, final, started)
+    source = resolve_source(model, revision=revision, params=pull_params)
+    result = run_plan(build_plan, ctx, source, _cache(cache_dir), on_event=on_event or ignore_events)
+    report = build_report(build_plan, result, ctx, started=started)
+    variant_name = name or f"{_slug(report['source'])}-{build_plan.target.name}-{build_plan.profile.name}"
+    document = variant_document(name=variant_name, target=build_plan.target.to_dict(),
+                                profile=build_plan.profile.name, precision=build_plan.profile.precision,
+                                execution_providers=build_plan.target.execution_providers, task=report["task"],
+                                model_digest=result.final.digest)
     variant_dir = Path(output_dir) / variant_name
-    publish(variant_dir, lambda staging: _write_variant(staging, variant_name, final, build_plan, report))
+    publish(variant_dir, lambda staging: write_variant(staging, model=result.final.path, document=document,
+                                                       report=report, report_text=render_report(report)))
     packed = None
     if bundle is not None:
         from lmpack.bundle.pack import WheelOptions
@@ -169,99 +143,11 @@ def build(model: str, *, target: str, profile: str | None = None, output_dir: Pa
     return BuildResult(variant_dir=variant_dir, report=report, bundle=packed)
 
 
-def _reference_step(build_plan: BuildPlan) -> Step | None:
-    """The export step, when steps before it change the model (prune): the pulled model is then exported as it is
-    too, so quality and size are judged against the model the user gave, not against the already changed one."""
-    export_index = next(i for i, step in enumerate(build_plan.steps) if step.name == "export")
-    return build_plan.steps[export_index] if export_index > 0 else None
-
-
 def _slug(source: dict[str, Any]) -> str:
     ref = source.get("ref", "model")
     stem = Path(ref).name if source.get("kind") != "hub" else ref.split("/")[-1]
     stem = re.sub(r"\.gguf$", "", stem, flags=re.IGNORECASE)
     return re.sub(r"[^a-z0-9.]+", "-", stem.lower()).strip("-.") or "model"
-
-
-def _write_variant(staging: Path, name: str, final: Artifact, build_plan: BuildPlan, report: dict[str, Any]) -> None:
-    shutil.copytree(final.path, staging / MODEL_DIR)
-    variant = {
-        "schema_version": 1,
-        "name": name,  # not staging.name: that is the hidden .partial directory
-        "target": build_plan.target.to_dict(),
-        "profile": build_plan.profile.name,
-        "precision": build_plan.profile.precision,
-        "execution_providers": build_plan.target.execution_providers,
-        "task": report["task"],
-        "model_digest": final.digest,
-    }
-    (staging / VARIANT_FILE).write_text(json.dumps(variant, indent=2, sort_keys=True))
-    (staging / REPORT_JSON).write_text(json.dumps(report, indent=2, sort_keys=True))
-    (staging / REPORT_TEXT).write_text(render_report(report))
-
-
-def _report(build_plan: BuildPlan, pull_record: StepRecord, records: list[StepRecord], ctx: StepContext,
-            final: Artifact, started: float) -> dict[str, Any]:
-    reference_bytes = tree_size(ctx.reference().path)
-    final_bytes = tree_size(final.path)
-    reference_onnx, final_onnx = _onnx_bytes(ctx.reference().path), _onnx_bytes(final.path)
-    quality = next((r.metrics for r in records if r.step == "validate"), {})
-    tools: dict[str, str] = {}
-    for step in build_plan.steps:
-        tools.update(step.tool_versions())
-    export_metrics = next((r.metrics for r in records if r.step == "export"), {})
-    return {
-        "schema_version": 1,
-        "lmpack_version": __version__,
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": pull_record.metrics,
-        "target": build_plan.target.name,
-        "profile": build_plan.profile.name,
-        "precision": build_plan.profile.precision,
-        "task": export_metrics.get("task"),
-        "steps": [asdict(r) for r in [pull_record, *records]],
-        "sizes": {"reference_bytes": reference_bytes, "model_bytes": final_bytes,
-                  "ratio": round(final_bytes / reference_bytes, 4),
-                  "reference_onnx_bytes": reference_onnx, "onnx_bytes": final_onnx,
-                  "onnx_ratio": round(final_onnx / reference_onnx, 4)},
-        "quality": quality,
-        "quality_gate": asdict(build_plan.profile.quality),
-        "tools": tools,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-
-
-def _onnx_bytes(directory: Path) -> int:
-    """Bytes of the ONNX graph and its external data, without tokenizer and side files."""
-    return sum(p.stat().st_size for p in directory.iterdir() if p.name.endswith((".onnx", ".onnx.data", ".onnx_data")))
-
-
-def render_report(report: dict[str, Any]) -> str:
-    """The human summary written beside report.json and printed by `lmpack build`."""
-    source = report["source"]
-    lines = [f"lmpack {report['lmpack_version']} build report",
-             f"source:    {source.get('kind')} {source.get('ref')}"
-             + (f" @ {source['commit']}" if source.get("commit") else "")
-             + (f" (license {source['license']})" if source.get("license") else ""),
-             f"target:    {report['target']}   profile: {report['profile']} ({report['precision']})",
-             f"task:      {report['task']}", "steps:"]
-    for step in report["steps"]:
-        size = f"{step['output_bytes'] / 1e6:9.1f} MB" if step["output_bytes"] else " " * 12
-        lines.append(f"  {step['step']:<10} {step['seconds']:8.1f} s {size}{'  (cached)' if step['cached'] else ''}")
-    sizes = report["sizes"]
-    lines.append(f"size:      ONNX {sizes['onnx_bytes'] / 1e6:.1f} MB, {sizes['onnx_ratio']:.1%} of the fp32 export "
-                 f"({sizes['reference_onnx_bytes'] / 1e6:.1f} MB); with tokenizer and side files "
-                 f"{sizes['model_bytes'] / 1e6:.1f} MB")
-    quality = report["quality"]
-    if "perplexity" in quality:
-        lines.append(f"quality:   perplexity {quality['perplexity']:.3f} vs {quality['perplexity_reference']:.3f} "
-                     f"({quality['perplexity_increase']:+.2%}), top-1 agreement {quality['top1_agreement']:.3f}, "
-                     f"gate {quality.get('gate')}")
-    elif "cosine_similarity_mean" in quality:
-        lines.append(f"quality:   cosine similarity mean {quality['cosine_similarity_mean']:.4f}, "
-                     f"min {quality['cosine_similarity_min']:.4f}, gate {quality.get('gate')}")
-    lines.append(f"total:     {report['seconds']:.1f} s")
-    return "\n".join(lines) + "\n"
 
 
 def serve(path: Path, *, config_file: Path | None = None, **flags: Any) -> None:

@@ -19,7 +19,7 @@ def test_every_shipped_profile_plans_on_a_target_that_supports_it():
     for profile in list_profiles():
         target = "a100" if profile.precision in ("fp16", "bf16") else "cpu-x86"
         plan = api.plan(target=target, profile=profile.name)
-        assert [s.name for s in plan.steps].count("export") == 1
+        assert [s.label for s in plan.steps].count("export") == 1
 
 
 @pytest.mark.parametrize("target,profile,reason", [("cpu-x86", "fp16", "does not support"),

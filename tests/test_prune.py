@@ -151,8 +151,9 @@ def test_sparse_fp16_is_refused_where_it_cannot_pay_off(tiny_llama, tmp_path, ta
 @pytest.mark.parametrize("target", ["a100", "h100", "l4", "jetson-orin"])
 def test_sparse_fp16_plans_on_gpus_with_2_4_kernels(target):
     plan = api.plan(target=target, profile="sparse-fp16")
-    assert [s.name for s in plan.steps] == ["prune", "export", "quantize", "validate"]
-    assert plan.steps[0].params.pattern == "2:4"
+    # pull and the reference export (of the unpruned model, for the quality gate) are planned before the profile's steps
+    assert [s.label for s in plan.steps] == ["pull", "reference", "prune", "export", "quantize", "validate"]
+    assert plan.step("prune").params.pattern == "2:4"
 
 
 def test_unstructured_profile_plans_only_where_the_target_lists_it(tmp_path):
@@ -165,7 +166,7 @@ def test_unstructured_profile_plans_only_where_the_target_lists_it(tmp_path):
                             name="sparse-fp32", precision="fp32")
     plan = api.plan(target=str(target), profile=str(profile))
     assert plan.target.sparsity == ["unstructured"] and "fp32" in plan.target.precisions
-    assert [s.name for s in plan.steps] == ["prune", "export", "validate"]
+    assert [s.label for s in plan.steps] == ["pull", "reference", "prune", "export", "validate"]
     with pytest.raises(PlanError) as refused:
         api.plan(target="cpu-x86", profile=str(profile))
     assert "unstructured" in refused.value.message and "cpu-x86" in refused.value.message

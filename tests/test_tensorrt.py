@@ -35,7 +35,7 @@ def test_tensorrt_on_a_cpu_target_is_refused(tmp_path):
 
 def test_sparse_weights_need_sparse_kernels(tmp_path):
     profile = _profile(tmp_path, "fp16", "sparse_weights = true\n")
-    assert api.plan(target="a100", profile=profile).steps[-1].params.sparse_weights
+    assert api.plan(target="a100", profile=profile).step("tensorrt").params.sparse_weights
     with pytest.raises(PlanError, match="2:4"):
         api.plan(target="t4", profile=profile)
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from lmpack.agent import probes
 from lmpack.agent.config import ServerSpec, Supervision
+from lmpack.bundle.releases import release_variants, serving_release
 from lmpack.errors import NotFoundError
 
 log = logging.getLogger("lmpack.agent")
@@ -44,27 +45,13 @@ def resolve_variant(spec: ServerSpec) -> tuple[Path, str | None]:
         if not path.is_dir():
             raise NotFoundError(f"variant directory {path} does not exist")
         return path, None
-    if spec.version is not None:
-        pinned = spec.prefix / "releases" / spec.release / spec.version
-        if not pinned.is_dir():
-            raise NotFoundError(f"{spec.release} {spec.version} is not installed under {spec.prefix}",
-                                hint=f"lmpack list --prefix {spec.prefix}")
-        return _one_variant(spec, pinned.resolve())
-    current = spec.prefix / "releases" / spec.release / "current"
-    if not current.is_dir():
-        raise NotFoundError(f"{current}: release {spec.release!r} has no current version under {spec.prefix}",
-                            hint=f"lmpack list --prefix {spec.prefix}")
-    return _one_variant(spec, current.resolve())
-
-
-def _one_variant(spec: ServerSpec, release: Path) -> tuple[Path, str]:
-    variants = release / "variants"
+    release = serving_release(spec.prefix, spec.release, spec.version)
+    found = release_variants(release)
     if spec.variant is not None:
-        path = variants / spec.variant
-        if not path.is_dir():
+        path = next((p for p in found if p.name == spec.variant), None)
+        if path is None:
             raise NotFoundError(f"{release} has no variant {spec.variant!r}")
         return path, release.name
-    found = sorted(p for p in variants.iterdir() if p.is_dir()) if variants.is_dir() else []
     if len(found) != 1:
         raise NotFoundError(f"{release} has {len(found)} variants; name one with 'variant' in [server]")
     return found[0], release.name

@@ -1,12 +1,8 @@
 """Offline install into versioned releases with an atomic `current` pointer (docs/airgapped-install.md).
 
-    PREFIX/releases/NAME/VERSION/            a complete, verified release (manifest.json, manifest.sig, variants/)
-    PREFIX/releases/NAME/current             symlink to VERSION, replaced with os.replace of a temp link
-    PREFIX/releases/NAME/.installed/VERSION  marker: a committed release that is kept until uninstalled
-    PREFIX/.staging/                         extraction in progress, removed when done
-
-A release is installed when it is `current` or has a marker; any other version directory is the
-leftover of an interrupted install, invisible to `list` and removed by the next install. Replacing
+The prefix's layout is releases.py's. A release is installed when it is `current` or has a marker; any
+other version directory is the leftover of an interrupted install, invisible to `list` and removed by the
+next install. Replacing
 `current` is the single commit point, and the outgoing release is marked before it, so a kill at any
 instant leaves what `list` reports exactly as before or exactly as after. Every file is verified in
 staging before the release directory gets its name, and nothing reads the clock for validity.
@@ -30,17 +26,14 @@ from typing import Iterator
 from lmpack.bundle.manifest import (MANIFEST, SIGNATURE, VERSION_RE, Manifest, check_name, parse_manifest,
                                     parse_version)
 from lmpack.bundle import runtime_env
+from lmpack.bundle import releases as layout
+from lmpack.bundle.releases import current_version
 from lmpack.bundle.signing import check_trusted
 from lmpack.bundle.verify import Bundle, DirBundle, check_bundle, check_contents, open_bundle, raise_problems
 from lmpack.config.install_policy import load_install_policy
 from lmpack.errors import BundleError, DiskFullError, InstallError, NotFoundError
 from lmpack.fsio import fsync_dir, guard_disk_full, remove_path
 
-RELEASES = "releases"
-STAGING = ".staging"
-CURRENT = "current"
-MARKERS = ".installed"
-_TEMP_LINK = ".current-"
 _BLOCK = 4096
 
 
@@ -99,37 +92,24 @@ def _locked(prefix: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def current_version(name_dir: Path) -> str | None:
-    """The version `current` points to, or None; a pointer that is not a plain version is ignored."""
-    try:
-        target = os.readlink(name_dir / CURRENT)
-    except OSError:
-        return None
-    return target if VERSION_RE.match(target) and (name_dir / target).is_dir() else None
-
-
-def _installed(name_dir: Path, version: str) -> bool:
-    return (name_dir / version).is_dir() and (current_version(name_dir) == version
-                                              or (name_dir / MARKERS / version).is_file())
-
-
 def _recover(prefix: Path) -> None:
     """Remove what an interrupted install or uninstall left (staging, temp links, uncommitted versions)
     and mark a current release that a kill left unmarked."""
-    remove_path(prefix / STAGING)
-    releases = prefix / RELEASES
+    remove_path(prefix / layout.STAGING)
+    releases = prefix / layout.RELEASES
     if not releases.is_dir():
         return
     for name_dir in releases.iterdir():
         if name_dir.is_symlink() or not name_dir.is_dir():
             continue
         current = current_version(name_dir)
-        if current is not None and not (name_dir / MARKERS / current).is_file():
-            _touch(name_dir / MARKERS / current)  # killed just after the commit: finish its last step
+        if current is not None and not layout.marker(name_dir, current).is_file():
+            _touch(layout.marker(name_dir, current))  # killed just after the commit: finish its last step
         for entry in name_dir.iterdir():
-            if entry.name.startswith(_TEMP_LINK):
+            if entry.name.startswith(layout.TEMP_LINK):
                 remove_path(entry)
-            elif VERSION_RE.match(entry.name) and not entry.is_symlink() and not _installed(name_dir, entry.name):
+            elif (VERSION_RE.match(entry.name) and not entry.is_symlink()
+                  and not layout.is_installed(name_dir, entry.name)):
                 remove_path(entry)
 
 
@@ -142,12 +122,12 @@ def _touch(path: Path) -> None:
 def _switch(name_dir: Path, version: str, previous: str | None) -> None:
     """Mark the outgoing release (so it stays listed), then replace `current` atomically: the commit."""
     if previous is not None:
-        _touch(name_dir / MARKERS / previous)
-    temp = name_dir / f"{_TEMP_LINK}{uuid.uuid4().hex[:8]}"
+        _touch(layout.marker(name_dir, previous))
+    temp = name_dir / f"{layout.TEMP_LINK}{uuid.uuid4().hex[:8]}"
     os.symlink(version, temp)
-    os.replace(temp, name_dir / CURRENT)
+    os.replace(temp, name_dir / layout.CURRENT)
     fsync_dir(name_dir)
-    _touch(name_dir / MARKERS / version)
+    _touch(layout.marker(name_dir, version))
 
 
 def _check_free_space(prefix: Path, manifest: Manifest) -> None:
@@ -209,10 +189,10 @@ def _install_locked(bundle: Bundle, prefix: Path, options: InstallOptions, *, st
                               required=options.require_signature)
     manifest = bundle.manifest
     python = options.python or runtime_env.default_python()
-    name_dir = prefix / RELEASES / manifest.name
+    name_dir = layout.name_dir(prefix, manifest.name)
     release = name_dir / manifest.version
     previous = current_version(name_dir)
-    installed = _installed(name_dir, manifest.version)
+    installed = layout.is_installed(name_dir, manifest.version)
     if installed and (release / MANIFEST).read_bytes() != bundle.manifest_bytes:
         raise InstallError(f"{manifest.name} {manifest.version} is already installed with different contents",
                            hint="give the new bundle a higher version (lmpack pack --version)")
@@ -235,18 +215,18 @@ def _install_locked(bundle: Bundle, prefix: Path, options: InstallOptions, *, st
             check_bundle(kept, None)
         _switch(name_dir, manifest.version, previous)
         return result("switched")
-    staging = prefix / STAGING / f"{manifest.name}-{manifest.version}-{uuid.uuid4().hex[:8]}"
-    with guard_disk_full(prefix / STAGING):
+    staging = prefix / layout.STAGING / f"{manifest.name}-{manifest.version}-{uuid.uuid4().hex[:8]}"
+    with guard_disk_full(prefix / layout.STAGING):
         staging.mkdir(parents=True)
         raise_problems(check_contents(bundle, extract_to=staging, stop_at_first=True), bundle)
         _write_durable(staging / MANIFEST, bundle.manifest_bytes)
         if bundle.signature_bytes is not None:
             _write_durable(staging / SIGNATURE, bundle.signature_bytes)
         _fsync_tree(staging)
-        (name_dir / MARKERS).mkdir(parents=True, exist_ok=True)
+        (name_dir / layout.MARKERS).mkdir(parents=True, exist_ok=True)
         os.rename(staging, release)  # named, but not installed until `current` or a marker says so
         fsync_dir(name_dir)
-    remove_path(prefix / STAGING)
+    remove_path(prefix / layout.STAGING)
     if manifest.wheelhouse is not None:  # at its final path (venvs are not relocatable), before the commit
         with guard_disk_full(release):  # any failure removes the uncommitted release: the old state stays
             runtime_env.create_venv(release, manifest, python)
@@ -259,7 +239,7 @@ def is_installed(prefix: Path, name: str, version: str) -> bool:
     """Whether NAME VERSION is a committed release under `prefix` (not the leftover of an interrupted install)."""
     check_name(name, what="NAME")
     parse_version(version, what="VERSION")
-    return _installed(Path(prefix) / RELEASES / name, version)
+    return layout.is_installed(layout.name_dir(prefix, name), version)
 
 
 def set_current(prefix: Path, name: str, version: str) -> str | None:
@@ -273,8 +253,8 @@ def set_current(prefix: Path, name: str, version: str) -> str | None:
     parse_version(version, what="VERSION")
     prefix = Path(prefix)
     with _writable(prefix), _locked(prefix):
-        name_dir = prefix / RELEASES / name
-        if not _installed(name_dir, version):
+        name_dir = layout.name_dir(prefix, name)
+        if not layout.is_installed(name_dir, version):
             raise NotFoundError(f"{name} {version} is not installed in {prefix}", hint=f"lmpack list --prefix {prefix}")
         previous = current_version(name_dir)
         if previous != version:
@@ -296,12 +276,13 @@ def list_releases(prefix: Path) -> list[Release]:
     if not prefix.is_dir():
         raise NotFoundError(f"install prefix {prefix} does not exist")
     releases: list[Release] = []
-    root = prefix / RELEASES
+    root = prefix / layout.RELEASES
     for name_dir in sorted(root.iterdir()) if root.is_dir() else []:
         if name_dir.is_symlink() or not name_dir.is_dir():
             continue
         current = current_version(name_dir)
-        versions = [e.name for e in name_dir.iterdir() if VERSION_RE.match(e.name) and _installed(name_dir, e.name)]
+        versions = [e.name for e in name_dir.iterdir()
+                    if VERSION_RE.match(e.name) and layout.is_installed(name_dir, e.name)]
         for version in sorted(versions, key=parse_version):
             releases.append(_describe(name_dir / version, name_dir.name, version, current == version))
     return releases
@@ -327,19 +308,19 @@ def uninstall(prefix: Path, name: str, version: str, *, force: bool = False) -> 
         raise NotFoundError(f"install prefix {prefix} does not exist")
     with _writable(prefix), _locked(prefix):
         _recover(prefix)
-        name_dir = prefix / RELEASES / name
-        if not _installed(name_dir, version):
+        name_dir = layout.name_dir(prefix, name)
+        if not layout.is_installed(name_dir, version):
             raise NotFoundError(f"{name} {version} is not installed in {prefix}", hint=f"lmpack list --prefix {prefix}")
         current = current_version(name_dir) == version
         if current and not force:
             raise InstallError(f"{name} {version} is the current release; refusing to remove it",
                                hint="install another version first, or pass --force to leave nothing current")
         removed = _describe(name_dir / version, name, version, current)
-        if (name_dir / MARKERS / version).exists():
-            remove_path(name_dir / MARKERS / version)  # still listed while it is current
-            fsync_dir(name_dir / MARKERS)
+        if layout.marker(name_dir, version).exists():
+            remove_path(layout.marker(name_dir, version))  # still listed while it is current
+            fsync_dir(name_dir / layout.MARKERS)
         if current:
-            os.unlink(name_dir / CURRENT)  # the commit point of a forced removal
+            os.unlink(name_dir / layout.CURRENT)  # the commit point of a forced removal
             fsync_dir(name_dir)
         remove_path(name_dir / version)  # no longer installed: a kill here leaves a leftover for _recover
         if not any(VERSION_RE.match(e.name) for e in name_dir.iterdir()):

@@ -5,7 +5,7 @@ manifest describes the copy, even if a source file changes meanwhile), writes ma
 streams that directory into a tarball whose bytes depend only on the input: two packs of the same
 variants are identical, which lets anyone check a bundle by rebuilding it.
 
-Build-side, but it needs nothing beyond lmpack.bundle: it reads variant.json and report.json as data.
+Build-side, but it needs nothing beyond lmpack.bundle: it reads variant directories through variant_dir.py.
 """
 
 from __future__ import annotations
@@ -25,20 +25,17 @@ from typing import Any
 from lmpack import __version__
 from lmpack.bundle.archive import HashingReader, create_in, write_tarball
 from lmpack.bundle import wheels as wheelhouse
-from lmpack.bundle.manifest import (MANIFEST, SIGNATURE, VARIANTS_DIR, Compatibility, FileEntry, GpuRequirement,
-                                    Manifest, VariantEntry, Wheelhouse, check_name, check_relative_path, parse_version)
+from lmpack.bundle.manifest import (MANIFEST, SIGNATURE, VARIANTS_DIR, FileEntry, Manifest, Wheelhouse, check_name,
+                                    check_relative_path, parse_version)
 from lmpack.bundle.sbom import SBOM_NAME, make_sbom
 from lmpack.bundle.signing import sign_manifest
 from lmpack.bundle.verify import DirBundle, check_bundle, open_bundle, raise_problems
-from lmpack.errors import BundleError, NotFoundError
+from lmpack.bundle.variant_dir import (REPORT_JSON, VARIANT_FILE, VariantFiles, entry_of, read_variant_files,
+                                       required_field)
+from lmpack.errors import BundleError
 from lmpack.fsio import file_sha256, guard_disk_full, publish, remove_path
 
-VARIANT_FILE = "variant.json"  # the variant directory layout written by lmpack.api.build (docs/build.md)
-REPORT_FILE = "report.json"
-MODEL_DIR = "model"
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # TensorRT engines: tied to the GPU they were built on
 INSTALL_SCRIPT = "install.py"  # stdlib-only first installer at the bundle's top level (lmpack/bundle/bootstrap.py)
-_MIB = 1 << 20
 _CHUNK = 1 << 20
 
 
@@ -64,15 +61,6 @@ class WheelOptions:
     source: Path | None = None
 
 
-@dataclass(frozen=True)
-class _Variant:
-    name: str
-    root: Path
-    meta: dict[str, Any]
-    report: dict[str, Any]
-    files: list[Path]
-
-
 def pack(variant_dirs: list[Path], output: Path, *, name: str, version: str,
          keep_dir: Path | None = None, wheels: WheelOptions | None = None) -> PackResult:
     """Write the bundle tarball `output` (and the unpacked bundle directory `keep_dir`, if given).
@@ -83,7 +71,7 @@ def pack(variant_dirs: list[Path], output: Path, *, name: str, version: str,
     started = time.perf_counter()
     check_name(name, what="--name")
     parse_version(version, what="--version")
-    variants = sorted((_read_variant(Path(d)) for d in variant_dirs), key=lambda v: v.name)
+    variants = sorted((read_variant_files(Path(d)) for d in variant_dirs), key=lambda v: v.name)
     if not variants:
         raise BundleError("pack needs at least one variant directory")
     if len({v.name.casefold() for v in variants}) != len(variants):
@@ -115,42 +103,7 @@ def pack(variant_dirs: list[Path], output: Path, *, name: str, version: str,
                       wheelhouse=manifest.wheelhouse.to_dict() if manifest.wheelhouse else None)
 
 
-def _read_variant(root: Path) -> _Variant:
-    """A variant directory as lmpack build writes it; links and special files are refused, not followed."""
-    if not root.is_dir():
-        raise NotFoundError(f"variant directory {root} does not exist")
-    name = check_name(root.resolve().name, what=f"variant directory {root}")
-    for required in (VARIANT_FILE, REPORT_FILE, MODEL_DIR):
-        if not (root / required).exists():
-            raise BundleError(f"{root} is not a variant directory: {required} is missing",
-                              hint="pack the directories that lmpack build writes (dist/MODEL-TARGET-PROFILE)")
-    files: list[Path] = []
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink() or not (path.is_file() or path.is_dir()):
-            raise BundleError(f"{path} is a link or a special file; a bundle holds regular files only")
-        if path.is_file():
-            files.append(path)
-    return _Variant(name=name, root=root, meta=_load_json(root / VARIANT_FILE), report=_load_json(root / REPORT_FILE),
-                    files=files)
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} cannot be read as JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise BundleError(f"{path} must hold a JSON object")
-    return data
-
-
-def _need(data: dict[str, Any], key: str, where: Path) -> Any:
-    if data.get(key) is None:
-        raise BundleError(f"{where} lacks the field {key!r}; was it written by lmpack build?")
-    return data[key]
-
-
-def _stage(staging: Path, variants: list[_Variant], *, name: str, version: str,
+def _stage(staging: Path, variants: list[VariantFiles], *, name: str, version: str,
            wheels: WheelOptions | None) -> Manifest:
     staging.mkdir(parents=True)
     entries: list[FileEntry] = []
@@ -163,22 +116,22 @@ def _stage(staging: Path, variants: list[_Variant], *, name: str, version: str,
                                                       version=version, built_at=built_at)
     entries.sort(key=lambda e: e.path)
     manifest = Manifest(name=name, version=version, built_at=built_at, lmpack_version=__version__,
-                        variants=tuple(_variant_entry(v) for v in variants), files=tuple(entries), wheelhouse=house)
+                        variants=tuple(entry_of(v) for v in variants), files=tuple(entries), wheelhouse=house)
     (staging / MANIFEST).write_bytes(manifest.to_bytes())
     return manifest
 
 
-def _target_facts(variants: list[_Variant]) -> tuple[str, str]:
+def _target_facts(variants: list[VariantFiles]) -> tuple[str, str]:
     """The one (platform tag, Python) that every variant's target agrees on: a wheelhouse serves one host kind."""
-    facts = {(str(_need(v.meta["target"], "platform_tag", v.root / VARIANT_FILE)),
-              str(_need(v.meta["target"], "python", v.root / VARIANT_FILE))) for v in variants}
+    facts = {(str(required_field(v.meta["target"], "platform_tag", v.root / VARIANT_FILE)),
+              str(required_field(v.meta["target"], "python", v.root / VARIANT_FILE))) for v in variants}
     if len(facts) != 1:
         raise BundleError(f"the variants target different platforms or Pythons {sorted(facts)}; one bundle ships "
                           "one wheelhouse", hint="pack variants for each platform into their own bundle")
     return facts.pop()
 
 
-def _stage_wheels(staging: Path, variants: list[_Variant], entries: list[FileEntry], options: WheelOptions, *,
+def _stage_wheels(staging: Path, variants: list[VariantFiles], entries: list[FileEntry], options: WheelOptions, *,
                   name: str, version: str, built_at: str) -> Wheelhouse:
     """Add wheels/, the lock, install.py and the SBOM to the staging bundle (entries grows in place)."""
     platform_tag, python = _target_facts(variants)
@@ -219,56 +172,15 @@ def _copy_digesting(source: Path, staging: Path, relative: str) -> FileEntry:
     return FileEntry(path=relative, size=reader.count, mode=mode, sha256=reader.sha256.hexdigest())
 
 
-def _built_at(variants: list[_Variant]) -> str:
+def _built_at(variants: list[VariantFiles]) -> str:
     """SOURCE_DATE_EPOCH if set, else the newest build among the variants: never the clock, so packs repeat."""
     if epoch := os.environ.get("SOURCE_DATE_EPOCH"):
         try:
             return datetime.fromtimestamp(int(epoch), timezone.utc).isoformat(timespec="seconds")
         except ValueError as exc:
             raise BundleError(f"SOURCE_DATE_EPOCH={epoch!r} is not a number of seconds") from exc
-    times = [datetime.fromisoformat(str(_need(v.report, "built_at", v.root / REPORT_FILE))) for v in variants]
+    times = [datetime.fromisoformat(str(required_field(v.report, "built_at", v.root / REPORT_JSON))) for v in variants]
     return max(times).astimezone(timezone.utc).isoformat(timespec="seconds")
-
-
-def memory_floor(model_bytes: int) -> int:
-    """Weights plus half again for activations and the KV cache, plus 256 MiB for the runtime, in whole MiB.
-
-    A floor for refusing hopeless hosts, not a sizing guide.
-    """
-    need = model_bytes * 3 // 2 + 256 * _MIB
-    return -(-need // _MIB) * _MIB
-
-
-def variant_entry(root: Path) -> VariantEntry:
-    """The manifest entry (compatibility rule included) that packing the variant directory `root` would write."""
-    return _variant_entry(_read_variant(Path(root)))
-
-
-def _variant_entry(variant: _Variant) -> VariantEntry:
-    where = variant.root / VARIANT_FILE
-    target = _need(variant.meta, "target", where)
-    cpu = _need(target, "cpu", where)
-    model_files = [p for p in variant.files if p.relative_to(variant.root).parts[0] == MODEL_DIR]
-    floor = memory_floor(sum(p.stat().st_size for p in model_files))
-    gpu = None
-    if target.get("gpu"):
-        facts, tensorrt = target["gpu"], target.get("tensorrt") or {}
-        engines = any(p.name.endswith(ENGINE_SUFFIXES) for p in model_files)
-        portable = tensorrt.get("hardware_compatibility") == "ampere_plus"
-        gpu = GpuRequirement(vendor=_need(facts, "vendor", where),
-                             compute_capability="8.0" if engines and portable else _need(facts, "compute_capability", where),
-                             match="exact" if engines and not portable else "minimum", min_memory_bytes=floor)
-    source = _need(variant.report, "source", variant.root / REPORT_FILE)
-    provenance = {key: (None if source.get(key) is None else str(source[key]))
-                  for key in ("kind", "ref", "commit", "license", "sha256")}
-    provenance["kind"] = str(_need(source, "kind", variant.root / REPORT_FILE))
-    return VariantEntry(name=variant.name, target=_need(target, "name", where),
-                        profile=_need(variant.meta, "profile", where), precision=_need(variant.meta, "precision", where),
-                        task=variant.meta.get("task"),
-                        execution_providers=tuple(_need(variant.meta, "execution_providers", where)),
-                        compatibility=Compatibility(cpu_arch=_need(cpu, "arch", where), cpu_isa=tuple(cpu.get("isa", [])),
-                                                    min_memory_bytes=floor, gpu=gpu),
-                        provenance=provenance)
 
 
 @dataclass(frozen=True)

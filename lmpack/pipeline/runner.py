@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from lmpack.pipeline.cache import StepCache, cache_key, guard_disk_full
 from lmpack.pipeline.digest import tree_sha256, tree_size
+from lmpack.pipeline.plan import BuildPlan
 from lmpack.pipeline.step import Artifact, Step, StepContext
 
 
@@ -24,7 +25,7 @@ class StepRecord:
 EventHandler = Callable[[str, dict[str, Any]], None]
 
 
-def _ignore(event: str, data: dict[str, Any]) -> None:
+def ignore_events(event: str, data: dict[str, Any]) -> None:
     pass
 
 
@@ -59,15 +60,31 @@ def run_step(step: Step, ctx: StepContext, source: Artifact, cache: StepCache) -
     return artifact, record
 
 
-def run_steps(steps: list[Step], ctx: StepContext, source: Artifact, cache: StepCache,
-              on_event: EventHandler = _ignore) -> tuple[Artifact, list[StepRecord]]:
+@dataclass(frozen=True)
+class PlanResult:
+    """What a plan made: the last artifact of its chain and one record per step, in plan order."""
+
+    final: Artifact
+    records: list[StepRecord]
+
+    def record(self, label: str) -> StepRecord | None:
+        return next((r for r in self.records if r.step == label), None)
+
+
+def run_plan(plan: BuildPlan, ctx: StepContext, source: Artifact, cache: StepCache,
+             on_event: EventHandler = ignore_events) -> PlanResult:
+    """Every step of `plan` in order; each output is kept in `ctx.artifacts` under the step's label."""
     records = []
     artifact = source
-    for index, step in enumerate(steps, start=1):
-        on_event("step-start", {"index": index, "total": len(steps), "step": step.name})
-        artifact, record = run_step(step, ctx, artifact, cache)
-        ctx.artifacts[step.name] = artifact
-        records.append(record)
-        on_event("step-done", {"index": index, "total": len(steps), "step": step.name,
+    total = len(plan.steps)
+    for index, planned in enumerate(plan.steps, start=1):
+        on_event("step-start", {"index": index, "total": total, "step": planned.label})
+        given = ctx.artifacts[planned.reads] if planned.reads is not None else artifact
+        output, record = run_step(planned.step, ctx, given, cache)
+        ctx.artifacts[planned.label] = output
+        if not planned.aside:
+            artifact = output
+        records.append(replace(record, step=planned.label))
+        on_event("step-done", {"index": index, "total": total, "step": planned.label,
                                "cached": record.cached, "seconds": record.seconds})
-    return artifact, records
+    return PlanResult(final=artifact, records=records)

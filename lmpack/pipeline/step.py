@@ -1,10 +1,9 @@
-"""The one interface every build step implements, and the registry that finds steps by name."""
+"""The one interface every build step implements, and the artifacts steps pass to each other."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import inspect
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -13,7 +12,6 @@ from typing import Any, Callable, ClassVar, Iterator
 
 from lmpack.config.profiles import Profile
 from lmpack.config.targets import Target
-from lmpack.errors import ConfigError
 from lmpack.pipeline.params import NoParams
 
 # Artifact kinds a step consumes and produces.
@@ -21,7 +19,7 @@ SOURCE = "source"          # a model reference before pull: Hub repo, local dire
 HF_MODEL = "hf-model"      # a Hugging Face directory with safetensors weights and tokenizer files
 ONNX_MODEL = "onnx-model"  # an ONNX model directory with tokenizer files and lmpack-model.json
 
-# The artifact name of the unchanged model's export, made only when steps before export change the model.
+# The label of the unchanged model's export in a plan, there only when steps before export change the model.
 REFERENCE = "reference"
 
 
@@ -91,7 +89,7 @@ class Step:
 
     def tool_versions(self) -> dict[str, str]:
         """Versions of the libraries the output depends on, plus lmpack's and a digest of the step's code: its own
-        module and the lmpack.steps modules it takes names from (graph rewrites, file copies), so changing a
+        module and the modules of its package it takes names from (graph rewrites, file copies), so changing a
         helper invalidates the cached outputs it shaped."""
         from lmpack import __version__
 
@@ -108,9 +106,10 @@ def _code_digest(cls: type) -> str:
     import sys
 
     module = sys.modules[cls.__module__]
+    package = cls.__module__.rpartition(".")[0] + "."
     helpers = {getattr(value, "__module__", None) or getattr(value, "__name__", None)
                for value in vars(module).values()}
-    names = sorted({cls.__module__} | {name for name in helpers if name and name.startswith("lmpack.steps.")})
+    names = sorted({cls.__module__} | {name for name in helpers if name and name.startswith(package)})
     digest = hashlib.sha256()
     for name in names:
         path = Path(inspect.getsourcefile(sys.modules[name]) or "") if name in sys.modules else Path()
@@ -118,27 +117,3 @@ def _code_digest(cls: type) -> str:
             return "?"
         digest.update(name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-_REGISTRY: dict[str, type[Step]] = {}
-
-
-def register(cls: type[Step]) -> type[Step]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def registered_steps() -> dict[str, type[Step]]:
-    # Steps register themselves on import; their modules import nothing heavy at the top.
-    from lmpack.steps import STEP_MODULES
-
-    for module in STEP_MODULES:
-        importlib.import_module(f"lmpack.steps.{module}")
-    return dict(_REGISTRY)
-
-
-def step_class(name: str, *, where: str) -> type[Step]:
-    steps = registered_steps()
-    if name not in steps:
-        raise ConfigError(f"{where}: unknown step {name!r}; known steps: {', '.join(sorted(steps))}")
-    return steps[name]

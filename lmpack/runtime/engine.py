@@ -16,13 +16,14 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from lmpack.bundle.variant_dir import EMBEDDING, TEXT_GENERATION
 from lmpack.errors import RequestError
 from lmpack.runtime.chat import ChatTemplate
 from lmpack.runtime.heap import release_file_pages, release_freed_heap
 from lmpack.runtime.sampling import SamplingParams, Sampler
 from lmpack.runtime.sessions import DecoderRunner, EncoderRunner, KVCache
 from lmpack.runtime.textstream import IncrementalDecoder, StopMatcher
-from lmpack.runtime.variant import EMBEDDING, TEXT_GENERATION, Variant
+from lmpack.runtime.variant import Variant
 
 DEFAULT_MAX_TOKENS_LIMIT = 4096
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")

@@ -19,12 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from lmpack.bundle.variant_dir import recorded_model_digest
 from lmpack.errors import GpuMemoryError, LmpackError, NoCompatibleVariantError, StepError
 from lmpack.fsio import file_sha256, publish_new, remove_path
 from lmpack.runtime.engines import (CACHED, CPU, CUDA, ENGINE, ENGINE_MODEL, REBUILD, REFUSE, EngineFacts, EnginePlan,
                                     TENSORRT_EP, EnginePolicy, decide, device)
 from lmpack.runtime.host import GpuFacts, HostFacts, probe_gpus
-from lmpack.runtime.variant import VARIANT_FILE, Variant
+from lmpack.runtime.variant import Variant
 
 log = logging.getLogger("lmpack.engines")
 
@@ -58,16 +59,6 @@ def cache_key(host: HostFacts) -> str:
 
 def entry_dir(root: Path, variant_name: str, host: HostFacts) -> Path:
     return root / variant_name / cache_key(host)
-
-
-def model_digest(variant_dir: Path) -> str | None:
-    """The variant's recorded model digest (variant.json), which a cached engine must have been built from."""
-    try:
-        meta = json.loads((Path(variant_dir) / VARIANT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    digest = meta.get("model_digest") if isinstance(meta, dict) else None
-    return digest if isinstance(digest, str) else None
 
 
 def cached(entry: Path, digest: str | None) -> bool:
@@ -128,7 +119,7 @@ def rebuild(variant: Variant, facts: EngineFacts, host: HostFacts, entry: Path, 
             raise StepError(f"the TensorRT provider did not write {ENGINE_MODEL} while rebuilding the engine")
         gpu = device(host)
         files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        record = {"schema_version": 1, "model_digest": model_digest(variant.path), "variant": variant.name,
+        record = {"schema_version": 1, "model_digest": recorded_model_digest(variant.path), "variant": variant.name,
                   "gpu_name": gpu.name if gpu else None, "compute_capability": gpu.compute_capability if gpu else None,
                   **host.software.to_dict(), "precision": facts.precision, "files": files}
         (staging / CACHE_FACTS).write_text(json.dumps(record, indent=2, sort_keys=True))
@@ -229,7 +220,7 @@ def apply_plan(variant: Variant, facts: EngineFacts | None, plan: EnginePlan | N
 
 def _use_entry(variant: Variant, facts: EngineFacts, host: HostFacts, entry: Path, plan: EnginePlan, *,
                build) -> Variant:
-    digest = model_digest(variant.path)
+    digest = recorded_model_digest(variant.path)
     if cached(entry, digest) and not (problems := verify_entry(entry)):
         log.info("variant %s: using the engine rebuilt for this host in %s", variant.name, entry)
     else:

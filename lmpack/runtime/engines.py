@@ -27,7 +27,7 @@ from typing import Any
 
 from lmpack.errors import VariantError
 from lmpack.runtime.host import GpuFacts, HostFacts, parse_compute_capability as _cc
-from lmpack.runtime.variant import MODEL_INFO
+from lmpack.bundle.variant_dir import MODEL_INFO
 
 ENGINE_MODEL = "model_ctx.onnx"
 TENSORRT_EP, CUDA_EP, CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"

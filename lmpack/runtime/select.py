@@ -21,19 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from lmpack.bundle.manifest import MANIFEST, Compatibility, VariantEntry, parse_manifest
+from lmpack.bundle.releases import is_release_dir, through_current
+from lmpack.bundle.variant_dir import (MODEL_INFO, REPORT_JSON, VARIANT_FILE, is_model_dir, is_variant_dir, model_dir,
+                                       recorded_model_digest, variant_entry)
 from lmpack.errors import BundleError, NoCompatibleVariantError, NotFoundError, VariantError
-from lmpack.runtime.engine_cache import apply_plan, cache_root, cached, entry_dir, load_cuda_libraries, model_digest
+from lmpack.runtime.engine_cache import apply_plan, cache_root, cached, entry_dir, load_cuda_libraries
 from lmpack.runtime.engines import CPU, EngineFacts, EnginePlan, EnginePolicy, decide, read_engine_facts
 from lmpack.runtime import host as host_probe
 from lmpack.runtime.host import HostFacts, parse_compute_capability as _cc
-from lmpack.runtime.variant import MODEL_DIR, MODEL_INFO, VARIANT_FILE, Variant, load_variant
+from lmpack.runtime.variant import Variant, load_variant
 
 log = logging.getLogger("lmpack.select")
 
 # Every variant passed its quality gate, so prefer speed at the least quality cost: half precision (native
 # on GPUs, no quantization error), then int8, fp8, full precision, and int4 (the largest error) last.
 PRECISION_PREFERENCE = ("fp16", "bf16", "int8", "fp8", "tf32", "fp32", "int4")
-CURRENT = "current"
 _GIB = 1 << 30
 
 
@@ -104,11 +106,10 @@ def find_candidates(path: Path | str) -> tuple[str, Path, list[Candidate]]:
     if not root.is_dir():
         raise NotFoundError(f"{root} does not exist or is not a directory",
                             hint="give a variant directory, an unpacked bundle or an installed release")
-    if (root / VARIANT_FILE).is_file() or (root / MODEL_INFO).is_file():
+    if is_variant_dir(root) or is_model_dir(root):
         return "variant", root, [Candidate(name=root.resolve().name, path=root, entry=_variant_dir_entry(root))]
-    if not (root / MANIFEST).is_file() and (root / CURRENT).is_dir():
-        root = root / CURRENT
-    kind = "release" if _is_release(root) else "bundle"
+    root = through_current(root)
+    kind = "release" if is_release_dir(root) else "bundle"
     if not (root / MANIFEST).is_file():
         raise VariantError(f"{root} holds no {VARIANT_FILE}, {MODEL_INFO} or {MANIFEST}",
                            hint="give a variant directory (lmpack build), an unpacked bundle (lmpack pack --keep-dir) "
@@ -117,21 +118,14 @@ def find_candidates(path: Path | str) -> tuple[str, Path, list[Candidate]]:
     return kind, root, [Candidate(name=v.name, path=root / v.path, entry=v) for v in manifest.variants]
 
 
-def _is_release(root: Path) -> bool:
-    """A VERSION directory under PREFIX/releases/NAME (install's layout): only the label depends on it."""
-    return root.resolve().parent.parent.name == "releases"
-
-
 def _variant_dir_entry(root: Path) -> VariantEntry | None:
     """The rule `lmpack pack` would write for this directory; None for a bare model directory.
 
     A variant that cannot be described (an older or hand-made directory) is still served as given, as
     before bundles existed: the rule exists to choose among variants, and here there is nothing to choose.
     """
-    if not ((root / VARIANT_FILE).is_file() and (root / "report.json").is_file()):
+    if not (is_variant_dir(root) and (root / REPORT_JSON).is_file()):
         return None
-    from lmpack.bundle.pack import variant_entry
-
     try:
         return variant_entry(root)
     except BundleError as exc:
@@ -173,17 +167,13 @@ def check_rule(rule: Compatibility, host: HostFacts) -> tuple[list[str], bool]:
     return reasons, True
 
 
-def _model_dir(candidate: Candidate) -> Path:
-    return candidate.path / MODEL_DIR if (candidate.path / VARIANT_FILE).is_file() else candidate.path
-
-
 def judge(candidate: Candidate, host: HostFacts, policy: EnginePolicy = EnginePolicy(),
           cache: Path | None = None) -> Verdict:
     """`cache` is the engine cache root for the source (engine_cache.cache_root); None: beside the variant."""
     if candidate.entry is None:  # nothing recorded to check: a bare model directory is served as given
         return Verdict(candidate, (), False)
     try:
-        engine = read_engine_facts(_model_dir(candidate))
+        engine = read_engine_facts(model_dir(candidate.path))
     except VariantError as exc:
         return Verdict(candidate, (exc.message,), False)
     rule = candidate.entry.compatibility
@@ -192,7 +182,7 @@ def judge(candidate: Candidate, host: HostFacts, policy: EnginePolicy = EnginePo
         return Verdict(candidate, tuple(reasons), gpu)
     reasons, _ = check_rule(replace(rule, gpu=None), host)  # the engine's own facts replace the GPU line
     entry = entry_dir(cache or cache_root(candidate.path, None), candidate.name, host)
-    plan = decide(engine, host, has_onnx=_has_onnx(candidate), cached=cached(entry, model_digest(candidate.path)),
+    plan = decide(engine, host, has_onnx=_has_onnx(candidate), cached=cached(entry, recorded_model_digest(candidate.path)),
                   need_bytes=rule.gpu.min_memory_bytes if rule.gpu else 0, policy=policy)
     if plan.mode == "refuse":
         reasons += list(plan.notes)
@@ -201,13 +191,13 @@ def judge(candidate: Candidate, host: HostFacts, policy: EnginePolicy = EnginePo
 
 def _has_onnx(candidate: Candidate) -> bool:
     """Whether the variant carries the ONNX its engine was built from (what the server rebuilds or falls back to)."""
-    model_dir = _model_dir(candidate)
+    directory = model_dir(candidate.path)
     try:
-        info = json.loads((model_dir / MODEL_INFO).read_text(encoding="utf-8"))
+        info = json.loads((directory / MODEL_INFO).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     name = info.get("onnx", "model.onnx") if isinstance(info, dict) else "model.onnx"
-    return isinstance(name, str) and (model_dir / name).is_file()
+    return isinstance(name, str) and (directory / name).is_file()
 
 
 def _rank(verdict: Verdict) -> tuple:

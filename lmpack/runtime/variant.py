@@ -1,8 +1,7 @@
 """Load a variant directory (what `lmpack build` writes) into what the engines need, checking it first.
 
-A variant is `NAME/variant.json` + `NAME/model/` (ONNX, tokenizer, chat template, generation config,
-lmpack-model.json). A bare model directory (the `model/` folder alone) loads too, so a step-cache output
-can be tried without a full build.
+The directory's layout is lmpack/bundle/variant_dir.py's; a bare model directory (the `model/` folder
+alone) loads too, so a step-cache output can be tried without a full build.
 """
 
 from __future__ import annotations
@@ -12,14 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmpack.bundle.variant_dir import MODEL_INFO, TASKS, VARIANT_FILE, is_model_dir, is_variant_dir
+from lmpack.bundle.variant_dir import model_dir as model_dir_of
 from lmpack.errors import NotFoundError, VariantError
-
-VARIANT_FILE = "variant.json"
-MODEL_DIR = "model"
-MODEL_INFO = "lmpack-model.json"
-TEXT_GENERATION = "text-generation"
-EMBEDDING = "feature-extraction"
-TASKS = (TEXT_GENERATION, EMBEDDING)
 
 
 @dataclass(frozen=True)
@@ -109,14 +103,12 @@ def load_variant(path: Path | str) -> Variant:
         raise NotFoundError(f"variant directory {root} does not exist",
                             hint="build one with `lmpack build MODEL --target T -o dist/`")
     meta: dict[str, Any] = {}
-    if (root / VARIANT_FILE).is_file():
+    if is_variant_dir(root):
         meta = _read_json(root / VARIANT_FILE, required=True)
-        model_dir = root / MODEL_DIR
-    elif (root / MODEL_INFO).is_file():
-        model_dir = root
-    else:
+    elif not is_model_dir(root):
         raise VariantError(f"{root} is not a variant: neither {VARIANT_FILE} nor {MODEL_INFO} is there",
                            hint="point at a directory written by `lmpack build`")
+    model_dir = model_dir_of(root)
     info = _read_json(model_dir / MODEL_INFO, required=True)
     task = info.get("task")
     if task not in TASKS:

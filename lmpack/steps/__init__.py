@@ -1,3 +1,12 @@
-"""Build steps, one module each; `lmpack.pipeline.step.registered_steps` imports them (heavy imports stay inside run)."""
+"""Build steps, one module each, and the registry that finds them by name (heavy imports stay inside `run`)."""
 
-STEP_MODULES = ("pull", "prune", "export", "quantize", "tensorrt", "validate")
+from lmpack.pipeline.registry import StepRegistry
+
+STEPS = StepRegistry({
+    "pull": "lmpack.steps.pull:PullStep",
+    "prune": "lmpack.steps.prune:PruneStep",
+    "export": "lmpack.steps.export:ExportStep",
+    "quantize": "lmpack.steps.quantize:QuantizeStep",
+    "tensorrt": "lmpack.steps.tensorrt:TensorrtStep",
+    "validate": "lmpack.steps.validate:ValidateStep",
+})

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmpack.errors import StepError, UnsupportedModelError
-from lmpack.pipeline.step import HF_MODEL, ONNX_MODEL, Artifact, Step, StepContext, register
-from lmpack.runtime.variant import EMBEDDING, MODEL_INFO, TEXT_GENERATION
+from lmpack.pipeline.step import HF_MODEL, ONNX_MODEL, Artifact, Step, StepContext
+from lmpack.bundle.variant_dir import EMBEDDING, MODEL_INFO, TEXT_GENERATION
 from lmpack.steps.model_files import copy_side_files
 from lmpack.steps.onnx_graph import keep_last_logits, load_model, save_model
 
@@ -68,7 +68,6 @@ def supported_model_types(task: str) -> list[str]:
     return sorted(TasksManager.get_supported_model_type_for_task(_OPTIMUM_TASK[task], exporter="onnx"))
 
 
-@register
 class ExportStep(Step):
     name = "export"
     consumes = HF_MODEL

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmpack.errors import PlanError, UnsupportedModelError
-from lmpack.pipeline.step import HF_MODEL, Artifact, Step, StepContext, register
+from lmpack.pipeline.step import HF_MODEL, Artifact, Step, StepContext
 from lmpack.steps.model_files import copy_side_files
 
 # Where common architectures keep their stack of layers.
@@ -38,7 +38,6 @@ class PruneParams:
         return None
 
 
-@register
 class PruneStep(Step):
     name = "prune"
     consumes = HF_MODEL

@@ -14,7 +14,7 @@ from lmpack.config import paths
 from lmpack.errors import NotFoundError, SourceError, UnsafeModelError, UnsupportedModelError
 from lmpack.fsio import file_sha256
 from lmpack.pipeline.digest import json_sha256
-from lmpack.pipeline.step import HF_MODEL, SOURCE, Artifact, Step, StepContext, register
+from lmpack.pipeline.step import HF_MODEL, SOURCE, Artifact, Step, StepContext
 from lmpack.steps.model_files import (CONVERTIBLE_PATTERNS, REMOTE_CODE_PATTERNS, WANTED_PATTERNS, check_model_dir,
                                       is_convertible, is_pickle_checkpoint, read_config, read_license)
 
@@ -29,9 +29,10 @@ class PullParams:
     trust_remote_code: bool = False
 
 
-def resolve_source(model: str, *, revision: str | None = None, allow_pickle: bool = False,
-                   trust_remote_code: bool = False) -> Artifact:
-    """Find what `model` names and give it a stable identity; Hub repos are downloaded (or read offline) here."""
+def resolve_source(model: str, *, revision: str | None = None, params: PullParams = PullParams()) -> Artifact:
+    """Find what `model` names and give it a stable identity: the pull step's input. Hub repos are downloaded
+    (or read offline) here, only the files `params` allow."""
+    allow_pickle, trust_remote_code = params.allow_pickle, params.trust_remote_code
     path = Path(model).expanduser()
     if path.is_dir():
         wanted = [p for p in _model_files(path)
@@ -96,7 +97,6 @@ def _resolve_hub(repo_id: str, *, revision: str | None, patterns: list[str]) -> 
                     info={"kind": "hub", "ref": repo_id, "revision": revision or "main", "commit": commit})
 
 
-@register
 class PullStep(Step):
     name = "pull"
     consumes = SOURCE

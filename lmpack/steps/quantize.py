@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmpack.errors import PlanError
-from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext, register
-from lmpack.steps.export import MODEL_INFO, onnx_model_path, read_model_info
+from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
+from lmpack.bundle.variant_dir import MODEL_INFO
+from lmpack.steps.export import onnx_model_path, read_model_info
 from lmpack.steps.onnx_graph import (fold_transposed_weights, fuse_sibling_matmul_nbits, load_model, logits_matmul,
                                      quantize_embeddings_int8, save_model, share_head_with_embedding, tied_embedding,
                                      upgrade_opset)
@@ -37,7 +38,6 @@ class QuantizeParams:
     share_tied_embedding: bool = False
 
 
-@register
 class QuantizeStep(Step):
     name = "quantize"
     consumes = ONNX_MODEL

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from lmpack.errors import PlanError, StepError
-from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext, register
+from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
 from lmpack.runtime.engines import ENGINE_MODEL
 from lmpack.runtime.host import probe_onnxruntime, probe_tensorrt_version
 from lmpack.runtime.trt_build import build_engine, engine_options
-from lmpack.runtime.variant import MODEL_INFO, TEXT_GENERATION
+from lmpack.bundle.variant_dir import MODEL_INFO, TEXT_GENERATION
 from lmpack.steps.export import onnx_model_path, read_model_info
 
 
@@ -48,7 +48,6 @@ class TensorrtParams:
         return None
 
 
-@register
 class TensorrtStep(Step):
     name = "tensorrt"
     consumes = ONNX_MODEL

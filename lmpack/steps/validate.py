@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from lmpack.errors import QualityGateError
-from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext, register
-from lmpack.steps.export import EMBEDDING, onnx_model_path, read_model_info
+from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
+from lmpack.bundle.variant_dir import EMBEDDING
+from lmpack.steps.export import onnx_model_path, read_model_info
 from lmpack.steps.onnx_eval import DecoderRunner, EncoderRunner, log_softmax, windows
 
 
@@ -38,7 +39,6 @@ def _tokenizer(model_dir: Path):
     return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 
 
-@register
 class ValidateStep(Step):
     name = "validate"
     consumes = ONNX_MODEL

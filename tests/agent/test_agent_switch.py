@@ -22,7 +22,8 @@ import pytest
 from agent_helpers import WebhookReceiver, free_port, run_agent, wait_for, write_config
 
 from lmpack import api
-from lmpack.bundle.install import current_version, install, set_current
+from lmpack.bundle.install import install, set_current
+from lmpack.bundle.releases import current_version
 from lmpack.bundle.pack import pack
 from lmpack.errors import SwitchError
 

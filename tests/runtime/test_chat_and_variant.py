@@ -9,7 +9,8 @@ import pytest
 
 from lmpack.errors import NotFoundError, RequestError, VariantError
 from lmpack.runtime.chat import ChatTemplate, normalize_messages
-from lmpack.runtime.variant import TEXT_GENERATION, load_variant
+from lmpack.bundle.variant_dir import TEXT_GENERATION
+from lmpack.runtime.variant import load_variant
 
 
 def test_the_models_template_renders_a_conversation(llama_variant):

@@ -244,7 +244,7 @@ def test_selection_reads_the_engine_and_ranks_a_cpu_fallback_after_cpu_builds(en
     assert not verdict.ok and "strict mode" in verdict.reasons[0]
     # A bundle-like choice: the int8 CPU build beats the engine variant's CPU fallback on a CPU host,
     # but the engine variant (rebuilt) beats the CPU build on a GPU host.
-    from lmpack.bundle.pack import variant_entry
+    from lmpack.bundle.variant_dir import variant_entry
     from lmpack.runtime.select import Candidate, rank
 
     both = [Candidate(name=p.name, path=p, entry=variant_entry(p)) for p in (engine_variant, llama_variant)]
