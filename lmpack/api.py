@@ -6,7 +6,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,12 +160,10 @@ def serve(path: Path, *, config_file: Path | None = None, **flags: Any) -> None:
     """
     from lmpack.config.serve import resolve_serve_settings
     from lmpack.runtime.auth import load_api_keys
-    from lmpack.runtime.server import ServerConfig, serve as run_server
+    from lmpack.runtime.server import serve as run_server
 
     settings = resolve_serve_settings(config_file, flags)
-    keys = load_api_keys(settings.api_key_file, paths.api_keys_env())
-    config = ServerConfig(api_keys=keys, **{k: v for k, v in asdict(settings).items() if k != "api_key_file"})
-    run_server(path, config)
+    run_server(path, settings, api_keys=load_api_keys(settings.api_key_file, paths.api_keys_env()))
 
 
 def doctor(path: Path, *, variant: str | None = None, strict: bool = False, engine_rebuild: bool = True,
@@ -189,7 +187,7 @@ def generate(variant_dir: Path, prompt: str, *, max_tokens: int = 64, temperatur
 
     `variant` names which of a bundle's or release's variants to use (default: the one serve would choose).
     With `chat`, the prompt is sent as one user message through the model's chat template.
-    Returns a lmpack.runtime.engine.Completion (text, finish_reason, token counts, timings).
+    Returns a lmpack.runtime.generation.Completion (text, finish_reason, token counts, timings).
     """
     from lmpack.runtime.engine import DecoderEngine
     from lmpack.runtime.sampling import SamplingParams

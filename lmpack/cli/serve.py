@@ -3,59 +3,50 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import click
 
 from lmpack import api
 from lmpack.cli.common import emit_json, handle_errors, json_option
+from lmpack.config.serve import SettingInfo, serve_settings
 
 _variant_arg = click.argument("variant_dir", metavar="PATH", type=click.Path(path_type=Path))
-_variant_name = click.option("--variant", "variant", metavar="NAME", default=None,
-                             help="Use this variant of a bundle or release (its name in `lmpack doctor`) instead "
-                                  "of the one lmpack would choose; it must still run on this host.")
-_threads = click.option("--threads", type=click.IntRange(min=1), default=None,
-                        help="onnxruntime threads per generation (default: onnxruntime's choice).")
+
+
+def setting_option(info: SettingInfo) -> Callable[[Callable], Callable]:
+    """The option of one ServeSettings field: typed, bounded and described by the field itself; unset is None,
+    so the file and LMPACK_SERVE_* keep what a flag does not override."""
+    help_text = f"{info.help} [default: {info.shown_default}]"
+    if info.kind is bool:
+        return click.option(f"{info.flag}/--no-{info.flag[2:]}", info.name, default=None, help=help_text)
+    if info.kind is int:
+        low, high = info.meta.bounds or (None, None)
+        return click.option(info.flag, info.name, type=click.IntRange(low, high), default=None, metavar="N",
+                            help=help_text)
+    if info.kind is Path:
+        return click.option(info.flag, info.name, type=click.Path(path_type=Path), default=None, metavar="PATH",
+                            help=help_text)
+    return click.option(info.flag, info.name, default=None, metavar="TEXT", help=help_text)
+
+
+_SETTINGS = {info.name: info for info in serve_settings()}
+
+
+def serve_setting_options(func: Callable) -> Callable:
+    """One option per ServeSettings field, in the class's order."""
+    for info in reversed(serve_settings()):
+        func = setting_option(info)(func)
+    return func
 
 
 @click.command("serve")
 @click.argument("path", type=click.Path(path_type=Path))
-@_variant_name
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
-              help="serve.toml with any of the settings below; flags and LMPACK_SERVE_* override it.")
-@click.option("--host", default=None,
-              help="Address to bind [default: 127.0.0.1]. 0.0.0.0 exposes the API to the network.")
-@click.option("--port", type=click.IntRange(0, 65535), default=None, help="[default: 8000]")
-@_threads
-@click.option("--max-concurrency", type=click.IntRange(min=1), default=None,
-              help="Generations running at once (with batching: sequences in the batch) [default: 1].")
-@click.option("--max-batch", type=click.IntRange(1, 256), default=None,
-              help="Most sequences one decode step runs together; 1 runs each generation alone [default: 8].")
-@click.option("--batch-align", type=click.IntRange(1, 64), default=None,
-              help="A sequence joins the batch when its length agrees with the batch's modulo this, which keeps "
-                   "answers identical to unbatched ones; 1 joins at once, but int8 answers may then differ "
-                   "[default: 4].")
-@click.option("--queue", type=click.IntRange(min=0), default=None,
-              help="Requests waiting for a slot; beyond that the server answers 429 [default: 8].")
-@click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
-              help="File with accepted API keys, one a line (LMPACK_API_KEYS adds comma-separated keys).")
-@click.option("--drain-seconds", type=click.IntRange(min=0), default=None,
-              help="On SIGTERM, how long running requests may take to finish [default: 30].")
-@click.option("--tls-cert", type=click.Path(path_type=Path), default=None, help="PEM certificate: serve HTTPS.")
-@click.option("--tls-key", type=click.Path(path_type=Path), default=None, help="PEM private key for --tls-cert.")
-@click.option("--cache/--no-cache", default=None,
-              help="Replay answers to repeated deterministic requests (greedy or seeded) [default: off].")
-@click.option("--strict/--no-strict", default=None,
-              help="Refuse to start rather than serve a variant whose TensorRT engine does not fit this host "
-                   "(and cannot be rebuilt) on the CUDA provider or the CPU [default: off].")
-@click.option("--engine-rebuild/--no-engine-rebuild", default=None,
-              help="Rebuild a TensorRT engine that does not fit this host from the variant's ONNX, once, and "
-                   "cache it [default: on].")
-@click.option("--engine-cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Where rebuilt engines are kept [default: PREFIX/releases/NAME/.engines, beside the release].")
+              help="serve.toml with any of the settings below; LMPACK_SERVE_* variables and flags override it.")
+@serve_setting_options
 @handle_errors
-def serve_command(path, variant, config_file, host, port, threads, max_concurrency, max_batch, batch_align, queue,
-                  api_key_file, drain_seconds, tls_cert, tls_key, cache, strict, engine_rebuild,
-                  engine_cache_dir) -> None:
+def serve_command(path: Path, config_file: Path | None, **settings: Any) -> None:
     """Answer an OpenAI-compatible HTTP API for the variant at PATH that suits this host.
 
     PATH is a variant directory, an unpacked bundle, or an installed release (PREFIX/releases/NAME,
@@ -71,10 +62,7 @@ def serve_command(path, variant, config_file, host, port, threads, max_concurren
 
     See docs/serving.md for the endpoints, settings, limits and errors.
     """
-    api.serve(path, config_file=config_file, variant=variant, host=host, port=port, threads=threads,
-              max_concurrency=max_concurrency, max_batch=max_batch, batch_align=batch_align, queue=queue,
-              api_key_file=api_key_file, drain_seconds=drain_seconds, tls_cert=tls_cert, tls_key=tls_key,
-              cache=cache, strict=strict, engine_rebuild=engine_rebuild, engine_cache_dir=engine_cache_dir)
+    api.serve(path, config_file=config_file, **settings)
 
 
 @click.command("generate")
@@ -87,8 +75,8 @@ def serve_command(path, variant, config_file, host, port, threads, max_concurren
 @click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
 @click.option("--stop", multiple=True, help="Stop sequence (repeatable, at most 4).")
 @click.option("--chat", is_flag=True, help="Send PROMPT as a user message through the model's chat template.")
-@_variant_name
-@_threads
+@setting_option(_SETTINGS["variant"])
+@setting_option(_SETTINGS["threads"])
 @json_option
 @handle_errors
 def generate_command(variant_dir, prompt, max_tokens, temperature, top_p, top_k, seed, stop, chat, variant, threads,

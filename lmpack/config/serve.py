@@ -1,13 +1,21 @@
-"""`lmpack serve` settings: one TOML file, then LMPACK_SERVE_* variables, then command-line flags, each overriding.
+"""`lmpack serve` settings, declared once: ServeSettings' fields and their docstrings.
 
-A server is usually started by a service unit, so its settings belong in a file an operator can review
-and version; flags and variables stay for one-off changes. The file is read with the strict reader
-(an unknown or mistyped field is an error naming the file and the field, never silently ignored), and
-relative paths in it are relative to the file, so a unit's working directory does not matter.
+Each field makes a command-line option (lmpack/cli/serve.py), a serve.toml key, an LMPACK_SERVE_<NAME>
+variable and a row of docs/serving.md's table (`settings_table`, checked by a test), with one type, one
+default and one set of bounds (the shape of vLLM's FrontendArgs). Precedence, last one winning: the default,
+the file, the environment, the flags. A server is usually started by a service unit, so its settings belong
+in a file an operator can review and version; the file is read strictly (an unknown or mistyped field is an
+error naming the file and the field), and relative paths in it are relative to the file.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -17,88 +25,205 @@ from lmpack.config.toml_reader import TableReader, check_schema_version, load_to
 from lmpack.errors import ConfigError, NotFoundError
 
 MIB = 1024 * 1024
+_META = "lmpack"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class SettingMeta:
+    bounds: tuple[int, int] | None = None  # an integer's least and greatest value
+    table: str | None = None      # the serve.toml table it sits in ([tls], [cache]); None: the top level
+    key: str | None = None        # its key in that table; None: the field's name
+    paired: bool = False          # required once its table is given (TLS needs a certificate and a key)
+    shown: str | None = None      # how --help and the docs show a default that is None or computed
+
+
+def _setting(default: Any, **meta: Any) -> Any:
+    return dataclasses.field(default=default, metadata={_META: SettingMeta(**meta)})
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    variant: str | None = None  # serve this variant of a bundle or release (by name), not the one lmpack would choose
-    host: str = "127.0.0.1"
-    port: int = 8000
-    threads: int | None = None
-    max_concurrency: int = 1
-    max_batch: int = 8          # sequences per batched decode step (runtime/batcher.py); 1 turns batching off
-    batch_align: int = 4        # left-padded rows batch when their lengths agree modulo this; 4 keeps answers exact
-    queue: int = 8
-    drain_seconds: int = 30
-    api_key_file: Path | None = None
-    max_body_bytes: int = 2 * MIB
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    cache: bool = False
-    cache_max_entries: int = 1024
-    cache_max_bytes: int = 64 * MIB
-    strict: bool = False            # refuse rather than serve a mismatched TensorRT engine's variant on CUDA or the CPU
-    engine_rebuild: bool = True     # rebuild a mismatched TensorRT engine on this host, once (docs/gpu-targets.md)
-    engine_cache_dir: Path | None = None  # where rebuilt engines are kept; default: beside the release
+    """Everything an operator sets for `lmpack serve`."""
+
+    variant: str | None = _setting(None, shown="lmpack's choice")
+    """Serve this variant of a bundle or release (a name `lmpack doctor` lists) instead of the one lmpack would
+    choose; it must still run on this host."""
+    host: str = _setting("127.0.0.1")
+    """Address to bind; loopback unless you say otherwise (0.0.0.0 exposes the API to the network)."""
+    port: int = _setting(8000, bounds=(0, 65535))
+    """TCP port to listen on."""
+    threads: int | None = _setting(None, bounds=(1, 1024), shown="onnxruntime's choice")
+    """onnxruntime intra-op threads of the model's session."""
+    max_concurrency: int = _setting(1, bounds=(1, 1024))
+    """Generations (or embedding batches) running at once; with batching, the sequences in the batch."""
+    max_batch: int = _setting(8, bounds=(1, 256))
+    """Most sequences one decode step runs together; 1 runs each generation alone."""
+    batch_align: int = _setting(4, bounds=(1, 64))
+    """A sequence joins the batch when its prompt length agrees with the batch's lengths modulo this, which keeps
+    answers identical to unbatched ones; 1 joins at once, but int8 answers may then differ."""
+    queue: int = _setting(8, bounds=(0, 100_000))
+    """Requests that may wait for a slot; beyond that the server answers 429."""
+    drain_seconds: int = _setting(30, bounds=(0, 86_400))
+    """On SIGTERM or Ctrl-C, how long running requests may take to finish."""
+    api_key_file: Path | None = _setting(None, shown="none")
+    """File of accepted API keys, one a line, # comments (LMPACK_API_KEYS adds comma-separated keys)."""
+    max_body_bytes: int = _setting(2 * MIB, bounds=(1024, 1024 * MIB))
+    """Request bodies larger than this (counted while reading) get 413."""
+    max_tokens_limit: int = _setting(4096, bounds=(1, 1_000_000))
+    """The most tokens one request may ask for (max_tokens), also capped by the model's context."""
+    default_max_tokens: int = _setting(512, bounds=(1, 1_000_000))
+    """A chat completion's token budget when the request sets none, within what the context has room for
+    (/v1/completions keeps OpenAI's 16)."""
+    tls_cert: Path | None = _setting(None, table="tls", key="cert", paired=True, shown="none")
+    """PEM certificate: serve HTTPS (with tls_key)."""
+    tls_key: Path | None = _setting(None, table="tls", key="key", paired=True, shown="none")
+    """PEM private key of tls_cert."""
+    cache: bool = _setting(False, table="cache", key="enabled")
+    """Replay answers to repeated deterministic requests (greedy or seeded)."""
+    cache_max_entries: int = _setting(1024, table="cache", key="max_entries", bounds=(1, 10_000_000))
+    """Most answers the response cache keeps."""
+    cache_max_bytes: int = _setting(64 * MIB, table="cache", key="max_bytes", bounds=(1024, 64 * 1024 * MIB))
+    """Most bytes of answer text the response cache keeps, least recently used out first."""
+    strict: bool = _setting(False)
+    """Refuse to start rather than serve a variant whose TensorRT engine does not fit this host (and cannot be
+    rebuilt) on the CUDA provider or the CPU."""
+    engine_rebuild: bool = _setting(True)
+    """Rebuild a TensorRT engine that does not fit this host from the variant's ONNX, once, and keep it."""
+    engine_cache_dir: Path | None = _setting(None, shown="beside the release")
+    """Where rebuilt TensorRT engines are kept (default PREFIX/releases/NAME/.engines, or DIR/.engines beside a
+    bundle or variant directory)."""
 
 
-# field: (minimum, maximum) for the integers, shared by the file and the environment.
-_BOUNDS = {"port": (0, 65535), "threads": (1, 1024), "max_concurrency": (1, 1024), "max_batch": (1, 256),
-           "batch_align": (1, 64), "queue": (0, 100_000), "drain_seconds": (0, 86_400),
-           "max_body_bytes": (1024, 1024 * MIB),
-           "cache_max_entries": (1, 10_000_000), "cache_max_bytes": (1024, 64 * 1024 * MIB)}
-_PATHS = ("api_key_file", "tls_cert", "tls_key", "engine_cache_dir")
-# Settings that LMPACK_SERVE_<NAME> may set: the scalar ones a unit file or container might inject.
-ENV_FIELDS = ("variant", "host", "port", "threads", "max_concurrency", "max_batch", "batch_align", "queue",
-              "drain_seconds", "api_key_file", "tls_cert", "tls_key")
+@dataclass(frozen=True)
+class SettingInfo:
+    """One setting as every reader of it sees it."""
 
+    name: str
+    kind: type                    # int, str, bool or Path
+    default: Any
+    help: str
+    meta: SettingMeta
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return f"LMPACK_SERVE_{self.name.upper()}"
+
+    @property
+    def toml_key(self) -> str:
+        key = self.meta.key or self.name
+        return f"{self.meta.table}.{key}" if self.meta.table else key
+
+    @property
+    def shown_default(self) -> str:
+        if self.meta.shown is not None:
+            return self.meta.shown
+        if self.kind is bool:
+            return "on" if self.default else "off"
+        return str(self.default)
+
+
+@functools.cache
+def serve_settings() -> tuple[SettingInfo, ...]:
+    """ServeSettings' fields in order, with their types, docstrings and metadata."""
+    hints = typing.get_type_hints(ServeSettings)
+    docs = _field_docs(ServeSettings)
+    infos = []
+    for f in fields(ServeSettings):
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        infos.append(SettingInfo(name=f.name, kind=kind, default=f.default, help=docs[f.name],
+                                 meta=f.metadata[_META]))
+    return tuple(infos)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string literal after each field of `cls`, joined into one line (vLLM's get_attr_docs)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    missing = [f.name for f in fields(cls) if f.name not in docs]
+    if missing:
+        raise TypeError(f"{cls.__name__}: no docstring for {missing}")
+    return docs
+
+
+def settings_table() -> str:
+    """docs/serving.md's table of settings, made from ServeSettings."""
+    rows = ["| flag | serve.toml | default | meaning |", "|---|---|---|---|"]
+    for info in serve_settings():
+        flag = f"{info.flag}/--no-{info.flag[2:]}" if info.kind is bool else info.flag
+        bounds = f" ({info.meta.bounds[0]} to {info.meta.bounds[1]})" if info.meta.bounds else ""
+        rows.append(f"| `{flag}` | `{info.toml_key}` | {info.shown_default} | {info.help}{bounds} |")
+    return "\n".join(rows) + "\n"
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
 
 def read_serve_file(path: Path) -> dict[str, Any]:
     """The settings a serve.toml sets (only those), checked; paths resolved against the file's folder."""
     path = Path(path)
     top = TableReader(load_toml(path), source=str(path))
     check_schema_version(top)
-    values: dict[str, Any] = {"variant": top.str("variant"), "host": top.str("host")}
-    for name, (low, high) in _BOUNDS.items():
-        if not name.startswith("cache_"):
-            values[name] = top.int(name, minimum=low, maximum=high)
-    values["api_key_file"] = top.str("api_key_file")
-    values["strict"] = top.bool("strict")
-    values["engine_rebuild"] = top.bool("engine_rebuild")
-    values["engine_cache_dir"] = top.str("engine_cache_dir")
-    if (tls := top.table("tls")) is not None:
-        values["tls_cert"], values["tls_key"] = tls.str("cert", required=True), tls.str("key", required=True)
-        tls.finish()
-    if (cache := top.table("cache")) is not None:
-        values["cache"] = cache.bool("enabled")
-        for name in ("max_entries", "max_bytes"):
-            low, high = _BOUNDS[f"cache_{name}"]
-            values[f"cache_{name}"] = cache.int(name, minimum=low, maximum=high)
-        cache.finish()
-    top.finish()
-    for name in _PATHS:
-        if values.get(name) is not None:
-            values[name] = path.parent / values[name]
-    return {k: v for k, v in values.items() if v is not None}
+    readers: dict[str | None, TableReader | None] = {None: top}
+    values: dict[str, Any] = {}
+    for info in serve_settings():
+        if info.meta.table not in readers:
+            readers[info.meta.table] = top.table(info.meta.table)
+        reader = readers[info.meta.table]
+        if reader is None:
+            continue
+        value = _read_field(reader, info)
+        if value is not None:
+            values[info.name] = path.parent / value if info.kind is Path else value
+    for reader in readers.values():
+        if reader is not None:
+            reader.finish()
+    return values
+
+
+def _read_field(reader: TableReader, info: SettingInfo) -> Any:
+    key, required = info.meta.key or info.name, info.meta.paired
+    if info.kind is int:
+        low, high = info.meta.bounds or (None, None)
+        return reader.int(key, required=required, minimum=low, maximum=high)
+    if info.kind is bool:
+        return reader.bool(key, required=required)
+    return reader.str(key, required=required)
 
 
 def read_serve_env() -> dict[str, Any]:
     """LMPACK_SERVE_<NAME> values, converted and checked; an error names the variable."""
+    infos = {info.name: info for info in serve_settings()}
     values: dict[str, Any] = {}
-    for name, raw in paths.serve_env(ENV_FIELDS).items():
-        variable = f"LMPACK_SERVE_{name.upper()}"
-        if name in _BOUNDS:
-            low, high = _BOUNDS[name]
-            try:
-                number = int(raw)
-            except ValueError:
-                raise ConfigError(f"{variable}={raw!r} is not an integer") from None
-            if not low <= number <= high:
-                raise ConfigError(f"{variable}={number} is outside [{low}, {high}]")
-            values[name] = number
-        else:
-            values[name] = Path(raw) if name in _PATHS else raw
+    for name, raw in paths.serve_env(tuple(infos)).items():
+        info = infos[name]
+        values[name] = _from_text(raw, info, where=info.env)
     return values
+
+
+def _from_text(raw: str, info: SettingInfo, *, where: str) -> Any:
+    if info.kind is int:
+        try:
+            number = int(raw)
+        except ValueError:
+            raise ConfigError(f"{where}={raw!r} is not an integer") from None
+        low, high = info.meta.bounds or (number, number)
+        if not low <= number <= high:
+            raise ConfigError(f"{where}={number} is outside [{low}, {high}]")
+        return number
+    if info.kind is bool:
+        if raw.lower() not in _TRUE | _FALSE:
+            raise ConfigError(f"{where}={raw!r} is not true or false (1/0, yes/no, on/off)")
+        return raw.lower() in _TRUE
+    return Path(raw) if info.kind is Path else raw
 
 
 def resolve_serve_settings(config_file: Path | None, flags: dict[str, Any]) -> ServeSettings:

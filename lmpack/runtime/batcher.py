@@ -9,8 +9,8 @@ One worker thread owns the decoder session. Each step it (1) drops cancelled seq
 the newcomers whose prompt length suits the batch (each its own pass, as the unbatched engine does, so
 their first token is the same) and adds them as rows, (3) runs one batched step for every row
 (sessions.BatchKV: pasts padded to the longest, padding masked, each row at its own position) and
-hands each row's logits to that sequence's engine.Decoding, which makes the same choices as the
-unbatched loop. A finished or cancelled sequence leaves the batch at once. Text goes back to the
+hands each row's logits to that sequence's generation.Decoding, which makes the same choices as the
+solo loop. A finished or cancelled sequence leaves the batch at once. Text goes back to the
 request's own thread through a queue, so the server's streaming and cancellation code is unchanged.
 """
 
@@ -21,12 +21,10 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
-from lmpack.runtime.sessions import BatchKV, KVCache
-
-if TYPE_CHECKING:  # engine.py holds the batcher only as an attribute, so there is no import cycle at run time
-    from lmpack.runtime.engine import DecoderEngine, Generation
+from lmpack.runtime.generation import Generation
+from lmpack.runtime.sessions import BatchKV, DecoderRunner, KVCache
 
 log = logging.getLogger("lmpack.batcher")
 
@@ -54,7 +52,8 @@ class _Sequence:
 
 
 class Batcher:
-    """Runs every generation of one engine in shared batched steps, at most `max_batch` sequences at a time.
+    """A GenerationLoop (generation.py): every generation given to it runs in shared batched steps of one
+    decoder, at most `max_batch` sequences at a time.
 
     `on_step(size)` is called with the batch size of every batched decode step (the server's
     lmpack_batch_size histogram). Sequences beyond `max_batch` wait, in arrival order, for a row.
@@ -62,13 +61,13 @@ class Batcher:
     `align` (EXACT_ALIGN); right-padded batches ignore `align`.
     """
 
-    def __init__(self, engine: DecoderEngine, *, max_batch: int, align: int = 1,
+    def __init__(self, runner: DecoderRunner, *, max_batch: int, align: int = 1,
                  on_step: Callable[[int], None] | None = None):
         if max_batch < 1 or align < 1:
             raise ValueError("max_batch and align must be at least 1")
-        self.engine = engine
+        self.runner = runner
         self.max_batch = max_batch
-        self.align = align if engine.runner.kv_padding == "left" else 1
+        self.align = align if runner.kv_padding == "left" else 1
         self.on_step = on_step or (lambda size: None)
         self._pending: list[_Sequence] = []
         self._wake = threading.Condition()
@@ -111,7 +110,7 @@ class Batcher:
     def _loop(self) -> None:
         active: list[_Sequence] = []    # rows of `batch`, in order
         waiting: list[_Sequence] = []   # taken from the queue, waiting for the batch's lengths to suit them
-        batch = self.engine.runner.new_batch(self.max_batch)
+        batch = self.runner.new_batch(self.max_batch)
         while True:
             with self._wake:
                 while not self._stopped and not self._pending and not active and not waiting:
@@ -135,7 +134,7 @@ class Batcher:
                 for seq in active + waiting:
                     if seq.generation.finish_reason is None:
                         seq.out.put(exc)
-                active, waiting, batch = [], [], self.engine.runner.new_batch(self.max_batch)
+                active, waiting, batch = [], [], self.runner.new_batch(self.max_batch)
 
     def _cancelled(self, seq: _Sequence) -> bool:
         if seq.generation.cancel.is_set():
@@ -172,7 +171,7 @@ class Batcher:
         cache = KVCache(room=generation.positions)
         started = time.perf_counter()
         try:   # its prefill and its place in the batch are its own: a failure (no memory for its cache) ends it alone
-            logits = self.engine.runner.step(generation.prompt_ids, cache)
+            logits = self.runner.step(generation.prompt_ids, cache)
             seq.decode_started = time.perf_counter()
             generation.prefill_seconds = seq.decode_started - started
             if self._emit(seq, generation.decoding.advance(logits, cache.length)):
@@ -186,7 +185,7 @@ class Batcher:
     def _decode(self, active: list[_Sequence], batch: BatchKV) -> None:
         """One batched step for every row; the sequences that finished leave the batch."""
         self.on_step(len(active))
-        logits = self.engine.runner.step_batch([seq.generation.decoding.token for seq in active], batch)
+        logits = self.runner.step_batch([seq.generation.decoding.token for seq in active], batch)
         now = time.perf_counter()
         going = []
         for row, seq in enumerate(active):

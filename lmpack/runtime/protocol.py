@@ -11,14 +11,14 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from lmpack.errors import RequestError
 from lmpack.runtime.chat import normalize_messages
-from lmpack.runtime.sampling import SamplingParams, check_bounds
+from lmpack.runtime.sampling import SamplingParams, check_choices, check_max_tokens
 
 MAX_EMBEDDING_INPUTS = 256
 
@@ -46,14 +46,18 @@ def bad(message: str, param: str | None, code: str = "invalid_value") -> ApiErro
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """/v1/completions or /v1/chat/completions, checked. max_tokens None: as many as the server allows."""
+    """/v1/completions or /v1/chat/completions, checked. max_tokens None: the client asked for no budget, so
+    sampling.resolve_max_tokens decides it once the prompt's length is known."""
 
-    params: SamplingParams
+    choices: dict[str, Any]   # SamplingParams' fields but max_tokens, each within bounds
     max_tokens: int | None
     stream: bool
     include_usage: bool
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
+
+    def params(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, **self.choices)
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ def _stop(body: dict) -> tuple[str, ...]:
     raise bad("stop must be a string or an array of strings", "stop", "invalid_type")
 
 
-def _sampling(body: dict, defaults: dict[str, Any], max_tokens: int | None) -> SamplingParams:
+def _choices(body: dict, defaults: dict[str, Any]) -> dict[str, Any]:
     number, integer = (int, float), (int,)
     values = {
         "temperature": _field(body, "temperature", number, defaults.get("temperature", 1.0), what="a number"),
@@ -120,8 +124,7 @@ def _sampling(body: dict, defaults: dict[str, Any], max_tokens: int | None) -> S
     }
     if values["top_k"] == -1:  # vLLM's spelling of "off"
         values["top_k"] = 0
-    # max_tokens is checked by the caller under the name the client used; 1 stands in until the server picks one
-    return SamplingParams(max_tokens=1 if max_tokens is None else max_tokens, stop=_stop(body), **values)
+    return {**values, "stop": _stop(body)}
 
 
 def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_tokens_limit: int) -> GenerationRequest:
@@ -133,11 +136,11 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
         if body.get(name) is not None:
             max_tokens, max_name = _field(body, name, (int,), what="an integer"), name
             break
-    params = _sampling(body, defaults, max_tokens)
+    choices = _choices(body, defaults)
     try:
         if max_tokens is not None:
-            check_bounds(max_name, max_tokens, 1, max_tokens_limit, integer=True)
-        params.check(max_tokens_limit=max_tokens_limit)
+            check_max_tokens(max_name, max_tokens, max_tokens_limit)
+        check_choices(**choices)
     except RequestError as exc:
         raise ApiError.from_request_error(exc) from exc
     stream = _field(body, "stream", (bool,), False, what="true or false")
@@ -150,7 +153,7 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
             messages = normalize_messages(body["messages"])
         except RequestError as exc:
             raise ApiError.from_request_error(exc) from exc
-        return GenerationRequest(params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
+        return GenerationRequest(choices=choices, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
                                  messages=messages)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -159,12 +162,8 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
         raise bad("prompt is required", "prompt", "missing_required_parameter")
     if not isinstance(prompt, str):
         raise bad("prompt must be a string (or an array of one string)", "prompt", "invalid_type")
-    return GenerationRequest(params=params, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
+    return GenerationRequest(choices=choices, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
                              prompt=prompt)
-
-
-def with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    return replace(params, max_tokens=max_tokens)
 
 
 def parse_embeddings(body: dict) -> EmbeddingRequest:

@@ -16,13 +16,18 @@ from lmpack.errors import RequestError
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
 MAX_TOP_K = 1000
+# A completion's token budget (resolve_max_tokens): the most a request may ask for (serve's max_tokens_limit
+# default), what a chat completion gets when it asks for none, and OpenAI's default for /v1/completions.
+MAX_TOKENS_LIMIT = 4096
+CHAT_DEFAULT_MAX_TOKENS = 512
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """What one request asks of the decoder. temperature 0 means greedy (OpenAI's convention)."""
 
-    max_tokens: int = 16
+    max_tokens: int = COMPLETIONS_DEFAULT_MAX_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0                      # 0: off
@@ -32,33 +37,56 @@ class SamplingParams:
     frequency_penalty: float = 0.0      # OpenAI's: subtracted per occurrence in the completion
     stop: tuple[str, ...] = ()
 
-    def check(self, *, max_tokens_limit: int) -> "SamplingParams":
+    def check(self, *, max_tokens_limit: int) -> SamplingParams:
         """Raise RequestError naming the first field out of bounds; return self so calls chain."""
-        check_bounds("max_tokens", self.max_tokens, 1, max_tokens_limit, integer=True)
-        check_bounds("temperature", self.temperature, 0.0, 2.0)
-        check_bounds("top_p", self.top_p, 0.0, 1.0)
-        if self.top_p == 0:
-            raise RequestError("top_p must be greater than 0", param="top_p")
-        check_bounds("top_k", self.top_k, 0, MAX_TOP_K, integer=True)
-        check_bounds("repetition_penalty", self.repetition_penalty, 0.0, 2.0)
-        if self.repetition_penalty == 0:
-            raise RequestError("repetition_penalty must be greater than 0", param="repetition_penalty")
-        check_bounds("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        check_bounds("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        if self.seed is not None:
-            check_bounds("seed", self.seed, -(2**63), 2**63 - 1, integer=True)
-        if len(self.stop) > MAX_STOP_SEQUENCES:
-            raise RequestError(f"stop may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(self.stop)}",
-                               param="stop")
-        for item in self.stop:
-            if not isinstance(item, str) or not item or len(item) > MAX_STOP_LENGTH:
-                raise RequestError(f"each stop sequence must be a non-empty string of at most {MAX_STOP_LENGTH} "
-                                   "characters", param="stop")
+        check_max_tokens("max_tokens", self.max_tokens, max_tokens_limit)
+        check_choices(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                      repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                      frequency_penalty=self.frequency_penalty, stop=self.stop)
         return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+def check_max_tokens(name: str, value: object, limit: int) -> None:
+    """`name` is the field the client used (max_tokens or max_completion_tokens)."""
+    check_bounds(name, value, 1, limit, integer=True)
+
+
+def check_choices(*, temperature: object, top_p: object, top_k: object, seed: object, repetition_penalty: object,
+                  presence_penalty: object, frequency_penalty: object, stop: tuple[str, ...]) -> None:
+    """Every sampling field but the token budget, checked: RequestError naming the first out of bounds."""
+    check_bounds("temperature", temperature, 0.0, 2.0)
+    check_bounds("top_p", top_p, 0.0, 1.0)
+    if top_p == 0:
+        raise RequestError("top_p must be greater than 0", param="top_p")
+    check_bounds("top_k", top_k, 0, MAX_TOP_K, integer=True)
+    check_bounds("repetition_penalty", repetition_penalty, 0.0, 2.0)
+    if repetition_penalty == 0:
+        raise RequestError("repetition_penalty must be greater than 0", param="repetition_penalty")
+    check_bounds("presence_penalty", presence_penalty, -2.0, 2.0)
+    check_bounds("frequency_penalty", frequency_penalty, -2.0, 2.0)
+    if seed is not None:
+        check_bounds("seed", seed, -(2**63), 2**63 - 1, integer=True)
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise RequestError(f"stop may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(stop)}", param="stop")
+    for item in stop:
+        if not isinstance(item, str) or not item or len(item) > MAX_STOP_LENGTH:
+            raise RequestError(f"each stop sequence must be a non-empty string of at most {MAX_STOP_LENGTH} "
+                               "characters", param="stop")
+
+
+def resolve_max_tokens(requested: int | None, *, default: int, limit: int, context_length: int,
+                       prompt_tokens: int) -> int:
+    """A completion's token budget, the one place it is decided (as vLLM's get_max_tokens): what the request
+    asked for (already checked against `limit`; one that overflows the context is refused by the engine, naming
+    the field), else `default`, within `limit` and what the context has room for after the prompt, and at least 1
+    (a prompt that fills the context is refused by the engine, naming the prompt)."""
+    if requested is not None:
+        return requested
+    return max(1, min(default, limit, context_length - prompt_tokens))
 
 
 def check_bounds(name: str, value, low, high, *, integer: bool = False) -> None:

@@ -15,9 +15,8 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,98 +27,97 @@ from starlette.routing import Route
 
 from lmpack.config.serve import ServeSettings
 from lmpack.errors import RequestError
-from lmpack.runtime.admission import Admission, Overloaded
+from lmpack.runtime.admission import Admission, Overloaded, Slot
 from lmpack.runtime.auth import bearer_ok
 from lmpack.runtime.batcher import Batcher
 from lmpack.runtime.cache import CachedAnswer, ResponseCache, cache_key, cacheable, usage_counts
 from lmpack.runtime.engine import DecoderEngine, EncoderEngine, load_engine
+from lmpack.runtime.generation import GenerationLoop
 from lmpack.runtime.http import ObserveRequests, error_response, read_json
 from lmpack.runtime.metrics import Metrics
 from lmpack.runtime.protocol import (ApiError, check_model, completion_body, embeddings_body, new_id, parse_embeddings,
-                                     parse_generation, usage, with_max_tokens)
-from lmpack.runtime.sampling import SamplingParams
-from lmpack.runtime.streaming import cached_response, live_stream, run_in_worker
+                                     parse_generation, usage)
+from lmpack.runtime.sampling import COMPLETIONS_DEFAULT_MAX_TOKENS, SamplingParams, resolve_max_tokens
+from lmpack.runtime.streaming import StreamHooks, cached_response, live_stream
 
 log = logging.getLogger("lmpack.serve")
 
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-_SETTINGS = ServeSettings()  # the operator-facing defaults live in one place: lmpack/config/serve.py
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """ServeSettings (what an operator sets) plus what only code and tests set: keys, limits, warm-up."""
-    variant: str | None = _SETTINGS.variant   # the operator's choice among a bundle's variants (select.py)
-    host: str = _SETTINGS.host
-    port: int = _SETTINGS.port
-    threads: int | None = _SETTINGS.threads    # onnxruntime intra-op threads; None: onnxruntime decides
-    max_concurrency: int = _SETTINGS.max_concurrency
-    max_batch: int = _SETTINGS.max_batch       # sequences per batched decode step; 1: no batcher
-    batch_align: int = _SETTINGS.batch_align   # batcher.EXACT_ALIGN; 1 batches every row together, not exactly
-    queue: int = _SETTINGS.queue               # requests waiting for a slot before 429
-    api_keys: frozenset[str] = field(default_factory=frozenset)
-    max_body_bytes: int = _SETTINGS.max_body_bytes
-    default_max_tokens: int = 512              # chat completions without max_tokens (capped by the context)
-    max_tokens_limit: int = 4096
-    drain_seconds: int = _SETTINGS.drain_seconds
-    retry_after_seconds: int = 1
-    warmup: bool = True
-    tls_cert: Path | None = None               # both or neither: uvicorn's ssl_certfile / ssl_keyfile
-    tls_key: Path | None = None
-    cache: bool = _SETTINGS.cache              # the response cache for deterministic requests (cache.py)
-    cache_max_entries: int = _SETTINGS.cache_max_entries
-    cache_max_bytes: int = _SETTINGS.cache_max_bytes
-    strict: bool = _SETTINGS.strict            # TensorRT engines: refuse instead of falling back (engines.py)
-    engine_rebuild: bool = _SETTINGS.engine_rebuild
-    engine_cache_dir: Path | None = _SETTINGS.engine_cache_dir
+RETRY_AFTER_SECONDS = 1  # what 429s and 503s ask a client to wait
 
 
 class ServerState:
-    """What the routes share: the engine, the limits, the readiness flags and the worker pool."""
+    """What the routes share: the engine and its generation loop, the limits, the readiness flags, the workers."""
 
-    def __init__(self, engine: DecoderEngine | EncoderEngine, config: ServerConfig):
+    def __init__(self, engine: DecoderEngine | EncoderEngine, settings: ServeSettings, *,
+                 api_keys: frozenset[str] = frozenset()):
         self.engine = engine
-        self.config = config
+        self.settings = settings
+        self.api_keys = api_keys
         self.model_id = engine.variant.name
         self.created = int(time.time())
-        self.admission = Admission(max_active=config.max_concurrency, max_queue=config.queue)
-        self.cache = cache = (ResponseCache(max_entries=config.cache_max_entries, max_bytes=config.cache_max_bytes)
-                              if config.cache else None)
+        self.admission = Admission(max_active=settings.max_concurrency, max_queue=settings.queue)
+        self.cache = cache = (ResponseCache(max_entries=settings.cache_max_entries, max_bytes=settings.cache_max_bytes)
+                              if settings.cache else None)
         self.metrics = Metrics(queue_depth=lambda: self.admission.waiting, active=lambda: self.admission.active,
                                cache=cache)
-        self.batcher = None
-        # at most max_concurrency sequences are admitted, so a wider batch would never fill; a batch of one
-        # gains nothing, so then each generation runs alone in its worker thread, as without batching
-        width = min(config.max_batch, config.max_concurrency)
-        if isinstance(engine, DecoderEngine) and width > 1:
-            self.batcher = engine.batcher = Batcher(engine, max_batch=width, align=config.batch_align,
-                                                    on_step=self.metrics.batch_step)
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=config.max_concurrency + 1,
+        self.loop = self._generation_loop(engine, settings)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_concurrency + 1,
                                                               thread_name_prefix="lmpack-generate")
         self.status = "starting"   # starting -> ready | failed; draining once shutdown begins
         self.status_reason = "the warm-up generation has not finished"
 
+    def _generation_loop(self, engine: DecoderEngine | EncoderEngine, settings: ServeSettings) -> GenerationLoop | None:
+        """The batcher, or each generation alone in its worker thread: at most max_concurrency sequences are
+        admitted, so a wider batch would never fill, and a batch of one gains nothing."""
+        if not isinstance(engine, DecoderEngine):
+            return None
+        width = min(settings.max_batch, settings.max_concurrency)
+        if width > 1:
+            return Batcher(engine.runner, max_batch=width, align=settings.batch_align,
+                           on_step=self.metrics.batch_step)
+        return engine.solo
+
     def authorize(self, request: Request) -> None:
-        if not bearer_ok(request.headers.get("authorization"), self.config.api_keys):
+        if not bearer_ok(request.headers.get("authorization"), self.api_keys):
             raise ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer KEY'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     def require_ready(self) -> None:
         if self.status != "ready":
             raise ApiError(503, f"the server is {self.status}: {self.status_reason}", type="server_error",
-                           code=f"server_{self.status}",
-                           headers={"Retry-After": str(self.config.retry_after_seconds)})
+                           code=f"server_{self.status}", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
-    async def admit(self):
+    async def admit(self) -> Slot:
         try:
             return await self.admission.acquire()
         except Overloaded:
             self.metrics.overloaded()
             raise ApiError(429, f"the server is busy ({self.admission.max_active} running, {self.admission.max_queue}"
                            " queued); retry later", type="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(self.config.retry_after_seconds)}) from None
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+
+    def run_in_worker(self, slot: Slot, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """Run `fn` in the worker pool; the slot frees when the thread is done, not when the client leaves."""
+        try:
+            job = self.executor.submit(fn, *args)
+        except BaseException:
+            slot.release()
+            raise
+        job.add_done_callback(lambda _: slot.release())
+        return job
+
+    def stream_hooks(self, slot: Slot, key: str | None) -> StreamHooks:
+        cache = self.cache
+        return StreamHooks(submit=lambda work: self.run_in_worker(slot, work),
+                           on_first_text=self.metrics.time_to_first_token, on_tokens=self.metrics.tokens,
+                           on_answer=(lambda answer: cache.put(key, answer)) if cache is not None and key else None)
+
+    def max_tokens(self, requested: int | None, *, chat: bool, prompt_tokens: int) -> int:
+        engine = self.engine
+        assert isinstance(engine, DecoderEngine)
+        return resolve_max_tokens(requested, prompt_tokens=prompt_tokens, context_length=engine.context_length,
+                                  limit=engine.max_tokens_limit,
+                                  default=self.settings.default_max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS)
 
     def cached(self, *, chat: bool, prompt: Any, params: SamplingParams) -> tuple[str | None, CachedAnswer | None]:
         """The response-cache key (None when the cache is off or the answer is not fixed) and the stored answer."""
@@ -138,7 +136,7 @@ class ServerState:
                 raise RuntimeError("the warm-up embedding is not a unit vector")
             return
         ids = self.engine.encode_prompt("Hello")
-        result = self.engine.generate(ids, SamplingParams(max_tokens=2, temperature=0)).result()
+        result = self.engine.generate(ids, SamplingParams(max_tokens=2, temperature=0), loop=self.loop).result()
         if result.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"the warm-up generation ended with {result.finish_reason!r}")
 
@@ -159,7 +157,7 @@ async def ready(request: Request) -> Response:
     if state.status == "ready":
         return JSONResponse({"status": "ready", "model": state.model_id})
     return JSONResponse({"status": state.status, "reason": state.status_reason}, status_code=503,
-                        headers={"Retry-After": str(state.config.retry_after_seconds)})
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 async def metrics(request: Request) -> Response:
@@ -206,28 +204,24 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     if not isinstance(engine, DecoderEngine):
         raise ApiError(400, f"{state.model_id} is an embedding model: use /v1/embeddings", param="model",
                        code="wrong_model_task")
-    body = await read_json(request, limit=state.config.max_body_bytes)
+    body = await read_json(request, limit=state.settings.max_body_bytes)
     check_model(body, state.model_id)
     req = parse_generation(body, chat=chat, defaults=engine.defaults(), max_tokens_limit=engine.max_tokens_limit)
     prompt_param = "messages" if chat else "prompt"
-    loop = asyncio.get_running_loop()
-    ids = await loop.run_in_executor(None, engine.encode_chat if chat else engine.encode_prompt,
-                                     req.messages if chat else req.prompt)
-    max_tokens = req.max_tokens
-    if max_tokens is None:  # as many as asked by default, within what the context has room for
-        default = state.config.default_max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS
-        max_tokens = max(1, min(default, engine.max_tokens_limit, engine.context_length - len(ids)))
-    params = with_max_tokens(req.params, max_tokens)
+    ids = await asyncio.get_running_loop().run_in_executor(None, engine.encode_chat if chat else engine.encode_prompt,
+                                                           req.messages if chat else req.prompt)
+    params = req.params(state.max_tokens(req.max_tokens, chat=chat, prompt_tokens=len(ids)))
     key, cached = state.cached(chat=chat, prompt=req.messages if chat else req.prompt, params=params)
     if cached is not None:  # a replay needs no generation slot
         return cached_response(cached, model=state.model_id, chat=chat, stream=req.stream,
                                include_usage=req.include_usage)
     cancel = threading.Event()
-    generation = engine.generate(ids, params, cancel=cancel, prompt_param=prompt_param)
+    generation = engine.generate(ids, params, cancel=cancel, prompt_param=prompt_param, loop=state.loop)
     slot = await state.admit()
     if req.stream:
-        return live_stream(state, generation, cancel, slot, chat=chat, include_usage=req.include_usage, key=key)
-    job = run_in_worker(state, slot, generation.result)
+        return live_stream(generation, cancel, state.stream_hooks(slot, key), model=state.model_id, chat=chat,
+                           include_usage=req.include_usage)
+    job = state.run_in_worker(slot, generation.result)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
     try:
         result = await asyncio.wrap_future(job)
@@ -236,7 +230,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         if not job.done():
             cancel.set()
     state.metrics.tokens(result.prompt_tokens, result.completion_tokens)
-    if key is not None:
+    if key is not None and state.cache is not None:
         state.cache.put(key, CachedAnswer((result.text,), result.finish_reason, *usage_counts(result)))
     return JSONResponse(completion_body(id=new_id("chatcmpl" if chat else "cmpl"), model=state.model_id, chat=chat,
                                         text=result.text, finish_reason=result.finish_reason,
@@ -260,11 +254,11 @@ async def embeddings(request: Request) -> Response:
     if not isinstance(engine, EncoderEngine):
         raise ApiError(400, f"{state.model_id} is a text-generation model: it has no embeddings", param="model",
                        code="wrong_model_task")
-    body = await read_json(request, limit=state.config.max_body_bytes)
+    body = await read_json(request, limit=state.settings.max_body_bytes)
     check_model(body, state.model_id)
     req = parse_embeddings(body)
     slot = await state.admit()
-    result = await asyncio.wrap_future(run_in_worker(state, slot, engine.embed, req.inputs))
+    result = await asyncio.wrap_future(state.run_in_worker(slot, engine.embed, req.inputs))
     state.metrics.tokens(result.prompt_tokens, 0)
     return JSONResponse(embeddings_body(model=state.model_id, vectors=result.vectors,
                                        encoding_format=req.encoding_format, prompt_tokens=result.prompt_tokens))
@@ -301,22 +295,22 @@ async def _server_error(request: Request, exc: Exception) -> Response:
                                    code="internal_error"))
 
 
-def create_app(engine: DecoderEngine | EncoderEngine, config: ServerConfig = ServerConfig()) -> Starlette:
+def create_app(engine: DecoderEngine | EncoderEngine, settings: ServeSettings = ServeSettings(), *,
+               api_keys: frozenset[str] = frozenset(), warmup: bool = True) -> Starlette:
     """The ASGI app for one engine. It warms up in the background: live at once, ready once warm."""
-    state = ServerState(engine, config)
+    state = ServerState(engine, settings, api_keys=api_keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        task = asyncio.create_task(_warm_up(state)) if config.warmup else None
+        task = asyncio.create_task(_warm_up(state)) if warmup else None
         if task is None:
             state.status = "ready"
         yield
         if task is not None:
             task.cancel()
         state.executor.shutdown(wait=False, cancel_futures=True)
-        if state.batcher is not None:
-            state.batcher.stop()
-            engine.batcher = None
+        if state.loop is not None:
+            state.loop.stop()
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
                     middleware=[Middleware(ObserveRequests, routes={r.path for r in ROUTES},
@@ -339,7 +333,7 @@ async def _warm_up(state: ServerState) -> None:
         log.info("%s is ready", state.model_id)
 
 
-def serve(path: Path | str, config: ServerConfig = ServerConfig()) -> None:
+def serve(path: Path | str, settings: ServeSettings = ServeSettings(), *, api_keys: frozenset[str] = frozenset()) -> None:
     """Pick the variant at `path` (variant, bundle or release) for this host, then answer HTTP until a signal.
 
     On SIGINT or SIGTERM readiness turns off at once and running requests get `drain_seconds` to finish.
@@ -350,10 +344,10 @@ def serve(path: Path | str, config: ServerConfig = ServerConfig()) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     from lmpack.runtime.select import prepare_variant
 
-    variant = prepare_variant(path, variant=config.variant, strict=config.strict, engine_rebuild=config.engine_rebuild,
-                              engine_cache_dir=config.engine_cache_dir)
-    engine = load_engine(variant, threads=config.threads, max_tokens_limit=config.max_tokens_limit)
-    app = create_app(engine, config)
+    variant = prepare_variant(path, variant=settings.variant, strict=settings.strict,
+                              engine_rebuild=settings.engine_rebuild, engine_cache_dir=settings.engine_cache_dir)
+    engine = load_engine(variant, threads=settings.threads, max_tokens_limit=settings.max_tokens_limit)
+    app = create_app(engine, settings, api_keys=api_keys)
     state: ServerState = app.state.lmpack
 
     class DrainingServer(uvicorn.Server):
@@ -364,7 +358,8 @@ def serve(path: Path | str, config: ServerConfig = ServerConfig()) -> None:
             # KeyboardInterrupt); a drained stop is a clean one: exit 0.
             getattr(self, "_captured_signals", []).clear()
 
-    tls = {} if config.tls_cert is None else {"ssl_certfile": str(config.tls_cert), "ssl_keyfile": str(config.tls_key)}
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                               timeout_graceful_shutdown=config.drain_seconds, server_header=False, **tls)
+    tls = ({} if settings.tls_cert is None
+           else {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)})
+    uv_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                               timeout_graceful_shutdown=settings.drain_seconds, server_header=False, **tls)
     DrainingServer(uv_config).run()

@@ -1,8 +1,8 @@
 """Streamed completions (server-sent events) and cached answers, shared by live generations and replays.
 
 One writer for the event sequence (role chunk, text chunks, finish chunk, optional usage chunk, [DONE]),
-so a replayed answer is framed exactly like the generation it was recorded from. Also the worker-pool
-plumbing a live stream needs (`state` is the server's ServerState: executor, cache, metrics, model id).
+so a replayed answer is framed exactly like the generation it was recorded from. A live stream needs of
+the server only what StreamHooks names: a worker to run in, and where its counts and its answer go.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import concurrent.futures
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from starlette.responses import JSONResponse, Response
 
 from lmpack.runtime.cache import CachedAnswer, usage_counts
+from lmpack.runtime.generation import Generation
 from lmpack.runtime.http import GuardedStream, sse
 from lmpack.runtime.protocol import ApiError, chunk_body, completion_body, new_id, usage
 
@@ -77,19 +79,18 @@ def cached_response(answer: CachedAnswer, *, model: str, chat: bool, stream: boo
                                         usage=usage(answer.prompt_tokens, answer.completion_tokens)))
 
 
-def run_in_worker(state, slot, fn, *args) -> concurrent.futures.Future:
-    """Run `fn` in the worker pool; the slot frees when the thread is done, not when the client leaves."""
-    try:
-        job = state.executor.submit(fn, *args)
-    except BaseException:
-        slot.release()
-        raise
-    job.add_done_callback(lambda _: slot.release())
-    return job
+@dataclass(frozen=True)
+class StreamHooks:
+    """What a live stream needs of the server."""
+
+    submit: Callable[[Callable[[], None]], concurrent.futures.Future]  # run in a worker that holds the request's slot
+    on_first_text: Callable[[float], None]          # seconds from the request's admission to its first text
+    on_tokens: Callable[[int, int], None]           # prompt and completion tokens, however the stream ended
+    on_answer: Callable[[CachedAnswer], None] | None = None  # the whole answer of a finished generation (the cache)
 
 
-def live_stream(state, generation, cancel: threading.Event, slot, *, chat: bool, include_usage: bool,
-                key: str | None) -> Response:
+def live_stream(generation: Generation, cancel: threading.Event, hooks: StreamHooks, *, model: str, chat: bool,
+                include_usage: bool) -> Response:
     """A generation streamed as it runs: a worker pushes its deltas onto the loop; a client that leaves cancels it."""
     started, loop, queue = time.perf_counter(), asyncio.get_running_loop(), asyncio.Queue()
 
@@ -106,17 +107,16 @@ def live_stream(state, generation, cancel: threading.Event, slot, *, chat: bool,
                 pieces.append(delta)
                 push(("text", delta))
             push(("end", (generation.finish_reason, *usage_counts(generation))))
-            if key is not None:  # put() refuses a cancelled generation: it is not the whole answer
-                state.cache.put(key, CachedAnswer(tuple(pieces), generation.finish_reason or "",
-                                                  *usage_counts(generation)))
+            if hooks.on_answer is not None:  # the cache refuses a cancelled generation: it is not the whole answer
+                hooks.on_answer(CachedAnswer(tuple(pieces), generation.finish_reason or "", *usage_counts(generation)))
         except Exception as exc:  # an engine failure mid-stream: the client gets an error event
             log.exception("generation failed")
             push(("error", exc))
         finally:  # counted here so cancelled streams count what they did generate
-            state.metrics.tokens(generation.prompt_tokens, generation.completion_tokens)
+            hooks.on_tokens(generation.prompt_tokens, generation.completion_tokens)
 
-    run_in_worker(state, slot, work)
-    events = sse_events(queue_items(queue), ident=new_id("chatcmpl" if chat else "cmpl"), model=state.model_id,
-                        chat=chat, include_usage=include_usage,
-                        on_first_text=lambda: state.metrics.time_to_first_token(time.perf_counter() - started))
+    hooks.submit(work)
+    events = sse_events(queue_items(queue), ident=new_id("chatcmpl" if chat else "cmpl"), model=model, chat=chat,
+                        include_usage=include_usage,
+                        on_first_text=lambda: hooks.on_first_text(time.perf_counter() - started))
     return GuardedStream(events, on_close=cancel.set)

@@ -181,17 +181,18 @@ def test_a_sequence_whose_cache_cannot_be_made_fails_alone(llama_variant, monkey
         return mapped(shape, dtype)
 
     monkeypatch.setattr(sessions, "mapped_zeros", refusing)
-    engine.batcher = Batcher(engine, max_batch=4)
+    batcher = Batcher(engine.runner, max_batch=4)
     try:
-        running = engine.generate(ids, params)
+        running = engine.generate(ids, params, loop=batcher)
         deltas = iter(running)
         text = next(deltas)                   # it is in the batch now
-        big = engine.generate(engine.encode_prompt(PROMPTS[0]), SamplingParams(max_tokens=400, temperature=0.0))
+        big = engine.generate(engine.encode_prompt(PROMPTS[0]), SamplingParams(max_tokens=400, temperature=0.0),
+                              loop=batcher)
         with pytest.raises(MemoryError, match="refused by this test"):
             big.result()
         text += "".join(deltas)
     finally:
-        engine.batcher.stop()
+        batcher.stop()
     assert text == alone.text and running.finish_reason == "length"
 
 

@@ -95,3 +95,46 @@ def test_only_fixed_answers_are_cacheable_and_every_parameter_is_in_the_key():
     assert key != cache_key(**base, params=SamplingParams(temperature=0, max_tokens=17))
     assert key != cache_key(**{**base, "model_version": "d2"}, params=SamplingParams(temperature=0))
     assert key != cache_key(**{**base, "chat": False}, params=SamplingParams(temperature=0))
+
+
+def test_every_setting_is_a_flag_a_file_key_and_a_variable_with_one_bound(tmp_path, monkeypatch):
+    """Settings are declared once (ServeSettings): each reaches the server the same from all three places, and
+    the integers' bounds are the same in each."""
+    from click.testing import CliRunner
+
+    from lmpack.cli.serve import serve_command
+    from lmpack.config.serve import serve_settings
+
+    options = {p.name: p for p in serve_command.params}
+    samples = {int: 2, bool: True, str: "x-int4", Path: tmp_path / "f"}
+    for info in serve_settings():
+        value = samples[info.kind] if info.meta.bounds is None else max(2, info.meta.bounds[0])
+        text = str(value).lower() if info.kind is bool else str(value)
+        table, key = (info.meta.table, info.meta.key or info.name)
+        toml_value = text if info.kind in (int, bool) else f'"{value}"'
+        extra = "\n".join(f'{(i.meta.key or i.name)} = "{tmp_path / "g"}"' for i in serve_settings()
+                          if i.meta.paired and i.meta.table == table and i.name != info.name)
+        body = f"[{table}]\n{key} = {toml_value}\n{extra}\n" if table else f"{key} = {toml_value}\n"
+        assert read_serve_file(write(tmp_path, body))[info.name] == value, info.name
+        monkeypatch.setenv(info.env, "1" if info.kind is bool else text)
+        from lmpack.config.serve import read_serve_env
+        assert read_serve_env() == {info.name: value}, info.env
+        monkeypatch.delenv(info.env)
+        assert info.name in options, f"{info.flag} is not an option of lmpack serve"
+        if info.meta.bounds is not None:
+            low, high = info.meta.bounds
+            assert (options[info.name].type.min, options[info.name].type.max) == (low, high)
+            with pytest.raises(ConfigError, match=f"must be at most {high}"):
+                read_serve_file(write(tmp_path, f"[{table}]\n{key} = {high + 1}\n" if table else f"{key} = {high + 1}\n"))
+            monkeypatch.setenv(info.env, str(low - 1))
+            with pytest.raises(ConfigError, match=f"{info.env}={low - 1} is outside"):
+                read_serve_env()
+            monkeypatch.delenv(info.env)
+            result = CliRunner().invoke(serve_command, [str(tmp_path), info.flag, str(high + 1)])
+            assert result.exit_code == 2 and info.flag in result.output
+
+
+def test_the_documented_settings_table_is_made_from_the_settings():
+    from lmpack.config.serve import settings_table
+
+    assert settings_table() in (EXAMPLE.parents[1] / "serving.md").read_text()

@@ -13,7 +13,8 @@ from runtime_servers import run_server, serve_in_thread
 
 from lmpack.runtime.engine import DecoderEngine
 from lmpack.runtime.sampling import SamplingParams
-from lmpack.runtime.server import ServerConfig, create_app
+from lmpack.config.serve import ServeSettings
+from lmpack.runtime.server import create_app
 from lmpack.runtime.variant import load_variant
 
 CHAT = "/v1/chat/completions"
@@ -200,7 +201,7 @@ def test_a_client_that_disconnects_stops_its_generation(llama_variant):
             time.sleep(0.05)
         return slow.steps
 
-    with serve_in_thread(create_app(engine, ServerConfig(max_concurrency=1, queue=0))) as url:
+    with serve_in_thread(create_app(engine, ServeSettings(max_concurrency=1, queue=0))) as url:
         before = slow.steps
         with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={**body, "stream": True}) as r:
             assert next(line for line in r.iter_lines() if line.startswith("data:"))

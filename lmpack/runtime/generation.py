@@ -1,0 +1,176 @@
+"""One request's generation, and the loops that run generations: alone (SoloLoop) or in shared batches (batcher.py).
+
+A Generation is a plain iterator of text deltas, so the server can run it in a worker thread and stop it
+between two tokens by setting its cancel event. Which loop runs it is chosen once, by whoever makes the
+generations (the server picks the batcher or the solo loop when it starts; `lmpack generate` runs alone),
+and handed to each Generation: nothing dispatches on a mutable attribute.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+
+import numpy as np
+
+from lmpack.runtime.sampling import Sampler, SamplingParams
+from lmpack.runtime.sessions import KVCache
+from lmpack.runtime.textstream import IncrementalDecoder, StopMatcher
+
+if TYPE_CHECKING:
+    from lmpack.runtime.sessions import DecoderRunner
+
+
+class TokenModel(Protocol):
+    """What choosing tokens needs of a model (DecoderEngine has it)."""
+
+    tokenizer: Any
+    eos_token_ids: frozenset[int]
+    context_length: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """Tokens after the first per second of decoding (the first token comes out of the prefill)."""
+        steps = self.completion_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
+
+
+class Decoding:
+    """One sequence's choices between two model steps: sample a token, check EOS, stop sequences and limits,
+    turn it into text.
+
+    Kept apart from any model call so the solo loop and the batcher make exactly the same decisions from
+    the same logits: the only thing batching changes is how the logits are computed.
+    """
+
+    def __init__(self, model: TokenModel, prompt_ids: list[int], params: SamplingParams):
+        self.sampler = Sampler(params, prompt_ids)
+        self.decoder = IncrementalDecoder(model.tokenizer, prompt_ids)
+        self.stops = StopMatcher(params.stop)
+        self.eos_token_ids = model.eos_token_ids
+        self.context_length = model.context_length
+        self.max_tokens = params.max_tokens
+        self.token: int | None = None           # the token to feed next, while not finished
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+
+    def advance(self, logits: np.ndarray, cache_length: int) -> str:
+        """Choose the next token from `logits` (the cache then holds `cache_length` positions); return new text.
+
+        Sets `finish_reason` once the sequence is done (and then returns the held-back tail too);
+        otherwise `token` is what the next model step must be fed.
+        """
+        token = self.sampler(logits)
+        if token in self.eos_token_ids:
+            return self._finish("stop")
+        self.sampler.accept(token)
+        self.completion_tokens += 1
+        text = self.stops.push(self.decoder.push(token))
+        if self.stops.stopped:
+            return text + self._finish("stop")
+        if self.completion_tokens >= self.max_tokens or cache_length + 1 >= self.context_length:
+            return text + self._finish("length")
+        self.token = token
+        return text
+
+    def _finish(self, reason: str) -> str:
+        tail = self.stops.push(self.decoder.flush()) + self.stops.flush()
+        self.finish_reason = "stop" if self.stops.stopped else reason
+        self.token = None
+        return tail
+
+
+class GenerationLoop(Protocol):
+    """Runs generations: `run` yields one generation's text deltas and sets its finish_reason and timings."""
+
+    def run(self, generation: Generation) -> Iterator[str]: ...
+
+    def stop(self) -> None: ...
+
+
+class Generation:
+    """One request's token loop; iterate for text deltas, then read finish_reason and the token counts."""
+
+    def __init__(self, model: TokenModel, prompt_ids: list[int], params: SamplingParams, loop: GenerationLoop,
+                 cancel: threading.Event | None = None):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.loop = loop
+        self.cancel = cancel or threading.Event()
+        self.decoding = Decoding(model, prompt_ids, params)
+        self.context_length = model.context_length
+        self.finish_reason: str | None = None
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
+
+    @property
+    def positions(self) -> int:
+        """The most positions its cache can reach: the prompt and max_tokens, within the context."""
+        return min(len(self.prompt_ids) + self.params.max_tokens, self.context_length)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.decoding.completion_tokens
+
+    def __iter__(self) -> Iterator[str]:
+        return self.loop.run(self)
+
+    def result(self, on_text: Callable[[str], None] | None = None) -> Completion:
+        """Run to the end and return the whole text with the counts; `on_text` sees each delta as it comes."""
+        parts = []
+        for delta in self:
+            parts.append(delta)
+            if on_text is not None:
+                on_text(delta)
+        return Completion(text="".join(parts), finish_reason=self.finish_reason or "length",
+                          prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                          prefill_seconds=self.prefill_seconds, decode_seconds=self.decode_seconds)
+
+
+class SoloLoop:
+    """Each generation runs alone, on the thread that iterates it: one sequence per model step."""
+
+    def __init__(self, runner: DecoderRunner):
+        self.runner = runner
+
+    def run(self, generation: Generation) -> Iterator[str]:
+        decoding = generation.decoding
+        cache = KVCache(room=generation.positions)
+        if generation.cancel.is_set():  # cancelled while it waited for a worker
+            generation.finish_reason = "cancelled"
+            return
+        started = time.perf_counter()
+        logits = self.runner.step(generation.prompt_ids, cache)
+        generation.prefill_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        while True:
+            if generation.cancel.is_set():
+                generation.finish_reason = "cancelled"
+                return
+            text = decoding.advance(logits, cache.length)
+            if text:
+                yield text
+            if decoding.finish_reason is not None:
+                break
+            logits = self.runner.step([decoding.token], cache)
+            generation.decode_seconds = time.perf_counter() - started
+        generation.finish_reason = decoding.finish_reason
+
+    def stop(self) -> None:
+        """Nothing runs in the background: each generation ends with its own iteration."""
