@@ -171,7 +171,7 @@ def doctor(path: Path, *, variant: str | None = None, strict: bool = False, engi
     """This host's facts and, for each variant under `path`, whether it can run here and which would be served
     (with serve's --variant / --strict / --no-engine-rebuild / engine cache, what each TensorRT engine would
     become)."""
-    from lmpack.runtime.engines import EnginePolicy
+    from lmpack.runtime.trt_plan import EnginePolicy
     from lmpack.runtime.host import probe_host
     from lmpack.runtime.select import explain
 

@@ -24,7 +24,7 @@ from lmpack.agent.metrics import HostSampler, ServerScrape, gpu_sample, render_p
 from lmpack.agent.notifiers import Dispatcher, make_notifier
 from lmpack.agent.proxy import Proxy
 from lmpack.agent.supervisor import resolve_variant
-from lmpack.agent.switch import Releases
+from lmpack.agent.switch import VersionSwitcher
 from lmpack.agent.systemd import SystemdNotifier
 from lmpack.errors import AgentError, LmpackError
 
@@ -95,9 +95,9 @@ class Agent:
         self.stopping = threading.Event()
         self.wake = threading.Event()        # a signal or a queued switch: run the loop now
         self.proxy = Proxy(config.server.host, config.server.port, wait_seconds=config.switch.backend_wait_seconds)
-        self.releases = Releases(config, self.proxy, wake=self.wake.set)
+        self.switcher = VersionSwitcher(config, self.proxy, wake=self.wake.set)
         self.host = HostSampler(config.disk_path)
-        self.scrape = ServerScrape(self.releases.active.url, timeout=config.supervision.probe_timeout)
+        self.scrape = ServerScrape(self.switcher.active.url, timeout=config.supervision.probe_timeout)
         self.alerts = AlertEngine(config.rules)
         self.snapshot = Snapshot()
         self.started = time.monotonic()
@@ -111,7 +111,7 @@ class Agent:
             if path == "/switch" and not isinstance(version, str):
                 return 400, {"error": {"message": "POST /switch needs a \"version\""}}
             prefix = body.get("prefix")
-            future = self.releases.request(str(body.get("name")), version, None if prefix is None else str(prefix))
+            future = self.switcher.request(str(body.get("name")), version, None if prefix is None else str(prefix))
             timeout = self.config.supervision.startup_timeout + self.config.server.drain_seconds + 60
             return 200, future.result(timeout=timeout)
         except LmpackError as exc:
@@ -121,7 +121,7 @@ class Agent:
 
     def collect(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """One round of measurements: the flat values alert rules see, and the GPU block for /status."""
-        server = self.releases.active.status()
+        server = self.switcher.active.status()
         if self.scrape.url != f"{server['url']}/metrics":  # a switch: the new server's counters start fresh
             self.scrape = ServerScrape(server["url"], timeout=self.config.supervision.probe_timeout)
         gpu = gpu_sample()
@@ -132,14 +132,14 @@ class Agent:
                                   "server_ready": float(server["ready"]),
                                   "server_restarts_total": float(server["restarts_total"]),
                                   "server_restarts_15m": float(server["restarts_15m"]),
-                                  "switch_failures_recent": float(self.releases.failures_recent())}
+                                  "switch_failures_recent": float(self.switcher.failures_recent())}
         return values, gpu
 
     def publish(self, values: dict[str, Any], gpu: dict[str, Any]) -> None:
         status = {"agent": {"phase": "stopping" if self.stopping.is_set() else "running",
                             "uptime_seconds": round(time.monotonic() - self.started, 3),
                             "config": self.config.source},
-                  "server": self.releases.active.status(), "switch": self.releases.status(), "metrics": values,
+                  "server": self.switcher.active.status(), "switch": self.switcher.status(), "metrics": values,
                   "gpu": {k: v for k, v in gpu.items() if not k.startswith("gpu_")},
                   "alerts": self.alerts.snapshot()}
         self.snapshot.set(status, values)
@@ -159,7 +159,7 @@ class Agent:
         self.publish({}, {})
         threading.Thread(target=http.serve_forever, name="lmpack-agent-http", daemon=True).start()
         log.info("agent on http://%s:%d, clients on http://%s:%d, supervising %s", self.config.host,
-                 http.server_address[1], self.config.server.host, self.proxy.port, self.releases.active.url)
+                 http.server_address[1], self.config.server.host, self.proxy.port, self.switcher.active.url)
         systemd = SystemdNotifier()
         systemd.ready()
         next_metrics = 0.0
@@ -167,7 +167,7 @@ class Agent:
             while not self.stopping.is_set():
                 tick = time.monotonic()
                 systemd.watchdog()  # a hung supervision loop stops pinging, and systemd restarts the agent
-                self.releases.tick()
+                self.switcher.tick()
                 if tick >= next_metrics:
                     values, gpu = self.collect()
                     for event in self.alerts.evaluate(values):
@@ -176,7 +176,7 @@ class Agent:
                     next_metrics = tick + self.config.metrics_interval
                 else:
                     self.publish(*self.snapshot_values())
-                pause = min(self.releases.wake_seconds, systemd.ping_interval or self.releases.wake_seconds)
+                pause = min(self.switcher.wake_seconds, systemd.ping_interval or self.switcher.wake_seconds)
                 self.wake.wait(max(0.0, tick + pause - time.monotonic()))
                 self.wake.clear()
         finally:
@@ -184,8 +184,8 @@ class Agent:
             log.info("stopping: draining the server")
             self.publish(*self.snapshot_values())
             self.proxy.close_listener()
-            self.proxy.wait_idle(self.releases.active.url, self.config.server.drain_seconds)
-            code = self.releases.stop()
+            self.proxy.wait_idle(self.switcher.active.url, self.config.server.drain_seconds)
+            code = self.switcher.stop()
             log.info("the server stopped with status %s", code)
             self.proxy.stop(timeout=1.0)
             dispatcher.close()

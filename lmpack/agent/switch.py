@@ -67,14 +67,14 @@ class Probation:
     restarts_at_start: int
 
 
-class Releases:
+class VersionSwitcher:
     """The active server, a candidate during a switch, the proxy's backend, probation and the rollback history."""
 
     def __init__(self, config: AgentConfig, proxy: Proxy, *, wake: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic):
-        self.spec, self.policy, self.rules = config.server, config.supervision, config.switch
+        self.spec, self.supervision, self.switch_policy = config.server, config.supervision, config.switch
         self.proxy, self._wake, self._clock = proxy, wake, clock
-        self.active = Supervisor(self._backend_spec(None), self.policy)
+        self.active = Supervisor(self._backend_spec(None), self.supervision)
         self.candidate: Supervisor | None = None
         self.job: Job | None = None
         self.probation: Probation | None = None
@@ -141,7 +141,7 @@ class Releases:
 
     def failures_recent(self) -> int:
         now = self._clock()
-        while self.failures and now - self.failures[0] > self.rules.alert_window_seconds:
+        while self.failures and now - self.failures[0] > self.switch_policy.alert_window_seconds:
             self.failures.popleft()
         return len(self.failures)
 
@@ -149,7 +149,7 @@ class Releases:
         probation = None
         if self.probation is not None:
             probation = {"version": self.probation.version, "previous": self.probation.previous,
-                         "seconds_left": round(max(0.0, self.probation.since + self.rules.probation_seconds
+                         "seconds_left": round(max(0.0, self.probation.since + self.switch_policy.probation_seconds
                                                    - self._clock()), 3),
                          "restarts": self.active.restarts_total - self.probation.restarts_at_start}
         return {"candidate": self.candidate.status() if self.candidate else None, "probation": probation,
@@ -173,7 +173,7 @@ class Releases:
             return
         log.info("switch: starting %s %s beside %s (%s)", self.spec.release, job.target, self.active.version,
                  job.reason)
-        self.candidate = Supervisor(self._backend_spec(job.target), self.policy)
+        self.candidate = Supervisor(self._backend_spec(job.target), self.supervision)
         self.candidate.tick()
 
     def _tick_candidate(self, now: float) -> None:
@@ -230,16 +230,16 @@ class Releases:
         if probation is None:
             return
         restarts = self.active.restarts_total - probation.restarts_at_start
-        if restarts >= self.rules.probation_failures:
+        if restarts >= self.switch_policy.probation_failures:
             self.probation = None
             self.bad.add(probation.version)
             self.healthy = [v for v in self.healthy if v != probation.version]
             reason = (f"{self.spec.release} {probation.version} was restarted {restarts} times within its "
-                      f"{self.rules.probation_seconds:g} s probation; rolling back to {probation.previous}")
+                      f"{self.switch_policy.probation_seconds:g} s probation; rolling back to {probation.previous}")
             log.error("switch: %s", reason)
             self.failures.append(now)
             self._begin(Job(version=probation.previous, automatic=True, reason=reason), now)
-        elif now - probation.since >= self.rules.probation_seconds:
+        elif now - probation.since >= self.switch_policy.probation_seconds:
             log.info("switch: %s %s passed its probation", self.spec.release, probation.version)
             self.probation = None
 

@@ -164,13 +164,10 @@ class InstallOptions:
     systemd_dir: Path | None = None
 
 
-def install(bundle_path: Path, prefix: Path, *, public_key: Path | None = None, allow_downgrade: bool = False,
-            options: InstallOptions | None = None) -> InstallResult:
+def install(bundle_path: Path, prefix: Path, options: InstallOptions = InstallOptions()) -> InstallResult:
     """Verify a bundle completely, then make it the current release of its name under `prefix`."""
     started = time.perf_counter()
     prefix = Path(prefix)
-    if options is None:
-        options = InstallOptions(public_keys=(public_key,) if public_key else (), allow_downgrade=allow_downgrade)
     policy = load_install_policy()  # the host's rule applies whoever calls: CLI, API or install.py
     options = replace(options, public_keys=options.public_keys or policy.public_keys,
                       require_signature=options.require_signature or policy.require_signature)

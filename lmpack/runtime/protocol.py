@@ -1,7 +1,8 @@
 """The OpenAI wire format: request bodies checked into typed requests, responses and stream chunks built.
 
-Every check raises ApiError naming the field (`param`), so a bad request is always a 400 in OpenAI's
-error shape and never reaches the engine as a 500. Fields that OpenAI clients send by default
+Every check raises ApiError, or the RequestError the sampling bounds and the engine raise, naming the field
+(`param`); the server turns either into a 400 in OpenAI's error shape, so a bad request never reaches the
+engine as a 500. Fields that OpenAI clients send by default
 (`user`, `stream_options`, a text `response_format`) are accepted; features this server does not have
 (n > 1, logprobs, tools, ...) are refused by name rather than silently ignored.
 """
@@ -137,22 +138,16 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
             max_tokens, max_name = _field(body, name, (int,), what="an integer"), name
             break
     choices = _choices(body, defaults)
-    try:
-        if max_tokens is not None:
-            check_max_tokens(max_name, max_tokens, max_tokens_limit)
-        check_choices(**choices)
-    except RequestError as exc:
-        raise ApiError.from_request_error(exc) from exc
+    if max_tokens is not None:
+        check_max_tokens(max_name, max_tokens, max_tokens_limit)
+    check_choices(**choices)
     stream = _field(body, "stream", (bool,), False, what="true or false")
     options = _field(body, "stream_options", (dict,), {}, what="an object")
     include_usage = bool(options.get("include_usage")) if stream else False
     if chat:
         if "messages" not in body:
             raise bad("messages is required", "messages", "missing_required_parameter")
-        try:
-            messages = normalize_messages(body["messages"])
-        except RequestError as exc:
-            raise ApiError.from_request_error(exc) from exc
+        messages = normalize_messages(body["messages"])
         return GenerationRequest(choices=choices, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
                                  messages=messages)
     prompt = body.get("prompt")

@@ -7,7 +7,7 @@ matches is why they were built), then by PRECISION_PREFERENCE, then by name so t
 An operator may name the variant instead (serve --variant); it is still checked against the host.
 
 A variant carrying a TensorRT engine is judged by its engine's recorded facts instead of the rule's
-exact-GPU line (lmpack/runtime/engines.py): a mismatched engine may still run, rebuilt on this host or
+exact-GPU line (lmpack/runtime/trt_plan.py): a mismatched engine may still run, rebuilt on this host or
 on a fallback provider. A variant served on a fallback ranks after those that run as built: a CUDA
 fallback after GPU variants that run as built, a CPU fallback after every variant built for the CPU.
 """
@@ -25,8 +25,8 @@ from lmpack.bundle.releases import is_release_dir, through_current
 from lmpack.bundle.variant_dir import (MODEL_INFO, REPORT_JSON, VARIANT_FILE, is_model_dir, is_variant_dir, model_dir,
                                        recorded_model_digest, variant_entry)
 from lmpack.errors import BundleError, NoCompatibleVariantError, NotFoundError, VariantError
-from lmpack.runtime.engine_cache import apply_plan, cache_root, cached, entry_dir, load_cuda_libraries
-from lmpack.runtime.engines import CPU, EngineFacts, EnginePlan, EnginePolicy, decide, read_engine_facts
+from lmpack.runtime.trt_cache import apply_plan, cache_root, cached, entry_dir, load_cuda_libraries
+from lmpack.runtime.trt_plan import CPU, EngineFacts, EnginePlan, EnginePolicy, decide, read_engine_facts
 from lmpack.runtime import host as host_probe
 from lmpack.runtime.host import HostFacts, parse_compute_capability as _cc
 from lmpack.runtime.variant import Variant, load_variant
@@ -169,7 +169,7 @@ def check_rule(rule: Compatibility, host: HostFacts) -> tuple[list[str], bool]:
 
 def judge(candidate: Candidate, host: HostFacts, policy: EnginePolicy = EnginePolicy(),
           cache: Path | None = None) -> Verdict:
-    """`cache` is the engine cache root for the source (engine_cache.cache_root); None: beside the variant."""
+    """`cache` is the engine cache root for the source (trt_cache.cache_root); None: beside the variant."""
     if candidate.entry is None:  # nothing recorded to check: a bare model directory is served as given
         return Verdict(candidate, (), False)
     try:
@@ -232,7 +232,7 @@ def explain(path: Path | str, host: HostFacts, policy: EnginePolicy = EnginePoli
 def choose(path: Path | str, host: HostFacts, policy: EnginePolicy = EnginePolicy(),
            cache: Path | None = None, wanted: str | None = None) -> Verdict:
     """The variant to serve from `path` on `host` (only `wanted`, when named), logging why, with its engine
-    facts and plan (what engine_cache.apply_plan carries out); NoCompatibleVariantError lists every rejection."""
+    facts and plan (what trt_cache.apply_plan carries out); NoCompatibleVariantError lists every rejection."""
     selection = explain(path, host, policy, cache, wanted)
     chosen = selection.chosen
     for verdict in selection.verdicts:
@@ -263,7 +263,7 @@ def prepare_variant(path: Path | str, *, variant: str | None = None, strict: boo
                     host: HostFacts | None = None) -> Variant:
     """The variant at `path` this host should serve (`variant`: only the one of that name), ready to load:
     chosen, its TensorRT engine matched, rebuilt or replaced by a fallback provider, and the GPU's free
-    memory checked (engine_cache.py)."""
+    memory checked (trt_cache.py)."""
     host = host or host_probe.probe_host()
     policy = EnginePolicy(rebuild=engine_rebuild, strict=strict)
     verdict = choose(path, host, policy, engine_cache_dir, variant)

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lmpack.runtime.engines import CUDA_EP, TENSORRT_EP
+from lmpack.runtime.trt_plan import CUDA_EP, TENSORRT_EP
 from lmpack.runtime.heap import mapped_zeros
 
 NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,

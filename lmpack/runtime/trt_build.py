@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpack.errors import StepError
-from lmpack.runtime.engines import CUDA_EP, ENGINE_MODEL, TENSORRT_EP
+from lmpack.runtime.trt_plan import CUDA_EP, ENGINE_MODEL, TENSORRT_EP
 
 ENGINES_DIR = "engines"
 # Precision flags of the TensorRT provider, by profile precision; fp32 and tf32 need none.

@@ -21,7 +21,7 @@ from typing import Any
 
 from lmpack.errors import PlanError, StepError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
-from lmpack.runtime.engines import ENGINE_MODEL
+from lmpack.runtime.trt_plan import ENGINE_MODEL
 from lmpack.runtime.host import probe_onnxruntime, probe_tensorrt_version
 from lmpack.runtime.trt_build import build_engine, engine_options
 from lmpack.bundle.variant_dir import MODEL_INFO, TEXT_GENERATION
@@ -149,7 +149,7 @@ def gpu_facts() -> dict[str, Any] | None:
 
 
 def _runtime_versions() -> dict[str, str | None]:
-    """The versions a server compares with its own (lmpack/runtime/engines.py), probed the way it probes them:
+    """The versions a server compares with its own (lmpack/runtime/trt_plan.py), probed the way it probes them:
     TensorRT from its Python package or libnvinfer, the CUDA that onnxruntime-gpu was built for."""
     ort_version, cuda, _ = probe_onnxruntime()
     return {"onnxruntime_version": ort_version, "cuda_version": cuda, "tensorrt_version": probe_tensorrt_version()}

@@ -247,11 +247,11 @@ def test_rollback_targets_and_refused_requests(llama_variant, tmp_path):
     """Without processes: which version a rollback picks, and what a switch request is refused for."""
     from lmpack.agent.config import load_agent_config
     from lmpack.agent.proxy import Proxy
-    from lmpack.agent.switch import Releases
+    from lmpack.agent.switch import VersionSwitcher
 
     prefix = make_prefix(tmp_path, llama_variant, ["1.0.0", "1.1.0", "1.2.0"])
     assert set_current(prefix, NAME, "1.2.0") == "1.0.0"
-    releases = Releases(load_agent_config(switch_config(tmp_path, prefix)), Proxy("127.0.0.1", 0))
+    releases = VersionSwitcher(load_agent_config(switch_config(tmp_path, prefix)), Proxy("127.0.0.1", 0))
     releases.active.version = "1.2.0"
     assert releases._rollback_target() == "1.1.0"       # nothing served before: the highest installed below
     releases.bad.add("1.1.0")
@@ -271,4 +271,4 @@ def test_rollback_targets_and_refused_requests(llama_variant, tmp_path):
         releases.request(NAME, "1.1.0", "/elsewhere")
     variant_only = write_config(tmp_path, llama_variant, server_port=free_port(), agent_port=free_port(), serve_args=[])
     with pytest.raises(SwitchError, match="serves a variant directory"):
-        Releases(load_agent_config(variant_only), Proxy("127.0.0.1", 0)).request(NAME, "1.1.0")
+        VersionSwitcher(load_agent_config(variant_only), Proxy("127.0.0.1", 0)).request(NAME, "1.1.0")

@@ -20,9 +20,9 @@ import pytest
 
 from lmpack import api
 from lmpack.errors import GpuMemoryError, StepError
-from lmpack.runtime.engine_cache import (CACHE_FACTS, apply_plan, cache_key, cache_root, check_gpu_memory, entry_dir,
+from lmpack.runtime.trt_cache import (CACHE_FACTS, apply_plan, cache_key, cache_root, check_gpu_memory, entry_dir,
                                          verify_entry)
-from lmpack.runtime.engines import (CACHED, CPU, CUDA, ENGINE, REBUILD, REFUSE, EngineFacts, EnginePolicy, decide,
+from lmpack.runtime.trt_plan import (CACHED, CPU, CUDA, ENGINE, REBUILD, REFUSE, EngineFacts, EnginePolicy, decide,
                                     engine_mismatches, version_tuple)
 from lmpack.runtime.host import GpuFacts, GpuSoftware, HostFacts, decode_tensorrt_version
 from lmpack.runtime.select import explain, prepare_variant
@@ -78,7 +78,7 @@ def test_the_same_compute_capability_on_another_gpu_model_is_a_mismatch_unless_h
 
 
 def test_a_hardware_compatible_engine_is_loaded_with_the_option_that_lets_the_provider_accept_it():
-    from lmpack.runtime.engine_cache import engine_providers
+    from lmpack.runtime.trt_cache import engine_providers
 
     plan = decide(A100_ENGINE, gpu_host(), has_onnx=True)
     assert engine_providers(plan, A100_ENGINE) == [TRT, CUDA_EP, CPU_EP]

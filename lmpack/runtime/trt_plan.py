@@ -14,7 +14,7 @@ code). The facts the build recorded (lmpack-model.json, `tensorrt`) are compared
     refuse    strict mode instead of cuda or cpu, or no ONNX to fall back to
 
 Everything here is a function of recorded facts, so every branch is tested on machines without a GPU;
-the impure half (cache, rebuild, free-memory check) is lmpack/runtime/engine_cache.py.
+the impure half (cache, rebuild, free-memory check) is lmpack/runtime/trt_cache.py.
 """
 
 from __future__ import annotations

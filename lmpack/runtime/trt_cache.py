@@ -1,4 +1,4 @@
-"""Carry out an engine plan (lmpack/runtime/engines.py) before loading: the host's rebuilt-engine cache, the
+"""Carry out an engine plan (lmpack/runtime/trt_plan.py) before loading: the host's rebuilt-engine cache, the
 rebuild itself, and the free-GPU-memory check.
 
 Rebuilt engines live beside the release, never inside it (a file the manifest does not list would fail
@@ -22,7 +22,7 @@ from typing import Any, Callable
 from lmpack.bundle.variant_dir import recorded_model_digest
 from lmpack.errors import GpuMemoryError, LmpackError, NoCompatibleVariantError, StepError
 from lmpack.fsio import file_sha256, publish_new, remove_path
-from lmpack.runtime.engines import (CACHED, CPU, CUDA, ENGINE, ENGINE_MODEL, REBUILD, REFUSE, EngineFacts, EnginePlan,
+from lmpack.runtime.trt_plan import (CACHED, CPU, CUDA, ENGINE, ENGINE_MODEL, REBUILD, REFUSE, EngineFacts, EnginePlan,
                                     TENSORRT_EP, EnginePolicy, decide, device)
 from lmpack.runtime.host import GpuFacts, HostFacts, probe_gpus
 from lmpack.runtime.variant import Variant
