@@ -3,7 +3,8 @@
 The very first install runs from install.py with only the standard library: the bundled wheels (and
 `cryptography` among them) are not installed yet, and a signature must be checked before any of
 their code runs. Verification only, on public data, so timing side channels do not matter here.
-About 10 ms per signature; `cryptography` is used instead whenever it is importable.
+Slower than `cryptography` (docs/airgapped-install.md, "The first install: nothing but Python 3"), which is
+used instead whenever it is importable.
 """
 
 from __future__ import annotations

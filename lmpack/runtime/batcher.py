@@ -1,9 +1,9 @@
 """Continuous batching: sequences that run at the same time share each decode step's session run.
 
 Why: on a CPU one decode step of a small model is bound by per-operation overhead and compute, not by
-reading the weights (../shared measurements), so running 4-8 sequences in one call costs little more
-than running one, while separate concurrent runs just split the cores. onnxruntime-genai has no
-continuous batching on CPU, so lmpack does it here with the exported graph's own batch dimension.
+reading the weights (docs/serving.md, "Against the peers", Scaling), so running 4-8 sequences in one call
+costs little more than running one, while separate concurrent runs just split the cores. onnxruntime-genai
+has no continuous batching on CPU, so lmpack does it here with the exported graph's own batch dimension.
 
 One worker thread owns the decoder session. Each step it (1) drops cancelled sequences, (2) prefills
 the newcomers whose prompt length suits the batch (each its own pass, as the unbatched engine does, so
@@ -34,8 +34,8 @@ _END = object()  # queued after a sequence's last text
 # Why: measured on onnxruntime's CPU kernels (AVX2), a row padded by a multiple of 4 gives bit-for-bit
 # its unbatched logits, other paddings differ in the last bits (the error repeats with period 4, as if
 # keys were summed in groups of 4). On an fp32 variant that never changed a token, but an int8 variant
-# quantizes each layer's activations again, which amplified it (logits off by up to 2 on SmolLM2 int8,
-# 1 greedy answer in 8 diverging after ~10 tokens). The price of exactness: a newcomer whose prompt
+# quantizes each layer's activations again, which amplified it until greedy answers diverged
+# (docs/serving.md, "Answers stay exactly the unbatched ones"). The price of exactness: a newcomer whose prompt
 # length does not suit the batch waits (at most 3 steps) until the batch's growing lengths come round to
 # it. The serve setting batch_align defaults to this; other CPUs' kernels may need another value.
 # Only left-padded batches (optimum's graphs) need it: with onnxruntime-genai's graphs each row attends to its

@@ -117,7 +117,8 @@ class EncoderEngine:
 
 
 def _encoder_length(variant: Variant) -> int:
-    """The shortest of the position table, the tokenizer's model_max_length and sentence-transformers' max_seq_length."""
+    """The shortest of the position table, the tokenizer's model_max_length and sentence-transformers'
+    max_seq_length."""
 
     limits = [variant.context_length or 512]
     model_max = variant.tokenizer_config.get("model_max_length")
@@ -136,9 +137,9 @@ def _load(variant: Variant, make_runner: Callable[[], Any]) -> tuple[Any, Any]:
     """The variant's tokenizer, then its runner, each followed by handing freed heap back to the system.
 
     Parsing the tokenizer's JSON and building the session free tens of MB that glibc would keep: handing
-    them back took SmolLM2 int8's resident memory from 258 to 238 MB after loading, 270 to 253 after three
-    generations (the peak, while onnxruntime packs the LM head, stays 265). The weights file's pages that
-    the session keeps mapped after packing go back too (docs/serving.md, "Memory").
+    them back lowers the resident memory after loading and after generating (the peak, while onnxruntime
+    packs the LM head, does not move). The weights file's pages that the session keeps mapped after packing
+    go back too (docs/serving.md, "Memory", has the figures for both).
     """
     tokenizer = variant.tokenizer()
     release_freed_heap()

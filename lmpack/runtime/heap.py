@@ -51,7 +51,7 @@ def mapped_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     is freed. np.zeros of the same size need not: once the process has freed a large block, glibc raises
     its mmap threshold (up to 32 MB) and serves later large requests from its heap, zeroing (so touching)
     every page and keeping them after the free. For SmolLM2 int8 with 8 concurrent generations this
-    took peak resident memory from 383-384 MB to 286-293 MB (docs/serving.md, "Memory").
+    lowered the peak resident memory at the same decode speed (docs/serving.md, "Memory").
     """
     dtype = np.dtype(dtype)
     size = math.prod(shape) * dtype.itemsize

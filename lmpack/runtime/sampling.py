@@ -151,7 +151,8 @@ class Sampler:
 
 
 # top_p first looks among this many most likely tokens, and sorts the whole vocabulary only when they
-# hold less than top_p of the probability (a flat distribution): sorting 49k logits costs about 3 ms a token.
+# hold less than top_p of the probability (a flat distribution): sorting the whole vocabulary every token is
+# several times slower (docs/serving.md, "Generation").
 _NUCLEUS_GUESS = 1024
 
 

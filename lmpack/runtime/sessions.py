@@ -39,8 +39,8 @@ def create_session(model_path: Path, *, threads: int | None = None, providers: S
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # The thread pool hands out a parallel loop's work in shrinking blocks instead of equal shares, which
-    # balances the small matrices of one-token steps better. SmolLM2, 2 threads, alternating in one process:
-    # decode int4 179.0 -> 197.5, int8 149.6 -> 172.6 tok/s; 8-row steps +3-4%; prefill the same.
+    # balances the small matrices of one-token steps better: faster decode and batched steps, prefill the
+    # same (docs/serving.md, "How the engine runs the model").
     options.add_session_config_entry("session.dynamic_block_base", "4")
     available = set(ort.get_available_providers())
     chosen = [p for p in (providers or []) if (p if isinstance(p, str) else p[0]) in available] \
@@ -208,8 +208,7 @@ def _as_array(value: Any) -> np.ndarray:
 
 # A run over more tokens than this (a prompt) hands the arena's unused memory back afterwards: its activations
 # are sized by the prompt, and the arena would otherwise keep the largest prompt's for the life of the server.
-# SmolLM2 int8 after a 1,900-token prompt: 444 MB resident kept, 262 MB with the shrink; decode and prefill
-# speed the same (alternating processes).
+# Far less stays resident after a long prompt, at the same decode and prefill speed (docs/serving.md, "Memory").
 _SHRINK_AFTER_TOKENS = 64
 
 
@@ -267,10 +266,9 @@ class DecoderRunner:
     Right-padded graphs (onnxruntime-genai's, with GroupQueryAttention) run with I/O binding and one buffer
     per past that is bound as the past input and the present output at once: GroupQueryAttention then
     writes each step's new keys and values in place, at each row's own length, instead of copying the
-    whole cache into a new present every token. Measured on SmolLM2-135M, 2 threads, both ways in turn in
-    one process: int4 178.4 tok/s with presents copied, 201.8 in place; int8 124.7 and 137.2. Keeping the
-    binding from step to step (InPlaceBinding) added 7% (int4 179.7 -> 192.4, int8 130.6 -> 143.5, best
-    of 5 alternating rounds of 128 tokens, the same tokens out).
+    whole cache into a new present every token, which decodes faster; keeping the binding from step to step
+    (InPlaceBinding) is faster again, with the same tokens out (docs/serving.md, "Against the peers", the
+    list of what got lmpack there).
     """
 
     def __init__(self, model_path: Path, *, threads: int | None = None, providers: Sequence[Any] | None = None,
@@ -370,7 +368,8 @@ class DecoderRunner:
 
         With `bind_kv` (GPU providers) the presents are bound to `kv_device` and stay in the GPU's memory
         between steps, so a step moves only the new token in and the logits out, never the cache. On the
-        CPU, run_with_ort_values does the same job with less per-call work (5% faster decode, measured).
+        CPU, run_with_ort_values does the same job with less per-call work, so decode is faster
+        (docs/serving.md, "How the engine runs the model").
         """
         import onnxruntime as ort
 
@@ -398,8 +397,9 @@ class DecoderRunner:
         """One session run with each past's buffer bound as its present too; returns the logits.
 
         The binding lives on the cache (or batch) and is reused while its buffers are the same ones, so a
-        step binds only its own inputs: binding the 60 pasts and presents of SmolLM2 anew every token cost
-        0.5 ms, and fetching the logits through get_outputs() 0.2 ms, of a 7.3 ms int8 step.
+        step binds only its own inputs: binding every past and present anew each token, and fetching the
+        logits through get_outputs(), took a noticeable share of a step (docs/serving.md, "How the engine
+        runs the model").
         """
         bound = holder.binding
         if bound is None or bound.values is not holder.values:

@@ -2,7 +2,7 @@
 
 Two exporters, each for what it does best (docs/build.md, "Exporter choice"): onnxruntime-genai's model
 builder for the decoder architectures it knows (a fused graph: GroupQueryAttention with rotary embedding
-and the KV cache inside, SkipSimplifiedLayerNormalization; 1.4x the decode speed of optimum's graph), and
+and the KV cache inside, SkipSimplifiedLayerNormalization; it decodes faster than optimum's graph), and
 optimum's exporters for encoders, other decoders, and TensorRT targets (TensorRT has no GroupQueryAttention).
 """
 

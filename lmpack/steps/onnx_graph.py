@@ -20,8 +20,8 @@ def save_model(model, path: Path) -> None:
 
     Why always external: onnxruntime maps an external data file instead of copying it out of the protobuf,
     and releases the mapping once MatMulNBits has prepacked the weights, so a served model holds one copy
-    of its weights rather than two. Measured on SmolLM2-135M int8 (182 MB): a session's resident memory
-    369 MB embedded, 268 MB external, same decode speed (docs/serving.md, "Memory").
+    of its weights rather than two. Measured on SmolLM2-135M int8: a session holds less resident memory
+    with the weights external, at the same decode speed (docs/serving.md, "Memory").
     """
     import onnx
 
@@ -170,8 +170,8 @@ def share_head_with_embedding(model, gather: str) -> None:
     MatMulNBits keeps its 8-bit weight as [vocab, blocks, block_size] unsigned bytes with a zero point of
     128 and scales [vocab, blocks], so a vocabulary row is a row of the head: gather it, subtract 128,
     multiply each block by its scale. Where the hidden size is not a multiple of the block size, the last
-    block is padded and the padding is cut off. The separate table (28 MB for SmolLM2 at 8 bits) is gone
-    from the file, and the embedding is as exact as the head's block-wise 8 bits.
+    block is padded and the padding is cut off. The separate table is gone from the file (its size for
+    SmolLM2: docs/build.md, "Shared embedding"), and the embedding is as exact as the head's block-wise 8 bits.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -233,11 +233,11 @@ def fuse_sibling_matmul_nbits(model) -> int:
 
     A decoder's gate and up projections (and optimum's separate q, k and v) each read the same normed
     hidden state; one kernel call over N1 + N2 columns instead of two halves the per-call overhead that
-    dominates at one token a step (SmolLM2 int4 178.5 -> 198.2 tok/s, int8 +1-6%, measured alternating in
-    one process with the same tokens out). Each output column is the same dot product as before; the
-    kernel may tile a wider matrix differently, so results agree to rounding. Only plain nodes are merged
-    (weights and scales, no zero points, group index or bias) whose weights nothing else reads (a shared
-    embedding reads the LM head's). Returns how many nodes were removed.
+    dominates at one token a step, so decode is faster with the same tokens out (docs/build.md, "Sibling
+    MatMuls"). Each output column is the same dot product as before; the kernel may tile a wider matrix
+    differently, so results agree to rounding. Only plain nodes are merged (weights and scales, no zero
+    points, group index or bias) whose weights nothing else reads (a shared embedding reads the LM head's).
+    Returns how many nodes were removed.
     """
     from collections import Counter, defaultdict
 
@@ -297,8 +297,9 @@ def keep_last_logits(model) -> bool:
     many positions of the hidden states.
 
     A prompt's pass needs the next-token logits of its last position only, but a graph computes the head (a
-    fifth of SmolLM2's weights) and a [positions, vocabulary] float array for every position: 393 MB for a
-    2,000-token prompt. The runtime feeds 1; validation feeds the window length for every position's logits.
+    fifth of SmolLM2's weights) and a [positions, vocabulary] float array for every position, which a long
+    prompt pays for in prefill time and peak memory (docs/build.md, "Steps", export). The runtime feeds 1;
+    validation feeds the window length for every position's logits.
     False when the graph has no `logits` output made by a MatMul (through Casts) or already has the input.
     """
     from onnx import TensorProto, helper, numpy_helper
