@@ -2,48 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+from tiny_onnx import (CHAT_TEMPLATE, eval_text, train_bpe, train_wordpiece, write_decoder_variant,
+                       write_encoder_variant)
 
 REPO = Path(__file__).resolve().parents[1]
 
-CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
-                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+def _build_half_installed() -> bool:
+    """The build extra's libraries are importable, and the run was not asked to act as a runtime-only install."""
+    if os.environ.get("LMPACK_TEST_RUNTIME_ONLY") == "1":
+        return False
+    return all(importlib.util.find_spec(name) for name in ("torch", "transformers", "optimum", "onnxruntime_genai"))
 
 
-def _train_bpe(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from lmpack.steps.validate import eval_text
-
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([eval_text()], trainer=trainer)
-    return tokenizer
-
-
-def _train_wordpiece(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    from lmpack.steps.validate import eval_text
-
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tokenizer.train_from_iterator([eval_text()], trainer=trainer)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))])
-    return tokenizer
+# Without the build half (an install of the runtime extra, as on a server), the runtime, bundle and agent tests
+# serve variants written with onnx's helpers (tests/tiny_onnx.py) instead of ones lmpack builds.
+RUNTIME_ONLY = not _build_half_installed()
 
 
 def make_tiny_llama(directory: Path, *, layers: int = 4, seed: int = 0) -> Path:
@@ -52,7 +33,7 @@ def make_tiny_llama(directory: Path, *, layers: int = 4, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
-    tokenizer = _train_bpe(512)
+    tokenizer = train_bpe(512)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
@@ -73,8 +54,6 @@ def _train(model, tokenizer, steps: int = 120) -> None:
     """Memorise the evaluation text a little: peaked predictions make quantization effects realistic."""
     import torch
 
-    from lmpack.steps.validate import eval_text
-
     ids = torch.tensor(tokenizer.encode(eval_text()).ids)
     windows = ids[: len(ids) // 128 * 128].reshape(-1, 128)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -93,7 +72,7 @@ def make_tiny_bert(directory: Path, *, seed: int = 0) -> Path:
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
-    tokenizer = _train_wordpiece(600)
+    tokenizer = train_wordpiece(600)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
@@ -105,13 +84,20 @@ def make_tiny_bert(directory: Path, *, seed: int = 0) -> Path:
     return directory
 
 
+def _needs_build_half() -> None:
+    if RUNTIME_ONLY:
+        pytest.skip("needs the build extra (torch, transformers, the exporters); this is a runtime-only run")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
+    _needs_build_half()
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
+    _needs_build_half()
     return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
@@ -122,21 +108,39 @@ def session_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama_variant(tiny_llama, session_cache, tmp_path_factory) -> Path:
-    """The tiny Llama built for cpu-x86 int8: what the runtime and agent tests serve."""
+def llama_variant(request, tmp_path_factory) -> Path:
+    """The tiny Llama built for cpu-x86 int8 (onnxruntime-genai's graph, right-padded batches): what the runtime,
+    bundle and agent tests serve. Runtime-only: a decoder of that layout written with onnx's helpers."""
+    out = tmp_path_factory.mktemp("variants")
+    if RUNTIME_ONLY:
+        return write_decoder_variant(out / "tiny-llama-cpu-x86-int8", layout="right")
     from lmpack import api
 
-    out = tmp_path_factory.mktemp("variants")
-    return api.build(str(tiny_llama), target="cpu-x86", profile="int8", output_dir=out,
-                     cache_dir=session_cache).variant_dir
+    return api.build(str(request.getfixturevalue("tiny_llama")), target="cpu-x86", profile="int8", output_dir=out,
+                     cache_dir=request.getfixturevalue("session_cache")).variant_dir
 
 
 @pytest.fixture(scope="session")
-def llama_variant_optimum(tiny_llama, session_cache, tmp_path_factory) -> Path:
-    """The same, exported with optimum instead of onnxruntime-genai's builder (left-padded batches)."""
+def bert_variant(request, tmp_path_factory) -> Path:
+    """The tiny BERT built for cpu-x86 int8 (an embedding model); runtime-only: one written with onnx's helpers."""
+    out = tmp_path_factory.mktemp("variants")
+    if RUNTIME_ONLY:
+        return write_encoder_variant(out / "tiny-bert-cpu-x86-int8")
     from lmpack import api
 
+    return api.build(str(request.getfixturevalue("tiny_bert")), target="cpu-x86", profile="int8", output_dir=out,
+                     cache_dir=request.getfixturevalue("session_cache")).variant_dir
+
+
+@pytest.fixture(scope="session")
+def llama_variant_optimum(request, tmp_path_factory) -> Path:
+    """The same, exported with optimum instead of onnxruntime-genai's builder (left-padded batches)."""
     out = tmp_path_factory.mktemp("variants-optimum")
+    if RUNTIME_ONLY:
+        return write_decoder_variant(out / "tiny-llama-int8-optimum", layout="left")
+    from lmpack import api
+
+    tiny_llama, session_cache = request.getfixturevalue("tiny_llama"), request.getfixturevalue("session_cache")
     profile = (REPO / "profiles" / "int8.toml").read_text()
     profile = profile.replace('name = "int8"', 'name = "int8-optimum"').replace(
         '[[steps]]\nname = "export"\n', '[[steps]]\nname = "export"\nexporter = "optimum"\n')

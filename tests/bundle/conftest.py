@@ -1,4 +1,4 @@
-"""Fixtures for bundle tests: one real tiny variant built once per session, bundles packed from it."""
+"""Fixtures for bundle tests: the session's tiny variant, bundles packed from it."""
 
 from __future__ import annotations
 
@@ -11,13 +11,9 @@ from bundle_helpers import pack_bundle
 
 
 @pytest.fixture(scope="session")
-def tiny_variant(tiny_llama, session_cache, tmp_path_factory) -> Path:
-    """A real int8 cpu-x86 variant of the tiny Llama (export, quantization, validation: about 10 s)."""
-    from lmpack import api
-
-    out = tmp_path_factory.mktemp("variants")
-    return api.build(str(tiny_llama), target="cpu-x86", profile="int8", output_dir=out,
-                     cache_dir=session_cache).variant_dir
+def tiny_variant(llama_variant) -> Path:
+    """A real int8 cpu-x86 variant of the tiny Llama (tests/conftest.py: built, or written without the build half)."""
+    return llama_variant
 
 
 @pytest.fixture(scope="session")

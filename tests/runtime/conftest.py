@@ -10,14 +10,6 @@ from typing import Iterator
 import pytest
 from runtime_servers import Server, run_server
 
-from lmpack import api
-
-
-@pytest.fixture(scope="session")
-def bert_variant(tiny_bert, session_cache, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("variants")
-    return api.build(str(tiny_bert), target="cpu-x86", profile="int8", output_dir=out,
-                     cache_dir=session_cache).variant_dir
 
 
 @pytest.fixture(scope="session")
