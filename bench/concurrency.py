@@ -30,24 +30,33 @@ from pathlib import Path
 
 import httpx
 
-PROMPTS = ["The history of the railway in England began", "Once upon a time, in a small village by the sea,",
-           "The three most important inventions of the twentieth century are", "Water is made of",
-           "A good breakfast for a long hike", "The capital of France is Paris, and the capital of Spain",
-           "def fibonacci(n):", "In 1969, astronauts landed on the moon and"]
+PROMPTS = [
+    "The history of the railway in England began",
+    "Once upon a time, in a small village by the sea,",
+    "The three most important inventions of the twentieth century are",
+    "Water is made of",
+    "A good breakfast for a long hike",
+    "The capital of France is Paris, and the capital of Spain",
+    "def fibonacci(n):",
+    "In 1969, astronauts landed on the moon and",
+]
 # One pool of kept-alive connections for every request the benches send, as a real client (the OpenAI SDK)
 # keeps one. A new httpx client per request builds a TLS context (30-60 ms of CPU here, even for http://)
 # on the cores the server under test runs on. A one-client stream's time to first token was 82-91 ms that
 # way against 27-36 ms with this pool; eight clients' 454-563 against 142-178 ms (SmolLM2 int8, 2 cores).
 CLIENT = httpx.Client(timeout=600)
-SETTINGS = {"unbatched": ["--max-batch", "1"], "batched-exact": ["--batch-align", "4"],
-            "batched-all": ["--batch-align", "1"]}
+SETTINGS = {
+    "unbatched": ["--max-batch", "1"],
+    "batched-exact": ["--batch-align", "4"],
+    "batched-all": ["--batch-align", "1"],
+}
 
 
 @dataclass
 class Server:
     url: str
     pid: int
-    ready_seconds: float   # cold start: process start to /health/ready (which waits for a warm-up generation)
+    ready_seconds: float  # cold start: process start to /health/ready (which waits for a warm-up generation)
 
 
 @contextlib.contextmanager
@@ -56,12 +65,30 @@ def server(variant: str, flags: list[str], threads: int, concurrency: int):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    repo = Path(__file__).resolve().parents[1]   # this checkout's lmpack: `-m` imports from the working directory first
+    repo = Path(__file__).resolve().parents[1]  # this checkout's lmpack: `-m` imports from the working directory first
     env = {**os.environ, "PYTHONPATH": str(repo)}
-    process = subprocess.Popen([sys.executable, "-m", "lmpack", "serve", str(Path(variant).resolve()), "--port",
-                                str(port), "--threads", str(threads), "--max-concurrency", str(concurrency),
-                                "--queue", "16", *flags],
-                               cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lmpack",
+            "serve",
+            str(Path(variant).resolve()),
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+            "--max-concurrency",
+            str(concurrency),
+            "--queue",
+            "16",
+            *flags,
+        ],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     started = time.perf_counter()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -104,6 +131,7 @@ def at_once(jobs: list) -> tuple[float, list]:
 
 def round_trip(url: str, clients: int, tokens: int) -> tuple[float, int]:
     """(seconds, completion tokens) for `clients` requests sent at the same moment."""
+
     def client(i: int) -> int:
         body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "temperature": 0}
         return CLIENT.post(f"{url}/v1/completions", json=body).json()["usage"]["completion_tokens"]
@@ -123,8 +151,10 @@ def main() -> None:
     args = parser.parse_args()
     best: dict[tuple[str, int], dict] = {}
     with contextlib.ExitStack() as stack:  # all servers up at once (idle ones use no CPU), measured in turns
-        urls = {name: stack.enter_context(server(args.variant, SETTINGS[name], args.threads, max(args.clients))).url
-                for name in args.settings}
+        urls = {
+            name: stack.enter_context(server(args.variant, SETTINGS[name], args.threads, max(args.clients))).url
+            for name in args.settings
+        }
         for _ in range(args.repeat):
             for clients in args.clients:
                 for name, url in urls.items():
@@ -132,16 +162,24 @@ def main() -> None:
                     seconds, count = round_trip(url, clients, args.tokens)
                     steps = _metric(url, "lmpack_batch_size_count") - steps
                     mean = (_metric(url, "lmpack_batch_size_sum") - rows) / steps if steps else None
-                    row = {"setting": name, "clients": clients, "tokens": count, "seconds": round(seconds, 2),
-                           "tokens_per_s": round(count / seconds, 1), "mean_batch": round(mean, 2) if mean else None}
+                    row = {
+                        "setting": name,
+                        "clients": clients,
+                        "tokens": count,
+                        "seconds": round(seconds, 2),
+                        "tokens_per_s": round(count / seconds, 1),
+                        "mean_batch": round(mean, 2) if mean else None,
+                    }
                     print(json.dumps(row), flush=True)
                     if (name, clients) not in best or row["tokens_per_s"] > best[name, clients]["tokens_per_s"]:
                         best[name, clients] = row
     results = [best[name, clients] for name in args.settings for clients in args.clients]
     print(f"\n{'setting':16} {'clients':>7} {'tokens':>6} {'seconds':>8} {'tokens/s':>9} {'mean batch':>10}")
     for r in results:
-        print(f"{r['setting']:16} {r['clients']:7} {r['tokens']:6} {r['seconds']:8} {r['tokens_per_s']:9} "
-              f"{r['mean_batch'] if r['mean_batch'] is not None else '-':>10}")
+        print(
+            f"{r['setting']:16} {r['clients']:7} {r['tokens']:6} {r['seconds']:8} {r['tokens_per_s']:9} "
+            f"{r['mean_batch'] if r['mean_batch'] is not None else '-':>10}"
+        )
 
 
 if __name__ == "__main__":

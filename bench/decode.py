@@ -34,8 +34,13 @@ def _lmpack(path: str, tokens: int, threads: int):
 
     def run() -> dict:
         result = engine.generate(ids, SamplingParams(max_tokens=tokens, temperature=0.0)).result(None)
-        return {"new_tokens": result.completion_tokens, "prompt_tokens": result.prompt_tokens,
-                "prefill_s": result.prefill_seconds, "decode_s": result.decode_seconds}
+        return {
+            "new_tokens": result.completion_tokens,
+            "prompt_tokens": result.prompt_tokens,
+            "prefill_s": result.prefill_seconds,
+            "decode_s": result.decode_seconds,
+        }
+
     return run
 
 
@@ -56,8 +61,13 @@ def _transformers(path: str, tokens: int, threads: int):
             started = time.perf_counter()
             out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
             total = time.perf_counter() - started
-        return {"new_tokens": out.shape[1] - ids.shape[1], "prompt_tokens": ids.shape[1], "prefill_s": prefill,
-                "decode_s": max(total - prefill, 1e-9)}
+        return {
+            "new_tokens": out.shape[1] - ids.shape[1],
+            "prompt_tokens": ids.shape[1],
+            "prefill_s": prefill,
+            "decode_s": max(total - prefill, 1e-9),
+        }
+
     return run
 
 
@@ -83,8 +93,13 @@ def _genai(path: str, tokens: int, threads: int):
         while not generator.is_done():
             generator.generate_next_token()
             count += 1
-        return {"new_tokens": count, "prompt_tokens": len(ids), "prefill_s": prefill,
-                "decode_s": time.perf_counter() - started}
+        return {
+            "new_tokens": count,
+            "prompt_tokens": len(ids),
+            "prefill_s": prefill,
+            "decode_s": time.perf_counter() - started,
+        }
+
     return run
 
 
@@ -105,8 +120,13 @@ def _llamacpp(path: str, tokens: int, threads: int):
             token = llm.sample(temp=0.0)
             llm.eval([token])
             count += 1
-        return {"new_tokens": count, "prompt_tokens": len(ids), "prefill_s": prefill,
-                "decode_s": time.perf_counter() - started}
+        return {
+            "new_tokens": count,
+            "prompt_tokens": len(ids),
+            "prefill_s": prefill,
+            "decode_s": time.perf_counter() - started,
+        }
+
     return run
 
 
@@ -151,7 +171,7 @@ def bandwidth_gbs(threads: int) -> float:
     data = np.ones(512 * 1024 * 1024, dtype=np.uint8)
     shares = np.array_split(data, threads)
     best = 0.0
-    with ThreadPoolExecutor(threads) as pool:   # numpy lets go of the GIL while it reduces
+    with ThreadPoolExecutor(threads) as pool:  # numpy lets go of the GIL while it reduces
         for _ in range(5):
             started = time.perf_counter()
             list(pool.map(np.max, shares))
@@ -163,17 +183,36 @@ def weights_bytes(path: str) -> int:
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*") if f.suffix in (".onnx", ".data", ".safetensors")
-               or f.name.endswith((".onnx.data", ".onnx_data")))
+    return sum(
+        f.stat().st_size
+        for f in p.rglob("*")
+        if f.suffix in (".onnx", ".data", ".safetensors") or f.name.endswith((".onnx.data", ".onnx_data"))
+    )
 
 
 def measure(engine: str, path: str, *, tokens: int, threads: int, repeat: int) -> dict:
     """One engine in its own process: its best run, or {"skipped": why} / {"failed": why}."""
     if engine not in ENGINES:
         raise SystemExit(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
-    child = subprocess.run([sys.executable, __file__, "--child", engine, path, "--tokens", str(tokens),
-                            "--threads", str(threads), "--repeat", str(repeat), "x"],
-                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    child = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            engine,
+            path,
+            "--tokens",
+            str(tokens),
+            "--threads",
+            str(threads),
+            "--repeat",
+            str(repeat),
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
     lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
     if child.returncode != 0 or not lines:
         return {"failed": (child.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -207,9 +246,12 @@ def main() -> None:
             print(f"| {engine} | {path} | {r.get('skipped') or 'failed: ' + r['failed']} ||||||")
             continue
         weights = r["weights_bytes"]
-        print(f"| {engine} | {Path(path).name} | {weights / 1e6:.0f} | {bandwidth * 1e9 / weights:.0f} | "
-              f"{r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.0f} | {r['prefill_s'] * 1000:.0f} | "
-              f"{r['peak_rss_mb']:.0f} |", flush=True)
+        print(
+            f"| {engine} | {Path(path).name} | {weights / 1e6:.0f} | {bandwidth * 1e9 / weights:.0f} | "
+            f"{r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.0f} | {r['prefill_s'] * 1000:.0f} | "
+            f"{r['peak_rss_mb']:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -52,11 +52,17 @@ def host() -> dict:
     from lmpack.runtime.host import parse_cpu_flags
 
     cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").is_file() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 "unknown")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "unknown"
+    )
     flags = parse_cpu_flags(cpuinfo)
-    return {"cpu": model, "cores": os.cpu_count(), "isa": [i for i in KERNEL_ISA if i in flags],
-            "onnxruntime": onnxruntime.__version__, "load_average": os.getloadavg()[0]}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "isa": [i for i in KERNEL_ISA if i in flags],
+        "onnxruntime": onnxruntime.__version__,
+        "load_average": os.getloadavg()[0],
+    }
 
 
 # Run in a process of its own: resident MB after `import onnxruntime`, then after loading the variant's graph
@@ -84,15 +90,21 @@ def onnxruntime_floor(variant: str, threads: int) -> dict:
     """What any Python process serving the variant with onnxruntime holds before it serves anything: resident
     MB after `import onnxruntime` and after loading the graph in a bare session. Beside the peak RSS goal it
     shows how much of the peak is lmpack's own."""
-    done = subprocess.run([sys.executable, "-c", _FLOOR, variant, str(threads)], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _FLOOR, variant, str(threads)], capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _stream(url: str, prompt: str, tokens: int) -> dict:
     """One streaming completion: time to first token, whole latency, tokens."""
-    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     first, count = None, 0
     with CLIENT.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -104,8 +116,11 @@ def _stream(url: str, prompt: str, tokens: int) -> dict:
                 first = time.perf_counter() - started
             if chunk.get("usage"):
                 count = chunk["usage"]["completion_tokens"]
-    return {"ttft_s": first if first is not None else float("nan"), "latency_s": time.perf_counter() - started,
-            "tokens": count}
+    return {
+        "ttft_s": first if first is not None else float("nan"),
+        "latency_s": time.perf_counter() - started,
+        "tokens": count,
+    }
 
 
 def _round(url: str, clients: int, tokens: int) -> tuple[float, list[dict]]:
@@ -128,17 +143,30 @@ def http_bench(variant: str, *, clients: list[int], tokens: int, threads: int, r
         rows = []
         for count in clients:
             latencies = [r["latency_s"] for r in requests[count]]
-            rows.append({"clients": count, "tokens_per_s": best_rate[count], "requests": len(requests[count]),
-                         "latency_p50_s": _percentile(latencies, 0.5), "latency_p99_s": _percentile(latencies, 0.99),
-                         "ttft_p50_s": _percentile([r["ttft_s"] for r in requests[count]], 0.5)})
-        return {"cold_start_s": live.ready_seconds, "peak_rss_mb": peak_rss_mb(live.pid), "clients": rows,
-                "weights_bytes": weights_bytes(variant)}
+            rows.append(
+                {
+                    "clients": count,
+                    "tokens_per_s": best_rate[count],
+                    "requests": len(requests[count]),
+                    "latency_p50_s": _percentile(latencies, 0.5),
+                    "latency_p99_s": _percentile(latencies, 0.99),
+                    "ttft_p50_s": _percentile([r["ttft_s"] for r in requests[count]], 0.5),
+                }
+            )
+        return {
+            "cold_start_s": live.ready_seconds,
+            "peak_rss_mb": peak_rss_mb(live.pid),
+            "clients": rows,
+            "weights_bytes": weights_bytes(variant),
+        }
 
 
-def goals(single: dict[str, dict], http: dict[str, dict], rounds: list[dict[str, float]],
-          floor: dict[str, dict] | None = None) -> list[dict]:
+def goals(
+    single: dict[str, dict], http: dict[str, dict], rounds: list[dict[str, float]], floor: dict[str, dict] | None = None
+) -> list[dict]:
     """Each goal with its numbers and whether it was met; `rounds` holds each round's decode tokens/s by engine,
     `floor` each lmpack variant's onnxruntime_floor (shown beside its memory goals)."""
+
     def decode(name: str) -> float | None:
         r = single.get(name, {})
         return r.get("decode_tok_s")
@@ -148,44 +176,70 @@ def goals(single: dict[str, dict], http: dict[str, dict], rounds: list[dict[str,
         measured = f"{peak_mb:.0f} MB / {weights / 1e6:.0f} MB = {ratio:.2f}x"
         if name in (floor or {}):
             session_mb = floor[name]["session_mb"]
-            measured += (f" (a bare onnxruntime session of the graph, loaded: {session_mb:.0f} MB = "
-                         f"{session_mb * 1e6 / weights:.2f}x)")
-        return {"goal": f"{goal} < {GOAL_RSS_RATIO}x the model file", "measured": measured,
-                "met": ratio < GOAL_RSS_RATIO}
+            measured += (
+                f" (a bare onnxruntime session of the graph, loaded: {session_mb:.0f} MB = "
+                f"{session_mb * 1e6 / weights:.2f}x)"
+            )
+        return {
+            "goal": f"{goal} < {GOAL_RSS_RATIO}x the model file",
+            "measured": measured,
+            "met": ratio < GOAL_RSS_RATIO,
+        }
 
     out = []
     for name in ("lmpack int8", "lmpack int4"):
         r = single.get(name, {})
         if "peak_rss_mb" in r:
             out.append(memory_goal(f"{name}: single-stream peak RSS", name, r["peak_rss_mb"], r["weights_bytes"]))
-    for bits, ours, peers in (("8-bit", "lmpack int8", ["llama.cpp q8_0"]),
-                              ("4-bit", "lmpack int4", ["onnxruntime-genai int4", "llama.cpp Q4_1"])):
+    for bits, ours, peers in (
+        ("8-bit", "lmpack int8", ["llama.cpp q8_0"]),
+        ("4-bit", "lmpack int4", ["onnxruntime-genai int4", "llama.cpp Q4_1"]),
+    ):
         measured = {p: decode(p) for p in peers if decode(p)}
         # Within one round the engines run seconds apart, so their ratio is less touched by the host's drift,
         # which moved each engine's best round by 10-30% between runs: the goal is judged on the median of the
         # per-round ratios, and the best rounds' ratio is shown beside it.
-        paired = sorted(r[ours] / max(r[p] for p in measured if p in r) for r in rounds
-                        if ours in r and any(p in r for p in measured))
+        paired = sorted(
+            r[ours] / max(r[p] for p in measured if p in r)
+            for r in rounds
+            if ours in r and any(p in r for p in measured)
+        )
         if decode(ours) and measured and paired:
             fastest = max(measured, key=measured.get)
             median = statistics.median(paired)
-            out.append({"goal": f"{bits} single-stream decode >= {GOAL_PEER_RATIO}x the fastest peer",
-                        "measured": f"{decode(ours):.1f} vs {fastest} {measured[fastest]:.1f} tok/s in the best rounds "
-                                    f"= {decode(ours) / measured[fastest]:.2f}x; round by round {median:.2f}x median "
-                                    f"({paired[0]:.2f}x-{paired[-1]:.2f}x over {len(paired)})",
-                        "met": median >= GOAL_PEER_RATIO})
+            out.append(
+                {
+                    "goal": f"{bits} single-stream decode >= {GOAL_PEER_RATIO}x the fastest peer",
+                    "measured": f"{decode(ours):.1f} vs {fastest} {measured[fastest]:.1f} tok/s in the best rounds "
+                    f"= {decode(ours) / measured[fastest]:.2f}x; round by round {median:.2f}x median "
+                    f"({paired[0]:.2f}x-{paired[-1]:.2f}x over {len(paired)})",
+                    "met": median >= GOAL_PEER_RATIO,
+                }
+            )
     for name, result in http.items():
         by_clients = {row["clients"]: row["tokens_per_s"] for row in result["clients"]}
         if 1 in by_clients and 8 in by_clients:
             scale = by_clients[8] / by_clients[1]
-            out.append({"goal": f"{name}: 8 clients >= {GOAL_SCALING}x one client's throughput",
-                        "measured": f"{by_clients[8]:.1f} / {by_clients[1]:.1f} tok/s = {scale:.2f}x",
-                        "met": scale >= GOAL_SCALING})
-        out.append({"goal": f"{name}: cold start < {GOAL_COLD_START_S} s",
-                    "measured": f"{result['cold_start_s']:.2f} s", "met": result["cold_start_s"] < GOAL_COLD_START_S})
+            out.append(
+                {
+                    "goal": f"{name}: 8 clients >= {GOAL_SCALING}x one client's throughput",
+                    "measured": f"{by_clients[8]:.1f} / {by_clients[1]:.1f} tok/s = {scale:.2f}x",
+                    "met": scale >= GOAL_SCALING,
+                }
+            )
+        out.append(
+            {
+                "goal": f"{name}: cold start < {GOAL_COLD_START_S} s",
+                "measured": f"{result['cold_start_s']:.2f} s",
+                "met": result["cold_start_s"] < GOAL_COLD_START_S,
+            }
+        )
         most = max(row["clients"] for row in result["clients"])
-        out.append(memory_goal(f"{name}: server peak RSS ({most} clients)", name, result["peak_rss_mb"],
-                               result["weights_bytes"]))
+        out.append(
+            memory_goal(
+                f"{name}: server peak RSS ({most} clients)", name, result["peak_rss_mb"], result["weights_bytes"]
+            )
+        )
     return out
 
 
@@ -197,37 +251,50 @@ def svg(single: dict[str, dict], http: dict[str, dict], bandwidth: float) -> str
     top = max([r["decode_tok_s"] for _, r in engines] + [1.0])
     lines = []
     y = 40
-    lines.append(f'<text x="10" y="22" font-weight="bold">Single-stream decode, tokens/s (| = bandwidth bound, '
-                 f'{bandwidth:.0f} GB/s)</text>')
+    lines.append(
+        f'<text x="10" y="22" font-weight="bold">Single-stream decode, tokens/s (| = bandwidth bound, '
+        f"{bandwidth:.0f} GB/s)</text>"
+    )
     scale = width / max(top, max((bandwidth * 1e9 / r["weights_bytes"] for _, r in engines), default=top))
     for name, r in engines:
         w = r["decode_tok_s"] * scale
         bound = bandwidth * 1e9 / r["weights_bytes"] * scale
         colour = "#2b6cb0" if name.startswith("lmpack") else "#a0aec0"
-        lines += [f'<text x="10" y="{y + 13}">{name}</text>',
-                  f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{colour}"/>',
-                  f'<text x="{left + w + 4:.1f}" y="{y + 13}">{r["decode_tok_s"]:.0f}</text>',
-                  f'<line x1="{left + bound:.1f}" x2="{left + bound:.1f}" y1="{y - 2}" y2="{y + bar_h + 2}" '
-                  f'stroke="#c53030" stroke-width="2"/>']
+        lines += [
+            f'<text x="10" y="{y + 13}">{name}</text>',
+            f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{colour}"/>',
+            f'<text x="{left + w + 4:.1f}" y="{y + 13}">{r["decode_tok_s"]:.0f}</text>',
+            f'<line x1="{left + bound:.1f}" x2="{left + bound:.1f}" y1="{y - 2}" y2="{y + bar_h + 2}" '
+            f'stroke="#c53030" stroke-width="2"/>',
+        ]
         y += bar_h + gap
     x0 = left + width + 170
     y2 = 40
-    lines.append(f'<text x="{x0 - 150}" y="22" font-weight="bold">lmpack serve, total tokens/s by concurrent '
-                 f'clients</text>')
-    rows = [(f"{name}, {row['clients']} client{'s' if row['clients'] > 1 else ''}", row["tokens_per_s"])
-            for name, result in http.items() for row in result["clients"]]
+    lines.append(
+        f'<text x="{x0 - 150}" y="22" font-weight="bold">lmpack serve, total tokens/s by concurrent clients</text>'
+    )
+    rows = [
+        (f"{name}, {row['clients']} client{'s' if row['clients'] > 1 else ''}", row["tokens_per_s"])
+        for name, result in http.items()
+        for row in result["clients"]
+    ]
     top2 = max([rate for _, rate in rows] + [1.0])
     for label, rate in rows:
         w = rate / top2 * width
-        lines += [f'<text x="{x0 - 150}" y="{y2 + 13}">{label}</text>',
-                  f'<rect x="{x0}" y="{y2}" width="{w:.1f}" height="{bar_h}" fill="#2f855a"/>',
-                  f'<text x="{x0 + w + 4:.1f}" y="{y2 + 13}">{rate:.0f}</text>']
+        lines += [
+            f'<text x="{x0 - 150}" y="{y2 + 13}">{label}</text>',
+            f'<rect x="{x0}" y="{y2}" width="{w:.1f}" height="{bar_h}" fill="#2f855a"/>',
+            f'<text x="{x0 + w + 4:.1f}" y="{y2 + 13}">{rate:.0f}</text>',
+        ]
         y2 += bar_h + gap
     height = max(y, y2) + 10
     total_width = x0 + width + 60
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_width}" height="{height}" '
-            f'font-family="sans-serif" font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n'
-            + "\n".join(lines) + "\n</svg>\n")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{total_width}" height="{height}" '
+        f'font-family="sans-serif" font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n'
+        + "\n".join(lines)
+        + "\n</svg>\n"
+    )
 
 
 def main() -> None:
@@ -249,11 +316,18 @@ def main() -> None:
 
     machine = host()
     bandwidth = bandwidth_gbs(args.threads)
-    engines = {"lmpack int8": ("lmpack", args.int8), "lmpack int4": ("lmpack", args.int4),
-               "transformers fp32": ("transformers", args.hf), "onnxruntime-genai int4": ("genai", args.genai),
-               "llama.cpp q8_0": ("llamacpp", args.q8), "llama.cpp Q4_1": ("llamacpp", args.q4)}
-    print(f"host: {machine['cpu']}, {machine['cores']} cores, {' '.join(machine['isa'])}; onnxruntime "
-          f"{machine['onnxruntime']}; load average {machine['load_average']:.1f}")
+    engines = {
+        "lmpack int8": ("lmpack", args.int8),
+        "lmpack int4": ("lmpack", args.int4),
+        "transformers fp32": ("transformers", args.hf),
+        "onnxruntime-genai int4": ("genai", args.genai),
+        "llama.cpp q8_0": ("llamacpp", args.q8),
+        "llama.cpp Q4_1": ("llamacpp", args.q4),
+    }
+    print(
+        f"host: {machine['cpu']}, {machine['cores']} cores, {' '.join(machine['isa'])}; onnxruntime "
+        f"{machine['onnxruntime']}; load average {machine['load_average']:.1f}"
+    )
     print(f"memory bandwidth ({args.threads} threads reading): {bandwidth:.1f} GB/s\n")
     print("| engine | weights MB | bound tok/s | decode tok/s | of bound | prefill tok/s | TTFT ms | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -276,29 +350,43 @@ def main() -> None:
             print(f"| {name} | {r.get('skipped') or 'failed: ' + r.get('failed', '?')} |||||||", flush=True)
             continue
         bound = bandwidth * 1e9 / r["weights_bytes"]
-        print(f"| {name} | {r['weights_bytes'] / 1e6:.0f} | {bound:.0f} | {r['decode_tok_s']:.1f} | "
-              f"{r['decode_tok_s'] / bound:.0%} | {r['prefill_tok_s']:.0f} | {r['prefill_s'] * 1000:.0f} | "
-              f"{r['peak_rss_mb']:.0f} |", flush=True)
+        print(
+            f"| {name} | {r['weights_bytes'] / 1e6:.0f} | {bound:.0f} | {r['decode_tok_s']:.1f} | "
+            f"{r['decode_tok_s'] / bound:.0%} | {r['prefill_tok_s']:.0f} | {r['prefill_s'] * 1000:.0f} | "
+            f"{r['peak_rss_mb']:.0f} |",
+            flush=True,
+        )
 
     variants = {"lmpack int8": args.int8, "lmpack int4": args.int4}
     floor = {name: onnxruntime_floor(path, args.threads) for name, path in variants.items()}
-    print(f"\nonnxruntime alone: {floor['lmpack int8']['import_mb']:.0f} MB after `import onnxruntime`; a bare "
-          "session of the graph (mapped weights pages released): " + ", ".join(
-              f"{name} {floor[name]['session_mb']:.0f} MB "
-              f"({floor[name]['session_mb'] * 1e6 / weights_bytes(path):.2f}x its file)"
-              for name, path in variants.items()))
+    print(
+        f"\nonnxruntime alone: {floor['lmpack int8']['import_mb']:.0f} MB after `import onnxruntime`; a bare "
+        "session of the graph (mapped weights pages released): "
+        + ", ".join(
+            f"{name} {floor[name]['session_mb']:.0f} MB "
+            f"({floor[name]['session_mb'] * 1e6 / weights_bytes(path):.2f}x its file)"
+            for name, path in variants.items()
+        )
+    )
 
     http = {}
     print("\n| variant | clients | total tokens/s | p50 latency s | p99 latency s | p50 TTFT ms |")
     print("|---|---|---|---|---|---|")
     for name, path in variants.items():
-        result = http[name] = http_bench(path, clients=args.clients, tokens=args.tokens, threads=args.threads,
-                                         rounds=args.rounds)
+        result = http[name] = http_bench(
+            path, clients=args.clients, tokens=args.tokens, threads=args.threads, rounds=args.rounds
+        )
         for row in result["clients"]:
-            print(f"| {name} | {row['clients']} | {row['tokens_per_s']:.1f} | {row['latency_p50_s']:.2f} | "
-                  f"{row['latency_p99_s']:.2f} | {row['ttft_p50_s'] * 1000:.0f} |", flush=True)
-        print(f"| {name} | cold start {result['cold_start_s']:.2f} s, server peak RSS {result['peak_rss_mb']:.0f} MB "
-              f"||||| ", flush=True)
+            print(
+                f"| {name} | {row['clients']} | {row['tokens_per_s']:.1f} | {row['latency_p50_s']:.2f} | "
+                f"{row['latency_p99_s']:.2f} | {row['ttft_p50_s'] * 1000:.0f} |",
+                flush=True,
+            )
+        print(
+            f"| {name} | cold start {result['cold_start_s']:.2f} s, server peak RSS {result['peak_rss_mb']:.0f} MB "
+            f"||||| ",
+            flush=True,
+        )
 
     machine["load_average_end"] = os.getloadavg()[0]
     print(f"\nload average at the end: {machine['load_average_end']:.1f}")
@@ -307,9 +395,22 @@ def main() -> None:
     for goal in checked:
         print(f"| {goal['goal']} | {goal['measured']} | {'yes' if goal['met'] else 'no'} |")
     if args.json:
-        args.json.write_text(json.dumps({"host": machine, "bandwidth_gbs": bandwidth, "tokens": args.tokens,
-                                         "threads": args.threads, "single_stream": single, "rounds": rounds,
-                                         "onnxruntime_floor": floor, "http": http, "goals": checked}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "host": machine,
+                    "bandwidth_gbs": bandwidth,
+                    "tokens": args.tokens,
+                    "threads": args.threads,
+                    "single_stream": single,
+                    "rounds": rounds,
+                    "onnxruntime_floor": floor,
+                    "http": http,
+                    "goals": checked,
+                },
+                indent=2,
+            )
+        )
     if args.svg:
         args.svg.parent.mkdir(parents=True, exist_ok=True)
         args.svg.write_text(svg(single, http, bandwidth))

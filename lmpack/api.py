@@ -28,8 +28,19 @@ from lmpack.steps.pull import PullParams, resolve_source
 if TYPE_CHECKING:
     from lmpack.bundle.pack import PackResult
 
-__all__ = ["targets", "target", "profiles", "profile", "plan", "pull", "build", "BuildResult", "PullResult", "serve",
-           "generate"]
+__all__ = [
+    "targets",
+    "target",
+    "profiles",
+    "profile",
+    "plan",
+    "pull",
+    "build",
+    "BuildResult",
+    "PullResult",
+    "serve",
+    "generate",
+]
 
 
 def targets() -> list[Target]:
@@ -66,8 +77,15 @@ def _cache(cache_dir: Path | None) -> StepCache:
     return StepCache((cache_dir or paths.cache_dir()) / "steps")
 
 
-def pull(model: str, *, revision: str | None = None, output: Path | None = None, allow_pickle: bool = False,
-         trust_remote_code: bool = False, cache_dir: Path | None = None) -> PullResult:
+def pull(
+    model: str,
+    *,
+    revision: str | None = None,
+    output: Path | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    cache_dir: Path | None = None,
+) -> PullResult:
     """Fetch a model into the step cache as a clean Hugging Face directory; copy it to `output` if given."""
     params = PullParams(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     source = resolve_source(model, revision=revision, params=params)
@@ -105,11 +123,22 @@ class BundleRequest:
         return cls(name=name, version=version, wheels=wheels, wheel_source=wheel_source)
 
 
-def build(model: str, *, target: str, profile: str | None = None, output_dir: Path = Path("dist"),
-          name: str | None = None, revision: str | None = None, allow_pickle: bool = False,
-          trust_remote_code: bool = False, allow_quality_loss: bool = False, cache_dir: Path | None = None,
-          on_event: EventHandler | None = None, progress: ProgressFactory = silent_progress,
-          bundle: BundleRequest | None = None) -> BuildResult:
+def build(
+    model: str,
+    *,
+    target: str,
+    profile: str | None = None,
+    output_dir: Path = Path("dist"),
+    name: str | None = None,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    allow_quality_loss: bool = False,
+    cache_dir: Path | None = None,
+    on_event: EventHandler | None = None,
+    progress: ProgressFactory = silent_progress,
+    bundle: BundleRequest | None = None,
+) -> BuildResult:
     """Pull, optimize and validate `model` for `target`; write one variant directory under `output_dir`
     (and, with `bundle`, pack it into `output_dir/NAME-VERSION.lmpack`).
 
@@ -119,27 +148,44 @@ def build(model: str, *, target: str, profile: str | None = None, output_dir: Pa
     started = time.perf_counter()
     pull_params = PullParams(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     build_plan = plan(target=target, profile=profile, pull=pull_params)
-    ctx = StepContext(target=build_plan.target, profile=build_plan.profile, progress=progress,
-                      options={"allow_quality_loss": allow_quality_loss, "trust_remote_code": trust_remote_code})
+    ctx = StepContext(
+        target=build_plan.target,
+        profile=build_plan.profile,
+        progress=progress,
+        options={"allow_quality_loss": allow_quality_loss, "trust_remote_code": trust_remote_code},
+    )
     source = resolve_source(model, revision=revision, params=pull_params)
     result = run_plan(build_plan, ctx, source, _cache(cache_dir), on_event=on_event or ignore_events)
     report = build_report(build_plan, result, ctx, started=started)
     variant_name = name or f"{_slug(report['source'])}-{build_plan.target.name}-{build_plan.profile.name}"
-    document = variant_document(name=variant_name, target=build_plan.target.to_dict(),
-                                profile=build_plan.profile.name, precision=build_plan.profile.precision,
-                                execution_providers=build_plan.target.execution_providers, task=report["task"],
-                                model_digest=result.final.digest)
+    document = variant_document(
+        name=variant_name,
+        target=build_plan.target.to_dict(),
+        profile=build_plan.profile.name,
+        precision=build_plan.profile.precision,
+        execution_providers=build_plan.target.execution_providers,
+        task=report["task"],
+        model_digest=result.final.digest,
+    )
     variant_dir = Path(output_dir) / variant_name
-    publish(variant_dir, lambda staging: write_variant(staging, model=result.final.path, document=document,
-                                                       report=report, report_text=render_report(report)))
+    publish(
+        variant_dir,
+        lambda staging: write_variant(
+            staging, model=result.final.path, document=document, report=report, report_text=render_report(report)
+        ),
+    )
     packed = None
     if bundle is not None:
         from lmpack.bundle.pack import WheelOptions
         from lmpack.bundle.pack import pack as pack_bundle
 
-        packed = pack_bundle([variant_dir], Path(output_dir) / f"{bundle.name}-{bundle.version}.lmpack",
-                             name=bundle.name, version=bundle.version,
-                             wheels=WheelOptions(source=bundle.wheel_source) if bundle.wheels else None)
+        packed = pack_bundle(
+            [variant_dir],
+            Path(output_dir) / f"{bundle.name}-{bundle.version}.lmpack",
+            name=bundle.name,
+            version=bundle.version,
+            wheels=WheelOptions(source=bundle.wheel_source) if bundle.wheels else None,
+        )
     return BuildResult(variant_dir=variant_dir, report=report, bundle=packed)
 
 
@@ -166,23 +212,42 @@ def serve(path: Path, *, config_file: Path | None = None, **flags: Any) -> None:
     run_server(path, settings, api_keys=load_api_keys(settings.api_key_file, paths.api_keys_env()))
 
 
-def doctor(path: Path, *, variant: str | None = None, strict: bool = False, engine_rebuild: bool = True,
-           engine_cache_dir: Path | None = None) -> dict[str, Any]:
+def doctor(
+    path: Path,
+    *,
+    variant: str | None = None,
+    strict: bool = False,
+    engine_rebuild: bool = True,
+    engine_cache_dir: Path | None = None,
+) -> dict[str, Any]:
     """This host's facts and, for each variant under `path`, whether it can run here and which would be served
     (with serve's --variant / --strict / --no-engine-rebuild / engine cache, what each TensorRT engine would
     become)."""
-    from lmpack.runtime.trt_plan import EnginePolicy
     from lmpack.runtime.host import probe_host
     from lmpack.runtime.select import explain
+    from lmpack.runtime.trt_plan import EnginePolicy
 
     host = probe_host()
     policy = EnginePolicy(rebuild=engine_rebuild, strict=strict)
     return {"host": host.to_dict(), **explain(path, host, policy, engine_cache_dir, variant).to_dict()}
 
 
-def generate(variant_dir: Path, prompt: str, *, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, seed: int | None = None, stop: tuple[str, ...] = (), repetition_penalty: float = 1.0,
-             chat: bool = False, threads: int | None = None, variant: str | None = None, on_text=None):
+def generate(
+    variant_dir: Path,
+    prompt: str,
+    *,
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: tuple[str, ...] = (),
+    repetition_penalty: float = 1.0,
+    chat: bool = False,
+    threads: int | None = None,
+    variant: str | None = None,
+    on_text=None,
+):
     """One completion without a server (greedy by default); `on_text` receives the text as it is generated.
 
     `variant` names which of a bundle's or release's variants to use (default: the one serve would choose).
@@ -195,8 +260,15 @@ def generate(variant_dir: Path, prompt: str, *, max_tokens: int = 64, temperatur
 
     engine = DecoderEngine(prepare_variant(variant_dir, variant=variant), threads=threads)
     ids = engine.encode_chat([{"role": "user", "content": prompt}]) if chat else engine.encode_prompt(prompt)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                            stop=tuple(stop), repetition_penalty=repetition_penalty)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=tuple(stop),
+        repetition_penalty=repetition_penalty,
+    )
     return engine.generate(ids, params, prompt_param="messages" if chat else "prompt").result(on_text)
 
 
@@ -221,12 +293,15 @@ def agent_status(url: str = DEFAULT_AGENT_URL, *, timeout: float = 5.0) -> dict[
         with urllib.request.urlopen(f"{url.rstrip('/')}/status", timeout=timeout) as response:
             return json.loads(response.read())
     except (OSError, ValueError) as exc:
-        raise AgentError(f"cannot read the agent's status at {url}: {exc}",
-                         hint="is `lmpack agent --config agent.toml` running? pass its address with --agent") from None
+        raise AgentError(
+            f"cannot read the agent's status at {url}: {exc}",
+            hint="is `lmpack agent --config agent.toml` running? pass its address with --agent",
+        ) from None
 
 
-def agent_switch(name: str, version: str | None, *, url: str = DEFAULT_AGENT_URL, prefix: Path | None = None,
-                 timeout: float = 600.0) -> dict[str, Any]:
+def agent_switch(
+    name: str, version: str | None, *, url: str = DEFAULT_AGENT_URL, prefix: Path | None = None, timeout: float = 600.0
+) -> dict[str, Any]:
     """Ask the running agent to switch NAME to VERSION (None: roll back to the previous healthy version).
 
     Returns the agent's result document once the new server serves all new requests. Raises AgentError
@@ -238,10 +313,17 @@ def agent_switch(name: str, version: str | None, *, url: str = DEFAULT_AGENT_URL
     from lmpack.errors import AgentError, SwitchError
 
     path = "/switch" if version is not None else "/rollback"
-    body = {"name": name, **({"version": version} if version is not None else {}),
-            **({"prefix": str(Path(prefix).resolve())} if prefix is not None else {})}
-    request = urllib.request.Request(f"{url.rstrip('/')}{path}", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    body = {
+        "name": name,
+        **({"version": version} if version is not None else {}),
+        **({"prefix": str(Path(prefix).resolve())} if prefix is not None else {}),
+    }
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}{path}",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
@@ -256,5 +338,7 @@ def agent_switch(name: str, version: str | None, *, url: str = DEFAULT_AGENT_URL
             raise SwitchError(error.get("message", "the switch failed"), hint=error.get("hint")) from None
         raise AgentError(f"the agent at {url} answered {exc.code}: {error.get('message', exc.reason)}") from None
     except (OSError, ValueError) as exc:
-        raise AgentError(f"cannot reach the agent at {url}: {exc}",
-                         hint="is `lmpack agent --config agent.toml` running? pass its address with --agent") from None
+        raise AgentError(
+            f"cannot reach the agent at {url}: {exc}",
+            hint="is `lmpack agent --config agent.toml` running? pass its address with --agent",
+        ) from None

@@ -11,8 +11,8 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lmpack.errors import DiskFullError
 
@@ -92,9 +92,10 @@ class guard_disk_full:
         if exc_type is not None and self.cleanup is not None:
             remove_path(self.cleanup)
         if is_disk_full(exc):
-            raise DiskFullError(f"disk full while writing {getattr(exc, 'filename', None) or self.cleanup}; "
-                                "nothing partial was kept",
-                                hint="free some space (or point LMPACK_CACHE / -o at a larger disk) and run again") from exc
+            raise DiskFullError(
+                f"disk full while writing {getattr(exc, 'filename', None) or self.cleanup}; nothing partial was kept",
+                hint="free some space (or point LMPACK_CACHE / -o at a larger disk) and run again",
+            ) from exc
         return False
 
 

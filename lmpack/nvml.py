@@ -7,7 +7,8 @@ the driver or a GPU gets NvmlUnavailable with the reason instead.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 class NvmlUnavailable(Exception):

@@ -9,8 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tiny_onnx import (CHAT_TEMPLATE, eval_text, train_bpe, train_wordpiece, write_decoder_variant,
-                       write_encoder_variant)
+from tiny_onnx import CHAT_TEMPLATE, eval_text, train_bpe, train_wordpiece, write_decoder_variant, write_encoder_variant
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,14 +33,23 @@ def make_tiny_llama(directory: Path, *, layers: int = 4, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = train_bpe(512)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
     _train(model, tokenizer)
     model.save_pretrained(directory, safe_serialization=True)
@@ -59,7 +67,7 @@ def _train(model, tokenizer, steps: int = 120) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for step in range(steps):
-        batch = windows[(step * 4) % len(windows):][:4]
+        batch = windows[(step * 4) % len(windows) :][:4]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
@@ -73,14 +81,27 @@ def make_tiny_bert(directory: Path, *, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = train_wordpiece(600)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    config = BertConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+    )
     BertModel(config).eval().save_pretrained(directory, safe_serialization=True)
     fast.save_pretrained(directory)
-    (directory / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "",
-                                                          "type": "sentence_transformers.models.Transformer"}]))
+    (directory / "modules.json").write_text(
+        json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}])
+    )
     return directory
 
 
@@ -116,8 +137,13 @@ def llama_variant(request, tmp_path_factory) -> Path:
         return write_decoder_variant(out / "tiny-llama-cpu-x86-int8", layout="right")
     from lmpack import api
 
-    return api.build(str(request.getfixturevalue("tiny_llama")), target="cpu-x86", profile="int8", output_dir=out,
-                     cache_dir=request.getfixturevalue("session_cache")).variant_dir
+    return api.build(
+        str(request.getfixturevalue("tiny_llama")),
+        target="cpu-x86",
+        profile="int8",
+        output_dir=out,
+        cache_dir=request.getfixturevalue("session_cache"),
+    ).variant_dir
 
 
 @pytest.fixture(scope="session")
@@ -128,8 +154,13 @@ def bert_variant(request, tmp_path_factory) -> Path:
         return write_encoder_variant(out / "tiny-bert-cpu-x86-int8")
     from lmpack import api
 
-    return api.build(str(request.getfixturevalue("tiny_bert")), target="cpu-x86", profile="int8", output_dir=out,
-                     cache_dir=request.getfixturevalue("session_cache")).variant_dir
+    return api.build(
+        str(request.getfixturevalue("tiny_bert")),
+        target="cpu-x86",
+        profile="int8",
+        output_dir=out,
+        cache_dir=request.getfixturevalue("session_cache"),
+    ).variant_dir
 
 
 @pytest.fixture(scope="session")
@@ -143,11 +174,17 @@ def llama_variant_optimum(request, tmp_path_factory) -> Path:
     tiny_llama, session_cache = request.getfixturevalue("tiny_llama"), request.getfixturevalue("session_cache")
     profile = (REPO / "profiles" / "int8.toml").read_text()
     profile = profile.replace('name = "int8"', 'name = "int8-optimum"').replace(
-        '[[steps]]\nname = "export"\n', '[[steps]]\nname = "export"\nexporter = "optimum"\n')
+        '[[steps]]\nname = "export"\n', '[[steps]]\nname = "export"\nexporter = "optimum"\n'
+    )
     assert 'exporter = "optimum"' in profile
     (out / "int8-optimum.toml").write_text(profile)
-    return api.build(str(tiny_llama), target="cpu-x86", profile=str(out / "int8-optimum.toml"), output_dir=out,
-                     cache_dir=session_cache).variant_dir
+    return api.build(
+        str(tiny_llama),
+        target="cpu-x86",
+        profile=str(out / "int8-optimum.toml"),
+        output_dir=out,
+        cache_dir=session_cache,
+    ).variant_dir
 
 
 @pytest.fixture

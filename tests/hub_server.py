@@ -20,10 +20,10 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Mapping
 from urllib.parse import unquote, urlsplit
 
 # Files the Hub stores in LFS (its default .gitattributes): served through a redirect, like the real CDN.
@@ -57,7 +57,7 @@ class FakeHub:
     """Serves repos from local directories; each named revision (branch or tag) is one directory and one commit."""
 
     def __init__(self) -> None:
-        self._refs: dict[str, dict[str, str]] = {}   # repo -> revision name -> commit
+        self._refs: dict[str, dict[str, str]] = {}  # repo -> revision name -> commit
         self._trees: dict[str, dict[str, Path]] = {}  # repo -> commit -> directory
         self._blobs: dict[str, tuple[str, str, Path]] = {}  # sha256 -> (repo, filename, path)
         self._requests: list[Request] = []
@@ -95,13 +95,21 @@ class FakeHub:
         from huggingface_hub.utils import reset_sessions
 
         cache = str(Path(os.environ["HF_HOME"]) / "hub")
-        for name, value in {"HF_ENDPOINT": self.url, "HF_HUB_CACHE": cache, "HF_HUB_DISABLE_TELEMETRY": "1",
-                            "HF_HUB_DISABLE_XET": "1"}.items():
+        for name, value in {
+            "HF_ENDPOINT": self.url,
+            "HF_HUB_CACHE": cache,
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_XET": "1",
+        }.items():
             monkeypatch.setenv(name, value)
         for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
             monkeypatch.delenv(name, raising=False)
-        for name, value in {"HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": False, "HF_HUB_DISABLE_TELEMETRY": True,
-                            "HF_HUB_DISABLE_XET": True}.items():
+        for name, value in {
+            "HF_HUB_CACHE": cache,
+            "HF_HUB_OFFLINE": False,
+            "HF_HUB_DISABLE_TELEMETRY": True,
+            "HF_HUB_DISABLE_XET": True,
+        }.items():
             monkeypatch.setattr(constants, name, value)
         reset_sessions()  # sessions made while HF_HUB_OFFLINE was set refuse every request
 
@@ -118,8 +126,7 @@ class FakeHub:
 
     def files_downloaded(self, repo_id: str | None = None) -> set[str]:
         """Repo files whose bytes were sent."""
-        return {r.filename for r in self.requests
-                if r.method == "GET" and r.filename and repo_id in (None, r.repo_id)}
+        return {r.filename for r in self.requests if r.method == "GET" and r.filename and repo_id in (None, r.repo_id)}
 
     def clear_requests(self) -> None:
         with self._lock:
@@ -142,8 +149,13 @@ class FakeHub:
     def repo_info(self, repo_id: str, revision: str) -> dict:
         commit, tree = self._commit_and_tree(repo_id, revision)
         files = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file())
-        return {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
-                "siblings": [{"rfilename": name} for name in files]}
+        return {
+            "id": repo_id,
+            "modelId": repo_id,
+            "sha": commit,
+            "private": False,
+            "siblings": [{"rfilename": name} for name in files],
+        }
 
     def resolve(self, repo_id: str, revision: str, filename: str) -> tuple[str, Path]:
         commit, tree = self._commit_and_tree(repo_id, revision)
@@ -166,7 +178,7 @@ class FakeHub:
 
     # -- running ------------------------------------------------------------------------------------------
 
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self._server.hub = self  # type: ignore[attr-defined]
@@ -181,7 +193,7 @@ class FakeHub:
             self._thread.join(timeout=5)
             self._server = None
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -208,9 +220,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         try:
             if path.startswith("/api/models/"):
-                self._api_models(path[len("/api/models/"):])
+                self._api_models(path[len("/api/models/") :])
             elif path.startswith("/lfs/"):
-                self._lfs(path[len("/lfs/"):], body=body)
+                self._lfs(path[len("/lfs/") :], body=body)
             elif "/resolve/" in path:
                 self._resolve(path, body=body)
             else:
@@ -237,12 +249,25 @@ class _Handler(BaseHTTPRequestHandler):
         commit, file = self.hub.resolve(repo_id, revision, filename)
         if filename.endswith(LFS_SUFFIXES):
             sha256, location = self.hub.lfs_location(repo_id, filename, file)
-            self._send(302, b"", {"Location": location, "X-Repo-Commit": commit, "X-Linked-Etag": f'"{sha256}"',
-                                  "X-Linked-Size": str(file.stat().st_size)}, body=body)
+            self._send(
+                302,
+                b"",
+                {
+                    "Location": location,
+                    "X-Repo-Commit": commit,
+                    "X-Linked-Etag": f'"{sha256}"',
+                    "X-Linked-Size": str(file.stat().st_size),
+                },
+                body=body,
+            )
             return
         data = file.read_bytes()
-        self._send(200, data, {"X-Repo-Commit": commit, "ETag": f'"{git_blob_sha1(data)}"',
-                               "Content-Type": "application/octet-stream"}, body=body)
+        self._send(
+            200,
+            data,
+            {"X-Repo-Commit": commit, "ETag": f'"{git_blob_sha1(data)}"', "Content-Type": "application/octet-stream"},
+            body=body,
+        )
 
     def _lfs(self, sha256: str, *, body: bool) -> None:
         try:

@@ -22,15 +22,23 @@ def build(*args: str, cache: Path):
 
 
 def test_int8_build_writes_a_complete_variant(tiny_llama, session_cache, tmp_path):
-    result = build(str(tiny_llama), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path), "--json",
-                   cache=session_cache)
+    result = build(
+        str(tiny_llama), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path), "--json", cache=session_cache
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     variant = Path(out["variant_dir"])
     assert variant.parent == tmp_path
     model = variant / "model"
-    for name in ("model.onnx", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "generation_config.json", "lmpack-model.json", "lmpack-source.json"):
+    for name in (
+        "model.onnx",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "lmpack-model.json",
+        "lmpack-source.json",
+    ):
         assert (model / name).is_file(), name
     report = json.loads((variant / "report.json").read_text())
     assert report == out["report"]
@@ -51,7 +59,7 @@ def test_int8_build_writes_a_complete_variant(tiny_llama, session_cache, tmp_pat
     assert not list(model.glob("genai_config.json"))  # only the graph is taken from the builder
     assert info["quantization"]["bits"] == 8
     quantize = next(s for s in report["steps"] if s["step"] == "quantize")
-    assert quantize["metrics"]["fused_matmuls"] == 4   # each layer's gate and up projections are one MatMulNBits
+    assert quantize["metrics"]["fused_matmuls"] == 4  # each layer's gate and up projections are one MatMulNBits
     variant_meta = json.loads((variant / "variant.json").read_text())
     assert variant_meta["target"]["name"] == "cpu-x86" and variant_meta["precision"] == "int8"
     assert variant_meta["name"] == variant.name
@@ -60,10 +68,20 @@ def test_int8_build_writes_a_complete_variant(tiny_llama, session_cache, tmp_pat
 
 
 def test_second_target_reuses_the_export(tiny_llama, session_cache, tmp_path):
-    first = build(str(tiny_llama), "--target", "cpu-x86", "--profile", "int4", "-o", str(tmp_path), "--json",
-                  cache=session_cache)
-    second = build(str(tiny_llama), "--target", "cpu-arm64", "--profile", "int4", "-o", str(tmp_path), "--json",
-                   cache=session_cache)
+    first = build(
+        str(tiny_llama), "--target", "cpu-x86", "--profile", "int4", "-o", str(tmp_path), "--json", cache=session_cache
+    )
+    second = build(
+        str(tiny_llama),
+        "--target",
+        "cpu-arm64",
+        "--profile",
+        "int4",
+        "-o",
+        str(tmp_path),
+        "--json",
+        cache=session_cache,
+    )
     assert first.exit_code == 0 and second.exit_code == 0, second.output
     steps = {s["step"]: s for s in json.loads(second.stdout)["report"]["steps"]}
     assert steps["pull"]["cached"] and steps["export"]["cached"] and steps["quantize"]["cached"]
@@ -72,8 +90,9 @@ def test_second_target_reuses_the_export(tiny_llama, session_cache, tmp_path):
 
 
 def test_encoder_build_measures_cosine_similarity(tiny_bert, session_cache, tmp_path):
-    result = build(str(tiny_bert), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path), "--json",
-                   cache=session_cache)
+    result = build(
+        str(tiny_bert), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path), "--json", cache=session_cache
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)["report"]
     assert report["task"] == "feature-extraction"
@@ -83,31 +102,54 @@ def test_encoder_build_measures_cosine_similarity(tiny_bert, session_cache, tmp_
 
 def _strict_profile(tmp_path: Path) -> Path:
     path = tmp_path / "strict-int4.toml"
-    path.write_text('schema_version = 1\nname = "strict-int4"\nprecision = "int4"\n'
-                    '[[steps]]\nname = "export"\n[[steps]]\nname = "quantize"\nbits = 4\nhead_bits = 4\n'
-                    'embedding_bits = 4\n[[steps]]\nname = "validate"\n'
-                    '[quality]\nmax_perplexity_increase = 0.0\nmin_top1_agreement = 1.0\n')
+    path.write_text(
+        'schema_version = 1\nname = "strict-int4"\nprecision = "int4"\n'
+        '[[steps]]\nname = "export"\n[[steps]]\nname = "quantize"\nbits = 4\nhead_bits = 4\n'
+        'embedding_bits = 4\n[[steps]]\nname = "validate"\n'
+        "[quality]\nmax_perplexity_increase = 0.0\nmin_top1_agreement = 1.0\n"
+    )
     return path
 
 
 def test_quality_gate_failure_writes_nothing_and_shows_the_numbers(tiny_llama, session_cache, tmp_path):
     out = tmp_path / "dist"
-    result = build(str(tiny_llama), "--target", "cpu-x86", "--profile", str(_strict_profile(tmp_path)),
-                   "-o", str(out), cache=session_cache)
+    result = build(
+        str(tiny_llama),
+        "--target",
+        "cpu-x86",
+        "--profile",
+        str(_strict_profile(tmp_path)),
+        "-o",
+        str(out),
+        cache=session_cache,
+    )
     assert result.exit_code == 8
     assert "quality gate" in result.output and "allowed +0.00%" in result.output
     assert not out.exists() or not any(out.iterdir())
-    kept = build(str(tiny_llama), "--target", "cpu-x86", "--profile", str(_strict_profile(tmp_path)),
-                 "-o", str(out), "--allow-quality-loss", "--json", cache=session_cache)
+    kept = build(
+        str(tiny_llama),
+        "--target",
+        "cpu-x86",
+        "--profile",
+        str(_strict_profile(tmp_path)),
+        "-o",
+        str(out),
+        "--allow-quality-loss",
+        "--json",
+        cache=session_cache,
+    )
     assert kept.exit_code == 0
     assert json.loads(kept.stdout)["report"]["quality"]["gate"] == "overridden"
 
 
-@pytest.mark.parametrize("args,code,fragment", [
-    (["--target", "z80"], 4, "unknown target"),
-    (["--target", "cpu-x86", "--profile", "fp16"], 5, "does not support"),
-    (["--target", "cpu-x86", "--profile", "nope"], 4, "unknown profile"),
-])
+@pytest.mark.parametrize(
+    "args,code,fragment",
+    [
+        (["--target", "z80"], 4, "unknown target"),
+        (["--target", "cpu-x86", "--profile", "fp16"], 5, "does not support"),
+        (["--target", "cpu-x86", "--profile", "nope"], 4, "unknown profile"),
+    ],
+)
 def test_bad_requests_fail_before_any_work(tiny_llama, tmp_path, args, code, fragment):
     result = build(str(tiny_llama), *args, "-o", str(tmp_path / "dist"), cache=tmp_path / "cache")
     assert result.exit_code == code
@@ -132,8 +174,9 @@ def test_int4_embedding_reads_the_tied_8bit_head(tiny_llama, session_cache, tmp_
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    result = build(str(tiny_llama), "--target", "cpu-x86", "--profile", "int4", "-o", str(tmp_path), "--json",
-                   cache=session_cache)
+    result = build(
+        str(tiny_llama), "--target", "cpu-x86", "--profile", "int4", "-o", str(tmp_path), "--json", cache=session_cache
+    )
     assert result.exit_code == 0, result.output
     steps = {s["step"]: s for s in json.loads(result.stdout)["report"]["steps"]}
     assert steps["quantize"]["metrics"]["embedding_shares_head"] is True
@@ -144,8 +187,14 @@ def test_int4_embedding_reads_the_tied_8bit_head(tiny_llama, session_cache, tmp_
     assert head.op_type == "MatMulNBits" and {a.name: a.i for a in head.attribute}["bits"] == 8
     embedding = next(n for n in model.graph.node if n.op_type == "Reshape" and n.input[0].endswith("_d"))
     inits = {i.name: i for i in model.graph.initializer}
-    assert sum(1 for i in inits.values() if list(i.dims)[:1] == [512] and i.data_type == TensorProto.FLOAT
-               and len(i.dims) == 2 and i.dims[1] == 64) == 0  # no fp32 [vocab, hidden] table left
+    assert (
+        sum(
+            1
+            for i in inits.values()
+            if list(i.dims)[:1] == [512] and i.data_type == TensorProto.FLOAT and len(i.dims) == 2 and i.dims[1] == 64
+        )
+        == 0
+    )  # no fp32 [vocab, hidden] table left
     # run the graph up to the embedding and compare with the fp32 export's table
     model.graph.output.append(helper.make_tensor_value_info(embedding.output[0], TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -154,8 +203,8 @@ def test_int4_embedding_reads_the_tied_8bit_head(tiny_llama, session_cache, tmp_
     for i in session.get_inputs():
         if i.name.startswith("past_key_values."):
             feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
-    rows = session.run([embedding.output[0]], feed)[0][0]                 # [5, hidden]
-    scales = numpy_helper.to_array(inits[head.input[2]])[ids[0]]            # [5, blocks]
+    rows = session.run([embedding.output[0]], feed)[0][0]  # [5, hidden]
+    scales = numpy_helper.to_array(inits[head.input[2]])[ids[0]]  # [5, blocks]
     weight = numpy_helper.to_array(inits[head.input[1]])[ids[0]].astype(np.float32) - 128
     np.testing.assert_array_equal(rows, (weight * scales[..., None]).reshape(rows.shape))
     from safetensors.numpy import load_file
@@ -170,20 +219,24 @@ def test_optimum_exports_what_the_builder_does_not(llama_variant_optimum, tiny_b
     assert (info["exporter"], info["kv_padding"]) == ("optimum", "left")
     ops = {n.op_type for n in onnx.load(str(llama_variant_optimum / "model" / "model.onnx")).graph.node}
     assert "GroupQueryAttention" not in ops and "MatMulNBits" in ops
-    result = build(str(tiny_bert), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path), "--json",
-                   cache=session_cache)
+    result = build(
+        str(tiny_bert), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path), "--json", cache=session_cache
+    )
     assert result.exit_code == 0, result.output
     export = next(s for s in json.loads(result.stdout)["report"]["steps"] if s["step"] == "export")
     assert export["metrics"]["exporter"] == "optimum"
 
 
-@pytest.mark.parametrize("config,wanted,expected", [
-    ({"architectures": ["LlamaForCausalLM"]}, "auto", "onnxruntime-genai"),
-    ({"architectures": ["LlamaForCausalLM"]}, "optimum", "optimum"),
-    ({"architectures": ["GPT2LMHeadModel"]}, "auto", "optimum"),
-    ({"architectures": ["GPTNeoXForCausalLM"]}, "auto", "optimum"),
-    ({"architectures": ["BertModel"]}, "auto", "optimum"),
-])
+@pytest.mark.parametrize(
+    "config,wanted,expected",
+    [
+        ({"architectures": ["LlamaForCausalLM"]}, "auto", "onnxruntime-genai"),
+        ({"architectures": ["LlamaForCausalLM"]}, "optimum", "optimum"),
+        ({"architectures": ["GPT2LMHeadModel"]}, "auto", "optimum"),
+        ({"architectures": ["GPTNeoXForCausalLM"]}, "auto", "optimum"),
+        ({"architectures": ["BertModel"]}, "auto", "optimum"),
+    ],
+)
 def test_exporter_choice(config, wanted, expected):
     from lmpack.steps.export import choose_exporter, model_task
 
@@ -199,10 +252,13 @@ def test_the_builder_is_refused_for_what_it_cannot_make():
         choose_exporter({"architectures": ["BertModel"]}, "feature-extraction", "onnxruntime-genai")
 
 
-@pytest.mark.parametrize("architecture,model_type,fragments", [
-    ("T5ForConditionalGeneration", "t5", ("T5ForConditionalGeneration", "ForCausalLM")),
-    ("WeirdForCausalLM", "weird", ("'weird'", "llama")),  # the message lists the model types optimum exports
-])
+@pytest.mark.parametrize(
+    "architecture,model_type,fragments",
+    [
+        ("T5ForConditionalGeneration", "t5", ("T5ForConditionalGeneration", "ForCausalLM")),
+        ("WeirdForCausalLM", "weird", ("'weird'", "llama")),  # the message lists the model types optimum exports
+    ],
+)
 def test_unsupported_models_are_named(model_copy, tiny_llama, tmp_path, architecture, model_type, fragments):
     odd = _with_config(model_copy, tiny_llama, architectures=[architecture], model_type=model_type)
     result = build(str(odd), "--target", "cpu-x86", "-o", str(tmp_path / "dist"), cache=tmp_path / "cache")
@@ -223,12 +279,15 @@ def test_disk_full_leaves_nothing_behind(tiny_llama, session_cache, tmp_path):
     """A real full disk: the variant is written to a 300 KiB tmpfs that cannot hold it."""
     out = tmp_path / "small-disk"
     out.mkdir()
-    warm = build(str(tiny_llama), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path / "warm"),
-                 cache=session_cache)
+    warm = build(
+        str(tiny_llama), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path / "warm"), cache=session_cache
+    )
     assert warm.exit_code == 0
-    script = (f"mount -t tmpfs -o size=300k tmpfs {out} && "
-              f"{sys.executable} -m lmpack build {tiny_llama} --target cpu-x86 --profile int8 -o {out} "
-              f"--cache-dir {session_cache}; code=$?; ls -A {out}; exit $code")
+    script = (
+        f"mount -t tmpfs -o size=300k tmpfs {out} && "
+        f"{sys.executable} -m lmpack build {tiny_llama} --target cpu-x86 --profile int8 -o {out} "
+        f"--cache-dir {session_cache}; code=$?; ls -A {out}; exit $code"
+    )
     result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 9, result.stderr
     assert "disk full" in result.stderr
@@ -239,10 +298,22 @@ def test_fp16_path_runs_where_the_target_allows_it(tiny_llama, session_cache, tm
     """fp16 is planned only for targets that list it; onnxruntime's CPU provider runs fp16 graphs too."""
     shipped = (Path(__file__).parents[1] / "targets" / "cpu-x86.toml").read_text()
     target = tmp_path / "cpu-fp16.toml"
-    target.write_text(shipped.replace('name = "cpu-x86"', 'name = "cpu-fp16"')
-                      .replace('precisions = ["fp32", "int8", "int4"]', 'precisions = ["fp32", "fp16", "int8"]'))
-    result = build(str(tiny_llama), "--target", str(target), "--profile", "fp16", "-o", str(tmp_path), "--json",
-                   cache=session_cache)
+    target.write_text(
+        shipped.replace('name = "cpu-x86"', 'name = "cpu-fp16"').replace(
+            'precisions = ["fp32", "int8", "int4"]', 'precisions = ["fp32", "fp16", "int8"]'
+        )
+    )
+    result = build(
+        str(tiny_llama),
+        "--target",
+        str(target),
+        "--profile",
+        "fp16",
+        "-o",
+        str(tmp_path),
+        "--json",
+        cache=session_cache,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)["report"]
     assert report["quality"]["gate"] == "passed"
@@ -252,8 +323,19 @@ def test_fp16_path_runs_where_the_target_allows_it(tiny_llama, session_cache, tm
 
 
 def test_build_can_emit_a_bundle(tiny_llama, session_cache, tmp_path):
-    result = build(str(tiny_llama), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path),
-                   "--bundle", "tiny:1.2.0", "--json", cache=session_cache)
+    result = build(
+        str(tiny_llama),
+        "--target",
+        "cpu-x86",
+        "--profile",
+        "int8",
+        "-o",
+        str(tmp_path),
+        "--bundle",
+        "tiny:1.2.0",
+        "--json",
+        cache=session_cache,
+    )
     assert result.exit_code == 0, result.output
     bundle = Path(json.loads(result.stdout)["bundle"]["path"])
     assert bundle == tmp_path / "tiny-1.2.0.lmpack" and bundle.is_file()
@@ -262,8 +344,16 @@ def test_build_can_emit_a_bundle(tiny_llama, session_cache, tmp_path):
 
 
 def test_a_malformed_bundle_spec_fails_before_any_work(tiny_llama, tmp_path):
-    result = build(str(tiny_llama), "--target", "cpu-x86", "--bundle", "tiny", "-o", str(tmp_path / "dist"),
-                   cache=tmp_path / "cache")
+    result = build(
+        str(tiny_llama),
+        "--target",
+        "cpu-x86",
+        "--bundle",
+        "tiny",
+        "-o",
+        str(tmp_path / "dist"),
+        cache=tmp_path / "cache",
+    )
     assert result.exit_code == 3 and "NAME:VERSION" in result.output
     assert not (tmp_path / "cache").exists()
 
@@ -271,8 +361,9 @@ def test_a_malformed_bundle_spec_fails_before_any_work(tiny_llama, tmp_path):
 def test_a_failing_builder_names_itself_and_its_last_output(model_copy, tiny_llama, tmp_path):
     """A Llama the builder cannot read (its config lies about the hidden size): exit 11, one clear line."""
     broken = _with_config(model_copy, tiny_llama, hidden_size=96)
-    result = build(str(broken), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path / "dist"),
-                   cache=tmp_path / "cache")
+    result = build(
+        str(broken), "--target", "cpu-x86", "--profile", "int8", "-o", str(tmp_path / "dist"), cache=tmp_path / "cache"
+    )
     assert result.exit_code == 11, result.output
     assert "error: onnxruntime-genai's builder failed: RuntimeError" in result.output
     assert "size mismatch" in result.output and "ONNX export of" not in result.output  # said once, not re-wrapped

@@ -22,8 +22,9 @@ def test_every_shipped_profile_plans_on_a_target_that_supports_it():
         assert [s.label for s in plan.steps].count("export") == 1
 
 
-@pytest.mark.parametrize("target,profile,reason", [("cpu-x86", "fp16", "does not support"),
-                                                   ("cpu-arm64", "fp16", "fp16")])
+@pytest.mark.parametrize(
+    "target,profile,reason", [("cpu-x86", "fp16", "does not support"), ("cpu-arm64", "fp16", "fp16")]
+)
 def test_impossible_pairs_are_refused_with_the_reason(target, profile, reason):
     with pytest.raises(PlanError) as error:
         api.plan(target=target, profile=profile)
@@ -41,15 +42,26 @@ def _profile(tmp_path, body: str):
     return str(path)
 
 
-@pytest.mark.parametrize("body,error,fragment", [
-    ('[[steps]]\nname = "export"\n[[steps]]\nname = "compress"\n', ConfigError, "unknown step 'compress'"),
-    ('[[steps]]\nname = "export"\n[[steps]]\nname = "quantize"\nbitz = 8\n', ConfigError, "unknown parameter 'bitz'"),
-    ('[[steps]]\nname = "export"\n[[steps]]\nname = "quantize"\nbits = 3\n', ConfigError, "parameter 'bits'"),
-    ('[[steps]]\nname = "export"\n[[steps]]\nname = "quantize"\nsymmetric = "yes"\n', ConfigError, "symmetric"),
-    ('[[steps]]\nname = "quantize"\n', PlanError, "exactly one 'export'"),
-    ('[[steps]]\nname = "export"\n[[steps]]\nname = "prune"\n', PlanError, "before"),
-    ('[[steps]]\nname = "export"\n[quality]\nmax_perplexity_increase = -1\n', ConfigError, "max_perplexity_increase"),
-])
+@pytest.mark.parametrize(
+    "body,error,fragment",
+    [
+        ('[[steps]]\nname = "export"\n[[steps]]\nname = "compress"\n', ConfigError, "unknown step 'compress'"),
+        (
+            '[[steps]]\nname = "export"\n[[steps]]\nname = "quantize"\nbitz = 8\n',
+            ConfigError,
+            "unknown parameter 'bitz'",
+        ),
+        ('[[steps]]\nname = "export"\n[[steps]]\nname = "quantize"\nbits = 3\n', ConfigError, "parameter 'bits'"),
+        ('[[steps]]\nname = "export"\n[[steps]]\nname = "quantize"\nsymmetric = "yes"\n', ConfigError, "symmetric"),
+        ('[[steps]]\nname = "quantize"\n', PlanError, "exactly one 'export'"),
+        ('[[steps]]\nname = "export"\n[[steps]]\nname = "prune"\n', PlanError, "before"),
+        (
+            '[[steps]]\nname = "export"\n[quality]\nmax_perplexity_increase = -1\n',
+            ConfigError,
+            "max_perplexity_increase",
+        ),
+    ],
+)
 def test_bad_profiles_are_rejected_naming_the_problem(tmp_path, body, error, fragment):
     path = _profile(tmp_path, body)
     with pytest.raises(error) as raised:

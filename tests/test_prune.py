@@ -23,14 +23,17 @@ from lmpack.steps.prune import PruneParams, PruneStep
 LOOSE_GATE = "[quality]\nmax_perplexity_increase = 2.0\nmin_top1_agreement = 0.3\n"
 
 
-def write_profile(tmp_path: Path, prune: str, *, name: str = "test-pruned", precision: str = "int8",
-                  quality: str = LOOSE_GATE) -> Path:
+def write_profile(
+    tmp_path: Path, prune: str, *, name: str = "test-pruned", precision: str = "int8", quality: str = LOOSE_GATE
+) -> Path:
     """A profile: prune (with the given parameter lines) > export > [int8 quantize] > validate."""
     quantize = '[[steps]]\nname = "quantize"\nmethod = "matmul_nbits"\nbits = 8\n' if precision == "int8" else ""
     path = tmp_path / f"{name}.toml"
-    path.write_text(f'schema_version = 1\nname = "{name}"\nprecision = "{precision}"\n'
-                    f'[[steps]]\nname = "prune"\n{prune}\n[[steps]]\nname = "export"\n{quantize}'
-                    f'[[steps]]\nname = "validate"\n{quality}')
+    path.write_text(
+        f'schema_version = 1\nname = "{name}"\nprecision = "{precision}"\n'
+        f'[[steps]]\nname = "prune"\n{prune}\n[[steps]]\nname = "export"\n{quantize}'
+        f'[[steps]]\nname = "validate"\n{quality}'
+    )
     return path
 
 
@@ -52,7 +55,7 @@ def layer_linear_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_layer_drop_build_is_smaller_and_judged_against_the_unpruned_model(tiny_llama, tmp_path):
-    profile = write_profile(tmp_path, "method = \"layers\"\ndrop_layers = 1")
+    profile = write_profile(tmp_path, 'method = "layers"\ndrop_layers = 1')
     result = api.build(str(tiny_llama), target="cpu-x86", profile=str(profile), output_dir=tmp_path / "dist")
     report = result.report
     model_dir = result.variant_dir / "model"
@@ -131,8 +134,7 @@ def test_magnitude_2_4_keeps_two_of_every_four(tiny_llama, tmp_path):
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_bert"])
 def test_unstructured_magnitude_reaches_the_requested_sparsity(model, tmp_path, request):
     out = tmp_path / "sparse"
-    metrics = run_prune(request.getfixturevalue(model), out, method="magnitude", pattern="unstructured",
-                        sparsity=0.7)
+    metrics = run_prune(request.getfixturevalue(model), out, method="magnitude", pattern="unstructured", sparsity=0.7)
     assert metrics["sparsity"] == pytest.approx(0.7, abs=0.01)
     weights = layer_linear_weights(out)
     assert weights
@@ -158,12 +160,15 @@ def test_sparse_fp16_plans_on_gpus_with_2_4_kernels(target):
 
 def test_unstructured_profile_plans_only_where_the_target_lists_it(tmp_path):
     target = tmp_path / "sparse-cpu.toml"
-    target.write_text('schema_version = 1\nname = "sparse-cpu"\nmemory_gib = 8\nprecisions = ["fp32", "int8"]\n'
-                      'execution_providers = ["CPUExecutionProvider"]\nplatform_tag = "manylinux_2_28_x86_64"\n'
-                      'python = "3.11"\ndefault_profile = "fp32"\nsparsity = ["unstructured"]\n'
-                      '[cpu]\narch = "x86_64"\nisa = ["avx2", "fma"]\n')
-    profile = write_profile(tmp_path, 'method = "magnitude"\npattern = "unstructured"\nsparsity = 0.6',
-                            name="sparse-fp32", precision="fp32")
+    target.write_text(
+        'schema_version = 1\nname = "sparse-cpu"\nmemory_gib = 8\nprecisions = ["fp32", "int8"]\n'
+        'execution_providers = ["CPUExecutionProvider"]\nplatform_tag = "manylinux_2_28_x86_64"\n'
+        'python = "3.11"\ndefault_profile = "fp32"\nsparsity = ["unstructured"]\n'
+        '[cpu]\narch = "x86_64"\nisa = ["avx2", "fma"]\n'
+    )
+    profile = write_profile(
+        tmp_path, 'method = "magnitude"\npattern = "unstructured"\nsparsity = 0.6', name="sparse-fp32", precision="fp32"
+    )
     plan = api.plan(target=str(target), profile=str(profile))
     assert plan.target.sparsity == ["unstructured"] and "fp32" in plan.target.precisions
     assert [s.label for s in plan.steps] == ["pull", "reference", "prune", "export", "validate"]
@@ -174,17 +179,23 @@ def test_unstructured_profile_plans_only_where_the_target_lists_it(tmp_path):
 
 @pytest.mark.parametrize("model,drop,fragment", [("tiny_llama", 3, "at most 2"), ("tiny_bert", 1, "at most 0")])
 def test_dropping_too_many_layers_is_refused(model, drop, fragment, tmp_path, request):
-    profile = write_profile(tmp_path, f"method = \"layers\"\ndrop_layers = {drop}")
-    result = cli_build(str(request.getfixturevalue(model)), "--target", "cpu-x86", "--profile", str(profile),
-                       "-o", str(tmp_path / "d"))
+    profile = write_profile(tmp_path, f'method = "layers"\ndrop_layers = {drop}')
+    result = cli_build(
+        str(request.getfixturevalue(model)), "--target", "cpu-x86", "--profile", str(profile), "-o", str(tmp_path / "d")
+    )
     assert result.exit_code == 6
     assert f"cannot drop {drop} of" in result.output and fragment in result.output
     assert "drop_layers" in result.output  # the hint names the parameter to change
     assert not (tmp_path / "d").exists()
 
 
-@pytest.mark.parametrize("prune,fragment", [('method = "layers"\ndrop_layers = 0', "drop_layers must be at least 1"),
-                                            ('method = "magnitude"\npattern = "2:4"\nsparsity = 0.6', "'2:4'")])
+@pytest.mark.parametrize(
+    "prune,fragment",
+    [
+        ('method = "layers"\ndrop_layers = 0', "drop_layers must be at least 1"),
+        ('method = "magnitude"\npattern = "2:4"\nsparsity = 0.6', "'2:4'"),
+    ],
+)
 def test_bad_prune_parameters_are_config_errors(tiny_llama, tmp_path, prune, fragment):
     profile = write_profile(tmp_path, prune)
     result = cli_build(str(tiny_llama), "--target", "a100", "--profile", str(profile), "-o", str(tmp_path / "d"))

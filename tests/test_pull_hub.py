@@ -17,8 +17,12 @@ from lmpack.errors import SourceError
 REPO = "lmpack-tests/tiny-llama"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Files a repo often carries that lmpack must never fetch (other frameworks, training state).
-UNWANTED = {"pytorch_model.bin": b"pickle bytes", "onnx/model.onnx": b"onnx bytes",
-            "flax_model.msgpack": b"flax bytes", "optimizer.pt": b"optimizer state"}
+UNWANTED = {
+    "pytorch_model.bin": b"pickle bytes",
+    "onnx/model.onnx": b"onnx bytes",
+    "flax_model.msgpack": b"flax bytes",
+    "optimizer.pt": b"optimizer state",
+}
 
 
 def pull_json(lmpack_cli, *args) -> dict:
@@ -30,9 +34,13 @@ def pull_json(lmpack_cli, *args) -> dict:
 def lmpack_process(*args: str, **env: str) -> subprocess.CompletedProcess:
     """The real `lmpack` in a child process: huggingface_hub reads HF_HUB_OFFLINE there at import, as for a user."""
     pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-c", "from lmpack.cli.main import main; main()", *args],
-                          env={**os.environ, "PYTHONPATH": pythonpath, **env}, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", "from lmpack.cli.main import main; main()", *args],
+        env={**os.environ, "PYTHONPATH": pythonpath, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def torch_checkpoint_of(directory: Path, shards: int = 1) -> dict[str, bytes | str]:
@@ -176,8 +184,9 @@ def test_pickle_only_repo_is_refused(pickle_repo, lmpack_cli):
     result = lmpack_cli("pull", REPO)
     assert result.exit_code == 7, result.output
     assert "pickle" in result.stderr and "--allow-pickle" in result.stderr
-    assert not any(name.startswith("pytorch_model") or name.endswith(".pt")
-                   for name in pickle_repo.files_requested(REPO))
+    assert not any(
+        name.startswith("pytorch_model") or name.endswith(".pt") for name in pickle_repo.files_requested(REPO)
+    )
 
 
 def test_allow_pickle_converts_to_safetensors(pickle_repo, lmpack_cli, tiny_llama, tmp_path):
@@ -199,8 +208,12 @@ def test_allow_pickle_converts_to_safetensors(pickle_repo, lmpack_cli, tiny_llam
 def remote_code_repo(fake_hub, model_copy, tiny_llama):
     config = json.loads((tiny_llama / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
-    fake_hub.add_repo(REPO, model_copy("remote-code-repo", files={"config.json": json.dumps(config),
-                                                                  "modeling_tiny.py": "raise SystemExit\n"}))
+    fake_hub.add_repo(
+        REPO,
+        model_copy(
+            "remote-code-repo", files={"config.json": json.dumps(config), "modeling_tiny.py": "raise SystemExit\n"}
+        ),
+    )
     return fake_hub
 
 

@@ -7,8 +7,14 @@ import os
 import struct
 from pathlib import Path
 
-EXTRAS = {"pytorch_model.bin": b"pickle bytes", "optimizer.pt": b"optimizer state", "onnx/model.onnx": b"onnx",
-          "flax_model.msgpack": b"flax", "notes.txt": "scratch notes", ".git/config": "[core]\n"}
+EXTRAS = {
+    "pytorch_model.bin": b"pickle bytes",
+    "optimizer.pt": b"optimizer state",
+    "onnx/model.onnx": b"onnx",
+    "flax_model.msgpack": b"flax",
+    "notes.txt": "scratch notes",
+    ".git/config": "[core]\n",
+}
 
 
 def files_under(directory: Path) -> set[str]:

@@ -42,8 +42,22 @@ def real_cache(tmp_path_factory) -> Path:
 
 
 def _build(model: Path, profile: str, out: Path, cache: Path) -> dict:
-    result = CliRunner().invoke(cli, ["build", str(model), "--target", "cpu-x86", "--profile", profile,
-                                      "-o", str(out), "--cache-dir", str(cache), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            str(model),
+            "--target",
+            "cpu-x86",
+            "--profile",
+            profile,
+            "-o",
+            str(out),
+            "--cache-dir",
+            str(cache),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output[-2000:]
     return json.loads(result.stdout)["report"]
 

@@ -18,8 +18,15 @@ def test_required_targets_are_shipped():
     assert REQUIRED <= {t.name for t in list_targets()}
 
 
-@pytest.mark.parametrize("name,absent", [("t4", {"bf16", "fp8", "tf32"}), ("a100", {"fp8"}), ("jetson-orin", {"fp8"}),
-                                         ("cpu-x86", {"fp16", "bf16", "fp8"})])
+@pytest.mark.parametrize(
+    "name,absent",
+    [
+        ("t4", {"bf16", "fp8", "tf32"}),
+        ("a100", {"fp8"}),
+        ("jetson-orin", {"fp8"}),
+        ("cpu-x86", {"fp16", "bf16", "fp8"}),
+    ],
+)
 def test_precision_matrix_excludes_what_the_hardware_lacks(name, absent):
     assert not absent & set(load_target(name).precisions)
 
@@ -56,20 +63,27 @@ def test_target_by_path_and_user_directory_override(tmp_path, monkeypatch):
     assert load_target(str(path)).name == "edge-box"
     user_dir = tmp_path / "home" / "targets"
     user_dir.mkdir(parents=True)
-    (user_dir / "cpu-x86.toml").write_text(VALID.replace('"edge-box"', '"cpu-x86"').replace("memory_gib = 4", "memory_gib = 3"))
+    (user_dir / "cpu-x86.toml").write_text(
+        VALID.replace('"edge-box"', '"cpu-x86"').replace("memory_gib = 4", "memory_gib = 3")
+    )
     monkeypatch.setenv("LMPACK_HOME", str(tmp_path / "home"))
     assert load_target("cpu-x86").memory_gib == 3
 
 
-@pytest.mark.parametrize("edit,field", [
-    (lambda s: s.replace('precisions = ["fp32", "int8"]', 'precisions = ["fp32", "int9"]'), "precisions"),
-    (lambda s: s.replace("memory_gib = 4", 'memory_gib = "four"'), "memory_gib"),
-    (lambda s: s + 'colour = "blue"\n', "colour"),
-    (lambda s: s.replace('arch = "x86_64"', 'arch = "sparc"'), "cpu.arch"),
-    (lambda s: s.replace('python = "3.11"\n', ""), "python"),
-    (lambda s: s.replace('["CPUExecutionProvider"]', '["CUDAExecutionProvider", "CPUExecutionProvider"]'),
-     "execution_providers"),
-])
+@pytest.mark.parametrize(
+    "edit,field",
+    [
+        (lambda s: s.replace('precisions = ["fp32", "int8"]', 'precisions = ["fp32", "int9"]'), "precisions"),
+        (lambda s: s.replace("memory_gib = 4", 'memory_gib = "four"'), "memory_gib"),
+        (lambda s: s + 'colour = "blue"\n', "colour"),
+        (lambda s: s.replace('arch = "x86_64"', 'arch = "sparc"'), "cpu.arch"),
+        (lambda s: s.replace('python = "3.11"\n', ""), "python"),
+        (
+            lambda s: s.replace('["CPUExecutionProvider"]', '["CUDAExecutionProvider", "CPUExecutionProvider"]'),
+            "execution_providers",
+        ),
+    ],
+)
 def test_invalid_target_names_file_and_field(tmp_path, edit, field):
     path = tmp_path / "bad.toml"
     path.write_text(edit(VALID))

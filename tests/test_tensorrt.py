@@ -22,8 +22,10 @@ DECODER = {"task": "text-generation", "num_layers": 2, "num_kv_heads": 3, "head_
 
 def _profile(tmp_path: Path, precision: str, tensorrt_params: str = "") -> str:
     path = tmp_path / "trt.toml"
-    path.write_text(f'schema_version = 1\nname = "trt"\nprecision = "{precision}"\n'
-                    f'[[steps]]\nname = "export"\n[[steps]]\nname = "tensorrt"\n{tensorrt_params}')
+    path.write_text(
+        f'schema_version = 1\nname = "trt"\nprecision = "{precision}"\n'
+        f'[[steps]]\nname = "export"\n[[steps]]\nname = "tensorrt"\n{tensorrt_params}'
+    )
     return str(path)
 
 
@@ -41,8 +43,9 @@ def test_sparse_weights_need_sparse_kernels(tmp_path):
 
 
 def test_bad_shape_ranges_are_config_errors(tmp_path):
-    result = CliRunner().invoke(cli, ["profiles", "show", _profile(tmp_path, "fp16", "min_batch = 4\nmax_batch = 2\n"),
-                                      "--target", "a100"])
+    result = CliRunner().invoke(
+        cli, ["profiles", "show", _profile(tmp_path, "fp16", "min_batch = 4\nmax_batch = 2\n"), "--target", "a100"]
+    )
     assert result.exit_code == 3 and "max_batch" in result.output
 
 
@@ -75,8 +78,22 @@ def test_provider_options_follow_target_and_precision(tmp_path, precision, flag)
 @pytest.mark.skipif(gpu_facts() is not None, reason="this machine has an NVIDIA GPU")
 def test_without_a_gpu_the_build_fails_clearly_and_writes_nothing(tiny_llama, session_cache, tmp_path):
     out = tmp_path / "dist"
-    result = CliRunner().invoke(cli, ["build", str(tiny_llama), "--target", "a100", "--profile", "fp16-trt",
-                                      "-o", str(out), "--cache-dir", str(session_cache), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            str(tiny_llama),
+            "--target",
+            "a100",
+            "--profile",
+            "fp16-trt",
+            "-o",
+            str(out),
+            "--cache-dir",
+            str(session_cache),
+            "--json",
+        ],
+    )
     assert result.exit_code == 11
     assert "needs an NVIDIA GPU" in json.loads(result.stdout)["error"]["message"]
     assert not out.exists()
@@ -94,7 +111,6 @@ def _has_tensorrt_provider() -> bool:
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not _has_tensorrt_provider(), reason="needs an NVIDIA GPU and onnxruntime's TensorRT provider")
 def test_engine_build_records_its_facts(tiny_llama, session_cache, tmp_path):
-    result = api.build(str(tiny_llama), target="a100", profile="fp16-trt", output_dir=tmp_path,
-                       cache_dir=session_cache)
+    result = api.build(str(tiny_llama), target="a100", profile="fp16-trt", output_dir=tmp_path, cache_dir=session_cache)
     info = json.loads((result.variant_dir / "model" / "lmpack-model.json").read_text())
     assert info["tensorrt"]["compute_capability"] and (result.variant_dir / "model" / "model_ctx.onnx").is_file()

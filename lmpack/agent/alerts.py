@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import operator
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
-    ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne}
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
 SEVERITIES = ("info", "warning", "critical")
 
 
@@ -50,8 +57,8 @@ def default_rules() -> list[Rule]:
 
 @dataclass
 class _State:
-    state: str = "inactive"          # inactive | pending | firing
-    since: float | None = None       # when it turned pending (monotonic)
+    state: str = "inactive"  # inactive | pending | firing
+    since: float | None = None  # when it turned pending (monotonic)
     fired_at: float | None = None
 
 
@@ -82,12 +89,29 @@ class AlertEngine:
         return events
 
     def snapshot(self) -> list[dict[str, Any]]:
-        return [{"name": rule.name, "metric": rule.metric, "op": rule.op, "threshold": rule.threshold,
-                 "for_seconds": rule.for_seconds, "severity": rule.severity,
-                 "state": self._states[rule.name].state} for rule in self.rules]
+        return [
+            {
+                "name": rule.name,
+                "metric": rule.metric,
+                "op": rule.op,
+                "threshold": rule.threshold,
+                "for_seconds": rule.for_seconds,
+                "severity": rule.severity,
+                "state": self._states[rule.name].state,
+            }
+            for rule in self.rules
+        ]
 
 
 def _event(rule: Rule, state: str, value: float | None) -> dict[str, Any]:
-    return {"alert": rule.name, "state": state, "severity": rule.severity, "metric": rule.metric,
-            "value": value, "op": rule.op, "threshold": rule.threshold, "for_seconds": rule.for_seconds,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "alert": rule.name,
+        "state": state,
+        "severity": rule.severity,
+        "metric": rule.metric,
+        "value": value,
+        "op": rule.op,
+        "threshold": rule.threshold,
+        "for_seconds": rule.for_seconds,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

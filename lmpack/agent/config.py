@@ -20,6 +20,7 @@ NOTIFIER_TYPES = ("log", "webhook", "syslog")
 @dataclass(frozen=True)
 class ServerSpec:
     """What to run: a variant directory, or a variant of an installed release (PREFIX/releases/NAME/current)."""
+
     variant: str | None
     prefix: Path | None
     release: str | None
@@ -27,26 +28,27 @@ class ServerSpec:
     port: int
     args: tuple[str, ...]
     drain_seconds: int
-    version: str | None = None   # pinned by a switch: serve PREFIX/releases/NAME/VERSION, not `current`
+    version: str | None = None  # pinned by a switch: serve PREFIX/releases/NAME/VERSION, not `current`
 
 
 @dataclass(frozen=True)
 class Supervision:
-    probe_interval: float = 10.0       # seconds between liveness/readiness probes
+    probe_interval: float = 10.0  # seconds between liveness/readiness probes
     probe_timeout: float = 2.0
-    liveness_failures: int = 3         # consecutive misses before a restart
-    startup_timeout: float = 180.0     # from spawn to ready, else the start failed
-    backoff_initial: float = 10.0      # after a failed start; doubles each time
+    liveness_failures: int = 3  # consecutive misses before a restart
+    startup_timeout: float = 180.0  # from spawn to ready, else the start failed
+    backoff_initial: float = 10.0  # after a failed start; doubles each time
     backoff_max: float = 300.0
 
 
 @dataclass(frozen=True)
 class SwitchPolicy:
     """Version switches ([switch]): how long a new version is on probation and what fails it."""
-    probation_seconds: float = 300.0   # after a switch, repeated crashes within this roll it back
-    probation_failures: int = 2        # restarts (crashes or failed starts) in probation before the rollback
+
+    probation_seconds: float = 300.0  # after a switch, repeated crashes within this roll it back
+    probation_failures: int = 2  # restarts (crashes or failed starts) in probation before the rollback
     alert_window_seconds: float = 900.0  # `switch_failures_recent` counts failed switches and rollbacks this far back
-    backend_wait_seconds: float = 30.0   # the proxy holds a request this long while no backend is ready
+    backend_wait_seconds: float = 30.0  # the proxy holds a request this long while no backend is ready
 
 
 @dataclass(frozen=True)
@@ -97,17 +99,31 @@ def load_agent_config(path: Path) -> AgentConfig:
     notifiers = tuple(_notifier(reader) for reader in top.tables("notifiers")) or (NotifierSpec("log"),)
     top.finish()
     disk_path = Path(disk) if disk else (server.prefix or Path("/"))
-    return AgentConfig(source=str(path), server=server, supervision=supervision, switch=switch, host=host, port=port,
-                       metrics_interval=interval, disk_path=disk_path, rules=rules, notifiers=notifiers)
+    return AgentConfig(
+        source=str(path),
+        server=server,
+        supervision=supervision,
+        switch=switch,
+        host=host,
+        port=port,
+        metrics_interval=interval,
+        disk_path=disk_path,
+        rules=rules,
+        notifiers=notifiers,
+    )
 
 
 def _server(reader: TableReader) -> ServerSpec:
     prefix = reader.str("prefix")
-    spec = ServerSpec(variant=reader.str("variant"), prefix=Path(prefix) if prefix else None,
-                      release=reader.str("release"), host=reader.str("host", "127.0.0.1"),
-                      port=reader.int("port", 8000, minimum=1, maximum=65535),
-                      args=tuple(reader.str_list("args")),
-                      drain_seconds=reader.int("drain_seconds", 30, minimum=0))
+    spec = ServerSpec(
+        variant=reader.str("variant"),
+        prefix=Path(prefix) if prefix else None,
+        release=reader.str("release"),
+        host=reader.str("host", "127.0.0.1"),
+        port=reader.int("port", 8000, minimum=1, maximum=65535),
+        args=tuple(reader.str_list("args")),
+        drain_seconds=reader.int("drain_seconds", 30, minimum=0),
+    )
     reader.finish()
     if spec.prefix is None and spec.variant is None:
         raise ConfigError(f"{reader.source}: [server] needs 'variant' (a variant directory) or 'prefix' and 'release'")
@@ -123,12 +139,14 @@ def _supervision(reader: TableReader | None) -> Supervision:
     if reader is None:
         return Supervision()
     d = Supervision()
-    result = Supervision(probe_interval=reader.float("probe_interval_seconds", d.probe_interval, minimum=0.05),
-                         probe_timeout=reader.float("probe_timeout_seconds", d.probe_timeout, minimum=0.05),
-                         liveness_failures=reader.int("liveness_failures", d.liveness_failures, minimum=1),
-                         startup_timeout=reader.float("startup_timeout_seconds", d.startup_timeout, minimum=1),
-                         backoff_initial=reader.float("backoff_initial_seconds", d.backoff_initial, minimum=0),
-                         backoff_max=reader.float("backoff_max_seconds", d.backoff_max, minimum=0))
+    result = Supervision(
+        probe_interval=reader.float("probe_interval_seconds", d.probe_interval, minimum=0.05),
+        probe_timeout=reader.float("probe_timeout_seconds", d.probe_timeout, minimum=0.05),
+        liveness_failures=reader.int("liveness_failures", d.liveness_failures, minimum=1),
+        startup_timeout=reader.float("startup_timeout_seconds", d.startup_timeout, minimum=1),
+        backoff_initial=reader.float("backoff_initial_seconds", d.backoff_initial, minimum=0),
+        backoff_max=reader.float("backoff_max_seconds", d.backoff_max, minimum=0),
+    )
     reader.finish()
     return result
 
@@ -137,12 +155,12 @@ def _switch(reader: TableReader | None) -> SwitchPolicy:
     if reader is None:
         return SwitchPolicy()
     d = SwitchPolicy()
-    result = SwitchPolicy(probation_seconds=reader.float("probation_seconds", d.probation_seconds, minimum=0),
-                          probation_failures=reader.int("probation_failures", d.probation_failures, minimum=1),
-                          alert_window_seconds=reader.float("alert_window_seconds", d.alert_window_seconds,
-                                                            minimum=0.1),
-                          backend_wait_seconds=reader.float("backend_wait_seconds", d.backend_wait_seconds,
-                                                            minimum=0))
+    result = SwitchPolicy(
+        probation_seconds=reader.float("probation_seconds", d.probation_seconds, minimum=0),
+        probation_failures=reader.int("probation_failures", d.probation_failures, minimum=1),
+        alert_window_seconds=reader.float("alert_window_seconds", d.alert_window_seconds, minimum=0.1),
+        backend_wait_seconds=reader.float("backend_wait_seconds", d.backend_wait_seconds, minimum=0),
+    )
     reader.finish()
     return result
 
@@ -158,22 +176,31 @@ def _rules(readers: list[TableReader], *, defaults: bool) -> tuple[Rule, ...]:
         seen.add(name)
         metric = reader.str("metric", required=True)
         if metric not in METRICS:
-            raise ConfigError(f"{reader.source}: alert rule {name!r} uses unknown metric {metric!r}",
-                              hint=f"known metrics: {', '.join(sorted(METRICS))}")
-        rules[name] = Rule(name=name, metric=metric, op=reader.str("op", required=True, choices=OPERATORS),
-                           threshold=reader.float("threshold", required=True),
-                           for_seconds=reader.float("for_seconds", 0.0, minimum=0),
-                           severity=reader.str("severity", "warning", choices=SEVERITIES))
+            raise ConfigError(
+                f"{reader.source}: alert rule {name!r} uses unknown metric {metric!r}",
+                hint=f"known metrics: {', '.join(sorted(METRICS))}",
+            )
+        rules[name] = Rule(
+            name=name,
+            metric=metric,
+            op=reader.str("op", required=True, choices=OPERATORS),
+            threshold=reader.float("threshold", required=True),
+            for_seconds=reader.float("for_seconds", 0.0, minimum=0),
+            severity=reader.str("severity", "warning", choices=SEVERITIES),
+        )
         reader.finish()
     return tuple(rules.values())
 
 
 def _notifier(reader: TableReader) -> NotifierSpec:
     kind = reader.str("type", required=True, choices=NOTIFIER_TYPES)
-    spec = NotifierSpec(type=kind, url=reader.str("url", required=kind == "webhook"),
-                        timeout=reader.float("timeout_seconds", 5.0, minimum=0.1),
-                        retries=reader.int("retries", 3, minimum=0, maximum=10),
-                        address=reader.str("address", "/dev/log"))
+    spec = NotifierSpec(
+        type=kind,
+        url=reader.str("url", required=kind == "webhook"),
+        timeout=reader.float("timeout_seconds", 5.0, minimum=0.1),
+        retries=reader.int("retries", 3, minimum=0, maximum=10),
+        address=reader.str("address", "/dev/log"),
+    )
     reader.finish()
     if spec.url is not None and not spec.url.startswith(("http://", "https://")):
         raise ConfigError(f"{reader.source}: field '{reader.prefix}url' must be an http:// or https:// URL")

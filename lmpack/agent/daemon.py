@@ -4,8 +4,9 @@ One thread runs the loop (the servers' ticks every half second at most, every 50
 measurements and alert rules every metrics interval); the endpoint serves the latest snapshot from
 another thread, so `lmpack status` answers even while a probe waits out its timeout. Clients reach
 the server through the agent's proxy (proxy.py) on [server] port; POST /switch and /rollback on the
-agent's own port queue a version switch for the loop (switch.py) and wait for its result. The endpoint is the standard library's HTTP server on
-loopback: the agent must keep working when the server's own stack (starlette, uvicorn) is what broke.
+agent's own port queue a version switch for the loop (switch.py) and wait for its result. The endpoint is
+the standard library's HTTP server on loopback: the agent must keep working when the server's own stack
+(starlette, uvicorn) is what broke.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 from lmpack.agent.alerts import AlertEngine
 from lmpack.agent.config import AgentConfig
@@ -60,8 +62,9 @@ def _handler(snapshot: Snapshot, control: ControlFn) -> type[BaseHTTPRequestHand
                 if not isinstance(body, dict):
                     raise ValueError("not a JSON object")
             except ValueError as exc:
-                self._send(400, json.dumps({"error": {"message": f"bad request body: {exc}"}}).encode(),
-                           "application/json")
+                self._send(
+                    400, json.dumps({"error": {"message": f"bad request body: {exc}"}}).encode(), "application/json"
+                )
                 return
             code, document = control(self.path, body)
             self._send(code, json.dumps(document, sort_keys=True, default=str).encode(), "application/json")
@@ -73,8 +76,11 @@ def _handler(snapshot: Snapshot, control: ControlFn) -> type[BaseHTTPRequestHand
             elif self.path == "/metrics":
                 self._send(200, render_prometheus(values).encode(), "text/plain; version=0.0.4; charset=utf-8")
             else:
-                self._send(404, b'{"error": "not found: try /status or /metrics (POST /switch, /rollback)"}',
-                           "application/json")
+                self._send(
+                    404,
+                    b'{"error": "not found: try /status or /metrics (POST /switch, /rollback)"}',
+                    "application/json",
+                )
 
         def _send(self, code: int, body: bytes, media_type: str) -> None:
             self.send_response(code)
@@ -93,7 +99,7 @@ class Agent:
     def __init__(self, config: AgentConfig):
         self.config = config
         self.stopping = threading.Event()
-        self.wake = threading.Event()        # a signal or a queued switch: run the loop now
+        self.wake = threading.Event()  # a signal or a queued switch: run the loop now
         self.proxy = Proxy(config.server.host, config.server.port, wait_seconds=config.switch.backend_wait_seconds)
         self.switcher = VersionSwitcher(config, self.proxy, wake=self.wake.set)
         self.host = HostSampler(config.disk_path)
@@ -109,7 +115,7 @@ class Agent:
         try:
             version = body.get("version") if path == "/switch" else None
             if path == "/switch" and not isinstance(version, str):
-                return 400, {"error": {"message": "POST /switch needs a \"version\""}}
+                return 400, {"error": {"message": 'POST /switch needs a "version"'}}
             prefix = body.get("prefix")
             future = self.switcher.request(str(body.get("name")), version, None if prefix is None else str(prefix))
             timeout = self.config.supervision.startup_timeout + self.config.server.drain_seconds + 60
@@ -125,23 +131,32 @@ class Agent:
         if self.scrape.url != f"{server['url']}/metrics":  # a switch: the new server's counters start fresh
             self.scrape = ServerScrape(server["url"], timeout=self.config.supervision.probe_timeout)
         gpu = gpu_sample()
-        values: dict[str, Any] = {**self.host.sample(server["pid"]),
-                                  **(self.scrape.sample() if server["live"] else {}),
-                                  **{k: v for k, v in gpu.items() if k.startswith("gpu_")},
-                                  "server_up": 1.0 if server["pid"] else 0.0, "server_live": float(server["live"]),
-                                  "server_ready": float(server["ready"]),
-                                  "server_restarts_total": float(server["restarts_total"]),
-                                  "server_restarts_15m": float(server["restarts_15m"]),
-                                  "switch_failures_recent": float(self.switcher.failures_recent())}
+        values: dict[str, Any] = {
+            **self.host.sample(server["pid"]),
+            **(self.scrape.sample() if server["live"] else {}),
+            **{k: v for k, v in gpu.items() if k.startswith("gpu_")},
+            "server_up": 1.0 if server["pid"] else 0.0,
+            "server_live": float(server["live"]),
+            "server_ready": float(server["ready"]),
+            "server_restarts_total": float(server["restarts_total"]),
+            "server_restarts_15m": float(server["restarts_15m"]),
+            "switch_failures_recent": float(self.switcher.failures_recent()),
+        }
         return values, gpu
 
     def publish(self, values: dict[str, Any], gpu: dict[str, Any]) -> None:
-        status = {"agent": {"phase": "stopping" if self.stopping.is_set() else "running",
-                            "uptime_seconds": round(time.monotonic() - self.started, 3),
-                            "config": self.config.source},
-                  "server": self.switcher.active.status(), "switch": self.switcher.status(), "metrics": values,
-                  "gpu": {k: v for k, v in gpu.items() if not k.startswith("gpu_")},
-                  "alerts": self.alerts.snapshot()}
+        status = {
+            "agent": {
+                "phase": "stopping" if self.stopping.is_set() else "running",
+                "uptime_seconds": round(time.monotonic() - self.started, 3),
+                "config": self.config.source,
+            },
+            "server": self.switcher.active.status(),
+            "switch": self.switcher.status(),
+            "metrics": values,
+            "gpu": {k: v for k, v in gpu.items() if not k.startswith("gpu_")},
+            "alerts": self.alerts.snapshot(),
+        }
         self.snapshot.set(status, values)
 
     def run(self) -> int:
@@ -158,8 +173,14 @@ class Agent:
             signal.signal(sig, on_signal)
         self.publish({}, {})
         threading.Thread(target=http.serve_forever, name="lmpack-agent-http", daemon=True).start()
-        log.info("agent on http://%s:%d, clients on http://%s:%d, supervising %s", self.config.host,
-                 http.server_address[1], self.config.server.host, self.proxy.port, self.switcher.active.url)
+        log.info(
+            "agent on http://%s:%d, clients on http://%s:%d, supervising %s",
+            self.config.host,
+            http.server_address[1],
+            self.config.server.host,
+            self.proxy.port,
+            self.switcher.active.url,
+        )
         systemd = SystemdNotifier()
         systemd.ready()
         next_metrics = 0.0
@@ -202,15 +223,19 @@ class Agent:
         try:
             server = ThreadingHTTPServer((self.config.host, self.config.port), _handler(self.snapshot, self.control))
         except OSError as exc:
-            raise AgentError(f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}",
-                             hint="another agent may be running; set [agent] port") from None
+            raise AgentError(
+                f"cannot listen on {self.config.host}:{self.config.port}: {exc.strerror}",
+                hint="another agent may be running; set [agent] port",
+            ) from None
         server.daemon_threads = True
         try:
             self.proxy.start()
         except OSError as exc:
             server.server_close()
-            raise AgentError(f"cannot listen for clients on {self.config.server.host}:{self.config.server.port}: "
-                             f"{exc.strerror}", hint="another server or agent may hold it; set [server] port") from None
+            raise AgentError(
+                f"cannot listen for clients on {self.config.server.host}:{self.config.server.port}: {exc.strerror}",
+                hint="another server or agent may hold it; set [server] port",
+            ) from None
         return server
 
 

@@ -43,7 +43,7 @@ METRICS: dict[str, str] = {
     "gpu_ecc_errors": "GPU 0 uncorrected ECC errors (volatile)",
 }
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -110,8 +110,11 @@ class ServerScrape:
         if delta["requests"] < 0 or elapsed <= 0:  # the server restarted: its counters began again
             return values
         buckets = {bound: count - previous[1]["buckets"].get(bound, 0.0) for bound, count in totals["buckets"].items()}
-        values.update(request_rate=delta["requests"] / elapsed, rejected_rate=delta["rejected"] / elapsed,
-                      error_rate=(delta["errors"] / delta["requests"]) if delta["requests"] else 0.0)
+        values.update(
+            request_rate=delta["requests"] / elapsed,
+            rejected_rate=delta["rejected"] / elapsed,
+            error_rate=(delta["errors"] / delta["requests"]) if delta["requests"] else 0.0,
+        )
         for q, name in ((0.5, "latency_p50_seconds"), (0.95, "latency_p95_seconds"), (0.99, "latency_p99_seconds")):
             values[name] = histogram_quantile(q, buckets)
         return values
@@ -119,8 +122,14 @@ class ServerScrape:
 
 def _totals(samples: list[tuple[str, dict[str, str], float]]) -> dict[str, Any]:
     """Sum the API routes (/v1/...) only: probes and scrapes are not traffic."""
-    totals: dict[str, Any] = {"requests": 0.0, "errors": 0.0, "rejected": 0.0, "queued": None, "active": None,
-                              "buckets": {}}
+    totals: dict[str, Any] = {
+        "requests": 0.0,
+        "errors": 0.0,
+        "rejected": 0.0,
+        "queued": None,
+        "active": None,
+        "buckets": {},
+    }
     for name, labels, value in samples:
         api_route = labels.get("route", "").startswith("/v1/")
         if name == "lmpack_requests_total" and api_route:
@@ -152,9 +161,12 @@ class HostSampler:
 
     def sample(self, pid: int | None) -> dict[str, Any]:
         psutil = self._psutil
-        values: dict[str, Any] = {"host_cpu_percent": psutil.cpu_percent(interval=None),
-                                  "host_memory_percent": psutil.virtual_memory().percent,
-                                  "server_cpu_percent": None, "server_rss_bytes": None}
+        values: dict[str, Any] = {
+            "host_cpu_percent": psutil.cpu_percent(interval=None),
+            "host_memory_percent": psutil.virtual_memory().percent,
+            "server_cpu_percent": None,
+            "server_rss_bytes": None,
+        }
         try:
             values["host_disk_percent"] = psutil.disk_usage(str(self.disk_path)).percent
         except OSError:
@@ -181,15 +193,20 @@ def gpu_sample() -> dict[str, Any]:
                 return {"available": False, "reason": "NVML sees no GPU"}
             handle = pynvml.nvmlDeviceGetHandleByIndex(0)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            values = {"available": True, "name": nvml_text(pynvml.nvmlDeviceGetName(handle)),
-                      "gpu_utilization_percent": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
-                      "gpu_memory_percent": 100.0 * memory.used / memory.total if memory.total else None,
-                      "gpu_temperature_celsius": float(pynvml.nvmlDeviceGetTemperature(handle,
-                                                                                       pynvml.NVML_TEMPERATURE_GPU)),
-                      "gpu_ecc_errors": None}
+            values = {
+                "available": True,
+                "name": nvml_text(pynvml.nvmlDeviceGetName(handle)),
+                "gpu_utilization_percent": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                "gpu_memory_percent": 100.0 * memory.used / memory.total if memory.total else None,
+                "gpu_temperature_celsius": float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
+                "gpu_ecc_errors": None,
+            }
             try:
-                values["gpu_ecc_errors"] = float(pynvml.nvmlDeviceGetTotalEccErrors(
-                    handle, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC))
+                values["gpu_ecc_errors"] = float(
+                    pynvml.nvmlDeviceGetTotalEccErrors(
+                        handle, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC
+                    )
+                )
             except Exception:  # consumer GPUs have no ECC
                 pass
             return values
@@ -207,6 +224,9 @@ def render_prometheus(values: dict[str, Any]) -> str:
         value = values.get(name)
         if value is None:
             continue
-        lines += [f"# HELP lmpack_agent_{name} {help_text}", f"# TYPE lmpack_agent_{name} gauge",
-                  f"lmpack_agent_{name} {float(value)!r}"]
+        lines += [
+            f"# HELP lmpack_agent_{name} {help_text}",
+            f"# TYPE lmpack_agent_{name} gauge",
+            f"lmpack_agent_{name} {float(value)!r}",
+        ]
     return "\n".join(lines) + "\n"

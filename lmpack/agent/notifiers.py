@@ -15,7 +15,8 @@ import sys
 import threading
 import time
 import urllib.request
-from typing import Any, Callable, Protocol, TextIO
+from collections.abc import Callable
+from typing import Any, Protocol, TextIO
 
 from lmpack.agent.config import NotifierSpec
 
@@ -41,15 +42,23 @@ class LogNotifier:
 class WebhookNotifier:
     """POST the event as JSON; retried `retries` times on errors and non-2xx answers."""
 
-    def __init__(self, url: str, *, timeout: float = 5.0, retries: int = 3, backoff: float = 0.5,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 5.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self.url, self.timeout, self.retries, self.backoff, self._sleep = url, timeout, retries, backoff, sleep
 
     def send(self, event: dict[str, Any]) -> None:
         body = json.dumps(event, sort_keys=True).encode()
         for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+            )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     response.read(65536)
@@ -57,7 +66,7 @@ class WebhookNotifier:
             except (OSError, ValueError) as exc:  # HTTPError (non-2xx) is an OSError too
                 error = exc
             if attempt < self.retries:
-                self._sleep(self.backoff * 2 ** attempt)
+                self._sleep(self.backoff * 2**attempt)
         raise OSError(f"webhook {self.url} failed after {self.retries + 1} attempts: {error}")
 
 
@@ -74,8 +83,15 @@ class SyslogNotifier:
         self.handler = logging.handlers.SysLogHandler(address=address)
 
     def send(self, event: dict[str, Any]) -> None:
-        record = logging.LogRecord("lmpack.agent", self._LEVELS.get(event.get("severity"), logging.WARNING),
-                                   __file__, 0, syslog_message(event), None, None)
+        record = logging.LogRecord(
+            "lmpack.agent",
+            self._LEVELS.get(event.get("severity"), logging.WARNING),
+            __file__,
+            0,
+            syslog_message(event),
+            None,
+            None,
+        )
         self.handler.emit(record)
 
 
@@ -116,5 +132,10 @@ class Dispatcher:
                 try:
                     notifier.send(event)
                 except Exception as exc:
-                    log.error("could not deliver alert %s (%s) through %s: %s", event.get("alert"),
-                              event.get("state"), type(notifier).__name__, exc)
+                    log.error(
+                        "could not deliver alert %s (%s) through %s: %s",
+                        event.get("alert"),
+                        event.get("state"),
+                        type(notifier).__name__,
+                        exc,
+                    )

@@ -19,7 +19,7 @@ class ProbeResult:
     status: int | None
     seconds: float
     error: str | None = None
-    state: str | None = None   # the body's "status" (ready, starting, failed, draining) when it is JSON
+    state: str | None = None  # the body's "status" (ready, starting, failed, draining) when it is JSON
 
 
 def _state(body: bytes) -> str | None:

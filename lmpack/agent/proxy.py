@@ -47,7 +47,7 @@ class Proxy:
 
     def __init__(self, host: str, port: int, *, wait_seconds: float = 30.0, connect_timeout: float = 5.0):
         self.host, self.port, self.wait_seconds, self.connect_timeout = host, port, wait_seconds, connect_timeout
-        self.backend: str | None = None          # "http://127.0.0.1:PORT" or None while nothing is ready
+        self.backend: str | None = None  # "http://127.0.0.1:PORT" or None while nothing is ready
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -55,14 +55,15 @@ class Proxy:
         self._thread: threading.Thread | None = None
         self.requests_total = 0
         self.retries_total = 0
-        self.unavailable_total = 0               # answered 503 by the proxy: no backend within wait_seconds
+        self.unavailable_total = 0  # answered 503 by the proxy: no backend within wait_seconds
 
     # --- the agent's side (any thread) ---------------------------------------------------------------------
 
     def start(self) -> None:
         """Bind (raising OSError here, in the caller's thread, when the port is taken), then serve."""
         self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, self.host, self.port, limit=HEAD_LIMIT, backlog=1024))
+            asyncio.start_server(self._handle, self.host, self.port, limit=HEAD_LIMIT, backlog=1024)
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         self._thread = threading.Thread(target=self._loop.run_forever, name="lmpack-agent-proxy", daemon=True)
         self._thread.start()
@@ -99,9 +100,14 @@ class Proxy:
             self._thread.join(timeout)
 
     def status(self) -> dict:
-        return {"port": self.port, "backend": self.backend, "in_flight": self._total_in_flight(),
-                "requests_total": self.requests_total, "retries_total": self.retries_total,
-                "unavailable_total": self.unavailable_total}
+        return {
+            "port": self.port,
+            "backend": self.backend,
+            "in_flight": self._total_in_flight(),
+            "requests_total": self.requests_total,
+            "retries_total": self.retries_total,
+            "unavailable_total": self.unavailable_total,
+        }
 
     def _total_in_flight(self) -> int:
         with self._lock:
@@ -146,7 +152,8 @@ class Proxy:
         with self._counted(backend):
             try:
                 upstream_reader, upstream = await asyncio.wait_for(
-                    asyncio.open_connection(host, int(port), limit=HEAD_LIMIT), self.connect_timeout)
+                    asyncio.open_connection(host, int(port), limit=HEAD_LIMIT), self.connect_timeout
+                )
             except (OSError, asyncio.TimeoutError) as exc:
                 raise _NoAnswer(f"connect: {exc!r}") from None
             try:
@@ -175,16 +182,19 @@ class Proxy:
                 self._in_flight[backend] -= 1
 
 
-async def _copy_body(upstream: asyncio.StreamReader, client: asyncio.StreamWriter, head: bytes, *,
-                     head_only: bool) -> None:
+async def _copy_body(
+    upstream: asyncio.StreamReader, client: asyncio.StreamWriter, head: bytes, *, head_only: bool
+) -> None:
     """Copy the response body as it arrives (SSE events are not held back), by its own framing.
 
     Framing, not EOF, ends the exchange: a backend that keeps the connection open despite
     `Connection: close` must not keep the request counted in flight (the switch waits for that count).
     """
     status = int(head.split(b" ", 2)[1])
-    headers = {line.partition(b":")[0].strip().lower(): line.partition(b":")[2].strip()
-               for line in head[:-4].split(b"\r\n")[1:]}
+    headers = {
+        line.partition(b":")[0].strip().lower(): line.partition(b":")[2].strip()
+        for line in head[:-4].split(b"\r\n")[1:]
+    }
 
     async def send(data: bytes) -> None:
         client.write(data)
@@ -248,10 +258,11 @@ def _rewrite_response_head(head: bytes) -> bytes:
 
 
 async def _send_error(writer: asyncio.StreamWriter, code: int, message: str) -> None:
-    reason = {400: "Bad Request", 411: "Length Required", 413: "Content Too Large",
-              503: "Service Unavailable"}[code]
-    body = ('{"error": {"message": "%s", "type": "server_error", "code": "proxy_%d"}}' % (message, code)).encode()
-    writer.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                 b"Retry-After: 1\r\nConnection: close\r\n\r\n" % (code, reason.encode(), len(body)) + body)
+    reason = {400: "Bad Request", 411: "Length Required", 413: "Content Too Large", 503: "Service Unavailable"}[code]
+    body = f'{{"error": {{"message": "{message}", "type": "server_error", "code": "proxy_{code}"}}}}'.encode()
+    writer.write(
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Retry-After: 1\r\nConnection: close\r\n\r\n" % (code, reason.encode(), len(body)) + body
+    )
     with contextlib.suppress(ConnectionError):
         await writer.drain()

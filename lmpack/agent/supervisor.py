@@ -20,8 +20,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lmpack.agent import probes
 from lmpack.agent.config import ServerSpec, Supervision
@@ -69,12 +70,12 @@ class Supervisor:
         self.spec, self.policy, self._clock = spec, policy, clock
         self.url = f"http://{spec.host}:{spec.port}"
         self.process: subprocess.Popen | None = None
-        self.phase = "stopped"            # stopped | starting | running | backoff | stopping
+        self.phase = "stopped"  # stopped | starting | running | backoff | stopping
         self.live = self.ready = False
         self.misses = 0
-        self.failed_starts = 0            # in a row; resets when a start reaches ready
+        self.failed_starts = 0  # in a row; resets when a start reaches ready
         self.next_start = 0.0
-        self.backoff_seconds = 0.0        # the wait before the next try after a failed start
+        self.backoff_seconds = 0.0  # the wait before the next try after a failed start
         self.started_at: float | None = None
         self.restarts: collections.deque[float] = collections.deque()
         self.restarts_total = 0
@@ -125,15 +126,24 @@ class Supervisor:
         while self.restarts and now - self.restarts[0] > RESTART_WINDOW:
             self.restarts.popleft()
         running = self.process is not None and self.process.poll() is None
-        return {"phase": self.phase, "pid": self.process.pid if running else None, "url": self.url,
-                "variant": str(self.variant) if self.variant else None, "version": self.version,
-                "live": self.live, "ready": self.ready, "liveness_misses": self.misses,
-                "restarts_total": self.restarts_total, "restarts_15m": len(self.restarts),
-                "failed_starts": self.failed_starts, "backoff_seconds": self.backoff_seconds,
-                "last_restart_reason": self.last_reason,
-                "last_start_seconds": self.last_start_seconds,
-                "next_start_in_seconds": round(max(0.0, self.next_start - now), 3) if self.process is None else None,
-                "uptime_seconds": round(now - self.started_at, 3) if running and self.started_at else None}
+        return {
+            "phase": self.phase,
+            "pid": self.process.pid if running else None,
+            "url": self.url,
+            "variant": str(self.variant) if self.variant else None,
+            "version": self.version,
+            "live": self.live,
+            "ready": self.ready,
+            "liveness_misses": self.misses,
+            "restarts_total": self.restarts_total,
+            "restarts_15m": len(self.restarts),
+            "failed_starts": self.failed_starts,
+            "backoff_seconds": self.backoff_seconds,
+            "last_restart_reason": self.last_reason,
+            "last_start_seconds": self.last_start_seconds,
+            "next_start_in_seconds": round(max(0.0, self.next_start - now), 3) if self.process is None else None,
+            "uptime_seconds": round(now - self.started_at, 3) if running and self.started_at else None,
+        }
 
     # --- states ------------------------------------------------------------------------------------------
 
@@ -147,8 +157,20 @@ class Supervisor:
         except NotFoundError as exc:
             self._failed_start(now, exc.message)
             return
-        command = [sys.executable, "-m", "lmpack", "serve", str(self.variant), "--host", self.spec.host,
-                   "--port", str(self.spec.port), "--drain-seconds", str(self.spec.drain_seconds), *self.spec.args]
+        command = [
+            sys.executable,
+            "-m",
+            "lmpack",
+            "serve",
+            str(self.variant),
+            "--host",
+            self.spec.host,
+            "--port",
+            str(self.spec.port),
+            "--drain-seconds",
+            str(self.spec.drain_seconds),
+            *self.spec.args,
+        ]
         log.info("starting: %s", " ".join(command))
         # Its own session: a Ctrl-C at the agent's terminal reaches the agent, which then drains the child.
         self.process = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL)

@@ -26,9 +26,10 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lmpack.agent.config import AgentConfig, ServerSpec
 from lmpack.agent.proxy import Proxy
@@ -37,7 +38,7 @@ from lmpack.errors import LmpackError, SwitchError
 
 log = logging.getLogger("lmpack.agent")
 
-SWITCHING_WAKE = 0.05   # while a new server starts, look at it this often: readiness is noticed fast
+SWITCHING_WAKE = 0.05  # while a new server starts, look at it this often: readiness is noticed fast
 BACKEND_HOST = "127.0.0.1"  # servers listen on loopback only, whatever [server] host exposes: clients use the proxy
 
 
@@ -51,6 +52,7 @@ def free_port(host: str = BACKEND_HOST) -> int:
 @dataclass
 class Job:
     """One switch to carry out: to `version`, or (None) to the previous healthy version."""
+
     version: str | None
     automatic: bool = False
     reason: str = "requested"
@@ -70,16 +72,22 @@ class Probation:
 class VersionSwitcher:
     """The active server, a candidate during a switch, the proxy's backend, probation and the rollback history."""
 
-    def __init__(self, config: AgentConfig, proxy: Proxy, *, wake: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        config: AgentConfig,
+        proxy: Proxy,
+        *,
+        wake: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.spec, self.supervision, self.switch_policy = config.server, config.supervision, config.switch
         self.proxy, self._wake, self._clock = proxy, wake, clock
         self.active = Supervisor(self._backend_spec(None), self.supervision)
         self.candidate: Supervisor | None = None
         self.job: Job | None = None
         self.probation: Probation | None = None
-        self.healthy: list[str] = []      # versions that served, oldest first, each once; the last is active
-        self.bad: set[str] = set()        # rolled back by probation: never a rollback target
+        self.healthy: list[str] = []  # versions that served, oldest first, each once; the last is active
+        self.bad: set[str] = set()  # rolled back by probation: never a rollback target
         self.failures: collections.deque[float] = collections.deque()
         self.switches_total = self.rollbacks_total = 0
         self.last: dict[str, Any] | None = None
@@ -91,8 +99,10 @@ class VersionSwitcher:
     def request(self, name: str, version: str | None, prefix: str | None = None) -> concurrent.futures.Future:
         """Queue a switch (version) or a rollback (None); the Future gets the result document or a SwitchError."""
         if self.spec.prefix is None:
-            raise SwitchError("this agent serves a variant directory, not an installed release: nothing to switch",
-                              hint="configure [server] prefix and release (docs/operations.md)")
+            raise SwitchError(
+                "this agent serves a variant directory, not an installed release: nothing to switch",
+                hint="configure [server] prefix and release (docs/operations.md)",
+            )
         if name != self.spec.release:
             raise SwitchError(f"this agent serves release {self.spec.release!r}, not {name!r}")
         if prefix is not None and Path(prefix).resolve() != self.spec.prefix.resolve():
@@ -148,14 +158,25 @@ class VersionSwitcher:
     def status(self) -> dict[str, Any]:
         probation = None
         if self.probation is not None:
-            probation = {"version": self.probation.version, "previous": self.probation.previous,
-                         "seconds_left": round(max(0.0, self.probation.since + self.switch_policy.probation_seconds
-                                                   - self._clock()), 3),
-                         "restarts": self.active.restarts_total - self.probation.restarts_at_start}
-        return {"candidate": self.candidate.status() if self.candidate else None, "probation": probation,
-                "healthy": list(self.healthy), "rolled_back": sorted(self.bad),
-                "switches_total": self.switches_total, "rollbacks_total": self.rollbacks_total,
-                "failures_recent": self.failures_recent(), "last": self.last, "proxy": self.proxy.status()}
+            probation = {
+                "version": self.probation.version,
+                "previous": self.probation.previous,
+                "seconds_left": round(
+                    max(0.0, self.probation.since + self.switch_policy.probation_seconds - self._clock()), 3
+                ),
+                "restarts": self.active.restarts_total - self.probation.restarts_at_start,
+            }
+        return {
+            "candidate": self.candidate.status() if self.candidate else None,
+            "probation": probation,
+            "healthy": list(self.healthy),
+            "rolled_back": sorted(self.bad),
+            "switches_total": self.switches_total,
+            "rollbacks_total": self.rollbacks_total,
+            "failures_recent": self.failures_recent(),
+            "last": self.last,
+            "proxy": self.proxy.status(),
+        }
 
     # --- the steps ------------------------------------------------------------------------------------------
 
@@ -171,8 +192,9 @@ class VersionSwitcher:
         if job.target == self.active.version and self.active.phase == "running" and self.active.ready:
             self._finish(job, result=self._document(job, "unchanged", self.active.version, 0.0))
             return
-        log.info("switch: starting %s %s beside %s (%s)", self.spec.release, job.target, self.active.version,
-                 job.reason)
+        log.info(
+            "switch: starting %s %s beside %s (%s)", self.spec.release, job.target, self.active.version, job.reason
+        )
         self.candidate = Supervisor(self._backend_spec(job.target), self.supervision)
         self.candidate.tick()
 
@@ -207,17 +229,27 @@ class VersionSwitcher:
             self.rollbacks_total += 1
         elif old.version is not None:
             self.probation = Probation(job.target, old.version, now, candidate.restarts_total)
-        log.info("switch: %s %s serves all new requests (was %s); ready after %.2f s", self.spec.release,
-                 job.target, old.version, ready_seconds)
-        self._finish(job, result=self._document(job, "rolled-back" if job.automatic else "switched", old.version,
-                                                ready_seconds))
+        log.info(
+            "switch: %s %s serves all new requests (was %s); ready after %.2f s",
+            self.spec.release,
+            job.target,
+            old.version,
+            ready_seconds,
+        )
+        self._finish(
+            job, result=self._document(job, "rolled-back" if job.automatic else "switched", old.version, ready_seconds)
+        )
 
     def _retire(self, old: Supervisor) -> None:
         """Let the old server finish what the proxy sent it, then drain and stop it, off the loop thread."""
+
         def run() -> None:
             if not self.proxy.wait_idle(old.url, self.spec.drain_seconds):
-                log.warning("switch: %s still answers requests after %d s; stopping it anyway (its own drain "
-                            "follows)", old.url, self.spec.drain_seconds)
+                log.warning(
+                    "switch: %s still answers requests after %d s; stopping it anyway (its own drain follows)",
+                    old.url,
+                    self.spec.drain_seconds,
+                )
             code = old.stop()
             log.info("switch: the old server (%s) stopped with status %s", old.version, code)
 
@@ -234,8 +266,10 @@ class VersionSwitcher:
             self.probation = None
             self.bad.add(probation.version)
             self.healthy = [v for v in self.healthy if v != probation.version]
-            reason = (f"{self.spec.release} {probation.version} was restarted {restarts} times within its "
-                      f"{self.switch_policy.probation_seconds:g} s probation; rolling back to {probation.previous}")
+            reason = (
+                f"{self.spec.release} {probation.version} was restarted {restarts} times within its "
+                f"{self.switch_policy.probation_seconds:g} s probation; rolling back to {probation.previous}"
+            )
             log.error("switch: %s", reason)
             self.failures.append(now)
             self._begin(Job(version=probation.previous, automatic=True, reason=reason), now)
@@ -252,12 +286,19 @@ class VersionSwitcher:
         from lmpack.bundle.install import list_releases
         from lmpack.bundle.manifest import parse_version
 
-        older = [r.version for r in list_releases(self.spec.prefix) if r.name == self.spec.release
-                 and r.version not in self.bad and current is not None
-                 and parse_version(r.version) < parse_version(current)]
+        older = [
+            r.version
+            for r in list_releases(self.spec.prefix)
+            if r.name == self.spec.release
+            and r.version not in self.bad
+            and current is not None
+            and parse_version(r.version) < parse_version(current)
+        ]
         if not older:
-            raise SwitchError(f"no previous healthy release of {self.spec.release} to roll back to",
-                              hint="name a version: lmpack switch NAME VERSION")
+            raise SwitchError(
+                f"no previous healthy release of {self.spec.release} to roll back to",
+                hint="name a version: lmpack switch NAME VERSION",
+            )
         return older[-1]
 
     def _backend_spec(self, version: str | None) -> ServerSpec:
@@ -272,8 +313,10 @@ class VersionSwitcher:
         except LmpackError as exc:  # not a version at all ("../x"): never a path to start a server from
             raise SwitchError(exc.message, hint=exc.hint) from None
         if not installed:
-            raise SwitchError(f"{self.spec.release} {version} is not installed under {self.spec.prefix}",
-                              hint=f"lmpack list --prefix {self.spec.prefix}")
+            raise SwitchError(
+                f"{self.spec.release} {version} is not installed under {self.spec.prefix}",
+                hint=f"lmpack list --prefix {self.spec.prefix}",
+            )
 
     def _served(self, version: str) -> None:
         self.healthy = [v for v in self.healthy if v != version] + [version]
@@ -281,18 +324,24 @@ class VersionSwitcher:
     def _fail(self, job: Job | None, reason: str, *, count: bool = True) -> None:
         log.error("switch failed: %s; %s keeps serving", reason, self.active.version)
         if job is not None:
-            self._finish(job, error=SwitchError(reason, hint="lmpack status shows the server that kept serving; "
-                                                              "the agent's log has the new server's output"),
-                         count=count)
+            self._finish(
+                job,
+                error=SwitchError(
+                    reason,
+                    hint="lmpack status shows the server that kept serving; "
+                    "the agent's log has the new server's output",
+                ),
+                count=count,
+            )
 
-    def _finish(self, job: Job, *, result: dict[str, Any] | None = None, error: SwitchError | None = None,
-                count: bool = True) -> None:
+    def _finish(
+        self, job: Job, *, result: dict[str, Any] | None = None, error: SwitchError | None = None, count: bool = True
+    ) -> None:
         self.job = None
         if error is not None:
             if count:
                 self.failures.append(self._clock())
-            self.last = {"action": "failed", "version": job.target, "error": error.message,
-                         "automatic": job.automatic}
+            self.last = {"action": "failed", "version": job.target, "error": error.message, "automatic": job.automatic}
             if not job.result.done():
                 job.result.set_exception(error)
             return
@@ -301,6 +350,13 @@ class VersionSwitcher:
             job.result.set_result(result)
 
     def _document(self, job: Job, action: str, previous: str | None, ready_seconds: float) -> dict[str, Any]:
-        return {"action": action, "name": self.spec.release, "version": job.target, "previous": previous,
-                "automatic": job.automatic, "reason": job.reason, "ready_seconds": round(ready_seconds, 3),
-                "seconds": round(self._clock() - job.started, 3)}
+        return {
+            "action": action,
+            "name": self.spec.release,
+            "version": job.target,
+            "previous": previous,
+            "automatic": job.automatic,
+            "reason": job.reason,
+            "ready_seconds": round(ready_seconds, 3),
+            "seconds": round(self._clock() - job.started, 3),
+        }

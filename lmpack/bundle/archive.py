@@ -18,11 +18,21 @@ import io
 import os
 import tarfile
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO
 
-from lmpack.bundle.manifest import (MANIFEST, MAX_MANIFEST_BYTES, MAX_PATH_CHARS, SIGNATURE, FileEntry, Manifest,
-                                    check_relative_path, collision_key, parse_manifest)
+from lmpack.bundle.manifest import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    MAX_PATH_CHARS,
+    SIGNATURE,
+    FileEntry,
+    Manifest,
+    check_relative_path,
+    collision_key,
+    parse_manifest,
+)
 from lmpack.errors import BundleError, VerificationError
 
 MAX_SIGNATURE_BYTES = 4096
@@ -30,12 +40,20 @@ COMPRESS_LEVEL = 1  # fixed: the level is part of the bytes; 1 was faster and sm
 _CHUNK = 1 << 20
 _HEAD_ALLOWANCE = MAX_MANIFEST_BYTES + MAX_SIGNATURE_BYTES + 16 * 1024
 _MEMBER_OVERHEAD = 3 * 512 + 2 * MAX_PATH_CHARS  # header + PAX header for a long name, generously
-_TYPE_NAMES = {tarfile.SYMTYPE: "a symlink", tarfile.LNKTYPE: "a hardlink", tarfile.CHRTYPE: "a character device",
-               tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO", tarfile.DIRTYPE: "a directory",
-               tarfile.GNUTYPE_SPARSE: "a sparse file", tarfile.CONTTYPE: "a contiguous file"}
+_TYPE_NAMES = {
+    tarfile.SYMTYPE: "a symlink",
+    tarfile.LNKTYPE: "a hardlink",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+    tarfile.DIRTYPE: "a directory",
+    tarfile.GNUTYPE_SPARSE: "a sparse file",
+    tarfile.CONTTYPE: "a contiguous file",
+}
 
 
 # --- writing ---------------------------------------------------------------------------------------------
+
 
 class HashingReader:
     """Wraps a stream and digests what is read through it, so a copy is verified in the same pass."""
@@ -52,8 +70,11 @@ class HashingReader:
     def mismatch(self, entry: FileEntry) -> str | None:
         """Why what was read is not `entry`, or None when size and digest agree."""
         if self.count != entry.size:
-            return (f"{entry.path}: truncated ({self.count} of {entry.size} bytes)" if self.count < entry.size
-                    else f"{entry.path}: larger than the manifest says ({entry.size} bytes)")
+            return (
+                f"{entry.path}: truncated ({self.count} of {entry.size} bytes)"
+                if self.count < entry.size
+                else f"{entry.path}: larger than the manifest says ({entry.size} bytes)"
+            )
         if self.sha256.hexdigest() != entry.sha256:
             return f"{entry.path}: sha256 differs from the manifest (altered)"
         return None
@@ -67,8 +88,9 @@ def _add(tf: tarfile.TarFile, name: str, mode: int, size: int, stream: BinaryIO)
     tf.addfile(info, stream)
 
 
-def write_tarball(path: Path, manifest_bytes: bytes, signature_bytes: bytes | None,
-                  items: Iterable[tuple[FileEntry, BinaryIO]]) -> None:
+def write_tarball(
+    path: Path, manifest_bytes: bytes, signature_bytes: bytes | None, items: Iterable[tuple[FileEntry, BinaryIO]]
+) -> None:
     """Write the bundle at `path`: manifest.json, manifest.sig, then the files in manifest order.
 
     Every header is fixed (mtime 0, uid/gid 0, no owner names, the manifest's mode) and the gzip header
@@ -76,8 +98,10 @@ def write_tarball(path: Path, manifest_bytes: bytes, signature_bytes: bytes | No
     digested while it is copied, so what lands in the tarball is what the manifest says.
     """
     with open(path, "xb") as raw:
-        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=COMPRESS_LEVEL) as gz, \
-                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        with (
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=COMPRESS_LEVEL) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tf,
+        ):
             _add(tf, MANIFEST, 0o644, len(manifest_bytes), io.BytesIO(manifest_bytes))
             if signature_bytes is not None:
                 _add(tf, SIGNATURE, 0o644, len(signature_bytes), io.BytesIO(signature_bytes))
@@ -97,6 +121,7 @@ def write_tarball(path: Path, manifest_bytes: bytes, signature_bytes: bytes | No
 
 # --- reading ---------------------------------------------------------------------------------------------
 
+
 class _Bounded(io.RawIOBase):
     """The decompressed stream, refusing to read or seek past `limit`: the bomb guard under tarfile."""
 
@@ -113,8 +138,11 @@ class _Bounded(io.RawIOBase):
         return self.inner.tell()
 
     def _refuse(self) -> BundleError:
-        return BundleError(f"archive holds more data than its manifest declares ({self.limit} bytes with headers); "
-                           "stopped before reading it", hint="the bundle is damaged or a decompression bomb")
+        return BundleError(
+            f"archive holds more data than its manifest declares ({self.limit} bytes with headers); "
+            "stopped before reading it",
+            hint="the bundle is damaged or a decompression bomb",
+        )
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         target = offset if whence == io.SEEK_SET else self.inner.tell() + offset if whence == io.SEEK_CUR else None
@@ -129,7 +157,7 @@ class _Bounded(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         return len(data)
 
 
@@ -176,8 +204,13 @@ class TarBundle:
         if not self._head_read:
             return _HEAD_ALLOWANCE
         m = self.manifest
-        return (len(self.manifest_bytes) + MAX_SIGNATURE_BYTES + m.total_bytes
-                + (m.total_files + 3) * _MEMBER_OVERHEAD + 2 * tarfile.RECORDSIZE)
+        return (
+            len(self.manifest_bytes)
+            + MAX_SIGNATURE_BYTES
+            + m.total_bytes
+            + (m.total_files + 3) * _MEMBER_OVERHEAD
+            + 2 * tarfile.RECORDSIZE
+        )
 
     def _scan(self, *, head_only: bool = False, with_data: bool = False) -> Iterator:
         """Walk every member header; the one place that decides whether a member is acceptable."""
@@ -213,9 +246,12 @@ class TarBundle:
                 raise VerificationError(f"{name}: extra file, not listed in {MANIFEST}")
             count, total = count + 1, total + member.size
             if count > manifest.total_files or total > manifest.total_bytes:
-                raise BundleError(f"archive member {name!r} takes the archive past the manifest's totals "
-                                  f"({manifest.total_files} files, {manifest.total_bytes} bytes); stopped before "
-                                  "extracting anything", hint="the bundle is damaged or a decompression bomb")
+                raise BundleError(
+                    f"archive member {name!r} takes the archive past the manifest's totals "
+                    f"({manifest.total_files} files, {manifest.total_bytes} bytes); stopped before "
+                    "extracting anything",
+                    hint="the bundle is damaged or a decompression bomb",
+                )
             listed_seen.add(name)
             if member.size > entry.size:
                 raise VerificationError(f"{name}: larger than the manifest says ({member.size} > {entry.size} bytes)")
@@ -233,7 +269,9 @@ class TarBundle:
         """manifest.json must be member 0 and manifest.sig, if any, member 1; both small, read into memory."""
         is_manifest = member.name == MANIFEST
         if index != (0 if is_manifest else 1):
-            raise BundleError(f"archive member {member.name!r} is out of place (must be member {0 if is_manifest else 1})")
+            raise BundleError(
+                f"archive member {member.name!r} is out of place (must be member {0 if is_manifest else 1})"
+            )
         limit = MAX_MANIFEST_BYTES if is_manifest else MAX_SIGNATURE_BYTES
         if member.size > limit:
             raise BundleError(f"archive member {member.name!r} is larger than {limit} bytes")
@@ -251,8 +289,10 @@ _DAMAGED = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
 def _damaged(path: Path, exc: BaseException) -> BundleError:
-    return BundleError(f"{path} is not a complete bundle archive: {exc}",
-                       hint="copy the bundle again; compare its sha256 with the one on the build host")
+    return BundleError(
+        f"{path} is not a complete bundle archive: {exc}",
+        hint="copy the bundle again; compare its sha256 with the one on the build host",
+    )
 
 
 class _GuardedStream:
@@ -278,6 +318,7 @@ def _check_member_header(member: tarfile.TarInfo) -> str:
 
 
 # --- extraction ------------------------------------------------------------------------------------------
+
 
 def create_in(root: Path, entry: FileEntry) -> int:
     """Open a new file for `entry` under `root` for writing; containment is checked on resolved paths.

@@ -60,11 +60,12 @@ def main() -> None:
     parser.add_argument("--allow-downgrade", action="store_true")
     parser.add_argument("--systemd-dir", help="also write lmpack-serve@.service into this directory")
     args = parser.parse_args()
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - any host python3 runs this file, lmpack needs 3.10
         _fail("lmpack needs Python 3.10 or later", 3)
     manifest = check_files(HERE)
-    wheels = [f["path"] for f in manifest["files"]
-              if f["path"].startswith("wheels/lmpack-") and f["path"].endswith(".whl")]
+    wheels = [
+        f["path"] for f in manifest["files"] if f["path"].startswith("wheels/lmpack-") and f["path"].endswith(".whl")
+    ]
     if len(wheels) != 1:
         _fail("this bundle has no lmpack wheel; install it with an installed lmpack instead", 12)
     sys.path.insert(0, os.path.join(HERE, wheels[0]))
@@ -73,9 +74,12 @@ def main() -> None:
     from lmpack.bundle.install import InstallOptions, install
     from lmpack.errors import LmpackError
 
-    options = InstallOptions(public_keys=(Path(args.public_key),) if args.public_key else (),
-                             allow_downgrade=args.allow_downgrade, python=sys.executable,
-                             systemd_dir=Path(args.systemd_dir) if args.systemd_dir else None)
+    options = InstallOptions(
+        public_keys=(Path(args.public_key),) if args.public_key else (),
+        allow_downgrade=args.allow_downgrade,
+        python=sys.executable,
+        systemd_dir=Path(args.systemd_dir) if args.systemd_dir else None,
+    )
     try:
         result = install(Path(HERE), Path(args.prefix), options=options)
     except LmpackError as exc:

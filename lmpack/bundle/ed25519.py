@@ -85,4 +85,4 @@ def public_key_from_pem(data: bytes) -> bytes | None:
         der = base64.b64decode("".join(text.split(begin, 1)[1].split(end, 1)[0].split()), validate=True)
     except ValueError:
         return None
-    return der[len(_SPKI_PREFIX):] if len(der) == 44 and der.startswith(_SPKI_PREFIX) else None
+    return der[len(_SPKI_PREFIX) :] if len(der) == 44 and der.startswith(_SPKI_PREFIX) else None

@@ -19,14 +19,13 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
-from lmpack.bundle.manifest import (MANIFEST, SIGNATURE, VERSION_RE, Manifest, check_name, parse_manifest,
-                                    parse_version)
-from lmpack.bundle import runtime_env
 from lmpack.bundle import releases as layout
+from lmpack.bundle import runtime_env
+from lmpack.bundle.manifest import MANIFEST, SIGNATURE, VERSION_RE, Manifest, check_name, parse_manifest, parse_version
 from lmpack.bundle.releases import current_version
 from lmpack.bundle.signing import check_trusted
 from lmpack.bundle.verify import Bundle, DirBundle, check_bundle, check_contents, open_bundle, raise_problems
@@ -65,6 +64,7 @@ class Release:
 
 # --- the prefix ------------------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def _writable(prefix: Path) -> Iterator[None]:
     """A read-only or foreign prefix is the user's to fix: say so instead of an internal error."""
@@ -72,8 +72,10 @@ def _writable(prefix: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise InstallError(f"cannot write to {prefix}: {exc.strerror} ({exc.filename})",
-                               hint="choose a writable --prefix or run as its owner; nothing was changed") from exc
+            raise InstallError(
+                f"cannot write to {prefix}: {exc.strerror} ({exc.filename})",
+                hint="choose a writable --prefix or run as its owner; nothing was changed",
+            ) from exc
         raise
 
 
@@ -85,8 +87,10 @@ def _locked(prefix: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise InstallError(f"another lmpack install or uninstall is running on {prefix}",
-                               hint="wait for it to finish and run again") from None
+            raise InstallError(
+                f"another lmpack install or uninstall is running on {prefix}",
+                hint="wait for it to finish and run again",
+            ) from None
         yield
     finally:
         os.close(fd)
@@ -108,8 +112,11 @@ def _recover(prefix: Path) -> None:
         for entry in name_dir.iterdir():
             if entry.name.startswith(layout.TEMP_LINK):
                 remove_path(entry)
-            elif (VERSION_RE.match(entry.name) and not entry.is_symlink()
-                  and not layout.is_installed(name_dir, entry.name)):
+            elif (
+                VERSION_RE.match(entry.name)
+                and not entry.is_symlink()
+                and not layout.is_installed(name_dir, entry.name)
+            ):
                 remove_path(entry)
 
 
@@ -134,9 +141,11 @@ def _check_free_space(prefix: Path, manifest: Manifest) -> None:
     needed = manifest.total_bytes + (manifest.total_files + 8) * _BLOCK + (1 << 20)
     free = shutil.disk_usage(prefix).free
     if free < needed:
-        raise DiskFullError(f"{prefix} has {free / 1e6:.1f} MB free; {manifest.name} {manifest.version} needs "
-                            f"{needed / 1e6:.1f} MB; nothing was written",
-                            hint="free some space or choose another --prefix")
+        raise DiskFullError(
+            f"{prefix} has {free / 1e6:.1f} MB free; {manifest.name} {manifest.version} needs "
+            f"{needed / 1e6:.1f} MB; nothing was written",
+            hint="free some space or choose another --prefix",
+        )
 
 
 def _write_durable(path: Path, data: bytes) -> None:
@@ -152,6 +161,7 @@ def _fsync_tree(root: Path) -> None:
 
 
 # --- install, list, uninstall ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class InstallOptions:
@@ -169,8 +179,11 @@ def install(bundle_path: Path, prefix: Path, options: InstallOptions = InstallOp
     started = time.perf_counter()
     prefix = Path(prefix)
     policy = load_install_policy()  # the host's rule applies whoever calls: CLI, API or install.py
-    options = replace(options, public_keys=options.public_keys or policy.public_keys,
-                      require_signature=options.require_signature or policy.require_signature)
+    options = replace(
+        options,
+        public_keys=options.public_keys or policy.public_keys,
+        require_signature=options.require_signature or policy.require_signature,
+    )
     with open_bundle(Path(bundle_path)) as bundle, _writable(prefix):  # an unreadable bundle creates nothing
         prefix.mkdir(parents=True, exist_ok=True)
         with _locked(prefix):
@@ -182,8 +195,9 @@ def install(bundle_path: Path, prefix: Path, options: InstallOptions = InstallOp
 
 
 def _install_locked(bundle: Bundle, prefix: Path, options: InstallOptions, *, started: float) -> InstallResult:
-    signature = check_trusted(bundle.manifest_bytes, bundle.signature_bytes, list(options.public_keys),
-                              required=options.require_signature)
+    signature = check_trusted(
+        bundle.manifest_bytes, bundle.signature_bytes, list(options.public_keys), required=options.require_signature
+    )
     manifest = bundle.manifest
     python = options.python or runtime_env.default_python()
     name_dir = layout.name_dir(prefix, manifest.name)
@@ -191,14 +205,24 @@ def _install_locked(bundle: Bundle, prefix: Path, options: InstallOptions, *, st
     previous = current_version(name_dir)
     installed = layout.is_installed(name_dir, manifest.version)
     if installed and (release / MANIFEST).read_bytes() != bundle.manifest_bytes:
-        raise InstallError(f"{manifest.name} {manifest.version} is already installed with different contents",
-                           hint="give the new bundle a higher version (lmpack pack --version)")
+        raise InstallError(
+            f"{manifest.name} {manifest.version} is already installed with different contents",
+            hint="give the new bundle a higher version (lmpack pack --version)",
+        )
     _check_downgrade(manifest, previous, options.allow_downgrade)
 
     def result(action: str) -> InstallResult:
-        return InstallResult(name=manifest.name, version=manifest.version, path=release, action=action,
-                             previous=previous, signature=signature, files=manifest.total_files,
-                             bytes=manifest.total_bytes, seconds=round(time.perf_counter() - started, 3))
+        return InstallResult(
+            name=manifest.name,
+            version=manifest.version,
+            path=release,
+            action=action,
+            previous=previous,
+            signature=signature,
+            files=manifest.total_files,
+            bytes=manifest.total_bytes,
+            seconds=round(time.perf_counter() - started, 3),
+        )
 
     if not installed:
         _check_free_space(prefix, manifest)
@@ -263,8 +287,10 @@ def _check_downgrade(manifest: Manifest, current: str | None, allow: bool) -> No
     if current is None or allow:
         return
     if parse_version(manifest.version) < parse_version(current):
-        raise InstallError(f"{manifest.name} {manifest.version} is older than the current {current}; refusing to "
-                           "downgrade", hint="pass --allow-downgrade if going back is intended")
+        raise InstallError(
+            f"{manifest.name} {manifest.version} is older than the current {current}; refusing to downgrade",
+            hint="pass --allow-downgrade if going back is intended",
+        )
 
 
 def list_releases(prefix: Path) -> list[Release]:
@@ -278,8 +304,9 @@ def list_releases(prefix: Path) -> list[Release]:
         if name_dir.is_symlink() or not name_dir.is_dir():
             continue
         current = current_version(name_dir)
-        versions = [e.name for e in name_dir.iterdir()
-                    if VERSION_RE.match(e.name) and layout.is_installed(name_dir, e.name)]
+        versions = [
+            e.name for e in name_dir.iterdir() if VERSION_RE.match(e.name) and layout.is_installed(name_dir, e.name)
+        ]
         for version in sorted(versions, key=parse_version):
             releases.append(_describe(name_dir / version, name_dir.name, version, current == version))
     return releases
@@ -289,11 +316,23 @@ def _describe(path: Path, name: str, version: str, current: bool) -> Release:
     try:
         manifest = parse_manifest((path / MANIFEST).read_bytes())
     except (OSError, BundleError) as exc:
-        return Release(name=name, version=version, path=path, current=current,
-                       problem=f"{MANIFEST} unreadable: {getattr(exc, 'message', exc)}")
-    return Release(name=name, version=version, path=path, current=current, signed=(path / SIGNATURE).is_file(),
-                   variants=[v.name for v in manifest.variants], files=manifest.total_files,
-                   bytes=manifest.total_bytes)
+        return Release(
+            name=name,
+            version=version,
+            path=path,
+            current=current,
+            problem=f"{MANIFEST} unreadable: {getattr(exc, 'message', exc)}",
+        )
+    return Release(
+        name=name,
+        version=version,
+        path=path,
+        current=current,
+        signed=(path / SIGNATURE).is_file(),
+        variants=[v.name for v in manifest.variants],
+        files=manifest.total_files,
+        bytes=manifest.total_bytes,
+    )
 
 
 def uninstall(prefix: Path, name: str, version: str, *, force: bool = False) -> Release:
@@ -310,8 +349,10 @@ def uninstall(prefix: Path, name: str, version: str, *, force: bool = False) -> 
             raise NotFoundError(f"{name} {version} is not installed in {prefix}", hint=f"lmpack list --prefix {prefix}")
         current = current_version(name_dir) == version
         if current and not force:
-            raise InstallError(f"{name} {version} is the current release; refusing to remove it",
-                               hint="install another version first, or pass --force to leave nothing current")
+            raise InstallError(
+                f"{name} {version} is the current release; refusing to remove it",
+                hint="install another version first, or pass --force to leave nothing current",
+            )
         removed = _describe(name_dir / version, name, version, current)
         if layout.marker(name_dir, version).exists():
             remove_path(layout.marker(name_dir, version))  # still listed while it is current

@@ -48,8 +48,9 @@ class Fields:
             raise BundleError(f"{MANIFEST}: field '{self._field(key)}' has the wrong type ({type(value).__name__})")
         return value
 
-    def str(self, key: str, pattern: re.Pattern | None = None, *, nullable: bool = False,
-            max_len: int = 4096) -> str | None:
+    def str(
+        self, key: str, pattern: re.Pattern | None = None, *, nullable: bool = False, max_len: int = 4096
+    ) -> str | None:
         value = self.get(key, (str,), nullable=nullable)
         if value is not None and (len(value) > max_len or (pattern is not None and not pattern.match(value))):
             raise BundleError(f"{MANIFEST}: field '{self._field(key)}' has an invalid value {value[:80]!r}")

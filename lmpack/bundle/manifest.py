@@ -77,10 +77,21 @@ class Compatibility:
     gpu: GpuRequirement | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        gpu = None if self.gpu is None else {"vendor": self.gpu.vendor, "compute_capability": self.gpu.compute_capability,
-                                             "match": self.gpu.match, "min_memory_bytes": self.gpu.min_memory_bytes}
-        return {"cpu": {"arch": self.cpu_arch, "isa": list(self.cpu_isa)}, "gpu": gpu,
-                "min_memory_bytes": self.min_memory_bytes}
+        gpu = (
+            None
+            if self.gpu is None
+            else {
+                "vendor": self.gpu.vendor,
+                "compute_capability": self.gpu.compute_capability,
+                "match": self.gpu.match,
+                "min_memory_bytes": self.gpu.min_memory_bytes,
+            }
+        )
+        return {
+            "cpu": {"arch": self.cpu_arch, "isa": list(self.cpu_isa)},
+            "gpu": gpu,
+            "min_memory_bytes": self.min_memory_bytes,
+        }
 
 
 @dataclass(frozen=True)
@@ -99,9 +110,17 @@ class VariantEntry:
         return f"{VARIANTS_DIR}/{self.name}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "target": self.target, "profile": self.profile,
-                "precision": self.precision, "task": self.task, "execution_providers": list(self.execution_providers),
-                "compatibility": self.compatibility.to_dict(), "provenance": dict(self.provenance)}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "target": self.target,
+            "profile": self.profile,
+            "precision": self.precision,
+            "task": self.task,
+            "execution_providers": list(self.execution_providers),
+            "compatibility": self.compatibility.to_dict(),
+            "provenance": dict(self.provenance),
+        }
 
 
 @dataclass(frozen=True)
@@ -151,12 +170,19 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         extra = {} if self.wheelhouse is None else {"wheelhouse": self.wheelhouse.to_dict()}
-        return {**extra, "schema_version": self.schema_version, "format": FORMAT, "name": self.name,
-                "version": self.version, "built_at": self.built_at, "lmpack_version": self.lmpack_version,
-                "provenance": self.provenance,
-                "variants": [v.to_dict() for v in self.variants],
-                "totals": {"bytes": self.total_bytes, "files": self.total_files},
-                "files": [f.to_dict() for f in self.files]}
+        return {
+            **extra,
+            "schema_version": self.schema_version,
+            "format": FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "built_at": self.built_at,
+            "lmpack_version": self.lmpack_version,
+            "provenance": self.provenance,
+            "variants": [v.to_dict() for v in self.variants],
+            "totals": {"bytes": self.total_bytes, "files": self.total_files},
+            "files": [f.to_dict() for f in self.files],
+        }
 
     def to_bytes(self) -> bytes:
         """The canonical encoding: sorted keys, ASCII, two-space indent, one trailing newline."""
@@ -164,6 +190,7 @@ class Manifest:
 
 
 # --- names, paths, versions -------------------------------------------------------------------------------
+
 
 def check_relative_path(path: object, *, what: str) -> str:
     """The one check for a path inside a bundle: relative POSIX, no '..', '.', empty parts, '\\', NUL or controls."""
@@ -193,8 +220,10 @@ def collision_key(path: str) -> str:
 def check_name(name: object, *, what: str) -> str:
     """Bundle and variant names become directory names: a safe single path part."""
     if not isinstance(name, str) or not NAME_RE.match(name):
-        raise BundleError(f"{what}: {name!r} is not a valid name (letters, digits, '.', '_', '-'; "
-                          "starts with a letter or digit; at most 128 characters)")
+        raise BundleError(
+            f"{what}: {name!r} is not a valid name (letters, digits, '.', '_', '-'; "
+            "starts with a letter or digit; at most 128 characters)"
+        )
     return name
 
 
@@ -202,12 +231,15 @@ def parse_version(version: object, *, what: str = "version") -> tuple[int, int, 
     """MAJOR.MINOR.PATCH, numbers only: ordered as integers, so 1.10.0 > 1.9.0, and usable as a directory name."""
     match = VERSION_RE.match(version) if isinstance(version, str) else None
     if not match:
-        raise BundleError(f"{what}: {version!r} is not a version MAJOR.MINOR.PATCH (e.g. 1.0.0)",
-                          hint="bundle versions are three non-negative integers, compared numerically")
+        raise BundleError(
+            f"{what}: {version!r} is not a version MAJOR.MINOR.PATCH (e.g. 1.0.0)",
+            hint="bundle versions are three non-negative integers, compared numerically",
+        )
     return int(match[1]), int(match[2]), int(match[3])
 
 
 # --- the strict parser -----------------------------------------------------------------------------------
+
 
 def parse_manifest(data: bytes) -> Manifest:
     """Parse and check manifest bytes; every name, digest, size and total is validated here, once."""
@@ -220,9 +252,11 @@ def parse_manifest(data: bytes) -> Manifest:
     top = Fields(raw, "")
     version = top.get("schema_version", (int,))
     if version not in READABLE_SCHEMAS:
-        raise BundleError(f"{MANIFEST}: schema_version {version} is not supported (this lmpack reads "
-                          f"{', '.join(map(str, READABLE_SCHEMAS))})",
-                          hint="a newer bundle needs a newer lmpack on this host" if version > SCHEMA_VERSION else None)
+        raise BundleError(
+            f"{MANIFEST}: schema_version {version} is not supported (this lmpack reads "
+            f"{', '.join(map(str, READABLE_SCHEMAS))})",
+            hint="a newer bundle needs a newer lmpack on this host" if version > SCHEMA_VERSION else None,
+        )
     if top.str("format") != FORMAT:
         raise BundleError(f"{MANIFEST}: field 'format' must be {FORMAT!r}")
     name = check_name(top.str("name"), what=f"{MANIFEST}: field 'name'")
@@ -240,16 +274,27 @@ def parse_manifest(data: bytes) -> Manifest:
     totals.finish()
     wheelhouse = _parse_wheelhouse(top.obj("wheelhouse")) if version >= 2 else None
     top.finish()
-    manifest = Manifest(name=name, version=bundle_version, built_at=built_at, lmpack_version=lmpack_version,
-                        variants=variants, files=files, wheelhouse=wheelhouse)
+    manifest = Manifest(
+        name=name,
+        version=bundle_version,
+        built_at=built_at,
+        lmpack_version=lmpack_version,
+        variants=variants,
+        files=files,
+        wheelhouse=wheelhouse,
+    )
     _check_consistency(manifest, raw, total_bytes, total_files)
     return manifest
 
 
 def _parse_wheelhouse(w: Fields) -> Wheelhouse:
-    wheelhouse = Wheelhouse(platform_tag=w.str("platform_tag", _WORD_RE), python=w.str("python", _PYTHON_RE),
-                            lock=check_relative_path(w.str("lock"), what=f"{MANIFEST}: field 'wheelhouse.lock'"),
-                            wheels=w.int("wheels", 1, MAX_FILES), bytes=w.int("bytes", 0, MAX_TOTAL_BYTES))
+    wheelhouse = Wheelhouse(
+        platform_tag=w.str("platform_tag", _WORD_RE),
+        python=w.str("python", _PYTHON_RE),
+        lock=check_relative_path(w.str("lock"), what=f"{MANIFEST}: field 'wheelhouse.lock'"),
+        wheels=w.int("wheels", 1, MAX_FILES),
+        bytes=w.int("bytes", 0, MAX_TOTAL_BYTES),
+    )
     w.finish()
     return wheelhouse
 
@@ -289,10 +334,16 @@ def _parse_variant(item: Any, index: int) -> VariantEntry:
     provenance = v.obj("provenance")
     source = {key: provenance.str(key, nullable=key != "kind") for key in _PROVENANCE_KEYS}
     provenance.finish()
-    entry = VariantEntry(name=name, target=v.str("target", _WORD_RE), profile=v.str("profile", _WORD_RE),
-                         precision=v.str("precision", _WORD_RE), task=v.str("task", _WORD_RE, nullable=True),
-                         execution_providers=tuple(providers),
-                         compatibility=_parse_compatibility(v.obj("compatibility")), provenance=source)
+    entry = VariantEntry(
+        name=name,
+        target=v.str("target", _WORD_RE),
+        profile=v.str("profile", _WORD_RE),
+        precision=v.str("precision", _WORD_RE),
+        task=v.str("task", _WORD_RE, nullable=True),
+        execution_providers=tuple(providers),
+        compatibility=_parse_compatibility(v.obj("compatibility")),
+        provenance=source,
+    )
     v.finish()
     return entry
 
@@ -311,12 +362,16 @@ def _parse_compatibility(c: Fields) -> Compatibility:
         match = g.str("match")
         if match not in ("minimum", "exact"):
             raise BundleError(f"{MANIFEST}: field '{g.where}.match' must be 'minimum' or 'exact'")
-        gpu = GpuRequirement(vendor=g.str("vendor", _WORD_RE),
-                             compute_capability=g.str("compute_capability", re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}\Z")),
-                             match=match, min_memory_bytes=g.int("min_memory_bytes", 0, MAX_TOTAL_BYTES))
+        gpu = GpuRequirement(
+            vendor=g.str("vendor", _WORD_RE),
+            compute_capability=g.str("compute_capability", re.compile(r"^[0-9]{1,2}\.[0-9]{1,2}\Z")),
+            match=match,
+            min_memory_bytes=g.int("min_memory_bytes", 0, MAX_TOTAL_BYTES),
+        )
         g.finish()
-    rule = Compatibility(cpu_arch=arch, cpu_isa=tuple(isa), gpu=gpu,
-                         min_memory_bytes=c.int("min_memory_bytes", 0, MAX_TOTAL_BYTES))
+    rule = Compatibility(
+        cpu_arch=arch, cpu_isa=tuple(isa), gpu=gpu, min_memory_bytes=c.int("min_memory_bytes", 0, MAX_TOTAL_BYTES)
+    )
     c.finish()
     return rule
 
@@ -340,8 +395,10 @@ def _check_consistency(manifest: Manifest, raw: dict, total_bytes: int, total_fi
     if clash := sorted(keys & directories):
         raise BundleError(f"{MANIFEST}: {clash[0]!r} is listed as a file and used as a directory")
     if total_files != manifest.total_files or total_bytes != manifest.total_bytes:
-        raise BundleError(f"{MANIFEST}: totals say {total_files} files, {total_bytes} bytes but the files add up to "
-                          f"{manifest.total_files} files, {manifest.total_bytes} bytes")
+        raise BundleError(
+            f"{MANIFEST}: totals say {total_files} files, {total_bytes} bytes but the files add up to "
+            f"{manifest.total_files} files, {manifest.total_bytes} bytes"
+        )
     names = [v.name for v in manifest.variants]
     if len({collision_key(n) for n in names}) != len(names):
         raise BundleError(f"{MANIFEST}: two variants have the same name")

@@ -23,15 +23,30 @@ from pathlib import Path
 from typing import Any
 
 from lmpack import __version__
-from lmpack.bundle.archive import HashingReader, create_in, write_tarball
 from lmpack.bundle import wheels as wheelhouse
-from lmpack.bundle.manifest import (MANIFEST, SIGNATURE, VARIANTS_DIR, FileEntry, Manifest, Wheelhouse, check_name,
-                                    check_relative_path, parse_version)
+from lmpack.bundle.archive import HashingReader, create_in, write_tarball
+from lmpack.bundle.manifest import (
+    MANIFEST,
+    SIGNATURE,
+    VARIANTS_DIR,
+    FileEntry,
+    Manifest,
+    Wheelhouse,
+    check_name,
+    check_relative_path,
+    parse_version,
+)
 from lmpack.bundle.sbom import SBOM_NAME, make_sbom
 from lmpack.bundle.signing import sign_manifest
+from lmpack.bundle.variant_dir import (
+    REPORT_JSON,
+    VARIANT_FILE,
+    VariantFiles,
+    entry_of,
+    read_variant_files,
+    required_field,
+)
 from lmpack.bundle.verify import DirBundle, check_bundle, open_bundle, raise_problems
-from lmpack.bundle.variant_dir import (REPORT_JSON, VARIANT_FILE, VariantFiles, entry_of, read_variant_files,
-                                       required_field)
 from lmpack.errors import BundleError
 from lmpack.fsio import file_sha256, guard_disk_full, publish, remove_path
 
@@ -61,8 +76,15 @@ class WheelOptions:
     source: Path | None = None
 
 
-def pack(variant_dirs: list[Path], output: Path, *, name: str, version: str,
-         keep_dir: Path | None = None, wheels: WheelOptions | None = None) -> PackResult:
+def pack(
+    variant_dirs: list[Path],
+    output: Path,
+    *,
+    name: str,
+    version: str,
+    keep_dir: Path | None = None,
+    wheels: WheelOptions | None = None,
+) -> PackResult:
     """Write the bundle tarball `output` (and the unpacked bundle directory `keep_dir`, if given).
 
     With `wheels`, the bundle also carries the runtime wheelhouse, its lock, install.py and an SBOM, so a
@@ -82,7 +104,9 @@ def pack(variant_dirs: list[Path], output: Path, *, name: str, version: str,
     def build_dir(staging: Path) -> None:
         manifest_holder.append(_stage(staging, variants, name=name, version=version, wheels=wheels))
 
-    directory = Path(keep_dir) if keep_dir is not None else output.parent / f".{output.name}.bundle-{uuid.uuid4().hex[:8]}"
+    directory = (
+        Path(keep_dir) if keep_dir is not None else output.parent / f".{output.name}.bundle-{uuid.uuid4().hex[:8]}"
+    )
     try:
         if keep_dir is not None:
             publish(directory, build_dir)
@@ -96,15 +120,24 @@ def pack(variant_dirs: list[Path], output: Path, *, name: str, version: str,
         if keep_dir is None:
             remove_path(directory)
     manifest = manifest_holder[0]
-    return PackResult(path=output, directory=Path(keep_dir) if keep_dir is not None else None, name=name,
-                      version=version, files=manifest.total_files, bytes=manifest.total_bytes,
-                      archive_bytes=output.stat().st_size, archive_sha256=file_sha256(output),
-                      variants=[v.name for v in variants], seconds=round(time.perf_counter() - started, 3),
-                      wheelhouse=manifest.wheelhouse.to_dict() if manifest.wheelhouse else None)
+    return PackResult(
+        path=output,
+        directory=Path(keep_dir) if keep_dir is not None else None,
+        name=name,
+        version=version,
+        files=manifest.total_files,
+        bytes=manifest.total_bytes,
+        archive_bytes=output.stat().st_size,
+        archive_sha256=file_sha256(output),
+        variants=[v.name for v in variants],
+        seconds=round(time.perf_counter() - started, 3),
+        wheelhouse=manifest.wheelhouse.to_dict() if manifest.wheelhouse else None,
+    )
 
 
-def _stage(staging: Path, variants: list[VariantFiles], *, name: str, version: str,
-           wheels: WheelOptions | None) -> Manifest:
+def _stage(
+    staging: Path, variants: list[VariantFiles], *, name: str, version: str, wheels: WheelOptions | None
+) -> Manifest:
     staging.mkdir(parents=True)
     entries: list[FileEntry] = []
     for variant in variants:
@@ -112,44 +145,76 @@ def _stage(staging: Path, variants: list[VariantFiles], *, name: str, version: s
             relative = f"{VARIANTS_DIR}/{variant.name}/{source.relative_to(variant.root).as_posix()}"
             entries.append(_copy_digesting(source, staging, check_relative_path(relative, what=str(source))))
     built_at = _built_at(variants)
-    house = None if wheels is None else _stage_wheels(staging, variants, entries, wheels, name=name,
-                                                      version=version, built_at=built_at)
+    house = (
+        None
+        if wheels is None
+        else _stage_wheels(staging, variants, entries, wheels, name=name, version=version, built_at=built_at)
+    )
     entries.sort(key=lambda e: e.path)
-    manifest = Manifest(name=name, version=version, built_at=built_at, lmpack_version=__version__,
-                        variants=tuple(entry_of(v) for v in variants), files=tuple(entries), wheelhouse=house)
+    manifest = Manifest(
+        name=name,
+        version=version,
+        built_at=built_at,
+        lmpack_version=__version__,
+        variants=tuple(entry_of(v) for v in variants),
+        files=tuple(entries),
+        wheelhouse=house,
+    )
     (staging / MANIFEST).write_bytes(manifest.to_bytes())
     return manifest
 
 
 def _target_facts(variants: list[VariantFiles]) -> tuple[str, str]:
     """The one (platform tag, Python) that every variant's target agrees on: a wheelhouse serves one host kind."""
-    facts = {(str(required_field(v.meta["target"], "platform_tag", v.root / VARIANT_FILE)),
-              str(required_field(v.meta["target"], "python", v.root / VARIANT_FILE))) for v in variants}
+    facts = {
+        (
+            str(required_field(v.meta["target"], "platform_tag", v.root / VARIANT_FILE)),
+            str(required_field(v.meta["target"], "python", v.root / VARIANT_FILE)),
+        )
+        for v in variants
+    }
     if len(facts) != 1:
-        raise BundleError(f"the variants target different platforms or Pythons {sorted(facts)}; one bundle ships "
-                          "one wheelhouse", hint="pack variants for each platform into their own bundle")
+        raise BundleError(
+            f"the variants target different platforms or Pythons {sorted(facts)}; one bundle ships one wheelhouse",
+            hint="pack variants for each platform into their own bundle",
+        )
     return facts.pop()
 
 
-def _stage_wheels(staging: Path, variants: list[VariantFiles], entries: list[FileEntry], options: WheelOptions, *,
-                  name: str, version: str, built_at: str) -> Wheelhouse:
+def _stage_wheels(
+    staging: Path,
+    variants: list[VariantFiles],
+    entries: list[FileEntry],
+    options: WheelOptions,
+    *,
+    name: str,
+    version: str,
+    built_at: str,
+) -> Wheelhouse:
     """Add wheels/, the lock, install.py and the SBOM to the staging bundle (entries grows in place)."""
     platform_tag, python = _target_facts(variants)
     model_entries = list(entries)
     with tempfile.TemporaryDirectory(prefix="lmpack-wheels-", dir=staging.parent) as scratch:
         runtime = wheelhouse.runtime_set([v.meta["target"] for v in variants])
-        wheels = wheelhouse.build_wheelhouse(Path(scratch), platform_tag=platform_tag, python=python,
-                                             source=options.source, runtime=runtime)
+        wheels = wheelhouse.build_wheelhouse(
+            Path(scratch), platform_tag=platform_tag, python=python, source=options.source, runtime=runtime
+        )
         for wheel in wheels:
-            entries.append(_copy_digesting(Path(scratch) / wheel.filename, staging,
-                                           f"{wheelhouse.WHEELS_DIR}/{wheel.filename}"))
+            entries.append(
+                _copy_digesting(Path(scratch) / wheel.filename, staging, f"{wheelhouse.WHEELS_DIR}/{wheel.filename}")
+            )
     entries.append(_write_digesting(staging, wheelhouse.LOCK_PATH, wheelhouse.lock_text(wheels).encode("ascii")))
     script = (Path(__file__).parent / "bootstrap.py").read_bytes()
     entries.append(_write_digesting(staging, INSTALL_SCRIPT, script, mode=0o755))
     sbom = make_sbom(name=name, version=version, built_at=built_at, wheels=wheels, model_files=model_entries)
     entries.append(_write_digesting(staging, SBOM_NAME, sbom))
-    return Wheelhouse(platform_tag=platform_tag, python=python, lock=wheelhouse.LOCK_PATH, wheels=len(wheels),
-                      bytes=sum(w.size for w in wheels))
+    return Wheelhouse(
+        platform_tag=platform_tag,
+        python=python,
+        lock=wheelhouse.LOCK_PATH,
+        wheels=len(wheels),
+        bytes=sum(w.size for w in wheels),
+    )
 
 
 def _write_digesting(staging: Path, relative: str, data: bytes, *, mode: int = 0o644) -> FileEntry:
@@ -203,5 +268,4 @@ def sign_bundle(path: Path, private_key: Path) -> SignResult:
             raise_problems(bundle.check_structure(), bundle)
             publish(path, lambda staging: write_tarball(staging, bundle.manifest_bytes, signature, bundle.contents()))
         manifest = bundle.manifest
-    return SignResult(path=path, name=manifest.name, version=manifest.version,
-                      key_id=json.loads(signature)["key_id"])
+    return SignResult(path=path, name=manifest.name, version=manifest.version, key_id=json.loads(signature)["key_id"])

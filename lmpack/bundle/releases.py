@@ -25,7 +25,7 @@ RELEASES = "releases"
 CURRENT = "current"
 MARKERS = ".installed"
 STAGING = ".staging"
-TEMP_LINK = ".current-"   # prefix of the link that replaces `current`
+TEMP_LINK = ".current-"  # prefix of the link that replaces `current`
 
 
 def name_dir(prefix: Path, name: str) -> Path:
@@ -42,7 +42,8 @@ def marker(name_root: Path, version: str) -> Path:
 
 
 def current_version(name_root: Path) -> str | None:
-    """The version `current` points to in NAME's directory, or None; a pointer that is not a plain version is ignored."""
+    """The version `current` points to in NAME's directory, or None; a pointer that is not a plain version is
+    ignored."""
     try:
         target = os.readlink(name_root / CURRENT)
     except OSError:
@@ -52,8 +53,9 @@ def current_version(name_root: Path) -> str | None:
 
 def is_installed(name_root: Path, version: str) -> bool:
     """Committed: the version's directory exists and `current` or a marker names it."""
-    return (name_root / version).is_dir() and (current_version(name_root) == version
-                                               or marker(name_root, version).is_file())
+    return (name_root / version).is_dir() and (
+        current_version(name_root) == version or marker(name_root, version).is_file()
+    )
 
 
 def is_release_dir(root: Path) -> bool:
@@ -78,10 +80,13 @@ def serving_release(prefix: Path, name: str, version: str | None) -> Path:
     if version is not None:
         pinned = release_dir(prefix, name, version)
         if not pinned.is_dir():
-            raise NotFoundError(f"{name} {version} is not installed under {prefix}", hint=f"lmpack list --prefix {prefix}")
+            raise NotFoundError(
+                f"{name} {version} is not installed under {prefix}", hint=f"lmpack list --prefix {prefix}"
+            )
         return pinned.resolve()
     current = name_dir(prefix, name) / CURRENT
     if not current.is_dir():
-        raise NotFoundError(f"{current}: release {name!r} has no current version under {prefix}",
-                            hint=f"lmpack list --prefix {prefix}")
+        raise NotFoundError(
+            f"{current}: release {name!r} has no current version under {prefix}", hint=f"lmpack list --prefix {prefix}"
+        )
     return current.resolve()

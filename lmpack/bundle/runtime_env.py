@@ -32,17 +32,24 @@ def check_python(manifest: Manifest, python: str) -> None:
     if manifest.wheelhouse is None:
         return
     try:
-        done = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                              capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     except OSError as exc:
-        raise InstallError(f"cannot run the Python {python} to create the release venv: {exc.strerror}",
-                           hint="pass --python PATH to a Python " + manifest.wheelhouse.python) from exc
+        raise InstallError(
+            f"cannot run the Python {python} to create the release venv: {exc.strerror}",
+            hint="pass --python PATH to a Python " + manifest.wheelhouse.python,
+        ) from exc
     have = done.stdout.strip()
     if have != manifest.wheelhouse.python:
-        raise InstallError(f"{manifest.name} {manifest.version} ships wheels for Python {manifest.wheelhouse.python} "
-                           f"({manifest.wheelhouse.platform_tag}), but {python} is Python {have or '?'}",
-                           hint=f"pass --python PATH to a Python {manifest.wheelhouse.python}, or pack for this "
-                                "host's target")
+        raise InstallError(
+            f"{manifest.name} {manifest.version} ships wheels for Python {manifest.wheelhouse.python} "
+            f"({manifest.wheelhouse.platform_tag}), but {python} is Python {have or '?'}",
+            hint=f"pass --python PATH to a Python {manifest.wheelhouse.python}, or pack for this host's target",
+        )
 
 
 def _clean_env() -> dict[str, str]:
@@ -64,11 +71,13 @@ def _die_with_parent() -> None:
 
 def _run(args: list[str], what: str) -> None:
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=_TIMEOUT_S, env=_clean_env(),
-                              preexec_fn=_die_with_parent)
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=_TIMEOUT_S, env=_clean_env(), preexec_fn=_die_with_parent
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise InstallError(f"{what} failed: {exc}",
-                           hint="nothing was switched; the previous release is current") from exc
+        raise InstallError(
+            f"{what} failed: {exc}", hint="nothing was switched; the previous release is current"
+        ) from exc
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
         raise InstallError(f"{what} failed:\n{tail}", hint="nothing was switched; the previous release is current")
@@ -80,10 +89,26 @@ def create_venv(release: Path, manifest: Manifest, python: str) -> Path:
     venv = release / VENV_DIR
     _run([python, "-m", "venv", str(venv)], f"creating {venv}")
     wheels_dir = release / Path(manifest.wheelhouse.lock).parent
-    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--isolated", "--no-index", "--find-links",
-          str(wheels_dir), "--require-hashes", "--only-binary=:all:", "--no-cache-dir", "--disable-pip-version-check",
-          "--no-warn-script-location", "-r", str(release / manifest.wheelhouse.lock)],
-         f"installing the bundled wheels into {venv}")
+    _run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--isolated",
+            "--no-index",
+            "--find-links",
+            str(wheels_dir),
+            "--require-hashes",
+            "--only-binary=:all:",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "-r",
+            str(release / manifest.wheelhouse.lock),
+        ],
+        f"installing the bundled wheels into {venv}",
+    )
     return venv
 
 
@@ -97,52 +122,59 @@ def write_systemd_units(directory: Path, prefix: Path, manifest: Manifest) -> li
     /etc/lmpack/agent-NAME.toml (docs/operations.md).
     """
     release = f"{prefix.resolve()}/releases/%i/current"
-    unit = "\n".join([
-        "[Unit]",
-        "Description=lmpack serve for the current release of %i",
-        "After=network.target",
-        "",
-        "[Service]",
-        "Type=simple",
-        f"Environment=LMPACK_RELEASE={release}",
-        "Environment=LMPACK_PORT=8000",
-        f"ExecStart={release}/venv/bin/lmpack serve {release}/variants/${{LMPACK_VARIANT}} --host 127.0.0.1 "
-        "--port ${LMPACK_PORT}",
-        "Restart=on-failure",
-        "RestartSec=2",
-        "DynamicUser=yes",
-        "NoNewPrivileges=yes",
-        "ProtectSystem=strict",
-        "ProtectHome=yes",
-        "PrivateTmp=yes",
-        "",
-        "[Install]",
-        "WantedBy=multi-user.target",
-        "",
-    ])
-    agent = "\n".join([
-        "[Unit]",
-        "Description=lmpack agent supervising the current release of %i",
-        "After=network.target",
-        "",
-        "[Service]",
-        "Type=notify",  # the agent sends READY=1 once it supervises, then WATCHDOG=1 from its loop
-        "NotifyAccess=main",
-        "WatchdogSec=60",
-        f"ExecStart={release}/venv/bin/lmpack agent --config /etc/lmpack/agent-%i.toml",
-        "KillMode=control-group",  # the agent's server child goes with it
-        "Restart=on-failure",
-        "RestartSec=5",
-        "NoNewPrivileges=yes",
-        "PrivateTmp=yes",
-        "",
-        "[Install]",
-        "WantedBy=multi-user.target",
-        "",
-    ])
+    unit = "\n".join(
+        [
+            "[Unit]",
+            "Description=lmpack serve for the current release of %i",
+            "After=network.target",
+            "",
+            "[Service]",
+            "Type=simple",
+            f"Environment=LMPACK_RELEASE={release}",
+            "Environment=LMPACK_PORT=8000",
+            f"ExecStart={release}/venv/bin/lmpack serve {release}/variants/${{LMPACK_VARIANT}} --host 127.0.0.1 "
+            "--port ${LMPACK_PORT}",
+            "Restart=on-failure",
+            "RestartSec=2",
+            "DynamicUser=yes",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=yes",
+            "PrivateTmp=yes",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
+    agent = "\n".join(
+        [
+            "[Unit]",
+            "Description=lmpack agent supervising the current release of %i",
+            "After=network.target",
+            "",
+            "[Service]",
+            "Type=notify",  # the agent sends READY=1 once it supervises, then WATCHDOG=1 from its loop
+            "NotifyAccess=main",
+            "WatchdogSec=60",
+            f"ExecStart={release}/venv/bin/lmpack agent --config /etc/lmpack/agent-%i.toml",
+            "KillMode=control-group",  # the agent's server child goes with it
+            "Restart=on-failure",
+            "RestartSec=5",
+            "NoNewPrivileges=yes",
+            "PrivateTmp=yes",
+            "",
+            "[Install]",
+            "WantedBy=multi-user.target",
+            "",
+        ]
+    )
     drop_in = f"[Service]\nEnvironment=LMPACK_VARIANT={manifest.variants[0].name}\n"
-    return [_write_atomic(directory / SERVE_UNIT, unit), _write_atomic(directory / AGENT_UNIT, agent),
-            _write_atomic(directory / f"lmpack-serve@{manifest.name}.service.d" / "variant.conf", drop_in)]
+    return [
+        _write_atomic(directory / SERVE_UNIT, unit),
+        _write_atomic(directory / AGENT_UNIT, agent),
+        _write_atomic(directory / f"lmpack-serve@{manifest.name}.service.d" / "variant.conf", drop_in),
+    ]
 
 
 def _write_atomic(path: Path, text: str) -> Path:

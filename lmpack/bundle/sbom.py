@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from lmpack import __version__
 from lmpack.bundle.manifest import FileEntry
@@ -23,26 +24,44 @@ def _hashes(sha256: str) -> list[dict[str, str]]:
     return [{"alg": "SHA-256", "content": sha256}]
 
 
-def make_sbom(*, name: str, version: str, built_at: str, wheels: Iterable[Wheel],
-              model_files: Iterable[FileEntry]) -> bytes:
+def make_sbom(
+    *, name: str, version: str, built_at: str, wheels: Iterable[Wheel], model_files: Iterable[FileEntry]
+) -> bytes:
     """The SBOM document as canonical JSON bytes."""
     components: list[dict[str, Any]] = []
     for wheel in wheels:
         purl = f"pkg:pypi/{wheel.name}@{wheel.version}"
-        components.append({"type": "library", "bom-ref": purl, "name": wheel.name, "version": wheel.version,
-                           "purl": purl, "hashes": _hashes(wheel.sha256),
-                           "properties": [{"name": "lmpack:wheel", "value": wheel.filename}]})
+        components.append(
+            {
+                "type": "library",
+                "bom-ref": purl,
+                "name": wheel.name,
+                "version": wheel.version,
+                "purl": purl,
+                "hashes": _hashes(wheel.sha256),
+                "properties": [{"name": "lmpack:wheel", "value": wheel.filename}],
+            }
+        )
     for entry in model_files:
-        components.append({"type": "file", "bom-ref": f"file:{entry.path}", "name": entry.path,
-                           "hashes": _hashes(entry.sha256)})
+        components.append(
+            {"type": "file", "bom-ref": f"file:{entry.path}", "name": entry.path, "hashes": _hashes(entry.sha256)}
+        )
     seed = hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()
     document = {
-        "bomFormat": "CycloneDX", "specVersion": "1.5", "version": 1,
+        "bomFormat": "CycloneDX",
+        "specVersion": "1.5",
+        "version": 1,
         "serialNumber": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'lmpack:{name}:{version}:{seed}')}",
-        "metadata": {"timestamp": built_at,
-                     "tools": {"components": [{"type": "application", "name": "lmpack", "version": __version__}]},
-                     "component": {"type": "application", "bom-ref": f"bundle:{name}@{version}", "name": name,
-                                   "version": version}},
+        "metadata": {
+            "timestamp": built_at,
+            "tools": {"components": [{"type": "application", "name": "lmpack", "version": __version__}]},
+            "component": {
+                "type": "application",
+                "bom-ref": f"bundle:{name}@{version}",
+                "name": name,
+                "version": version,
+            },
+        },
         "components": components,
     }
     return (json.dumps(document, indent=2, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii")

@@ -34,8 +34,10 @@ def _crypto():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError as exc:  # pragma: no cover - depends on the host
-        raise ConfigError("signing needs the 'cryptography' package, which is not installed",
-                          hint="pip install cryptography (it ships in the bundle's runtime wheels)") from exc
+        raise ConfigError(
+            "signing needs the 'cryptography' package, which is not installed",
+            hint="pip install cryptography (it ships in the bundle's runtime wheels)",
+        ) from exc
     return serialization, ed25519, InvalidSignature
 
 
@@ -53,8 +55,9 @@ def keygen(base: Path) -> tuple[Path, Path, str]:
         if path.exists():
             raise ConfigError(f"{path} already exists; refusing to overwrite a key", hint="choose another KEYBASE")
     key = ed25519.Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption())
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     public = key.public_key()
     public_pem = public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -73,8 +76,11 @@ def _read_key(path: Path, *, private: bool):
     except FileNotFoundError:
         raise NotFoundError(f"key file {path} does not exist") from None
     try:
-        key = (serialization.load_pem_private_key(data, password=None) if private
-               else serialization.load_pem_public_key(data))
+        key = (
+            serialization.load_pem_private_key(data, password=None)
+            if private
+            else serialization.load_pem_public_key(data)
+        )
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path} is not an unencrypted PEM {'private' if private else 'public'} key: {exc}") from exc
     wanted = ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey
@@ -88,8 +94,12 @@ def sign_manifest(manifest_bytes: bytes, private_key: Path) -> bytes:
     serialization, _, _ = _crypto()
     key = _read_key(private_key, private=True)
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    document = {"schema_version": SIGNATURE_SCHEMA, "algorithm": ALGORITHM, "key_id": key_id(raw),
-                "signature": base64.b64encode(key.sign(manifest_bytes)).decode("ascii")}
+    document = {
+        "schema_version": SIGNATURE_SCHEMA,
+        "algorithm": ALGORITHM,
+        "key_id": key_id(raw),
+        "signature": base64.b64encode(key.sign(manifest_bytes)).decode("ascii"),
+    }
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("ascii")
 
 
@@ -99,7 +109,9 @@ def _parse_signature(data: bytes) -> tuple[str, bytes]:
         if not isinstance(document, dict) or set(document) != {"schema_version", "algorithm", "key_id", "signature"}:
             raise ValueError("unexpected fields")
         if document["schema_version"] != SIGNATURE_SCHEMA or document["algorithm"] != ALGORITHM:
-            raise ValueError(f"unsupported schema {document['schema_version']!r} or algorithm {document['algorithm']!r}")
+            raise ValueError(
+                f"unsupported schema {document['schema_version']!r} or algorithm {document['algorithm']!r}"
+            )
         signature = base64.b64decode(document["signature"], validate=True)
         if len(signature) != 64 or not isinstance(document["key_id"], str):
             raise ValueError("an Ed25519 signature is 64 bytes")
@@ -118,7 +130,9 @@ def _verifier(public_key: Path):
         except FileNotFoundError:
             raise NotFoundError(f"key file {public_key} does not exist") from None
         if raw is None:
-            raise ConfigError(f"{public_key} is not an Ed25519 public key in PEM", hint="use BASE.pub from lmpack keygen")
+            raise ConfigError(
+                f"{public_key} is not an Ed25519 public key in PEM", hint="use BASE.pub from lmpack keygen"
+            ) from None
         return raw, lambda signature, message: ed25519_fallback.verify(raw, message, signature)
     serialization = _crypto()[0]
     key = _read_key(public_key, private=False)
@@ -136,11 +150,15 @@ def _verifier(public_key: Path):
 def check_trusted(manifest_bytes: bytes, signature_bytes: bytes | None, keys: list[Path], *, required: bool) -> str:
     """check_signature against any one of several trusted keys (a host policy may list more than one)."""
     if required and not keys:
-        raise ConfigError("this host requires signed bundles, but no public key is configured",
-                          hint="pass --public-key or list public_keys in install.toml")
+        raise ConfigError(
+            "this host requires signed bundles, but no public key is configured",
+            hint="pass --public-key or list public_keys in install.toml",
+        )
     if required and signature_bytes is None:
-        raise VerificationError(f"this host requires signed bundles, and this one has no {SIGNATURE}",
-                                hint="sign it on the build host: lmpack sign BUNDLE --key KEY.key")
+        raise VerificationError(
+            f"this host requires signed bundles, and this one has no {SIGNATURE}",
+            hint="sign it on the build host: lmpack sign BUNDLE --key KEY.key",
+        )
     if len(keys) <= 1:
         return check_signature(manifest_bytes, signature_bytes, keys[0] if keys else None)
     failures = []
@@ -158,13 +176,17 @@ def check_signature(manifest_bytes: bytes, signature_bytes: bytes | None, public
         return "unsigned" if signature_bytes is None else "not checked"
     raw, verify = _verifier(public_key)
     if signature_bytes is None:
-        raise VerificationError(f"the bundle has no {SIGNATURE} but --public-key was given",
-                                hint="sign it on the build host: lmpack sign BUNDLE --key KEY.key")
+        raise VerificationError(
+            f"the bundle has no {SIGNATURE} but --public-key was given",
+            hint="sign it on the build host: lmpack sign BUNDLE --key KEY.key",
+        )
     signed_by, signature = _parse_signature(signature_bytes)
     expected = key_id(raw)
     if not verify(signature, manifest_bytes):
-        reason = ("it was made with another key (key id {0}, expected {1})".format(signed_by, expected)
-                  if signed_by != expected else "manifest.json or the signature was altered, or it belongs to "
-                  "another bundle")
+        reason = (
+            f"it was made with another key (key id {signed_by}, expected {expected})"
+            if signed_by != expected
+            else "manifest.json or the signature was altered, or it belongs to another bundle"
+        )
         raise VerificationError(f"{SIGNATURE} does not verify manifest.json: {reason}") from None
     return "valid"

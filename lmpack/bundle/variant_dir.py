@@ -56,16 +56,33 @@ def model_dir(root: Path) -> Path:
 
 # --- writing --------------------------------------------------------------------------------------------------
 
-def variant_document(*, name: str, target: dict[str, Any], profile: str, precision: str,
-                     execution_providers: list[str], task: str | None, model_digest: str) -> dict[str, Any]:
+
+def variant_document(
+    *,
+    name: str,
+    target: dict[str, Any],
+    profile: str,
+    precision: str,
+    execution_providers: list[str],
+    task: str | None,
+    model_digest: str,
+) -> dict[str, Any]:
     """variant.json's content; `target` is the target's facts (Target.to_dict), kept whole for the runtime."""
-    return {"schema_version": VARIANT_SCHEMA_VERSION, "name": name, "target": target, "profile": profile,
-            "precision": precision, "execution_providers": execution_providers, "task": task,
-            "model_digest": model_digest}
+    return {
+        "schema_version": VARIANT_SCHEMA_VERSION,
+        "name": name,
+        "target": target,
+        "profile": profile,
+        "precision": precision,
+        "execution_providers": execution_providers,
+        "task": task,
+        "model_digest": model_digest,
+    }
 
 
-def write_variant(staging: Path, *, model: Path, document: dict[str, Any], report: dict[str, Any],
-                  report_text: str) -> None:
+def write_variant(
+    staging: Path, *, model: Path, document: dict[str, Any], report: dict[str, Any], report_text: str
+) -> None:
     """Fill `staging` (a fresh directory that fsio.publish renames into place) with a complete variant."""
     shutil.copytree(model, staging / MODEL_DIR)
     (staging / VARIANT_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
@@ -74,6 +91,7 @@ def write_variant(staging: Path, *, model: Path, document: dict[str, Any], repor
 
 
 # --- reading, for packing and for judging ----------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class VariantFiles:
@@ -94,16 +112,19 @@ def read_variant_files(root: Path) -> VariantFiles:
     name = check_name(root.resolve().name, what=f"variant directory {root}")
     for required in (VARIANT_FILE, REPORT_JSON, MODEL_DIR):
         if not (root / required).exists():
-            raise BundleError(f"{root} is not a variant directory: {required} is missing",
-                              hint="pack the directories that lmpack build writes (dist/MODEL-TARGET-PROFILE)")
+            raise BundleError(
+                f"{root} is not a variant directory: {required} is missing",
+                hint="pack the directories that lmpack build writes (dist/MODEL-TARGET-PROFILE)",
+            )
     files: list[Path] = []
     for path in sorted(root.rglob("*")):
         if path.is_symlink() or not (path.is_file() or path.is_dir()):
             raise BundleError(f"{path} is a link or a special file; a bundle holds regular files only")
         if path.is_file():
             files.append(path)
-    return VariantFiles(name=name, root=root, meta=_load_json(root / VARIANT_FILE),
-                        report=_load_json(root / REPORT_JSON), files=files)
+    return VariantFiles(
+        name=name, root=root, meta=_load_json(root / VARIANT_FILE), report=_load_json(root / REPORT_JSON), files=files
+    )
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -147,20 +168,33 @@ def entry_of(variant: VariantFiles) -> VariantEntry:
         facts, tensorrt = target["gpu"], target.get("tensorrt") or {}
         engines = any(p.name.endswith(ENGINE_SUFFIXES) for p in model_files)
         portable = tensorrt.get("hardware_compatibility") == "ampere_plus"
-        gpu = GpuRequirement(vendor=required_field(facts, "vendor", where),
-                             compute_capability="8.0" if engines and portable else required_field(facts, "compute_capability", where),
-                             match="exact" if engines and not portable else "minimum", min_memory_bytes=floor)
+        gpu = GpuRequirement(
+            vendor=required_field(facts, "vendor", where),
+            compute_capability="8.0" if engines and portable else required_field(facts, "compute_capability", where),
+            match="exact" if engines and not portable else "minimum",
+            min_memory_bytes=floor,
+        )
     source = required_field(variant.report, "source", variant.root / REPORT_JSON)
-    provenance = {key: (None if source.get(key) is None else str(source[key]))
-                  for key in ("kind", "ref", "commit", "license", "sha256")}
+    provenance = {
+        key: (None if source.get(key) is None else str(source[key]))
+        for key in ("kind", "ref", "commit", "license", "sha256")
+    }
     provenance["kind"] = str(required_field(source, "kind", variant.root / REPORT_JSON))
-    return VariantEntry(name=variant.name, target=required_field(target, "name", where),
-                        profile=required_field(variant.meta, "profile", where), precision=required_field(variant.meta, "precision", where),
-                        task=variant.meta.get("task"),
-                        execution_providers=tuple(required_field(variant.meta, "execution_providers", where)),
-                        compatibility=Compatibility(cpu_arch=required_field(cpu, "arch", where), cpu_isa=tuple(cpu.get("isa", [])),
-                                                    min_memory_bytes=floor, gpu=gpu),
-                        provenance=provenance)
+    return VariantEntry(
+        name=variant.name,
+        target=required_field(target, "name", where),
+        profile=required_field(variant.meta, "profile", where),
+        precision=required_field(variant.meta, "precision", where),
+        task=variant.meta.get("task"),
+        execution_providers=tuple(required_field(variant.meta, "execution_providers", where)),
+        compatibility=Compatibility(
+            cpu_arch=required_field(cpu, "arch", where),
+            cpu_isa=tuple(cpu.get("isa", [])),
+            min_memory_bytes=floor,
+            gpu=gpu,
+        ),
+        provenance=provenance,
+    )
 
 
 def recorded_model_digest(root: Path) -> str | None:

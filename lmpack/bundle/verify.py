@@ -12,13 +12,21 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO
 
 from lmpack.bundle.archive import MAX_SIGNATURE_BYTES, TarBundle, create_in, drain
-from lmpack.bundle.manifest import (MANIFEST, MAX_MANIFEST_BYTES, RESERVED, RESERVED_DIRS, SIGNATURE, FileEntry,
-                                    parse_manifest)
+from lmpack.bundle.manifest import (
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    RESERVED,
+    RESERVED_DIRS,
+    SIGNATURE,
+    FileEntry,
+    parse_manifest,
+)
 from lmpack.bundle.signing import check_signature
 from lmpack.errors import BundleError, NotFoundError, VerificationError
 
@@ -106,8 +114,11 @@ class DirBundle:
                         found.add(relative)
                         size, wanted = item.stat(follow_symlinks=False).st_size, expected[relative].size
                         if size != wanted:
-                            problems.append(f"{relative}: truncated ({size} of {wanted} bytes)" if size < wanted
-                                            else f"{relative}: larger than the manifest says ({size} > {wanted} bytes)")
+                            problems.append(
+                                f"{relative}: truncated ({size} of {wanted} bytes)"
+                                if size < wanted
+                                else f"{relative}: larger than the manifest says ({size} > {wanted} bytes)"
+                            )
                     elif relative not in RESERVED:
                         problems.append(f"{relative}: extra file, not listed in {MANIFEST}")
         problems += [f"{path}: missing (listed in {MANIFEST})" for path in expected if path not in found]
@@ -124,7 +135,7 @@ class DirBundle:
                 yield entry, stream
 
 
-Bundle = Union[DirBundle, TarBundle]
+Bundle = DirBundle | TarBundle
 
 
 def open_bundle(path: Path) -> Bundle:
@@ -152,9 +163,11 @@ def check_contents(bundle: Bundle, *, extract_to: Path | None = None, stop_at_fi
 def raise_problems(problems: list[str], bundle: Bundle) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise VerificationError(f"{bundle.path} does not match its manifest: {problems[0]}{more}",
-                                problems=problems, hint="the bundle was damaged or altered after it was packed; "
-                                "copy it again from the build host")
+        raise VerificationError(
+            f"{bundle.path} does not match its manifest: {problems[0]}{more}",
+            problems=problems,
+            hint="the bundle was damaged or altered after it was packed; copy it again from the build host",
+        )
 
 
 def check_bundle(bundle: Bundle, public_key: Path | None, *, extract_to: Path | None = None) -> str:
@@ -184,8 +197,14 @@ def verify_bundle(path: Path, *, public_key: Path | None = None) -> VerifyReport
     with open_bundle(path) as bundle:
         signature = check_bundle(bundle, public_key)
         manifest = bundle.manifest
-        return VerifyReport(path=Path(path), form="directory" if isinstance(bundle, DirBundle) else "tarball",
-                            name=manifest.name, version=manifest.version, files=manifest.total_files,
-                            bytes=manifest.total_bytes, signature=signature,
-                            variants=[v.to_dict() for v in manifest.variants],
-                            seconds=round(time.perf_counter() - started, 3))
+        return VerifyReport(
+            path=Path(path),
+            form="directory" if isinstance(bundle, DirBundle) else "tarball",
+            name=manifest.name,
+            version=manifest.version,
+            files=manifest.total_files,
+            bytes=manifest.total_bytes,
+            signature=signature,
+            variants=[v.to_dict() for v in manifest.variants],
+            seconds=round(time.perf_counter() - started, 3),
+        )

@@ -83,8 +83,11 @@ def project_root() -> Path:
     root = Path(__file__).resolve().parents[2]
     pyproject = root / "pyproject.toml"
     if not pyproject.is_file() or 'name = "lmpack"' not in pyproject.read_text():
-        raise BundleError("pack --wheels builds lmpack's own wheel from its source tree, and none was found "
-                          f"above {Path(__file__).parent}", hint="run lmpack pack from a source checkout of lmpack")
+        raise BundleError(
+            "pack --wheels builds lmpack's own wheel from its source tree, and none was found "
+            f"above {Path(__file__).parent}",
+            hint="run lmpack pack from a source checkout of lmpack",
+        )
     return root
 
 
@@ -100,8 +103,10 @@ def _pip(args: list[str], source: Path | None) -> None:
         raise BundleError(f"pip took longer than {_PIP_TIMEOUT_S} s: {' '.join(args[:2])}") from exc
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-8:])
-        raise BundleError(f"pip {args[0]} failed while making the wheelhouse:\n{tail}",
-                          hint="check the build host's access to the package index, or pass --wheel-source DIR")
+        raise BundleError(
+            f"pip {args[0]} failed while making the wheelhouse:\n{tail}",
+            hint="check the build host's access to the package index, or pass --wheel-source DIR",
+        )
 
 
 @dataclass(frozen=True)
@@ -126,8 +131,9 @@ def runtime_set(targets: list[dict]) -> RuntimeSet:
     return RuntimeSet(RUNTIME_GPU_EXTRA, (CUDA_RUNTIME,) if cuda else ())
 
 
-def build_wheelhouse(destination: Path, *, platform_tag: str, python: str, source: Path | None = None,
-                     runtime: RuntimeSet = RuntimeSet()) -> list[Wheel]:
+def build_wheelhouse(
+    destination: Path, *, platform_tag: str, python: str, source: Path | None = None, runtime: RuntimeSet = RuntimeSet()
+) -> list[Wheel]:
     """Fill `destination` with lmpack's wheel and its runtime closure for the target; return them sorted."""
     destination.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lmpack-own-wheel-") as scratch:
@@ -136,8 +142,21 @@ def build_wheelhouse(destination: Path, *, platform_tag: str, python: str, sourc
         if len(own) != 1:
             raise BundleError(f"building lmpack's own wheel gave {len(own)} wheels instead of one")
         platforms = [arg for tag in compatible_platforms(platform_tag) for arg in ("--platform", tag)]
-        _pip(["download", "--only-binary=:all:", *platforms, "--python-version", python, "--implementation", "cp",
-              "--dest", str(destination), *runtime.requirements(str(own[0]))], source)
+        _pip(
+            [
+                "download",
+                "--only-binary=:all:",
+                *platforms,
+                "--python-version",
+                python,
+                "--implementation",
+                "cp",
+                "--dest",
+                str(destination),
+                *runtime.requirements(str(own[0])),
+            ],
+            source,
+        )
     wheels = describe(destination)
     if "lmpack" not in {w.name for w in wheels}:
         raise BundleError("lmpack's own wheel is missing from the wheelhouse")
@@ -150,17 +169,24 @@ def describe(directory: Path) -> list[Wheel]:
     for path in sorted(directory.iterdir()):
         name, version = parse_wheel_name(path.name)
         data = path.read_bytes()
-        wheels.append(Wheel(filename=path.name, name=name, version=version, sha256=hashlib.sha256(data).hexdigest(),
-                            size=len(data)))
+        wheels.append(
+            Wheel(
+                filename=path.name, name=name, version=version, sha256=hashlib.sha256(data).hexdigest(), size=len(data)
+            )
+        )
     if banned := sorted({w.name for w in wheels} & set(FORBIDDEN)):
-        raise BundleError(f"the runtime wheelhouse would contain {', '.join(banned)}, which belong to the build "
-                          "half only", hint="find the runtime dependency that pulls it in and drop or pin it")
+        raise BundleError(
+            f"the runtime wheelhouse would contain {', '.join(banned)}, which belong to the build half only",
+            hint="find the runtime dependency that pulls it in and drop or pin it",
+        )
     names = [w.name for w in wheels]
     for pair in EXCLUSIVE:
         if set(pair) <= set(names):
-            raise BundleError(f"the wheelhouse would contain both {' and '.join(pair)}, which install the same module",
-                              hint="a GPU target's wheelhouse carries onnxruntime-gpu only; drop the dependency "
-                                   "that pulls in the other")
+            raise BundleError(
+                f"the wheelhouse would contain both {' and '.join(pair)}, which install the same module",
+                hint="a GPU target's wheelhouse carries onnxruntime-gpu only; drop the dependency "
+                "that pulls in the other",
+            )
     if len(set(names)) != len(names):
         raise BundleError(f"the wheelhouse holds two versions of one package: {sorted(names)}")
     return wheels
@@ -189,7 +215,10 @@ def prefetch(destination: Path, *, platform_tag: str, python: str, runtime: Runt
 
 if __name__ == "__main__":  # python -m lmpack.bundle.wheels DEST PLATFORM_TAG PYTHON [gpu|gpu-no-cuda]
     kind = sys.argv[4] if len(sys.argv) > 4 else "cpu"
-    chosen = {"cpu": RuntimeSet(), "gpu": RuntimeSet(RUNTIME_GPU_EXTRA, (CUDA_RUNTIME,)),
-              "gpu-no-cuda": RuntimeSet(RUNTIME_GPU_EXTRA)}[kind]
+    chosen = {
+        "cpu": RuntimeSet(),
+        "gpu": RuntimeSet(RUNTIME_GPU_EXTRA, (CUDA_RUNTIME,)),
+        "gpu-no-cuda": RuntimeSet(RUNTIME_GPU_EXTRA),
+    }[kind]
     fetched = prefetch(Path(sys.argv[1]), platform_tag=sys.argv[2], python=sys.argv[3], runtime=chosen)
     print(f"{len(fetched)} runtime wheels, {sum(w.size for w in fetched) / 1e6:.1f} MB in {sys.argv[1]}")

@@ -13,8 +13,13 @@ from lmpack.cli.common import emit_json, handle_errors, json_option
 
 
 @click.command("agent")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
-              help="The agent's TOML configuration (see docs/operations.md).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The agent's TOML configuration (see docs/operations.md).",
+)
 @handle_errors
 def agent_command(config_path: Path) -> None:
     """Start `lmpack serve` for the configured variant and keep it healthy until SIGTERM.
@@ -30,12 +35,26 @@ def agent_command(config_path: Path) -> None:
     sys.exit(api.run_agent(config_path))
 
 
-_agent_option = click.option("--agent", "agent_url", default=api.DEFAULT_AGENT_URL, show_default=True,
-                             help="The agent's address ([agent] host and port in its configuration).")
-_prefix_option = click.option("--prefix", type=click.Path(path_type=Path, file_okay=False), default=None,
-                              help="Install root; when given, it must be the one the agent serves from.")
-_timeout_option = click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
-                               help="Seconds to wait for the agent's answer (the new server's start included).")
+_agent_option = click.option(
+    "--agent",
+    "agent_url",
+    default=api.DEFAULT_AGENT_URL,
+    show_default=True,
+    help="The agent's address ([agent] host and port in its configuration).",
+)
+_prefix_option = click.option(
+    "--prefix",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Install root; when given, it must be the one the agent serves from.",
+)
+_timeout_option = click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for the agent's answer (the new server's start included).",
+)
 
 
 @click.command("switch")
@@ -46,8 +65,7 @@ _timeout_option = click.option("--timeout", type=click.FloatRange(min=1), defaul
 @_timeout_option
 @json_option
 @handle_errors
-def switch_command(name: str, version: str, prefix: Path | None, agent_url: str, timeout: float,
-                   as_json: bool) -> None:
+def switch_command(name: str, version: str, prefix: Path | None, agent_url: str, timeout: float, as_json: bool) -> None:
     """Move the running agent's traffic to installed release NAME VERSION without a failed request.
 
     The agent starts VERSION beside the serving one, waits for it to be ready, points `current` and
@@ -85,8 +103,10 @@ def _show(result: dict, as_json: bool) -> None:
     elif result["action"] == "unchanged":
         click.echo(f"{result['name']} {result['version']} is already serving")
     else:
-        click.echo(f"{result['action']} {result['name']} to {result['version']} (was {result['previous']}): "
-                   f"ready after {result['ready_seconds']:.2f} s, {result['seconds']:.2f} s in all")
+        click.echo(
+            f"{result['action']} {result['name']} to {result['version']} (was {result['previous']}): "
+            f"ready after {result['ready_seconds']:.2f} s, {result['seconds']:.2f} s in all"
+        )
 
 
 @click.command("status")
@@ -100,29 +120,50 @@ def status_command(agent_url: str, as_json: bool) -> None:
         emit_json(status)
         return
     server, values = status.get("server", {}), status.get("metrics", {})
-    click.echo(f"server   {server.get('phase')}  pid {server.get('pid')}  live {server.get('live')}  "
-               f"ready {server.get('ready')}  {server.get('url')}")
-    click.echo(f"variant  {server.get('variant')}" + (f"  (release {server['version']})" if server.get("version") else ""))
+    click.echo(
+        f"server   {server.get('phase')}  pid {server.get('pid')}  live {server.get('live')}  "
+        f"ready {server.get('ready')}  {server.get('url')}"
+    )
+    click.echo(
+        f"variant  {server.get('variant')}" + (f"  (release {server['version']})" if server.get("version") else "")
+    )
     switch = status.get("switch") or {}
     if switch.get("proxy"):
-        click.echo(f"clients  port {switch['proxy']['port']} -> {switch['proxy']['backend']}  "
-                   f"({switch.get('switches_total', 0)} switches, {switch.get('rollbacks_total', 0)} rollbacks)")
+        click.echo(
+            f"clients  port {switch['proxy']['port']} -> {switch['proxy']['backend']}  "
+            f"({switch.get('switches_total', 0)} switches, {switch.get('rollbacks_total', 0)} rollbacks)"
+        )
     if switch.get("probation"):
         probation = switch["probation"]
-        click.echo(f"probation {probation['version']}: {probation['seconds_left']:.0f} s left, "
-                   f"{probation['restarts']} restarts (rolls back to {probation['previous']})")
+        click.echo(
+            f"probation {probation['version']}: {probation['seconds_left']:.0f} s left, "
+            f"{probation['restarts']} restarts (rolls back to {probation['previous']})"
+        )
     if switch.get("candidate"):
         click.echo(f"switching to {switch['candidate'].get('version')}: {switch['candidate'].get('phase')}")
-    click.echo(f"restarts {server.get('restarts_total')} total, {server.get('restarts_15m')} in 15 min"
-               + (f"; last: {server['last_restart_reason']}" if server.get("last_restart_reason") else ""))
-    for name in ("request_rate", "error_rate", "rejected_rate", "latency_p95_seconds", "queue_depth",
-                 "host_cpu_percent", "host_memory_percent", "host_disk_percent", "server_cpu_percent"):
+    click.echo(
+        f"restarts {server.get('restarts_total')} total, {server.get('restarts_15m')} in 15 min"
+        + (f"; last: {server['last_restart_reason']}" if server.get("last_restart_reason") else "")
+    )
+    for name in (
+        "request_rate",
+        "error_rate",
+        "rejected_rate",
+        "latency_p95_seconds",
+        "queue_depth",
+        "host_cpu_percent",
+        "host_memory_percent",
+        "host_disk_percent",
+        "server_cpu_percent",
+    ):
         if values.get(name) is not None:
             click.echo(f"{name:24} {values[name]:.4g}")
     if values.get("server_rss_bytes") is not None:
-        click.echo(f"{'server_rss':24} {values['server_rss_bytes'] / 2 ** 20:.1f} MiB")
+        click.echo(f"{'server_rss':24} {values['server_rss_bytes'] / 2**20:.1f} MiB")
     gpu = status.get("gpu", {})
-    click.echo("gpu      " + (gpu.get("name", "available") if gpu.get("available") else f"unavailable: {gpu.get('reason')}"))
+    click.echo(
+        "gpu      " + (gpu.get("name", "available") if gpu.get("available") else f"unavailable: {gpu.get('reason')}")
+    )
     for alert in status.get("alerts", []):
         if alert["state"] != "inactive":
             click.echo(f"alert    {alert['name']} {alert['state']} ({alert['severity']})")

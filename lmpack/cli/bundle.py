@@ -16,19 +16,39 @@ _key_path = click.Path(path_type=Path, dir_okay=False)
 
 @click.command("pack")
 @click.argument("variant_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="The bundle tarball to write, e.g. NAME-VERSION.lmpack.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The bundle tarball to write, e.g. NAME-VERSION.lmpack.",
+)
 @click.option("--name", required=True, help="Bundle name: letters, digits, '.', '_', '-'.")
-@click.option("--version", "bundle_version", required=True,
-              help="Bundle version MAJOR.MINOR.PATCH; installs refuse to go down without --allow-downgrade.")
-@click.option("--keep-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Also keep the unpacked bundle directory here.")
-@click.option("--wheels", is_flag=True,
-              help="Also ship the runtime wheelhouse (lmpack + its runtime extra, binary wheels for the target's "
-                   "platform and Python), its hash lock, install.py and an SBOM. Needs pip's package index.")
-@click.option("--wheel-source", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
-              help="With --wheels: resolve from this local wheel directory only (pip --no-index --find-links), "
-                   "ignoring the host's pip configuration.")
+@click.option(
+    "--version",
+    "bundle_version",
+    required=True,
+    help="Bundle version MAJOR.MINOR.PATCH; installs refuse to go down without --allow-downgrade.",
+)
+@click.option(
+    "--keep-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Also keep the unpacked bundle directory here.",
+)
+@click.option(
+    "--wheels",
+    is_flag=True,
+    help="Also ship the runtime wheelhouse (lmpack + its runtime extra, binary wheels for the target's "
+    "platform and Python), its hash lock, install.py and an SBOM. Needs pip's package index.",
+)
+@click.option(
+    "--wheel-source",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="With --wheels: resolve from this local wheel directory only (pip --no-index --find-links), "
+    "ignoring the host's pip configuration.",
+)
 @json_option
 @handle_errors
 def pack_command(variant_dirs, output, name, bundle_version, keep_dir, wheels, wheel_source, as_json) -> None:
@@ -45,16 +65,21 @@ def pack_command(variant_dirs, output, name, bundle_version, keep_dir, wheels, w
     if wheel_source is not None and not wheels:
         raise click.UsageError("--wheel-source needs --wheels")
     options = packing.WheelOptions(source=wheel_source) if wheels else None
-    result = packing.pack(list(variant_dirs), output, name=name, version=bundle_version, keep_dir=keep_dir,
-                          wheels=options)
+    result = packing.pack(
+        list(variant_dirs), output, name=name, version=bundle_version, keep_dir=keep_dir, wheels=options
+    )
     if as_json:
         emit_json(asdict(result))
         return
-    click.echo(f"packed {result.name} {result.version}: {len(result.variants)} variant(s), {result.files} files, "
-               f"{result.bytes / 1e6:.1f} MB -> {result.archive_bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
+    click.echo(
+        f"packed {result.name} {result.version}: {len(result.variants)} variant(s), {result.files} files, "
+        f"{result.bytes / 1e6:.1f} MB -> {result.archive_bytes / 1e6:.1f} MB in {result.seconds:.1f} s"
+    )
     if result.wheelhouse:
-        click.echo(f"  wheelhouse: {result.wheelhouse['wheels']} wheels, {result.wheelhouse['bytes'] / 1e6:.1f} MB "
-                   f"for {result.wheelhouse['platform_tag']}, Python {result.wheelhouse['python']}")
+        click.echo(
+            f"  wheelhouse: {result.wheelhouse['wheels']} wheels, {result.wheelhouse['bytes'] / 1e6:.1f} MB "
+            f"for {result.wheelhouse['platform_tag']}, Python {result.wheelhouse['python']}"
+        )
     click.echo(f"  {result.path}  sha256 {result.archive_sha256}")
     if result.directory:
         click.echo(f"  {result.directory}/")
@@ -62,8 +87,12 @@ def pack_command(variant_dirs, output, name, bundle_version, keep_dir, wheels, w
 
 @click.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("--public-key", type=_key_path, default=None,
-              help="Check manifest.sig with this Ed25519 public key (required to trust a signature).")
+@click.option(
+    "--public-key",
+    type=_key_path,
+    default=None,
+    help="Check manifest.sig with this Ed25519 public key (required to trust a signature).",
+)
 @json_option
 @handle_errors
 def verify_command(bundle, public_key, as_json) -> None:
@@ -81,13 +110,21 @@ def verify_command(bundle, public_key, as_json) -> None:
     if as_json:
         emit_json({**asdict(report), "ok": True})
         return
-    click.echo(f"ok: {report.name} {report.version} ({report.form}), {report.files} files, "
-               f"{report.bytes / 1e6:.1f} MB, signature {report.signature}, {report.seconds:.1f} s")
+    click.echo(
+        f"ok: {report.name} {report.version} ({report.form}), {report.files} files, "
+        f"{report.bytes / 1e6:.1f} MB, signature {report.signature}, {report.seconds:.1f} s"
+    )
 
 
 @click.command("keygen")
-@click.option("-o", "--output", "base", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="Key base name: writes BASE.key (private, mode 0600) and BASE.pub.")
+@click.option(
+    "-o",
+    "--output",
+    "base",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Key base name: writes BASE.key (private, mode 0600) and BASE.pub.",
+)
 @json_option
 @handle_errors
 def keygen_command(base, as_json) -> None:

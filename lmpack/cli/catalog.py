@@ -56,10 +56,16 @@ def targets_show(target: str, as_json: bool) -> None:
     click.echo(f"  source:      {t.source}")
     click.echo(f"  cpu:         {t.cpu.arch} ({', '.join(t.cpu.isa) or 'baseline'}), host memory {t.memory_gib:g} GiB")
     if t.gpu:
-        click.echo(f"  gpu:         {t.gpu.model}, compute capability {t.gpu.compute_capability}, "
-                   f"{t.gpu.memory_gib:g} GiB")
-    click.echo("  precisions:  " + "  ".join(f"{p}:{'yes' if p in t.precisions else 'no'}"
-                                              for p in ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4")))
+        click.echo(
+            f"  gpu:         {t.gpu.model}, compute capability {t.gpu.compute_capability}, {t.gpu.memory_gib:g} GiB"
+        )
+    click.echo(
+        "  precisions:  "
+        + "  ".join(
+            f"{p}:{'yes' if p in t.precisions else 'no'}"
+            for p in ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "int4")
+        )
+    )
     click.echo(f"  providers:   {', '.join(t.execution_providers)}")
     click.echo(f"  wheels:      {t.platform_tag}, Python {t.python}")
     click.echo(f"  sparsity:    {', '.join(t.sparsity) or 'none'}")
@@ -85,9 +91,19 @@ def profiles_list(as_json: bool) -> None:
     """
     found = api.profiles()
     if as_json:
-        emit_json([{"name": p.name, "description": p.description, "precision": p.precision,
-                    "steps": [{"name": s.name, **s.params} for s in p.steps], "quality": asdict(p.quality),
-                    "source": p.source} for p in found])
+        emit_json(
+            [
+                {
+                    "name": p.name,
+                    "description": p.description,
+                    "precision": p.precision,
+                    "steps": [{"name": s.name, **s.params} for s in p.steps],
+                    "quality": asdict(p.quality),
+                    "source": p.source,
+                }
+                for p in found
+            ]
+        )
         return
     click.echo(f"{'NAME':<14} {'PRECISION':<10} {'STEPS':<40} DESCRIPTION")
     for p in found:
@@ -111,8 +127,15 @@ def profiles_show(profile: str, target: str | None, as_json: bool) -> None:
     p = api.profile(profile)
     plan = api.plan(target=target, profile=profile).describe() if target else None
     if as_json:
-        emit_json({"name": p.name, "precision": p.precision, "steps": [{"name": s.name, **s.params} for s in p.steps],
-                   "quality": asdict(p.quality), "plan": plan})
+        emit_json(
+            {
+                "name": p.name,
+                "precision": p.precision,
+                "steps": [{"name": s.name, **s.params} for s in p.steps],
+                "quality": asdict(p.quality),
+                "plan": plan,
+            }
+        )
         return
     click.echo(f"{p.name}: {p.description}  ({p.source})")
     for s in p.steps:

@@ -7,7 +7,8 @@ import functools
 import json
 import sys
 import traceback
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import click
 
@@ -39,10 +40,18 @@ def handle_errors(func: Callable) -> Callable:
             if debug:
                 traceback.print_exc()
             if as_json:
-                emit_json({"error": {"type": type(exc).__name__, "message": exc.message, "hint": exc.hint,
-                                     "exit_code": exc.exit_code,
-                                     **({"measured": exc.measured} if getattr(exc, "measured", None) else {}),
-                                     **({"problems": exc.problems} if getattr(exc, "problems", None) else {})}})
+                emit_json(
+                    {
+                        "error": {
+                            "type": type(exc).__name__,
+                            "message": exc.message,
+                            "hint": exc.hint,
+                            "exit_code": exc.exit_code,
+                            **({"measured": exc.measured} if getattr(exc, "measured", None) else {}),
+                            **({"problems": exc.problems} if getattr(exc, "problems", None) else {}),
+                        }
+                    }
+                )
             click.secho(f"error: {exc.message}", fg="red", err=True)
             problems = getattr(exc, "problems", None) or []
             if len(problems) > 1:

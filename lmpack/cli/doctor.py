@@ -16,14 +16,22 @@ _GIB = 1 << 30
 
 def render(report: dict[str, Any]) -> str:
     host = report["host"]
-    gpus = ", ".join(f"{g['name']} (compute capability {g['compute_capability']}, {g['memory_bytes'] / _GIB:.1f} GiB)"
-                     for g in host["gpus"]) or f"none ({host['gpu_note'] or 'none found'})"
+    gpus = (
+        ", ".join(
+            f"{g['name']} (compute capability {g['compute_capability']}, {g['memory_bytes'] / _GIB:.1f} GiB)"
+            for g in host["gpus"]
+        )
+        or f"none ({host['gpu_note'] or 'none found'})"
+    )
     software = host.get("software") or {}
-    lines = [f"host:    {host['arch']}, {host['memory_bytes'] / _GIB:.1f} GiB memory",
-             f"isa:     {_needed_isa(report)}",
-             f"gpu:     {gpus}",
-             f"runtime: {_software(software)}",
-             f"{report['kind']}: {report['source']}", ""]
+    lines = [
+        f"host:    {host['arch']}, {host['memory_bytes'] / _GIB:.1f} GiB memory",
+        f"isa:     {_needed_isa(report)}",
+        f"gpu:     {gpus}",
+        f"runtime: {_software(software)}",
+        f"{report['kind']}: {report['source']}",
+        "",
+    ]
     for variant in report["variants"]:
         status = "ok" if variant["ok"] else "no: " + "; ".join(variant["reasons"])
         kind = "gpu" if variant["gpu"] else "cpu"
@@ -41,30 +49,42 @@ def render(report: dict[str, Any]) -> str:
 
 def _software(software: dict[str, Any]) -> str:
     ort = software.get("onnxruntime_version")
-    parts = [f"onnxruntime {ort} ({', '.join(software.get('providers') or []) or 'no providers'})" if ort
-             else "onnxruntime not installed",
-             f"TensorRT {software.get('tensorrt_version') or 'not found'}"]
+    parts = [
+        f"onnxruntime {ort} ({', '.join(software.get('providers') or []) or 'no providers'})"
+        if ort
+        else "onnxruntime not installed",
+        f"TensorRT {software.get('tensorrt_version') or 'not found'}",
+    ]
     if software.get("driver_version"):
         parts.append(f"driver {software['driver_version']} (CUDA {software.get('cuda_driver_version') or '?'})")
     return ", ".join(parts)
 
 
-_MODES = {"engine": "the shipped engine fits: TensorRT", "cached": "the engine this host rebuilt: TensorRT",
-          "rebuild": "rebuild the engine here once, then TensorRT", "cuda": "FALLBACK to the CUDA provider",
-          "cpu": "FALLBACK to the CPU", "refuse": "refused"}
+_MODES = {
+    "engine": "the shipped engine fits: TensorRT",
+    "cached": "the engine this host rebuilt: TensorRT",
+    "rebuild": "rebuild the engine here once, then TensorRT",
+    "cuda": "FALLBACK to the CUDA provider",
+    "cpu": "FALLBACK to the CPU",
+    "refuse": "refused",
+}
 
 
 def _engine_lines(engine: dict[str, Any]) -> list[str]:
     """The shipped engine's facts, every mismatch, and what serve would do about them."""
-    built = (f"{engine.get('gpu_name') or '?'} {engine.get('compute_capability') or '?'}, "
-             f"TensorRT {engine.get('tensorrt_version') or '?'}, onnxruntime {engine.get('onnxruntime_version') or '?'}"
-             + (", hardware-compatible" if engine.get("hardware_compatibility") == "ampere_plus" else "")
-             + (", version-compatible" if engine.get("version_compatible") else ""))
+    built = (
+        f"{engine.get('gpu_name') or '?'} {engine.get('compute_capability') or '?'}, "
+        f"TensorRT {engine.get('tensorrt_version') or '?'}, onnxruntime {engine.get('onnxruntime_version') or '?'}"
+        + (", hardware-compatible" if engine.get("hardware_compatibility") == "ampere_plus" else "")
+        + (", version-compatible" if engine.get("version_compatible") else "")
+    )
     plan = engine.get("plan") or {}
     lines = [f"      engine: built for {built}"]
     lines += [f"      mismatch: {m}" for m in plan.get("mismatches", [])]
-    lines.append(f"      plan:   {_MODES.get(plan.get('mode'), plan.get('mode'))}"
-                 + (f" (cache {engine['cache']})" if plan.get("mode") in ("cached", "rebuild") else ""))
+    lines.append(
+        f"      plan:   {_MODES.get(plan.get('mode'), plan.get('mode'))}"
+        + (f" (cache {engine['cache']})" if plan.get("mode") in ("cached", "rebuild") else "")
+    )
     lines += [f"      note:   {n}" for n in plan.get("notes", [])]
     return lines
 
@@ -79,17 +99,27 @@ def _needed_isa(report: dict[str, Any]) -> str:
 
 @click.command("doctor")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--variant", metavar="NAME", default=None,
-              help="Judge as `lmpack serve --variant NAME` would: that variant is chosen if it can run here.")
+@click.option(
+    "--variant",
+    metavar="NAME",
+    default=None,
+    help="Judge as `lmpack serve --variant NAME` would: that variant is chosen if it can run here.",
+)
 @click.option("--strict", is_flag=True, help="Judge as `lmpack serve --strict` would: no CUDA or CPU fallback.")
-@click.option("--no-engine-rebuild", "no_engine_rebuild", is_flag=True,
-              help="Judge as `lmpack serve --no-engine-rebuild` would.")
-@click.option("--engine-cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Rebuilt engines' directory, as given to serve.")
+@click.option(
+    "--no-engine-rebuild", "no_engine_rebuild", is_flag=True, help="Judge as `lmpack serve --no-engine-rebuild` would."
+)
+@click.option(
+    "--engine-cache-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Rebuilt engines' directory, as given to serve.",
+)
 @json_option
 @handle_errors
-def doctor_command(path: Path, variant: str | None, strict: bool, no_engine_rebuild: bool,
-                   engine_cache_dir: Path | None, as_json: bool) -> None:
+def doctor_command(
+    path: Path, variant: str | None, strict: bool, no_engine_rebuild: bool, engine_cache_dir: Path | None, as_json: bool
+) -> None:
     """Show this host's facts, whether each variant at PATH can run here, and which `lmpack serve` would choose.
 
     PATH is a variant directory, an unpacked bundle or an installed release. A variant with a TensorRT
@@ -103,8 +133,9 @@ def doctor_command(path: Path, variant: str | None, strict: bool, no_engine_rebu
       lmpack doctor bundle-dir --json
       lmpack doctor /opt/lmpack/releases/smollm2 --variant smollm2-135m-instruct.q4-1-cpu-x86-int4
     """
-    report = api.doctor(path, variant=variant, strict=strict, engine_rebuild=not no_engine_rebuild,
-                        engine_cache_dir=engine_cache_dir)
+    report = api.doctor(
+        path, variant=variant, strict=strict, engine_rebuild=not no_engine_rebuild, engine_cache_dir=engine_cache_dir
+    )
     if as_json:
         emit_json(report)
     else:

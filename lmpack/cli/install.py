@@ -10,21 +10,36 @@ import click
 from lmpack.bundle import install as installing
 from lmpack.cli.common import emit_json, handle_errors, json_option
 
-_prefix_option = click.option("--prefix", required=True, type=click.Path(path_type=Path, file_okay=False),
-                              help="Install root (e.g. /opt/lmpack): releases live in PREFIX/releases/NAME/VERSION.")
+_prefix_option = click.option(
+    "--prefix",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Install root (e.g. /opt/lmpack): releases live in PREFIX/releases/NAME/VERSION.",
+)
 
 
 @click.command("install")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @_prefix_option
-@click.option("--public-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Require a valid manifest.sig made with this Ed25519 key.")
+@click.option(
+    "--public-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Require a valid manifest.sig made with this Ed25519 key.",
+)
 @click.option("--allow-downgrade", is_flag=True, help="Allow a version lower than the current one.")
-@click.option("--python", "python", default=None,
-              help="Python that creates the release venv (default: the one running lmpack); must match the "
-                   "bundle's wheels.")
-@click.option("--systemd-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Also write lmpack-serve@.service (and a drop-in for this bundle) into this directory.")
+@click.option(
+    "--python",
+    "python",
+    default=None,
+    help="Python that creates the release venv (default: the one running lmpack); must match the bundle's wheels.",
+)
+@click.option(
+    "--systemd-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Also write lmpack-serve@.service (and a drop-in for this bundle) into this directory.",
+)
 @json_option
 @handle_errors
 def install_command(bundle, prefix, public_key, allow_downgrade, python, systemd_dir, as_json) -> None:
@@ -32,23 +47,30 @@ def install_command(bundle, prefix, public_key, allow_downgrade, python, systemd
 
     Nothing becomes visible before every file is checked; a bundle with wheels gets its own venv
     (RELEASE/venv, offline, hashes required) before `current` switches atomically; the previous
-    release is kept. A host's install.toml can require signatures (docs/airgapped-install.md). Killed at any point, the prefix shows exactly the old or the new state.
+    release is kept. A host's install.toml can require signatures (docs/airgapped-install.md). Killed at
+    any point, the prefix shows exactly the old or the new state.
 
     \b
     Examples:
       lmpack install smollm2-1.1.0.lmpack --prefix /opt/lmpack --public-key /etc/lmpack/release.pub
       lmpack install smollm2-1.0.0.lmpack --prefix /opt/lmpack --allow-downgrade
     """
-    options = installing.InstallOptions(public_keys=(public_key,) if public_key else (),
-                                        allow_downgrade=allow_downgrade, python=python, systemd_dir=systemd_dir)
+    options = installing.InstallOptions(
+        public_keys=(public_key,) if public_key else (),
+        allow_downgrade=allow_downgrade,
+        python=python,
+        systemd_dir=systemd_dir,
+    )
     result = installing.install(bundle, prefix, options=options)
     if as_json:
         emit_json(asdict(result))
         return
     was = f" (was {result.previous})" if result.previous and result.previous != result.version else ""
     verb = {"installed": "installed", "switched": "switched to", "unchanged": "already current:"}[result.action]
-    click.echo(f"{verb} {result.name} {result.version}{was}, signature {result.signature}, "
-               f"{result.files} files, {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s")
+    click.echo(
+        f"{verb} {result.name} {result.version}{was}, signature {result.signature}, "
+        f"{result.files} files, {result.bytes / 1e6:.1f} MB in {result.seconds:.1f} s"
+    )
     click.echo(f"  {result.path}")
 
 
@@ -73,8 +95,10 @@ def list_command(prefix, as_json) -> None:
     click.echo(f"{'NAME':<24} {'VERSION':<12} {'CURRENT':<8} {'SIZE':>10}  {'SIGNED':<7} VARIANTS")
     for r in releases:
         size = f"{r.bytes / 1e6:.1f} MB" if not r.problem else "?"
-        click.echo(f"{r.name:<24} {r.version:<12} {'*' if r.current else '':<8} {size:>10}  "
-                   f"{'yes' if r.signed else 'no':<7} {r.problem or ', '.join(r.variants)}")
+        click.echo(
+            f"{r.name:<24} {r.version:<12} {'*' if r.current else '':<8} {size:>10}  "
+            f"{'yes' if r.signed else 'no':<7} {r.problem or ', '.join(r.variants)}"
+        )
 
 
 @click.command("uninstall")

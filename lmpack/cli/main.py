@@ -36,9 +36,26 @@ def cli(debug: bool) -> None:
     """
 
 
-for command in (targets_group, profiles_group, pull_command, build_command, pack_command, verify_command,
-                keygen_command, sign_command, install_command, list_command, uninstall_command, serve_command,
-                generate_command, doctor_command, agent_command, status_command, switch_command, rollback_command):
+for command in (
+    targets_group,
+    profiles_group,
+    pull_command,
+    build_command,
+    pack_command,
+    verify_command,
+    keygen_command,
+    sign_command,
+    install_command,
+    list_command,
+    uninstall_command,
+    serve_command,
+    generate_command,
+    doctor_command,
+    agent_command,
+    status_command,
+    switch_command,
+    rollback_command,
+):
     cli.add_command(command)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -22,11 +23,13 @@ def setting_option(info: SettingInfo) -> Callable[[Callable], Callable]:
         return click.option(f"{info.flag}/--no-{info.flag[2:]}", info.name, default=None, help=help_text)
     if info.kind is int:
         low, high = info.meta.bounds or (None, None)
-        return click.option(info.flag, info.name, type=click.IntRange(low, high), default=None, metavar="N",
-                            help=help_text)
+        return click.option(
+            info.flag, info.name, type=click.IntRange(low, high), default=None, metavar="N", help=help_text
+        )
     if info.kind is Path:
-        return click.option(info.flag, info.name, type=click.Path(path_type=Path), default=None, metavar="PATH",
-                            help=help_text)
+        return click.option(
+            info.flag, info.name, type=click.Path(path_type=Path), default=None, metavar="PATH", help=help_text
+        )
     return click.option(info.flag, info.name, default=None, metavar="TEXT", help=help_text)
 
 
@@ -42,8 +45,13 @@ def serve_setting_options(func: Callable) -> Callable:
 
 @click.command("serve")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
-              help="serve.toml with any of the settings below; LMPACK_SERVE_* variables and flags override it.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="serve.toml with any of the settings below; LMPACK_SERVE_* variables and flags override it.",
+)
 @serve_setting_options
 @handle_errors
 def serve_command(path: Path, config_file: Path | None, **settings: Any) -> None:
@@ -79,9 +87,11 @@ def serve_command(path: Path, config_file: Path | None, **settings: Any) -> None
 @setting_option(_SETTINGS["threads"])
 @json_option
 @handle_errors
-def generate_command(variant_dir, prompt, max_tokens, temperature, top_p, top_k, seed, stop, chat, variant, threads,
-                     as_json) -> None:
-    """Complete PROMPT with the text-generation variant at PATH (chosen for this host as `serve` does), without a server.
+def generate_command(
+    variant_dir, prompt, max_tokens, temperature, top_p, top_k, seed, stop, chat, variant, threads, as_json
+) -> None:
+    """Complete PROMPT with the text-generation variant at PATH (chosen for this host as `serve` does), without
+    a server.
 
     The text is printed as it is generated; with --json, one document with the text, the token counts
     and the decode speed.
@@ -93,15 +103,32 @@ def generate_command(variant_dir, prompt, max_tokens, temperature, top_p, top_k,
       lmpack generate dist/MODEL "Once upon a time" --temperature 0.8 --seed 1 --json
     """
     on_text = None if as_json else (lambda text: click.echo(text, nl=False))
-    result = api.generate(variant_dir, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          top_k=top_k, seed=seed, stop=stop, chat=chat, threads=threads, variant=variant,
-                          on_text=on_text)
+    result = api.generate(
+        variant_dir,
+        prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=stop,
+        chat=chat,
+        threads=threads,
+        variant=variant,
+        on_text=on_text,
+    )
     if as_json:
-        emit_json({"text": result.text, "finish_reason": result.finish_reason,
-                   "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-                   "prefill_seconds": round(result.prefill_seconds, 4),
-                   "decode_seconds": round(result.decode_seconds, 4),
-                   "decode_tokens_per_second": (round(result.decode_tokens_per_second, 2)
-                                                if result.decode_tokens_per_second else None)})
+        emit_json(
+            {
+                "text": result.text,
+                "finish_reason": result.finish_reason,
+                "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+                "prefill_seconds": round(result.prefill_seconds, 4),
+                "decode_seconds": round(result.decode_seconds, 4),
+                "decode_tokens_per_second": (
+                    round(result.decode_tokens_per_second, 2) if result.decode_tokens_per_second else None
+                ),
+            }
+        )
         return
     click.echo()

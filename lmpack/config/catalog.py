@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from lmpack.errors import ConfigError, NotFoundError
 
@@ -13,7 +14,7 @@ Record = TypeVar("Record")
 
 @dataclass(frozen=True)
 class Catalog(Generic[Record]):
-    kind: str                              # "target" or "profile", for messages
+    kind: str  # "target" or "profile", for messages
     search_dirs: Callable[[], list[Path]]  # user directory first, so a user file overrides a shipped one by name
     load_file: Callable[[Path], Record]
 
@@ -39,9 +40,12 @@ class Catalog(Generic[Record]):
             if path.is_file():
                 record = self.load_file(path)
                 if record.name != name_or_path:
-                    raise ConfigError(f"{path}: field 'name' is {record.name!r} but the file is named "
-                                      f"{name_or_path}.toml")
+                    raise ConfigError(
+                        f"{path}: field 'name' is {record.name!r} but the file is named {name_or_path}.toml"
+                    )
                 return record
         known = ", ".join(r.name for r in self.all())
-        raise NotFoundError(f"unknown {self.kind} {name_or_path!r}; known {self.kind}s: {known}",
-                            hint=f"lmpack {self.kind}s list, or pass --{self.kind} ./my-{self.kind}.toml")
+        raise NotFoundError(
+            f"unknown {self.kind} {name_or_path!r}; known {self.kind}s: {known}",
+            hint=f"lmpack {self.kind}s list, or pass --{self.kind} ./my-{self.kind}.toml",
+        )

@@ -32,10 +32,10 @@ _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 @dataclass(frozen=True)
 class SettingMeta:
     bounds: tuple[int, int] | None = None  # an integer's least and greatest value
-    table: str | None = None      # the serve.toml table it sits in ([tls], [cache]); None: the top level
-    key: str | None = None        # its key in that table; None: the field's name
-    paired: bool = False          # required once its table is given (TLS needs a certificate and a key)
-    shown: str | None = None      # how --help and the docs show a default that is None or computed
+    table: str | None = None  # the serve.toml table it sits in ([tls], [cache]); None: the top level
+    key: str | None = None  # its key in that table; None: the field's name
+    paired: bool = False  # required once its table is given (TLS needs a certificate and a key)
+    shown: str | None = None  # how --help and the docs show a default that is None or computed
 
 
 def _setting(default: Any, **meta: Any) -> Any:
@@ -100,7 +100,7 @@ class SettingInfo:
     """One setting as every reader of it sees it."""
 
     name: str
-    kind: type                    # int, str, bool or Path
+    kind: type  # int, str, bool or Path
     default: Any
     help: str
     meta: SettingMeta
@@ -135,8 +135,7 @@ def serve_settings() -> tuple[SettingInfo, ...]:
     infos = []
     for f in fields(ServeSettings):
         kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-        infos.append(SettingInfo(name=f.name, kind=kind, default=f.default, help=docs[f.name],
-                                 meta=f.metadata[_META]))
+        infos.append(SettingInfo(name=f.name, kind=kind, default=f.default, help=docs[f.name], meta=f.metadata[_META]))
     return tuple(infos)
 
 
@@ -145,9 +144,14 @@ def _field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = " ".join(after.value.value.split())
     missing = [f.name for f in fields(cls) if f.name not in docs]
     if missing:
@@ -166,6 +170,7 @@ def settings_table() -> str:
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
+
 
 def read_serve_file(path: Path) -> dict[str, Any]:
     """The settings a serve.toml sets (only those), checked; paths resolved against the file's folder."""
@@ -229,8 +234,11 @@ def _from_text(raw: str, info: SettingInfo, *, where: str) -> Any:
 def resolve_serve_settings(config_file: Path | None, flags: dict[str, Any]) -> ServeSettings:
     """Defaults, then the file, then the environment, then the flags that were given (None: not given)."""
     settings = ServeSettings()
-    layers = [read_serve_file(config_file) if config_file is not None else {}, read_serve_env(),
-              {k: v for k, v in flags.items() if v is not None}]
+    layers = [
+        read_serve_file(config_file) if config_file is not None else {},
+        read_serve_env(),
+        {k: v for k, v in flags.items() if v is not None},
+    ]
     known = {f.name for f in fields(ServeSettings)}
     for layer in layers:
         unknown = set(layer) - known

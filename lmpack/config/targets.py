@@ -92,8 +92,9 @@ def parse_target(data: dict, *, source: str, digest: str = "") -> Target:
         tensorrt = TensorrtOptions(
             builder_optimization_level=trt_table.int("builder_optimization_level", 3, minimum=0, maximum=5),
             workspace_gib=trt_table.float("workspace_gib", 4.0, minimum=0.1),
-            hardware_compatibility=trt_table.str("hardware_compatibility", "none",
-                                                 choices=("none", "ampere_plus", "same_compute_capability")),
+            hardware_compatibility=trt_table.str(
+                "hardware_compatibility", "none", choices=("none", "ampere_plus", "same_compute_capability")
+            ),
             version_compatible=trt_table.bool("version_compatible", False),
         )
         trt_table.finish()
@@ -122,7 +123,9 @@ def _compute_capability(table: TableReader) -> str:
     value = table.str("compute_capability", required=True)
     major, _, minor = value.partition(".")
     if not (major.isdigit() and minor.isdigit()):
-        raise ConfigError(f"{table.source}: field '{table.prefix}compute_capability' must look like '8.0', got {value!r}")
+        raise ConfigError(
+            f"{table.source}: field '{table.prefix}compute_capability' must look like '8.0', got {value!r}"
+        )
     return value
 
 
@@ -134,11 +137,15 @@ def _check_consistency(target: Target) -> None:
         raise ConfigError(f"{where}: field 'execution_providers' must end with CPUExecutionProvider (the fallback)")
     gpu_eps = {"TensorrtExecutionProvider", "CUDAExecutionProvider"} & set(target.execution_providers)
     if gpu_eps and target.gpu is None:
-        raise ConfigError(f"{where}: field 'execution_providers' lists {sorted(gpu_eps)[0]} but the target has no [gpu] table")
+        raise ConfigError(
+            f"{where}: field 'execution_providers' lists {sorted(gpu_eps)[0]} but the target has no [gpu] table"
+        )
     if target.tensorrt is not None and "TensorrtExecutionProvider" not in target.execution_providers:
         raise ConfigError(f"{where}: field 'tensorrt' is set but 'execution_providers' lacks TensorrtExecutionProvider")
     if not target.platform_tag.endswith(target.cpu.arch):
-        raise ConfigError(f"{where}: field 'platform_tag' {target.platform_tag!r} does not match cpu.arch {target.cpu.arch!r}")
+        raise ConfigError(
+            f"{where}: field 'platform_tag' {target.platform_tag!r} does not match cpu.arch {target.cpu.arch!r}"
+        )
 
 
 def load_target_file(path: Path) -> Target:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+import tomllib
 
 from lmpack.errors import ConfigError, NotFoundError
 
@@ -48,21 +50,36 @@ class TableReader:
             raise ConfigError(f"{self._where(key)} must be {_type_names(expected)}, got {value!r}")
         return value
 
-    def str(self, key: str, default: str | None = None, *, required: bool = False,
-            choices: Iterable[str] | None = None) -> str | None:
+    def str(
+        self, key: str, default: str | None = None, *, required: bool = False, choices: Iterable[str] | None = None
+    ) -> str | None:
         value = self._get(key, str, default, required)
         if value is not None and choices is not None and value not in set(choices):
             raise ConfigError(f"{self._where(key)} is {value!r}; expected one of: {', '.join(sorted(choices))}")
         return value
 
-    def int(self, key: str, default: int | None = None, *, required: bool = False,
-            minimum: int | None = None, maximum: int | None = None) -> int | None:
+    def int(
+        self,
+        key: str,
+        default: int | None = None,
+        *,
+        required: bool = False,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> int | None:
         value = self._get(key, int, default, required)
         _check_range(self._where(key), value, minimum, maximum)
         return value
 
-    def float(self, key: str, default: float | None = None, *, required: bool = False,
-              minimum: float | None = None, maximum: float | None = None) -> float | None:
+    def float(
+        self,
+        key: str,
+        default: float | None = None,
+        *,
+        required: bool = False,
+        minimum: float | None = None,
+        maximum: float | None = None,
+    ) -> float | None:
         value = self._get(key, (int, float), default, required)
         value = None if value is None else float(value)
         _check_range(self._where(key), value, minimum, maximum)
@@ -71,8 +88,14 @@ class TableReader:
     def bool(self, key: str, default: bool | None = None, *, required: bool = False) -> bool | None:
         return self._get(key, bool, default, required)
 
-    def str_list(self, key: str, default: list[str] | None = None, *, required: bool = False,
-                 choices: Iterable[str] | None = None) -> list[str]:
+    def str_list(
+        self,
+        key: str,
+        default: list[str] | None = None,
+        *,
+        required: bool = False,
+        choices: Iterable[str] | None = None,
+    ) -> list[str]:
         value = self._get(key, list, default if default is not None else [], required)
         allowed = set(choices) if choices is not None else None
         for item in value:
@@ -82,13 +105,13 @@ class TableReader:
                 raise ConfigError(f"{self._where(key)} has {item!r}; expected items from: {', '.join(sorted(allowed))}")
         return list(value)
 
-    def table(self, key: str, *, required: bool = False) -> "TableReader | None":
+    def table(self, key: str, *, required: bool = False) -> TableReader | None:
         value = self._get(key, dict, None, required)
         if value is None:
             return None
         return TableReader(value, source=self.source, prefix=f"{self.prefix}{key}.")
 
-    def tables(self, key: str, *, required: bool = False) -> list["TableReader"]:
+    def tables(self, key: str, *, required: bool = False) -> list[TableReader]:
         value = self._get(key, list, [], required)
         readers = []
         for index, item in enumerate(value):
@@ -111,8 +134,10 @@ class TableReader:
 def check_schema_version(reader: TableReader) -> int:
     version = reader.int("schema_version", required=True)
     if version != SCHEMA_VERSION:
-        raise ConfigError(f"{reader.source}: schema_version {version} is not supported (this lmpack reads {SCHEMA_VERSION})",
-                          hint="upgrade lmpack or rewrite the file for this version")
+        raise ConfigError(
+            f"{reader.source}: schema_version {version} is not supported (this lmpack reads {SCHEMA_VERSION})",
+            hint="upgrade lmpack or rewrite the file for this version",
+        )
     return version
 
 
@@ -121,8 +146,14 @@ def _as_tuple(expected: type | tuple[type, ...]) -> tuple[type, ...]:
 
 
 def _type_names(expected: type | tuple[type, ...]) -> str:
-    names = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-             "list": "a list", "dict": "a table"}
+    names = {
+        "str": "a string",
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+        "list": "a list",
+        "dict": "a table",
+    }
     return " or ".join(names.get(t.__name__, t.__name__) for t in _as_tuple(expected))
 
 

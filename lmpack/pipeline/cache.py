@@ -30,10 +30,25 @@ class CacheEntry:
         return self.path / OUTPUT
 
 
-def cache_key(*, step: str, params: dict, input_digest: str, target_digest: str | None,
-              tool_versions: dict[str, str], extra: dict | None = None) -> str:
-    return json_sha256({"step": step, "params": params, "input": input_digest, "target": target_digest,
-                        "tools": tool_versions, "extra": extra or {}})
+def cache_key(
+    *,
+    step: str,
+    params: dict,
+    input_digest: str,
+    target_digest: str | None,
+    tool_versions: dict[str, str],
+    extra: dict | None = None,
+) -> str:
+    return json_sha256(
+        {
+            "step": step,
+            "params": params,
+            "input": input_digest,
+            "target": target_digest,
+            "tools": tool_versions,
+            "extra": extra or {},
+        }
+    )
 
 
 class StepCache:

@@ -9,11 +9,11 @@ from pathlib import Path
 from lmpack.fsio import file_sha256
 
 
-
 def tree_files(root: Path) -> list[Path]:
     """Regular files under root, sorted by relative path; links are never followed."""
-    return sorted((p for p in root.rglob("*") if p.is_file() and not p.is_symlink()),
-                  key=lambda p: p.relative_to(root).as_posix())
+    return sorted(
+        (p for p in root.rglob("*") if p.is_file() and not p.is_symlink()), key=lambda p: p.relative_to(root).as_posix()
+    )
 
 
 def tree_sha256(root: Path) -> str:

@@ -26,7 +26,7 @@ class PlannedStep:
     step: Step
     label: str
     reads: str | None = None  # the label of the artifact it reads; None: what the step before it produced
-    aside: bool = False       # its output is kept for later steps (the reference), not handed to the next step
+    aside: bool = False  # its output is kept for later steps (the reference), not handed to the next step
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,10 @@ def _check_chain(profile: Profile, steps: list[Step]) -> None:
         raise PlanError(f"{profile.source}: a profile needs exactly one 'export' step, found {names.count('export')}")
     for step in steps:
         if step.consumes != kind:
-            raise PlanError(f"{profile.source}: step {step.name!r} needs a {step.consumes} but comes after a step "
-                            f"that produces a {kind}; put it {'before' if step.consumes == HF_MODEL else 'after'} 'export'")
+            raise PlanError(
+                f"{profile.source}: step {step.name!r} needs a {step.consumes} but comes after a step "
+                f"that produces a {kind}; put it {'before' if step.consumes == HF_MODEL else 'after'} 'export'"
+            )
         kind = step.produces
     if kind != ONNX_MODEL:
         raise PlanError(f"{profile.source}: the last step must leave an ONNX model")

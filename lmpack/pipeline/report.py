@@ -36,10 +36,14 @@ def build_report(plan: BuildPlan, result: PlanResult, ctx: StepContext, *, start
         "precision": plan.profile.precision,
         "task": exported.metrics.get("task") if exported else None,
         "steps": [asdict(r) for r in result.records],
-        "sizes": {"reference_bytes": reference_bytes, "model_bytes": final_bytes,
-                  "ratio": round(final_bytes / reference_bytes, 4),
-                  "reference_onnx_bytes": reference_onnx, "onnx_bytes": final_onnx,
-                  "onnx_ratio": round(final_onnx / reference_onnx, 4)},
+        "sizes": {
+            "reference_bytes": reference_bytes,
+            "model_bytes": final_bytes,
+            "ratio": round(final_bytes / reference_bytes, 4),
+            "reference_onnx_bytes": reference_onnx,
+            "onnx_bytes": final_onnx,
+            "onnx_ratio": round(final_onnx / reference_onnx, 4),
+        },
         "quality": validated.metrics if validated else {},
         "quality_gate": asdict(plan.profile.quality),
         "tools": tools,
@@ -55,26 +59,35 @@ def _onnx_bytes(directory: Path) -> int:
 def render_report(report: dict[str, Any]) -> str:
     """The human summary written beside report.json and printed by `lmpack build`."""
     source = report["source"]
-    lines = [f"lmpack {report['lmpack_version']} build report",
-             f"source:    {source.get('kind')} {source.get('ref')}"
-             + (f" @ {source['commit']}" if source.get("commit") else "")
-             + (f" (license {source['license']})" if source.get("license") else ""),
-             f"target:    {report['target']}   profile: {report['profile']} ({report['precision']})",
-             f"task:      {report['task']}", "steps:"]
+    lines = [
+        f"lmpack {report['lmpack_version']} build report",
+        f"source:    {source.get('kind')} {source.get('ref')}"
+        + (f" @ {source['commit']}" if source.get("commit") else "")
+        + (f" (license {source['license']})" if source.get("license") else ""),
+        f"target:    {report['target']}   profile: {report['profile']} ({report['precision']})",
+        f"task:      {report['task']}",
+        "steps:",
+    ]
     for step in report["steps"]:
         size = f"{step['output_bytes'] / 1e6:9.1f} MB" if step["output_bytes"] else " " * 12
         lines.append(f"  {step['step']:<10} {step['seconds']:8.1f} s {size}{'  (cached)' if step['cached'] else ''}")
     sizes = report["sizes"]
-    lines.append(f"size:      ONNX {sizes['onnx_bytes'] / 1e6:.1f} MB, {sizes['onnx_ratio']:.1%} of the fp32 export "
-                 f"({sizes['reference_onnx_bytes'] / 1e6:.1f} MB); with tokenizer and side files "
-                 f"{sizes['model_bytes'] / 1e6:.1f} MB")
+    lines.append(
+        f"size:      ONNX {sizes['onnx_bytes'] / 1e6:.1f} MB, {sizes['onnx_ratio']:.1%} of the fp32 export "
+        f"({sizes['reference_onnx_bytes'] / 1e6:.1f} MB); with tokenizer and side files "
+        f"{sizes['model_bytes'] / 1e6:.1f} MB"
+    )
     quality = report["quality"]
     if "perplexity" in quality:
-        lines.append(f"quality:   perplexity {quality['perplexity']:.3f} vs {quality['perplexity_reference']:.3f} "
-                     f"({quality['perplexity_increase']:+.2%}), top-1 agreement {quality['top1_agreement']:.3f}, "
-                     f"gate {quality.get('gate')}")
+        lines.append(
+            f"quality:   perplexity {quality['perplexity']:.3f} vs {quality['perplexity_reference']:.3f} "
+            f"({quality['perplexity_increase']:+.2%}), top-1 agreement {quality['top1_agreement']:.3f}, "
+            f"gate {quality.get('gate')}"
+        )
     elif "cosine_similarity_mean" in quality:
-        lines.append(f"quality:   cosine similarity mean {quality['cosine_similarity_mean']:.4f}, "
-                     f"min {quality['cosine_similarity_min']:.4f}, gate {quality.get('gate')}")
+        lines.append(
+            f"quality:   cosine similarity mean {quality['cosine_similarity_mean']:.4f}, "
+            f"min {quality['cosine_similarity_min']:.4f}, gate {quality.get('gate')}"
+        )
     lines.append(f"total:     {report['seconds']:.1f} s")
     return "\n".join(lines) + "\n"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from lmpack.pipeline.cache import StepCache, cache_key, guard_disk_full
 from lmpack.pipeline.digest import tree_sha256, tree_size
@@ -31,9 +32,14 @@ def ignore_events(event: str, data: dict[str, Any]) -> None:
 
 def run_step(step: Step, ctx: StepContext, source: Artifact, cache: StepCache) -> tuple[Artifact, StepRecord]:
     """Run one step through the cache; return its output artifact and a record for the report."""
-    key = cache_key(step=step.name, params=vars(step.params), input_digest=source.digest,
-                    target_digest=ctx.target.digest if step.uses_target and ctx.target else None,
-                    tool_versions=step.tool_versions(), extra=step.cache_extra(ctx))
+    key = cache_key(
+        step=step.name,
+        params=vars(step.params),
+        input_digest=source.digest,
+        target_digest=ctx.target.digest if step.uses_target and ctx.target else None,
+        tool_versions=step.tool_versions(),
+        extra=step.cache_extra(ctx),
+    )
     started = time.perf_counter()
     entry = cache.get(key)
     cached = entry is not None
@@ -46,8 +52,18 @@ def run_step(step: Step, ctx: StepContext, source: Artifact, cache: StepCache) -
         except BaseException:
             cache.discard(staging)
             raise
-        entry = cache.commit(key, staging, {"step": step.name, "params": vars(step.params), "input": source.digest,
-                                            "digest": digest, "metrics": metrics, "tools": step.tool_versions()})
+        entry = cache.commit(
+            key,
+            staging,
+            {
+                "step": step.name,
+                "params": vars(step.params),
+                "input": source.digest,
+                "digest": digest,
+                "metrics": metrics,
+                "tools": step.tool_versions(),
+            },
+        )
     metrics = entry.meta["metrics"]
     if step.writes_output:
         artifact = Artifact(kind=step.produces, path=entry.output, digest=entry.meta["digest"], info=metrics)
@@ -55,8 +71,14 @@ def run_step(step: Step, ctx: StepContext, source: Artifact, cache: StepCache) -
     else:
         artifact, size = source, None
     step.finish(ctx, source, metrics)
-    record = StepRecord(step=step.name, params=vars(step.params), cached=cached,
-                        seconds=round(time.perf_counter() - started, 3), output_bytes=size, metrics=metrics)
+    record = StepRecord(
+        step=step.name,
+        params=vars(step.params),
+        cached=cached,
+        seconds=round(time.perf_counter() - started, 3),
+        output_bytes=size,
+        metrics=metrics,
+    )
     return artifact, record
 
 
@@ -71,8 +93,9 @@ class PlanResult:
         return next((r for r in self.records if r.step == label), None)
 
 
-def run_plan(plan: BuildPlan, ctx: StepContext, source: Artifact, cache: StepCache,
-             on_event: EventHandler = ignore_events) -> PlanResult:
+def run_plan(
+    plan: BuildPlan, ctx: StepContext, source: Artifact, cache: StepCache, on_event: EventHandler = ignore_events
+) -> PlanResult:
     """Every step of `plan` in order; each output is kept in `ctx.artifacts` under the step's label."""
     records = []
     artifact = source
@@ -85,6 +108,8 @@ def run_plan(plan: BuildPlan, ctx: StepContext, source: Artifact, cache: StepCac
         if not planned.aside:
             artifact = output
         records.append(replace(record, step=planned.label))
-        on_event("step-done", {"index": index, "total": total, "step": planned.label,
-                               "cached": record.cached, "seconds": record.seconds})
+        on_event(
+            "step-done",
+            {"index": index, "total": total, "step": planned.label, "cached": record.cached, "seconds": record.seconds},
+        )
     return PlanResult(final=artifact, records=records)

@@ -5,18 +5,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 from lmpack.config.profiles import Profile
 from lmpack.config.targets import Target
 from lmpack.pipeline.params import NoParams
 
 # Artifact kinds a step consumes and produces.
-SOURCE = "source"          # a model reference before pull: Hub repo, local directory or GGUF file
-HF_MODEL = "hf-model"      # a Hugging Face directory with safetensors weights and tokenizer files
+SOURCE = "source"  # a model reference before pull: Hub repo, local directory or GGUF file
+HF_MODEL = "hf-model"  # a Hugging Face directory with safetensors weights and tokenizer files
 ONNX_MODEL = "onnx-model"  # an ONNX model directory with tokenizer files and lmpack-model.json
 
 # The label of the unchanged model's export in a plan, there only when steps before export change the model.
@@ -107,8 +108,9 @@ def _code_digest(cls: type) -> str:
 
     module = sys.modules[cls.__module__]
     package = cls.__module__.rpartition(".")[0] + "."
-    helpers = {getattr(value, "__module__", None) or getattr(value, "__name__", None)
-               for value in vars(module).values()}
+    helpers = {
+        getattr(value, "__module__", None) or getattr(value, "__name__", None) for value in vars(module).values()
+    }
     names = sorted({cls.__module__} | {name for name in helpers if name and name.startswith(package)})
     digest = hashlib.sha256()
     for name in names:

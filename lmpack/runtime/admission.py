@@ -18,7 +18,7 @@ class Overloaded(Exception):
 class Slot:
     """One admitted request's hold on a generation slot; release() is idempotent and thread-safe."""
 
-    def __init__(self, admission: "Admission", loop: asyncio.AbstractEventLoop):
+    def __init__(self, admission: Admission, loop: asyncio.AbstractEventLoop):
         self._admission = admission
         self._loop = loop
         self._released = False

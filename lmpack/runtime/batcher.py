@@ -20,8 +20,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from lmpack.runtime.generation import Generation
 from lmpack.runtime.sessions import BatchKV, DecoderRunner, KVCache
@@ -46,8 +46,8 @@ EXACT_ALIGN = 4
 
 @dataclass(eq=False)
 class _Sequence:
-    generation: Generation                 # its Decoding makes the token choices
-    out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
+    generation: Generation  # its Decoding makes the token choices
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     decode_started: float = 0.0
 
 
@@ -61,8 +61,9 @@ class Batcher:
     `align` (EXACT_ALIGN); right-padded batches ignore `align`.
     """
 
-    def __init__(self, runner: DecoderRunner, *, max_batch: int, align: int = 1,
-                 on_step: Callable[[int], None] | None = None):
+    def __init__(
+        self, runner: DecoderRunner, *, max_batch: int, align: int = 1, on_step: Callable[[int], None] | None = None
+    ):
         if max_batch < 1 or align < 1:
             raise ValueError("max_batch and align must be at least 1")
         self.runner = runner
@@ -108,8 +109,8 @@ class Batcher:
     # The worker ------------------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        active: list[_Sequence] = []    # rows of `batch`, in order
-        waiting: list[_Sequence] = []   # taken from the queue, waiting for the batch's lengths to suit them
+        active: list[_Sequence] = []  # rows of `batch`, in order
+        waiting: list[_Sequence] = []  # taken from the queue, waiting for the batch's lengths to suit them
         batch = self.runner.new_batch(self.max_batch)
         while True:
             with self._wake:
@@ -170,12 +171,12 @@ class Batcher:
             return False
         cache = KVCache(room=generation.positions)
         started = time.perf_counter()
-        try:   # its prefill and its place in the batch are its own: a failure (no memory for its cache) ends it alone
+        try:  # its prefill and its place in the batch are its own: a failure (no memory for its cache) ends it alone
             logits = self.runner.step(generation.prompt_ids, cache)
             seq.decode_started = time.perf_counter()
             generation.prefill_seconds = seq.decode_started - started
             if self._emit(seq, generation.decoding.advance(logits, cache.length)):
-                batch.join(cache)   # grows the batch's buffers, if at all, before it changes anything else
+                batch.join(cache)  # grows the batch's buffers, if at all, before it changes anything else
                 active.append(seq)
         except Exception as exc:
             log.warning("a sequence could not join the batch: %s", exc)

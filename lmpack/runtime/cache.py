@@ -86,8 +86,9 @@ class ResponseCache:
         with self._lock:
             if (old := self._entries.pop(key, None)) is not None:
                 self._bytes -= old.size
-            while self._entries and (len(self._entries) >= self.max_entries
-                                     or self._bytes + answer.size > self.max_bytes):
+            while self._entries and (
+                len(self._entries) >= self.max_entries or self._bytes + answer.size > self.max_bytes
+            ):
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.size
             self._entries[key] = answer

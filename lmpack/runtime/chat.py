@@ -22,8 +22,9 @@ def _raise_exception(message: str):
     raise TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False
+) -> str:
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -49,8 +50,13 @@ class ChatTemplate:
         from jinja2 import TemplateError
 
         try:
-            return self.template.render(messages=normalize_messages(messages), add_generation_prompt=add_generation_prompt,
-                                        tools=None, documents=None, **self.special)
+            return self.template.render(
+                messages=normalize_messages(messages),
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
+                **self.special,
+            )
         except TemplateError as exc:
             raise RequestError(f"the model's chat template rejected the messages: {exc}", param="messages") from exc
 
@@ -80,8 +86,10 @@ def _text(content: Any, where: str) -> str:
         parts = []
         for i, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise RequestError(f"{where}[{i}] must be a text part {{\"type\": \"text\", \"text\": ...}}: "
-                                   "this model reads text only", param=where)
+                raise RequestError(
+                    f'{where}[{i}] must be a text part {{"type": "text", "text": ...}}: this model reads text only',
+                    param=where,
+                )
             parts.append(part["text"])
         return "".join(parts)
     raise RequestError(f"{where} must be a string or an array of text parts", param=where)

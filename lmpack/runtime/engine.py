@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,18 +34,30 @@ class DecoderEngine:
         if variant.task != TEXT_GENERATION:
             raise RequestError(f"{variant.name} is an embedding model (task {variant.task}); it cannot generate text")
         self.variant = variant
-        self.tokenizer, self.runner = _load(variant, lambda: DecoderRunner(
-            variant.onnx_path, threads=threads, providers=variant.providers,
-            kv_padding=variant.info.get("kv_padding", "left")))
+        self.tokenizer, self.runner = _load(
+            variant,
+            lambda: DecoderRunner(
+                variant.onnx_path,
+                threads=threads,
+                providers=variant.providers,
+                kv_padding=variant.info.get("kv_padding", "left"),
+            ),
+        )
         eos = set(variant.eos_token_ids)
         if not eos and variant.special_token("eos_token"):
             eos.add(self.tokenizer.token_to_id(variant.special_token("eos_token")))
         self.eos_token_ids = frozenset(i for i in eos if i is not None)
         self.context_length = variant.context_length or 2048
         self.max_tokens_limit = min(max_tokens_limit, self.context_length)
-        self.chat_template = (ChatTemplate(variant.chat_template, bos_token=variant.special_token("bos_token"),
-                                           eos_token=variant.special_token("eos_token"))
-                              if variant.chat_template else None)
+        self.chat_template = (
+            ChatTemplate(
+                variant.chat_template,
+                bos_token=variant.special_token("bos_token"),
+                eos_token=variant.special_token("eos_token"),
+            )
+            if variant.chat_template
+            else None
+        )
 
     @property
     def solo(self) -> SoloLoop:
@@ -53,8 +66,11 @@ class DecoderEngine:
 
     def defaults(self) -> dict[str, Any]:
         """Sampling defaults from generation_config.json where the model sets them (as other servers do)."""
-        return {k: self.variant.generation[k] for k in _GENERATION_DEFAULTS
-                if isinstance(self.variant.generation.get(k), (int, float))}
+        return {
+            k: self.variant.generation[k]
+            for k in _GENERATION_DEFAULTS
+            if isinstance(self.variant.generation.get(k), (int, float))
+        }
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Tokens of a raw prompt, with the tokenizer's own special tokens (a BOS where the model wants one)."""
@@ -63,28 +79,40 @@ class DecoderEngine:
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Tokens of a conversation: the template writes the special tokens itself, so none are added."""
         if self.chat_template is None:
-            raise RequestError(f"{self.variant.name} has no chat template; use /v1/completions with a prompt",
-                               param="messages", code="no_chat_template")
+            raise RequestError(
+                f"{self.variant.name} has no chat template; use /v1/completions with a prompt",
+                param="messages",
+                code="no_chat_template",
+            )
         return self.tokenizer.encode(self.chat_template.render(messages), add_special_tokens=False).ids
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, *, cancel: threading.Event | None = None,
-                 prompt_param: str = "prompt", loop: GenerationLoop | None = None) -> Generation:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        cancel: threading.Event | None = None,
+        prompt_param: str = "prompt",
+        loop: GenerationLoop | None = None,
+    ) -> Generation:
         """Check the request against the model's limits, then return its (not yet started) Generation, run by
         `loop` (the server's batcher) or else alone."""
         params.check(max_tokens_limit=self.max_tokens_limit)
         if not prompt_ids:
             raise RequestError("the prompt is empty", param=prompt_param)
         if len(prompt_ids) + params.max_tokens > self.context_length:
-            raise RequestError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                               f"the model's context of {self.context_length} tokens",
-                               param=prompt_param if len(prompt_ids) >= self.context_length else "max_tokens",
-                               code="context_length_exceeded")
+            raise RequestError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                f"the model's context of {self.context_length} tokens",
+                param=prompt_param if len(prompt_ids) >= self.context_length else "max_tokens",
+                code="context_length_exceeded",
+            )
         return Generation(self, prompt_ids, params, loop or self.solo, cancel)
 
 
 @dataclass(frozen=True)
 class Embeddings:
-    vectors: np.ndarray      # [n, hidden], L2-normalised
+    vectors: np.ndarray  # [n, hidden], L2-normalised
     prompt_tokens: int
 
 
@@ -97,8 +125,9 @@ class EncoderEngine:
         if variant.task != EMBEDDING:
             raise RequestError(f"{variant.name} is not an embedding model (task {variant.task})")
         self.variant = variant
-        self.tokenizer, self.runner = _load(variant, lambda: EncoderRunner(variant.onnx_path, threads=threads,
-                                                                           providers=variant.providers))
+        self.tokenizer, self.runner = _load(
+            variant, lambda: EncoderRunner(variant.onnx_path, threads=threads, providers=variant.providers)
+        )
         self.max_input_tokens = _encoder_length(variant)
         self.tokenizer.enable_truncation(self.max_input_tokens)
         pad = variant.special_token("pad_token")
@@ -108,7 +137,7 @@ class EncoderEngine:
     def embed(self, texts: list[str]) -> Embeddings:
         vectors, tokens = [], 0
         for start in range(0, len(texts), self.batch_size):
-            encoded = self.tokenizer.encode_batch(texts[start:start + self.batch_size])
+            encoded = self.tokenizer.encode_batch(texts[start : start + self.batch_size])
             ids = np.array([e.ids for e in encoded], dtype=np.int64)
             mask = np.array([e.attention_mask for e in encoded], dtype=np.int64)
             tokens += int(mask.sum())
@@ -149,8 +178,9 @@ def _load(variant: Variant, make_runner: Callable[[], Any]) -> tuple[Any, Any]:
     return tokenizer, runner
 
 
-def load_engine(variant: Variant, *, threads: int | None = None,
-                max_tokens_limit: int = MAX_TOKENS_LIMIT) -> DecoderEngine | EncoderEngine:
+def load_engine(
+    variant: Variant, *, threads: int | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT
+) -> DecoderEngine | EncoderEngine:
     """The engine that fits the variant's task."""
     if variant.task == EMBEDDING:
         return EncoderEngine(variant, threads=threads)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -62,7 +63,7 @@ class Decoding:
         self.eos_token_ids = model.eos_token_ids
         self.context_length = model.context_length
         self.max_tokens = params.max_tokens
-        self.token: int | None = None           # the token to feed next, while not finished
+        self.token: int | None = None  # the token to feed next, while not finished
         self.finish_reason: str | None = None
         self.completion_tokens = 0
 
@@ -103,8 +104,14 @@ class GenerationLoop(Protocol):
 class Generation:
     """One request's token loop; iterate for text deltas, then read finish_reason and the token counts."""
 
-    def __init__(self, model: TokenModel, prompt_ids: list[int], params: SamplingParams, loop: GenerationLoop,
-                 cancel: threading.Event | None = None):
+    def __init__(
+        self,
+        model: TokenModel,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        loop: GenerationLoop,
+        cancel: threading.Event | None = None,
+    ):
         self.prompt_ids = prompt_ids
         self.params = params
         self.loop = loop
@@ -138,9 +145,14 @@ class Generation:
             parts.append(delta)
             if on_text is not None:
                 on_text(delta)
-        return Completion(text="".join(parts), finish_reason=self.finish_reason or "length",
-                          prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                          prefill_seconds=self.prefill_seconds, decode_seconds=self.decode_seconds)
+        return Completion(
+            text="".join(parts),
+            finish_reason=self.finish_reason or "length",
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            prefill_seconds=self.prefill_seconds,
+            decode_seconds=self.decode_seconds,
+        )
 
 
 class SoloLoop:

@@ -21,8 +21,9 @@ import functools
 import math
 import mmap
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ import numpy as np
 @functools.cache
 def _malloc_trim() -> Any:
     try:
-        return ctypes.CDLL(None).malloc_trim   # the process's own C library
+        return ctypes.CDLL(None).malloc_trim  # the process's own C library
     except (OSError, AttributeError):
         return None
 
@@ -55,13 +56,13 @@ def mapped_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """
     dtype = np.dtype(dtype)
     size = math.prod(shape) * dtype.itemsize
-    if size == 0 or not hasattr(mmap, "MAP_PRIVATE"):   # mmap refuses length 0; Windows has no MAP_PRIVATE
+    if size == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # mmap refuses length 0; Windows has no MAP_PRIVATE
         return np.zeros(shape, dtype=dtype)
     try:
-        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)   # anonymous: fileno -1
-    except OSError as exc:   # ENOMEM: over the commit limit where overcommit is strict (vm.overcommit_memory=2)
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)  # anonymous: fileno -1
+    except OSError as exc:  # ENOMEM: over the commit limit where overcommit is strict (vm.overcommit_memory=2)
         raise MemoryError(f"could not map {size / 2**20:.1f} MiB for a KV cache: {exc.strerror}") from exc
-    return np.frombuffer(mapping, dtype=dtype).reshape(shape)   # the array keeps the mapping alive
+    return np.frombuffer(mapping, dtype=dtype).reshape(shape)  # the array keeps the mapping alive
 
 
 @functools.cache
@@ -86,7 +87,7 @@ def _file_mappings(smaps: str) -> Iterator[tuple[int, int, str, int, int]]:
             mapping = [start, end, " ".join(fields[5:]) if len(fields) > 5 else "", 0, 0]
         elif mapping and fields[:1] == ["Rss:"]:
             mapping[3] = int(fields[1])
-        elif mapping and fields[:1] == ["Anonymous:"]:   # private pages written since mapping: the file lacks them
+        elif mapping and fields[:1] == ["Anonymous:"]:  # private pages written since mapping: the file lacks them
             mapping[4] = int(fields[1])
     if mapping and mapping[2]:
         yield tuple(mapping)
@@ -100,8 +101,11 @@ def file_mappings_under(directory: Path) -> list[tuple[int, int, int, int]]:
     except OSError:
         return []
     prefix = str(Path(directory).resolve()) + os.sep
-    return [(start, end, resident, modified)
-            for start, end, path, resident, modified in _file_mappings(smaps) if path.startswith(prefix)]
+    return [
+        (start, end, resident, modified)
+        for start, end, path, resident, modified in _file_mappings(smaps)
+        if path.startswith(prefix)
+    ]
 
 
 def release_file_pages(directory: Path) -> int:

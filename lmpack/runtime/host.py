@@ -27,14 +27,19 @@ _ISA_ALIASES = {"asimd": "neon"}
 @dataclass(frozen=True)
 class GpuFacts:
     name: str
-    compute_capability: str      # "8.0"
+    compute_capability: str  # "8.0"
     memory_bytes: int
     vendor: str = "nvidia"
     free_memory_bytes: int | None = None  # at probe time; None when NVML did not say
 
     def to_dict(self) -> dict[str, Any]:
-        return {"vendor": self.vendor, "name": self.name, "compute_capability": self.compute_capability,
-                "memory_bytes": self.memory_bytes, "free_memory_bytes": self.free_memory_bytes}
+        return {
+            "vendor": self.vendor,
+            "name": self.name,
+            "compute_capability": self.compute_capability,
+            "memory_bytes": self.memory_bytes,
+            "free_memory_bytes": self.free_memory_bytes,
+        }
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,14 @@ class GpuSoftware:
     providers: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"driver_version": self.driver_version, "cuda_driver_version": self.cuda_driver_version,
-                "onnxruntime_version": self.onnxruntime_version,
-                "onnxruntime_cuda_version": self.onnxruntime_cuda_version,
-                "tensorrt_version": self.tensorrt_version, "providers": list(self.providers)}
+        return {
+            "driver_version": self.driver_version,
+            "cuda_driver_version": self.cuda_driver_version,
+            "onnxruntime_version": self.onnxruntime_version,
+            "onnxruntime_cuda_version": self.onnxruntime_cuda_version,
+            "tensorrt_version": self.tensorrt_version,
+            "providers": list(self.providers),
+        }
 
 
 @dataclass(frozen=True)
@@ -71,13 +80,18 @@ class HostFacts:
     software: GpuSoftware = GpuSoftware()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"arch": self.arch, "isa": sorted(self.isa), "memory_bytes": self.memory_bytes,
-                "gpus": [g.to_dict() for g in self.gpus], "gpu_note": self.gpu_note,
-                "software": self.software.to_dict()}
+        return {
+            "arch": self.arch,
+            "isa": sorted(self.isa),
+            "memory_bytes": self.memory_bytes,
+            "gpus": [g.to_dict() for g in self.gpus],
+            "gpu_note": self.gpu_note,
+            "software": self.software.to_dict(),
+        }
 
 
 def parse_compute_capability(value: str) -> tuple[int, int]:
-    """"8.9" as (8, 9), for comparing compute capabilities."""
+    """ "8.9" as (8, 9), for comparing compute capabilities."""
     major, _, minor = value.partition(".")
     return int(major), int(minor or 0)
 
@@ -120,9 +134,14 @@ def probe_gpus() -> tuple[tuple[GpuFacts, ...], str]:
                 major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
                 memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
                 free = getattr(memory, "free", None)
-                gpus.append(GpuFacts(name=nvml_text(pynvml.nvmlDeviceGetName(handle)),
-                                     compute_capability=f"{major}.{minor}", memory_bytes=int(memory.total),
-                                     free_memory_bytes=None if free is None else int(free)))
+                gpus.append(
+                    GpuFacts(
+                        name=nvml_text(pynvml.nvmlDeviceGetName(handle)),
+                        compute_capability=f"{major}.{minor}",
+                        memory_bytes=int(memory.total),
+                        free_memory_bytes=None if free is None else int(free),
+                    )
+                )
             return tuple(gpus), "" if gpus else "NVML found no GPU"
     except NvmlUnavailable as exc:
         return (), str(exc) if exc.missing_package else f"NVML is not available: {exc}"
@@ -191,14 +210,26 @@ def probe_software() -> GpuSoftware:
     driver, cuda_driver = probe_driver()
     ort_version, ort_cuda, providers = probe_onnxruntime()
     tensorrt = probe_tensorrt_version()
-    return GpuSoftware(driver_version=driver, cuda_driver_version=cuda_driver, onnxruntime_version=ort_version,
-                       onnxruntime_cuda_version=ort_cuda, tensorrt_version=tensorrt, providers=providers)
+    return GpuSoftware(
+        driver_version=driver,
+        cuda_driver_version=cuda_driver,
+        onnxruntime_version=ort_version,
+        onnxruntime_cuda_version=ort_cuda,
+        tensorrt_version=tensorrt,
+        providers=providers,
+    )
 
 
 def probe_host() -> HostFacts:
     """The facts of the machine this process runs on."""
     gpus, note = probe_gpus()
-    facts = HostFacts(arch=normalize_arch(platform.machine()), isa=probe_cpu_flags(), memory_bytes=probe_memory(),
-                      gpus=gpus, gpu_note=note, software=probe_software())
+    facts = HostFacts(
+        arch=normalize_arch(platform.machine()),
+        isa=probe_cpu_flags(),
+        memory_bytes=probe_memory(),
+        gpus=gpus,
+        gpu_note=note,
+        software=probe_software(),
+    )
     log.debug("host facts: %s", facts.to_dict())
     return facts

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -29,8 +30,11 @@ async def read_json(request: Request, *, limit: int) -> dict[str, Any]:
     """
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type not in JSON_TYPES:
-        raise ApiError(415, f"the body must be application/json, got {media_type or 'no content type'}",
-                       code="unsupported_media_type")
+        raise ApiError(
+            415,
+            f"the body must be application/json, got {media_type or 'no content type'}",
+            code="unsupported_media_type",
+        )
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise ApiError(415, f"compressed bodies ({encoding}) are not accepted", code="unsupported_media_type")
@@ -66,8 +70,9 @@ class GuardedStream(StreamingResponse):
     """
 
     def __init__(self, content: AsyncIterator[str], *, on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

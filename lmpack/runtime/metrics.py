@@ -7,15 +7,15 @@ answers 404 saying why.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
 
 class Metrics:
-    def __init__(self, *, queue_depth: Callable[[], float], active: Callable[[], float],
-                 cache: Any = None):
+    def __init__(self, *, queue_depth: Callable[[], float], active: Callable[[], float], cache: Any = None):
         """`cache`, a ResponseCache or None, is read by the size gauges at each scrape."""
         try:
             import prometheus_client as prom
@@ -25,30 +25,45 @@ class Metrics:
         self._prom = prom
         self.registry = prom.CollectorRegistry()
         r = self.registry
-        self.requests = prom.Counter("lmpack_requests", "HTTP requests by route and status code",
-                                     ["route", "code"], registry=r)
-        self.latency = prom.Histogram("lmpack_request_duration_seconds", "Time from request to the end of the response",
-                                      ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.first_token = prom.Histogram("lmpack_time_to_first_token_seconds",
-                                          "Time from admission to the first generated text (streaming)",
-                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = prom.Counter(
+            "lmpack_requests", "HTTP requests by route and status code", ["route", "code"], registry=r
+        )
+        self.latency = prom.Histogram(
+            "lmpack_request_duration_seconds",
+            "Time from request to the end of the response",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_token = prom.Histogram(
+            "lmpack_time_to_first_token_seconds",
+            "Time from admission to the first generated text (streaming)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = prom.Counter("lmpack_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = prom.Counter("lmpack_generated_tokens", "Completion tokens generated", registry=r)
-        self.batch_sizes = prom.Histogram("lmpack_batch_size", "Sequences in each batched decode step",
-                                          buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_sizes = prom.Histogram(
+            "lmpack_batch_size", "Sequences in each batched decode step", buckets=_BATCH_BUCKETS, registry=r
+        )
         self.rejected = prom.Counter("lmpack_rejected_requests", "Requests refused for overload (429)", registry=r)
         prom.Gauge("lmpack_active_generations", "Generations running now", registry=r).set_function(active)
         prom.Gauge("lmpack_queued_requests", "Requests waiting for a generation slot", registry=r).set_function(
-            queue_depth)
-        self.cache_hits = prom.Counter("lmpack_response_cache_hits", "Answers replayed from the response cache",
-                                       registry=r)
-        self.cache_misses = prom.Counter("lmpack_response_cache_misses",
-                                         "Cacheable requests that were not in the response cache", registry=r)
+            queue_depth
+        )
+        self.cache_hits = prom.Counter(
+            "lmpack_response_cache_hits", "Answers replayed from the response cache", registry=r
+        )
+        self.cache_misses = prom.Counter(
+            "lmpack_response_cache_misses", "Cacheable requests that were not in the response cache", registry=r
+        )
         if cache is not None:
-            prom.Gauge("lmpack_response_cache_entries", "Answers held by the response cache",
-                       registry=r).set_function(lambda: cache.entries)
-            prom.Gauge("lmpack_response_cache_bytes", "Bytes charged to the response cache",
-                       registry=r).set_function(lambda: cache.bytes)
+            prom.Gauge("lmpack_response_cache_entries", "Answers held by the response cache", registry=r).set_function(
+                lambda: cache.entries
+            )
+            prom.Gauge("lmpack_response_cache_bytes", "Bytes charged to the response cache", registry=r).set_function(
+                lambda: cache.bytes
+            )
 
     @property
     def enabled(self) -> bool:

@@ -27,8 +27,16 @@ MAX_EMBEDDING_INPUTS = 256
 class ApiError(Exception):
     """An HTTP error with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -37,7 +45,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     @classmethod
-    def from_request_error(cls, exc: RequestError) -> "ApiError":
+    def from_request_error(cls, exc: RequestError) -> ApiError:
         return cls(400, exc.message, param=exc.param, code=exc.code or "invalid_value")
 
 
@@ -50,7 +58,7 @@ class GenerationRequest:
     """/v1/completions or /v1/chat/completions, checked. max_tokens None: the client asked for no budget, so
     sampling.resolve_max_tokens decides it once the prompt's length is known."""
 
-    choices: dict[str, Any]   # SamplingParams' fields but max_tokens, each within bounds
+    choices: dict[str, Any]  # SamplingParams' fields but max_tokens, each within bounds
     max_tokens: int | None
     stream: bool
     include_usage: bool
@@ -79,8 +87,12 @@ def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, 
 def check_model(body: dict, model_id: str) -> None:
     model = body.get("model")
     if model is not None and model != model_id:
-        raise ApiError(404, f"model {model!r} is not served here; this server serves {model_id!r}",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"model {model!r} is not served here; this server serves {model_id!r}",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -90,14 +102,23 @@ def _refuse_unsupported(body: dict) -> None:
     best_of = body.get("best_of", 1)
     if best_of is not None and best_of != 1:
         raise bad("best_of is not supported", "best_of", "unsupported_value")
-    for name in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions", "tool_choice",
-                 "function_call"):
+    for name in (
+        "logprobs",
+        "top_logprobs",
+        "echo",
+        "suffix",
+        "logit_bias",
+        "tools",
+        "functions",
+        "tool_choice",
+        "function_call",
+    ):
         value = body.get(name)
         if value not in (None, False, {}, [], "", "none"):  # 0 == False: logprobs=0 asks for nothing
             raise bad(f"{name} is not supported by this server", name, "unsupported_parameter")
     response_format = body.get("response_format")
     if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-        raise bad("only response_format {\"type\": \"text\"} is supported", "response_format", "unsupported_value")
+        raise bad('only response_format {"type": "text"} is supported', "response_format", "unsupported_value")
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -118,8 +139,9 @@ def _choices(body: dict, defaults: dict[str, Any]) -> dict[str, Any]:
         "top_p": _field(body, "top_p", number, defaults.get("top_p", 1.0), what="a number"),
         "top_k": _field(body, "top_k", integer, defaults.get("top_k", 0), what="an integer"),
         "seed": _field(body, "seed", integer, None, what="an integer"),
-        "repetition_penalty": _field(body, "repetition_penalty", number, defaults.get("repetition_penalty", 1.0),
-                                     what="a number"),
+        "repetition_penalty": _field(
+            body, "repetition_penalty", number, defaults.get("repetition_penalty", 1.0), what="a number"
+        ),
         "presence_penalty": _field(body, "presence_penalty", number, 0.0, what="a number"),
         "frequency_penalty": _field(body, "frequency_penalty", number, 0.0, what="a number"),
     }
@@ -148,8 +170,9 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
         if "messages" not in body:
             raise bad("messages is required", "messages", "missing_required_parameter")
         messages = normalize_messages(body["messages"])
-        return GenerationRequest(choices=choices, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
-                                 messages=messages)
+        return GenerationRequest(
+            choices=choices, max_tokens=max_tokens, stream=stream, include_usage=include_usage, messages=messages
+        )
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -157,8 +180,9 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
         raise bad("prompt is required", "prompt", "missing_required_parameter")
     if not isinstance(prompt, str):
         raise bad("prompt must be a string (or an array of one string)", "prompt", "invalid_type")
-    return GenerationRequest(choices=choices, max_tokens=max_tokens, stream=stream, include_usage=include_usage,
-                             prompt=prompt)
+    return GenerationRequest(
+        choices=choices, max_tokens=max_tokens, stream=stream, include_usage=include_usage, prompt=prompt
+    )
 
 
 def parse_embeddings(body: dict) -> EmbeddingRequest:
@@ -168,16 +192,20 @@ def parse_embeddings(body: dict) -> EmbeddingRequest:
     if isinstance(inputs, str):
         inputs = [inputs]
     if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
-        raise bad("input must be a string or a non-empty array of strings (token arrays are not supported)", "input",
-                  "invalid_type")
+        raise bad(
+            "input must be a string or a non-empty array of strings (token arrays are not supported)",
+            "input",
+            "invalid_type",
+        )
     if len(inputs) > MAX_EMBEDDING_INPUTS:
         raise bad(f"input may hold at most {MAX_EMBEDDING_INPUTS} strings, got {len(inputs)}", "input")
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
-        raise bad("encoding_format must be \"float\" or \"base64\"", "encoding_format")
+        raise bad('encoding_format must be "float" or "base64"', "encoding_format")
     if body.get("dimensions") is not None:
-        raise bad("dimensions is not supported: the model's full embedding is returned", "dimensions",
-                  "unsupported_parameter")
+        raise bad(
+            "dimensions is not supported: the model's full embedding is returned", "dimensions", "unsupported_parameter"
+        )
     return EmbeddingRequest(inputs=inputs, encoding_format=encoding)
 
 
@@ -189,25 +217,50 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def completion_body(*, id: str, model: str, chat: bool, text: str, finish_reason: str, usage: dict) -> dict:
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                  "logprobs": None}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason,
+            "logprobs": None,
+        }
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-    return {"id": id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage}
+    return {
+        "id": id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
-def chunk_body(*, id: str, model: str, chat: bool, text: str | None = None, role: bool = False,
-               finish_reason: str | None = None, usage: dict | None = None) -> dict:
+def chunk_body(
+    *,
+    id: str,
+    model: str,
+    chat: bool,
+    text: str | None = None,
+    role: bool = False,
+    finish_reason: str | None = None,
+    usage: dict | None = None,
+) -> dict:
     """One server-sent event's payload; usage-only chunks have no choices, as OpenAI's include_usage does."""
-    body: dict[str, Any] = {"id": id, "object": "chat.completion.chunk" if chat else "text_completion",
-                            "created": int(time.time()), "model": model}
+    body: dict[str, Any] = {
+        "id": id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+    }
     if usage is not None:
         body.update(choices=[], usage=usage)
         return body
@@ -229,5 +282,9 @@ def embeddings_body(*, model: str, vectors: np.ndarray, encoding_format: str, pr
         else:
             embedding = [float(x) for x in vector]
         data.append({"object": "embedding", "index": index, "embedding": embedding})
-    return {"object": "list", "data": data, "model": model,
-            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }

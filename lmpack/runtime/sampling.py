@@ -30,19 +30,26 @@ class SamplingParams:
     max_tokens: int = COMPLETIONS_DEFAULT_MAX_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0                      # 0: off
+    top_k: int = 0  # 0: off
     seed: int | None = None
-    repetition_penalty: float = 1.0     # Hugging Face's: divides positive logits of tokens already seen
-    presence_penalty: float = 0.0       # OpenAI's: subtracted once from tokens already generated
-    frequency_penalty: float = 0.0      # OpenAI's: subtracted per occurrence in the completion
+    repetition_penalty: float = 1.0  # Hugging Face's: divides positive logits of tokens already seen
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from tokens already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the completion
     stop: tuple[str, ...] = ()
 
     def check(self, *, max_tokens_limit: int) -> SamplingParams:
         """Raise RequestError naming the first field out of bounds; return self so calls chain."""
         check_max_tokens("max_tokens", self.max_tokens, max_tokens_limit)
-        check_choices(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-                      repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                      frequency_penalty=self.frequency_penalty, stop=self.stop)
+        check_choices(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            stop=self.stop,
+        )
         return self
 
     @property
@@ -55,8 +62,17 @@ def check_max_tokens(name: str, value: object, limit: int) -> None:
     check_bounds(name, value, 1, limit, integer=True)
 
 
-def check_choices(*, temperature: object, top_p: object, top_k: object, seed: object, repetition_penalty: object,
-                  presence_penalty: object, frequency_penalty: object, stop: tuple[str, ...]) -> None:
+def check_choices(
+    *,
+    temperature: object,
+    top_p: object,
+    top_k: object,
+    seed: object,
+    repetition_penalty: object,
+    presence_penalty: object,
+    frequency_penalty: object,
+    stop: tuple[str, ...],
+) -> None:
     """Every sampling field but the token budget, checked: RequestError naming the first out of bounds."""
     check_bounds("temperature", temperature, 0.0, 2.0)
     check_bounds("top_p", top_p, 0.0, 1.0)
@@ -74,12 +90,14 @@ def check_choices(*, temperature: object, top_p: object, top_k: object, seed: ob
         raise RequestError(f"stop may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(stop)}", param="stop")
     for item in stop:
         if not isinstance(item, str) or not item or len(item) > MAX_STOP_LENGTH:
-            raise RequestError(f"each stop sequence must be a non-empty string of at most {MAX_STOP_LENGTH} "
-                               "characters", param="stop")
+            raise RequestError(
+                f"each stop sequence must be a non-empty string of at most {MAX_STOP_LENGTH} characters", param="stop"
+            )
 
 
-def resolve_max_tokens(requested: int | None, *, default: int, limit: int, context_length: int,
-                       prompt_tokens: int) -> int:
+def resolve_max_tokens(
+    requested: int | None, *, default: int, limit: int, context_length: int, prompt_tokens: int
+) -> int:
     """A completion's token budget, the one place it is decided (as vLLM's get_max_tokens): what the request
     asked for (already checked against `limit`; one that overflows the context is refused by the engine, naming
     the field), else `default`, within `limit` and what the context has room for after the prompt, and at least 1
@@ -105,8 +123,8 @@ class Sampler:
         self.params = params
         # numpy wants a non-negative seed; OpenAI's may be any 64-bit integer
         self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
-        self.seen = set(prompt_ids)            # for the repetition penalty: prompt and completion
-        self.counts: dict[int, int] = {}       # for presence and frequency penalties: completion only
+        self.seen = set(prompt_ids)  # for the repetition penalty: prompt and completion
+        self.counts: dict[int, int] = {}  # for presence and frequency penalties: completion only
 
     def __call__(self, logits: np.ndarray) -> int:
         logits = self._penalised(logits)

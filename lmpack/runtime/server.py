@@ -15,8 +15,9 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -35,8 +36,16 @@ from lmpack.runtime.engine import DecoderEngine, EncoderEngine, load_engine
 from lmpack.runtime.generation import GenerationLoop
 from lmpack.runtime.http import ObserveRequests, error_response, read_json
 from lmpack.runtime.metrics import Metrics
-from lmpack.runtime.protocol import (ApiError, check_model, completion_body, embeddings_body, new_id, parse_embeddings,
-                                     parse_generation, usage)
+from lmpack.runtime.protocol import (
+    ApiError,
+    check_model,
+    completion_body,
+    embeddings_body,
+    new_id,
+    parse_embeddings,
+    parse_generation,
+    usage,
+)
 from lmpack.runtime.sampling import COMPLETIONS_DEFAULT_MAX_TOKENS, SamplingParams, resolve_max_tokens
 from lmpack.runtime.streaming import StreamHooks, cached_response, live_stream
 
@@ -48,22 +57,28 @@ RETRY_AFTER_SECONDS = 1  # what 429s and 503s ask a client to wait
 class ServerState:
     """What the routes share: the engine and its generation loop, the limits, the readiness flags, the workers."""
 
-    def __init__(self, engine: DecoderEngine | EncoderEngine, settings: ServeSettings, *,
-                 api_keys: frozenset[str] = frozenset()):
+    def __init__(
+        self, engine: DecoderEngine | EncoderEngine, settings: ServeSettings, *, api_keys: frozenset[str] = frozenset()
+    ):
         self.engine = engine
         self.settings = settings
         self.api_keys = api_keys
         self.model_id = engine.variant.name
         self.created = int(time.time())
         self.admission = Admission(max_active=settings.max_concurrency, max_queue=settings.queue)
-        self.cache = cache = (ResponseCache(max_entries=settings.cache_max_entries, max_bytes=settings.cache_max_bytes)
-                              if settings.cache else None)
-        self.metrics = Metrics(queue_depth=lambda: self.admission.waiting, active=lambda: self.admission.active,
-                               cache=cache)
+        self.cache = cache = (
+            ResponseCache(max_entries=settings.cache_max_entries, max_bytes=settings.cache_max_bytes)
+            if settings.cache
+            else None
+        )
+        self.metrics = Metrics(
+            queue_depth=lambda: self.admission.waiting, active=lambda: self.admission.active, cache=cache
+        )
         self.loop = self._generation_loop(engine, settings)
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=settings.max_concurrency + 1,
-                                                              thread_name_prefix="lmpack-generate")
-        self.status = "starting"   # starting -> ready | failed; draining once shutdown begins
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.max_concurrency + 1, thread_name_prefix="lmpack-generate"
+        )
+        self.status = "starting"  # starting -> ready | failed; draining once shutdown begins
         self.status_reason = "the warm-up generation has not finished"
 
     def _generation_loop(self, engine: DecoderEngine | EncoderEngine, settings: ServeSettings) -> GenerationLoop | None:
@@ -73,28 +88,41 @@ class ServerState:
             return None
         width = min(settings.max_batch, settings.max_concurrency)
         if width > 1:
-            return Batcher(engine.runner, max_batch=width, align=settings.batch_align,
-                           on_step=self.metrics.batch_step)
+            return Batcher(engine.runner, max_batch=width, align=settings.batch_align, on_step=self.metrics.batch_step)
         return engine.solo
 
     def authorize(self, request: Request) -> None:
         if not bearer_ok(request.headers.get("authorization"), self.api_keys):
-            raise ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer KEY'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "a valid API key is required: send it as 'Authorization: Bearer KEY'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def require_ready(self) -> None:
         if self.status != "ready":
-            raise ApiError(503, f"the server is {self.status}: {self.status_reason}", type="server_error",
-                           code=f"server_{self.status}", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+            raise ApiError(
+                503,
+                f"the server is {self.status}: {self.status_reason}",
+                type="server_error",
+                code=f"server_{self.status}",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
 
     async def admit(self) -> Slot:
         try:
             return await self.admission.acquire()
         except Overloaded:
             self.metrics.overloaded()
-            raise ApiError(429, f"the server is busy ({self.admission.max_active} running, {self.admission.max_queue}"
-                           " queued); retry later", type="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+            raise ApiError(
+                429,
+                f"the server is busy ({self.admission.max_active} running, {self.admission.max_queue}"
+                " queued); retry later",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            ) from None
 
     def run_in_worker(self, slot: Slot, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         """Run `fn` in the worker pool; the slot frees when the thread is done, not when the client leaves."""
@@ -108,16 +136,23 @@ class ServerState:
 
     def stream_hooks(self, slot: Slot, key: str | None) -> StreamHooks:
         cache = self.cache
-        return StreamHooks(submit=lambda work: self.run_in_worker(slot, work),
-                           on_first_text=self.metrics.time_to_first_token, on_tokens=self.metrics.tokens,
-                           on_answer=(lambda answer: cache.put(key, answer)) if cache is not None and key else None)
+        return StreamHooks(
+            submit=lambda work: self.run_in_worker(slot, work),
+            on_first_text=self.metrics.time_to_first_token,
+            on_tokens=self.metrics.tokens,
+            on_answer=(lambda answer: cache.put(key, answer)) if cache is not None and key else None,
+        )
 
     def max_tokens(self, requested: int | None, *, chat: bool, prompt_tokens: int) -> int:
         engine = self.engine
         assert isinstance(engine, DecoderEngine)
-        return resolve_max_tokens(requested, prompt_tokens=prompt_tokens, context_length=engine.context_length,
-                                  limit=engine.max_tokens_limit,
-                                  default=self.settings.default_max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS)
+        return resolve_max_tokens(
+            requested,
+            prompt_tokens=prompt_tokens,
+            context_length=engine.context_length,
+            limit=engine.max_tokens_limit,
+            default=self.settings.default_max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS,
+        )
 
     def cached(self, *, chat: bool, prompt: Any, params: SamplingParams) -> tuple[str | None, CachedAnswer | None]:
         """The response-cache key (None when the cache is off or the answer is not fixed) and the stored answer."""
@@ -132,7 +167,7 @@ class ServerState:
         """One tiny generation (or embedding) through the real code path; readiness waits for it."""
         if isinstance(self.engine, EncoderEngine):
             vectors = self.engine.embed(["warm-up"]).vectors
-            if not (vectors.shape[0] == 1 and abs(float((vectors ** 2).sum()) - 1.0) < 1e-3):
+            if not (vectors.shape[0] == 1 and abs(float((vectors**2).sum()) - 1.0) < 1e-3):
                 raise RuntimeError("the warm-up embedding is not a unit vector")
             return
         ids = self.engine.encode_prompt("Hello")
@@ -156,23 +191,32 @@ async def ready(request: Request) -> Response:
     state = _state(request)
     if state.status == "ready":
         return JSONResponse({"status": "ready", "model": state.model_id})
-    return JSONResponse({"status": state.status, "reason": state.status_reason}, status_code=503,
-                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    return JSONResponse(
+        {"status": state.status, "reason": state.status_reason},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
 
 
 async def metrics(request: Request) -> Response:
     state = _state(request)
     state.authorize(request)
     if not state.metrics.enabled:
-        raise ApiError(404, "metrics need the prometheus_client package, which is not installed",
-                       code="metrics_unavailable")
+        raise ApiError(
+            404, "metrics need the prometheus_client package, which is not installed", code="metrics_unavailable"
+        )
     content, media_type = state.metrics.render()
     return Response(content, media_type=media_type)
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
-    return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "lmpack",
-            "task": state.engine.variant.task}
+    return {
+        "id": state.model_id,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "lmpack",
+        "task": state.engine.variant.task,
+    }
 
 
 async def list_models(request: Request) -> Response:
@@ -202,25 +246,34 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     state.require_ready()
     engine = state.engine
     if not isinstance(engine, DecoderEngine):
-        raise ApiError(400, f"{state.model_id} is an embedding model: use /v1/embeddings", param="model",
-                       code="wrong_model_task")
+        raise ApiError(
+            400, f"{state.model_id} is an embedding model: use /v1/embeddings", param="model", code="wrong_model_task"
+        )
     body = await read_json(request, limit=state.settings.max_body_bytes)
     check_model(body, state.model_id)
     req = parse_generation(body, chat=chat, defaults=engine.defaults(), max_tokens_limit=engine.max_tokens_limit)
     prompt_param = "messages" if chat else "prompt"
-    ids = await asyncio.get_running_loop().run_in_executor(None, engine.encode_chat if chat else engine.encode_prompt,
-                                                           req.messages if chat else req.prompt)
+    ids = await asyncio.get_running_loop().run_in_executor(
+        None, engine.encode_chat if chat else engine.encode_prompt, req.messages if chat else req.prompt
+    )
     params = req.params(state.max_tokens(req.max_tokens, chat=chat, prompt_tokens=len(ids)))
     key, cached = state.cached(chat=chat, prompt=req.messages if chat else req.prompt, params=params)
     if cached is not None:  # a replay needs no generation slot
-        return cached_response(cached, model=state.model_id, chat=chat, stream=req.stream,
-                               include_usage=req.include_usage)
+        return cached_response(
+            cached, model=state.model_id, chat=chat, stream=req.stream, include_usage=req.include_usage
+        )
     cancel = threading.Event()
     generation = engine.generate(ids, params, cancel=cancel, prompt_param=prompt_param, loop=state.loop)
     slot = await state.admit()
     if req.stream:
-        return live_stream(generation, cancel, state.stream_hooks(slot, key), model=state.model_id, chat=chat,
-                           include_usage=req.include_usage)
+        return live_stream(
+            generation,
+            cancel,
+            state.stream_hooks(slot, key),
+            model=state.model_id,
+            chat=chat,
+            include_usage=req.include_usage,
+        )
     job = state.run_in_worker(slot, generation.result)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
     try:
@@ -232,9 +285,16 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     state.metrics.tokens(result.prompt_tokens, result.completion_tokens)
     if key is not None and state.cache is not None:
         state.cache.put(key, CachedAnswer((result.text,), result.finish_reason, *usage_counts(result)))
-    return JSONResponse(completion_body(id=new_id("chatcmpl" if chat else "cmpl"), model=state.model_id, chat=chat,
-                                        text=result.text, finish_reason=result.finish_reason,
-                                        usage=usage(result.prompt_tokens, result.completion_tokens)))
+    return JSONResponse(
+        completion_body(
+            id=new_id("chatcmpl" if chat else "cmpl"),
+            model=state.model_id,
+            chat=chat,
+            text=result.text,
+            finish_reason=result.finish_reason,
+            usage=usage(result.prompt_tokens, result.completion_tokens),
+        )
+    )
 
 
 async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
@@ -252,16 +312,26 @@ async def embeddings(request: Request) -> Response:
     state.require_ready()
     engine = state.engine
     if not isinstance(engine, EncoderEngine):
-        raise ApiError(400, f"{state.model_id} is a text-generation model: it has no embeddings", param="model",
-                       code="wrong_model_task")
+        raise ApiError(
+            400,
+            f"{state.model_id} is a text-generation model: it has no embeddings",
+            param="model",
+            code="wrong_model_task",
+        )
     body = await read_json(request, limit=state.settings.max_body_bytes)
     check_model(body, state.model_id)
     req = parse_embeddings(body)
     slot = await state.admit()
     result = await asyncio.wrap_future(state.run_in_worker(slot, engine.embed, req.inputs))
     state.metrics.tokens(result.prompt_tokens, 0)
-    return JSONResponse(embeddings_body(model=state.model_id, vectors=result.vectors,
-                                       encoding_format=req.encoding_format, prompt_tokens=result.prompt_tokens))
+    return JSONResponse(
+        embeddings_body(
+            model=state.model_id,
+            vectors=result.vectors,
+            encoding_format=req.encoding_format,
+            prompt_tokens=result.prompt_tokens,
+        )
+    )
 
 
 # The app ---------------------------------------------------------------------------------------------------
@@ -274,7 +344,7 @@ ROUTES = [
     Route("/v1/embeddings", embeddings, methods=["POST"]),
     Route("/health/live", live, methods=["GET"]),
     Route("/health/ready", ready, methods=["GET"]),
-    Route("/v2/health/live", live, methods=["GET"]),    # KServe's open inference protocol names
+    Route("/v2/health/live", live, methods=["GET"]),  # KServe's open inference protocol names
     Route("/v2/health/ready", ready, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
 ]
@@ -291,12 +361,18 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
-    return error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error",
-                                   code="internal_error"))
+    return error_response(
+        ApiError(500, f"internal error: {type(exc).__name__}", type="server_error", code="internal_error")
+    )
 
 
-def create_app(engine: DecoderEngine | EncoderEngine, settings: ServeSettings = ServeSettings(), *,
-               api_keys: frozenset[str] = frozenset(), warmup: bool = True) -> Starlette:
+def create_app(
+    engine: DecoderEngine | EncoderEngine,
+    settings: ServeSettings = ServeSettings(),
+    *,
+    api_keys: frozenset[str] = frozenset(),
+    warmup: bool = True,
+) -> Starlette:
     """The ASGI app for one engine. It warms up in the background: live at once, ready once warm."""
     state = ServerState(engine, settings, api_keys=api_keys)
 
@@ -312,11 +388,17 @@ def create_app(engine: DecoderEngine | EncoderEngine, settings: ServeSettings = 
         if state.loop is not None:
             state.loop.stop()
 
-    app = Starlette(routes=ROUTES, lifespan=lifespan,
-                    middleware=[Middleware(ObserveRequests, routes={r.path for r in ROUTES},
-                                           record=state.metrics.request)],
-                    exception_handlers={ApiError: _api_error, RequestError: _api_error, HTTPException: _api_error,
-                                        Exception: _server_error})
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        middleware=[Middleware(ObserveRequests, routes={r.path for r in ROUTES}, record=state.metrics.request)],
+        exception_handlers={
+            ApiError: _api_error,
+            RequestError: _api_error,
+            HTTPException: _api_error,
+            Exception: _server_error,
+        },
+    )
     app.state.lmpack = state
     return app
 
@@ -333,7 +415,9 @@ async def _warm_up(state: ServerState) -> None:
         log.info("%s is ready", state.model_id)
 
 
-def serve(path: Path | str, settings: ServeSettings = ServeSettings(), *, api_keys: frozenset[str] = frozenset()) -> None:
+def serve(
+    path: Path | str, settings: ServeSettings = ServeSettings(), *, api_keys: frozenset[str] = frozenset()
+) -> None:
     """Pick the variant at `path` (variant, bundle or release) for this host, then answer HTTP until a signal.
 
     On SIGINT or SIGTERM readiness turns off at once and running requests get `drain_seconds` to finish.
@@ -344,8 +428,13 @@ def serve(path: Path | str, settings: ServeSettings = ServeSettings(), *, api_ke
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     from lmpack.runtime.select import prepare_variant
 
-    variant = prepare_variant(path, variant=settings.variant, strict=settings.strict,
-                              engine_rebuild=settings.engine_rebuild, engine_cache_dir=settings.engine_cache_dir)
+    variant = prepare_variant(
+        path,
+        variant=settings.variant,
+        strict=settings.strict,
+        engine_rebuild=settings.engine_rebuild,
+        engine_cache_dir=settings.engine_cache_dir,
+    )
     engine = load_engine(variant, threads=settings.threads, max_tokens_limit=settings.max_tokens_limit)
     app = create_app(engine, settings, api_keys=api_keys)
     state: ServerState = app.state.lmpack
@@ -358,8 +447,18 @@ def serve(path: Path | str, settings: ServeSettings = ServeSettings(), *, api_ke
             # KeyboardInterrupt); a drained stop is a clean one: exit 0.
             getattr(self, "_captured_signals", []).clear()
 
-    tls = ({} if settings.tls_cert is None
-           else {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)})
-    uv_config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                               timeout_graceful_shutdown=settings.drain_seconds, server_header=False, **tls)
+    tls = (
+        {}
+        if settings.tls_cert is None
+        else {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+    )
+    uv_config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=settings.drain_seconds,
+        server_header=False,
+        **tls,
+    )
     DrainingServer(uv_config).run()

@@ -6,17 +6,23 @@ The build's validate step and the server feed the same ONNX graphs, so the feedi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from lmpack.runtime.trt_plan import CUDA_EP, TENSORRT_EP
 from lmpack.runtime.heap import mapped_zeros
+from lmpack.runtime.trt_plan import CUDA_EP, TENSORRT_EP
 
-NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+NP_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
 _PAST_PREFIX = "past_key_values."
 _PRESENT_PREFIX = "present."
 # The input lmpack's export adds to compute the LM head for only the last positions (steps.onnx_graph.keep_last_logits).
@@ -43,8 +49,9 @@ def create_session(model_path: Path, *, threads: int | None = None, providers: S
     # same (docs/serving.md, "How the engine runs the model").
     options.add_session_config_entry("session.dynamic_block_base", "4")
     available = set(ort.get_available_providers())
-    chosen = [p for p in (providers or []) if (p if isinstance(p, str) else p[0]) in available] \
-        or ["CPUExecutionProvider"]
+    chosen = [p for p in (providers or []) if (p if isinstance(p, str) else p[0]) in available] or [
+        "CPUExecutionProvider"
+    ]
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return ort.InferenceSession(str(model_path), options, providers=chosen)
@@ -62,7 +69,7 @@ class KVCache:
 
     length: int = 0
     values: dict[str, Any] = field(default_factory=dict)
-    binding: "InPlaceBinding | None" = None   # right-padded graphs: the I/O binding of `values`, reused
+    binding: InPlaceBinding | None = None  # right-padded graphs: the I/O binding of `values`, reused
     # Right-padded graphs: the positions this sequence may reach (its prompt and max_tokens). Its buffers (and
     # a batch's it joins) are made that long at once, so they need not grow, which copies the whole cache
     # while the old and new buffers are both resident; positions not yet written take no memory (mapped_zeros).
@@ -95,9 +102,9 @@ class BatchKV:
     lengths: list[int] = field(default_factory=list)
     mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     values: dict[str, Any] = field(default_factory=dict)
-    binding: "InPlaceBinding | None" = None   # as KVCache.binding
-    max_rows: int = 1                          # right padding: the rows the buffers are first made with
-    _store: dict[str, np.ndarray] = field(default_factory=dict, repr=False)   # right padding: see above
+    binding: InPlaceBinding | None = None  # as KVCache.binding
+    max_rows: int = 1  # right padding: the rows the buffers are first made with
+    _store: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # right padding: see above
 
     def __post_init__(self) -> None:
         if self.padding not in KV_PADDINGS:
@@ -113,7 +120,7 @@ class BatchKV:
 
     def _arrays(self) -> dict[str, np.ndarray]:
         """Left padding: the pasts as arrays of exactly `width` positions."""
-        return {name: _as_array(value)[:, :, :self.width] for name, value in self.values.items()}
+        return {name: _as_array(value)[:, :, : self.width] for name, value in self.values.items()}
 
     @staticmethod
     def _pad(array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
@@ -134,14 +141,14 @@ class BatchKV:
 
     def join(self, cache: KVCache) -> None:
         """Add one prefilled sequence as the last row; the narrower side is padded with masked zeros."""
-        new = {name: _as_array(value)[:, :, :cache.length] for name, value in cache.values.items()}
+        new = {name: _as_array(value)[:, :, : cache.length] for name, value in cache.values.items()}
         if self.padding == "right":
             width = max(self.width if self.lengths else 0, cache.length)
             self._reserve(self.size + 1, max(width + 1, cache.room), new)
             for name, value in new.items():
                 row = self._store[name][self.size]
-                row[:, :cache.length] = value[0]
-                row[:, cache.length:width] = 0   # a previous row's leftovers: masked anyway, but kept clean
+                row[:, : cache.length] = value[0]
+                row[:, cache.length : width] = 0  # a previous row's leftovers: masked anyway, but kept clean
             self.lengths.append(cache.length)
             self._settle(width)
             return
@@ -152,10 +159,10 @@ class BatchKV:
             return
         width = max(self.width, cache.length)
         old = self._arrays()
-        self.values = {name: np.concatenate([self._pad(old[name], width), self._pad(new[name], width)])
-                       for name in new}
-        self.mask = np.concatenate([self._pad(self.mask, width, axis=1),
-                                    self._pad(np.ones((1, cache.length), dtype=np.int64), width, axis=1)])
+        self.values = {name: np.concatenate([self._pad(old[name], width), self._pad(new[name], width)]) for name in new}
+        self.mask = np.concatenate(
+            [self._pad(self.mask, width, axis=1), self._pad(np.ones((1, cache.length), dtype=np.int64), width, axis=1)]
+        )
         self.lengths.append(cache.length)
 
     def keep(self, rows: list[int], *, align: int = 1) -> None:
@@ -163,14 +170,14 @@ class BatchKV:
         padding a multiple of `align` of them, so each row's padding stays what the batcher made it modulo `align`)."""
         if not rows:
             self.lengths, self.values, self.mask = [], {}, np.zeros((0, 0), dtype=np.int64)
-            self._store, self.binding = {}, None   # the binding would keep the buffers alive until the next batch
+            self._store, self.binding = {}, None  # the binding would keep the buffers alive until the next batch
             return
         self.lengths = [self.lengths[i] for i in rows]
         if self.padding == "right":
             width = max(self.lengths)
             if rows != list(range(len(rows))):
-                for store in self._store.values():   # the fancy-indexed read copies first, so overlap is safe
-                    store[:len(rows), :, :width] = store[rows, :, :width]
+                for store in self._store.values():  # the fancy-indexed read copies first, so overlap is safe
+                    store[: len(rows), :, :width] = store[rows, :, :width]
             self._settle(width)
             return
         start = self.width - max(self.lengths)
@@ -182,13 +189,13 @@ class BatchKV:
         """Right padding: room for `positions` positions in every row (the step about to run needs width + 1).
         `values` stay the same arrays (and their I/O binding stays valid) unless the store had to grow."""
         if self._reserve(self.size, positions, self._store):
-            self.values = {name: store[:self.size] for name, store in self._store.items()}
+            self.values = {name: store[: self.size] for name, store in self._store.items()}
 
     def _reserve(self, rows: int, positions: int, like: dict[str, np.ndarray]) -> bool:
         """Make the store hold at least `rows` rows of `positions` positions, keeping what the current rows hold;
         True when it was reallocated."""
         have_rows = next((store.shape[0] for store in self._store.values()), 0)
-        if rows > have_rows:   # the batcher's max_rows at once, then doubling
+        if rows > have_rows:  # the batcher's max_rows at once, then doubling
             rows = max(rows, 2 * have_rows, self.max_rows)
         layout = {name: (row.shape[1], row.shape[3], row.dtype) for name, row in like.items()}
         store = _fit(self._store, layout, rows, positions, (self.size, self.width))
@@ -197,7 +204,7 @@ class BatchKV:
 
     def _settle(self, width: int) -> None:
         """Point `values` at the store's first rows and rebuild the mask for `width` columns."""
-        self.values = {name: store[:self.size] for name, store in self._store.items()}
+        self.values = {name: store[: self.size] for name, store in self._store.items()}
         lengths = np.asarray(self.lengths, dtype=np.int64)[:, None]
         self.mask = (np.arange(width)[None, :] < lengths).astype(np.int64)
 
@@ -233,23 +240,25 @@ def _capacity(positions: int) -> int:
     return (positions // _GROWTH + 1) * _GROWTH
 
 
-def _kv_buffers(layout: dict[str, tuple], rows: int, positions: int, old: dict[str, np.ndarray],
-                filled: tuple[int, int]) -> dict[str, np.ndarray]:
+def _kv_buffers(
+    layout: dict[str, tuple], rows: int, positions: int, old: dict[str, np.ndarray], filled: tuple[int, int]
+) -> dict[str, np.ndarray]:
     """Zeroed buffers [rows, heads, positions, head_dim] for each past in `layout` ({name: (heads, head_dim,
     dtype)}), holding what `old` held in its first `filled` (rows, positions)."""
     buffers = {}
     for name, (heads, head_dim, dtype) in layout.items():
         buffers[name] = mapped_zeros((rows, heads, positions, head_dim), dtype)
         if name in old:
-            buffers[name][:filled[0], :, :filled[1]] = old[name][:filled[0], :, :filled[1]]
+            buffers[name][: filled[0], :, : filled[1]] = old[name][: filled[0], :, : filled[1]]
     return buffers
 
 
-def _fit(buffers: dict[str, np.ndarray], layout: dict[str, tuple], rows: int, positions: int,
-         filled: tuple[int, int]) -> dict[str, np.ndarray]:
+def _fit(
+    buffers: dict[str, np.ndarray], layout: dict[str, tuple], rows: int, positions: int, filled: tuple[int, int]
+) -> dict[str, np.ndarray]:
     """`buffers` when they hold `rows` rows of `positions` positions; otherwise new ones that do (positions
     rounded up by _capacity), holding what the first `filled` (rows, positions) of `buffers` held."""
-    sample = next(iter(buffers.values()), None)   # every buffer has the same rows and positions
+    sample = next(iter(buffers.values()), None)  # every buffer has the same rows and positions
     have_rows, have_positions = (0, 0) if sample is None else (sample.shape[0], sample.shape[2])
     if sample is not None and have_rows >= rows and have_positions >= positions:
         return buffers
@@ -271,17 +280,29 @@ class DecoderRunner:
     list of what got lmpack there).
     """
 
-    def __init__(self, model_path: Path, *, threads: int | None = None, providers: Sequence[Any] | None = None,
-                 kv_padding: str = "left", bind_kv: bool | None = None):
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        threads: int | None = None,
+        providers: Sequence[Any] | None = None,
+        kv_padding: str = "left",
+        bind_kv: bool | None = None,
+    ):
         if kv_padding not in KV_PADDINGS:
             raise ValueError(f"kv_padding must be one of {KV_PADDINGS}, not {kv_padding!r}")
-        self.kv_padding = kv_padding   # how batched pasts are laid out: lmpack-model.json's kv_padding
+        self.kv_padding = kv_padding  # how batched pasts are laid out: lmpack-model.json's kv_padding
         self.session = create_session(model_path, threads=threads, providers=providers)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [name for name in self.inputs if name.startswith(_PAST_PREFIX)]
-        self.present_of = {name: _PRESENT_PREFIX + name[len(_PAST_PREFIX):] for name in self.past_names}
-        unexpected = set(self.inputs) - {"input_ids", "attention_mask", "position_ids", LOGITS_TO_KEEP,
-                                         *self.past_names}
+        self.present_of = {name: _PRESENT_PREFIX + name[len(_PAST_PREFIX) :] for name in self.past_names}
+        unexpected = set(self.inputs) - {
+            "input_ids",
+            "attention_mask",
+            "position_ids",
+            LOGITS_TO_KEEP,
+            *self.past_names,
+        }
         if unexpected:
             raise ValueError(f"unexpected decoder inputs {sorted(unexpected)}")
         # Where the KV cache lives between steps: the GPU's memory when a GPU provider runs the graph.
@@ -290,8 +311,9 @@ class DecoderRunner:
         # Right-padded graphs write their cache in place in host buffers: they are CPU targets' graphs (GPU
         # profiles export with optimum, whose graphs are left-padded).
         self.in_place = kv_padding == "right"
-        self._past_layout = {name: (self.inputs[name].shape[1], self.inputs[name].shape[3], self._type(name))
-                             for name in self.past_names}
+        self._past_layout = {
+            name: (self.inputs[name].shape[1], self.inputs[name].shape[3], self._type(name)) for name in self.past_names
+        }
 
     def _type(self, name: str):
         return NP_TYPES[self.inputs[name].type]
@@ -310,8 +332,9 @@ class DecoderRunner:
         if "attention_mask" in self.inputs:
             feed["attention_mask"] = np.ones((1, past_length + length), dtype=self._type("attention_mask"))
         if "position_ids" in self.inputs:
-            feed["position_ids"] = np.arange(past_length, past_length + length,
-                                             dtype=self._type("position_ids")).reshape(1, -1)
+            feed["position_ids"] = np.arange(
+                past_length, past_length + length, dtype=self._type("position_ids")
+            ).reshape(1, -1)
         return feed
 
     def logits(self, token_ids: np.ndarray) -> np.ndarray:
@@ -325,12 +348,14 @@ class DecoderRunner:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
         feed = self._feed(ids, cache.length)
         if self.in_place:
-            cache.values = _fit(cache.values, self._past_layout, 1, max(cache.length + ids.shape[1], cache.room),
-                                (1, cache.length))
+            cache.values = _fit(
+                cache.values, self._past_layout, 1, max(cache.length + ids.shape[1], cache.room), (1, cache.length)
+            )
             logits = self._run_in_place(feed, cache)
         else:
-            pasts = {name: cache.values[name] if name in cache.values else self._empty_past(name)
-                     for name in self.past_names}
+            pasts = {
+                name: cache.values[name] if name in cache.values else self._empty_past(name) for name in self.past_names
+            }
             logits, cache.values = self._run(feed, pasts)
         cache.length += ids.shape[1]
         return logits[0, -1].astype(np.float32)
@@ -373,8 +398,10 @@ class DecoderRunner:
         """
         import onnxruntime as ort
 
-        pasts = {name: ort.OrtValue.ortvalue_from_numpy(pasts[name]) if isinstance(pasts[name], np.ndarray)
-                 else pasts[name] for name in self.past_names}
+        pasts = {
+            name: ort.OrtValue.ortvalue_from_numpy(pasts[name]) if isinstance(pasts[name], np.ndarray) else pasts[name]
+            for name in self.past_names
+        }
         present_names = [self.present_of[name] for name in self.past_names]
         if self.bind_kv:
             binding = self.session.io_binding()
@@ -389,9 +416,10 @@ class DecoderRunner:
             logits, *presents = binding.get_outputs()
         else:
             values = {**{name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in feed.items()}, **pasts}
-            logits, *presents = self.session.run_with_ort_values(["logits", *present_names], values,
-                                                                 run_options(feed["input_ids"].size))
-        return logits.numpy(), dict(zip(self.past_names, presents))
+            logits, *presents = self.session.run_with_ort_values(
+                ["logits", *present_names], values, run_options(feed["input_ids"].size)
+            )
+        return logits.numpy(), dict(zip(self.past_names, presents, strict=True))
 
     def _run_in_place(self, feed: dict[str, np.ndarray], holder: KVCache | BatchKV) -> np.ndarray:
         """One session run with each past's buffer bound as its present too; returns the logits.
@@ -414,7 +442,7 @@ class InPlaceBinding:
         import onnxruntime as ort
 
         self.session = session
-        self.values = values   # the buffers bound: a cache that grows or re-packs gets a new dict, and a new binding
+        self.values = values  # the buffers bound: a cache that grows or re-packs gets a new dict, and a new binding
         self.binding = session.io_binding()
         for name, buffer in values.items():
             value = ort.OrtValue.ortvalue_from_numpy(buffer)  # no copy: the graph writes into the array
@@ -433,7 +461,7 @@ class InPlaceBinding:
         options = run_options(feed["input_ids"].size)
         if not isinstance(self.vocab, int):
             self.session.run_with_iobinding(self.binding, options)
-            return self.binding.get_outputs()[-1].numpy()   # bound last
+            return self.binding.get_outputs()[-1].numpy()  # bound last
         rows, positions = feed["input_ids"].shape
         if LOGITS_TO_KEEP in feed:
             positions = min(positions, int(feed[LOGITS_TO_KEEP][0]))

@@ -12,8 +12,9 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
@@ -28,8 +29,15 @@ log = logging.getLogger("lmpack.serve")
 Item = tuple[str, Any]
 
 
-async def sse_events(items: AsyncIterator[Item], *, ident: str, model: str, chat: bool, include_usage: bool,
-                     on_first_text: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
+async def sse_events(
+    items: AsyncIterator[Item],
+    *,
+    ident: str,
+    model: str,
+    chat: bool,
+    include_usage: bool,
+    on_first_text: Callable[[], None] | None = None,
+) -> AsyncIterator[bytes]:
     if chat:
         yield sse(chunk_body(id=ident, model=model, chat=True, role=True))
     first = True
@@ -40,8 +48,11 @@ async def sse_events(items: AsyncIterator[Item], *, ident: str, model: str, chat
             first = False
             yield sse(chunk_body(id=ident, model=model, chat=chat, text=value))
         elif kind == "error":
-            yield sse(ApiError(500, f"generation failed: {type(value).__name__}", type="server_error",
-                               code="generation_failed").body())
+            yield sse(
+                ApiError(
+                    500, f"generation failed: {type(value).__name__}", type="server_error", code="generation_failed"
+                ).body()
+            )
             break
         else:
             finish_reason, prompt_tokens, completion_tokens = value
@@ -72,11 +83,20 @@ def cached_response(answer: CachedAnswer, *, model: str, chat: bool, stream: boo
     """A cached answer in the shape the request asked for: a JSON body, or the recorded stream replayed."""
     ident = new_id("chatcmpl" if chat else "cmpl")
     if stream:
-        return GuardedStream(sse_events(replay_items(answer), ident=ident, model=model, chat=chat,
-                                        include_usage=include_usage), on_close=lambda: None)
-    return JSONResponse(completion_body(id=ident, model=model, chat=chat, text=answer.text,
-                                        finish_reason=answer.finish_reason,
-                                        usage=usage(answer.prompt_tokens, answer.completion_tokens)))
+        return GuardedStream(
+            sse_events(replay_items(answer), ident=ident, model=model, chat=chat, include_usage=include_usage),
+            on_close=lambda: None,
+        )
+    return JSONResponse(
+        completion_body(
+            id=ident,
+            model=model,
+            chat=chat,
+            text=answer.text,
+            finish_reason=answer.finish_reason,
+            usage=usage(answer.prompt_tokens, answer.completion_tokens),
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -84,13 +104,14 @@ class StreamHooks:
     """What a live stream needs of the server."""
 
     submit: Callable[[Callable[[], None]], concurrent.futures.Future]  # run in a worker that holds the request's slot
-    on_first_text: Callable[[float], None]          # seconds from the request's admission to its first text
-    on_tokens: Callable[[int, int], None]           # prompt and completion tokens, however the stream ended
+    on_first_text: Callable[[float], None]  # seconds from the request's admission to its first text
+    on_tokens: Callable[[int, int], None]  # prompt and completion tokens, however the stream ended
     on_answer: Callable[[CachedAnswer], None] | None = None  # the whole answer of a finished generation (the cache)
 
 
-def live_stream(generation: Generation, cancel: threading.Event, hooks: StreamHooks, *, model: str, chat: bool,
-                include_usage: bool) -> Response:
+def live_stream(
+    generation: Generation, cancel: threading.Event, hooks: StreamHooks, *, model: str, chat: bool, include_usage: bool
+) -> Response:
     """A generation streamed as it runs: a worker pushes its deltas onto the loop; a client that leaves cancels it."""
     started, loop, queue = time.perf_counter(), asyncio.get_running_loop(), asyncio.Queue()
 
@@ -116,7 +137,12 @@ def live_stream(generation: Generation, cancel: threading.Event, hooks: StreamHo
             hooks.on_tokens(generation.prompt_tokens, generation.completion_tokens)
 
     hooks.submit(work)
-    events = sse_events(queue_items(queue), ident=new_id("chatcmpl" if chat else "cmpl"), model=model, chat=chat,
-                        include_usage=include_usage,
-                        on_first_text=lambda: hooks.on_first_text(time.perf_counter() - started))
+    events = sse_events(
+        queue_items(queue),
+        ident=new_id("chatcmpl" if chat else "cmpl"),
+        model=model,
+        chat=chat,
+        include_usage=include_usage,
+        on_first_text=lambda: hooks.on_first_text(time.perf_counter() - started),
+    )
     return GuardedStream(events, on_close=cancel.set)

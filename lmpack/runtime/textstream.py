@@ -32,19 +32,19 @@ class IncrementalDecoder:
     def push(self, token: int) -> str:
         """The new text that `token` completes ("" while a character is still incomplete)."""
         self.ids.append(token)
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         if len(after) > len(before) and not after.endswith(_REPLACEMENT):
             self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before):]
+            return after[len(before) :]
         return ""
 
     def flush(self) -> str:
         """Whatever is left at the end, incomplete characters included (as U+FFFD)."""
-        before = self._decode(self.ids[self.prefix:self.read])
-        after = self._decode(self.ids[self.prefix:])
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
-        return after[len(before):] if len(after) > len(before) else ""
+        return after[len(before) :] if len(after) > len(before) else ""
 
 
 class StopMatcher:
@@ -76,7 +76,7 @@ class StopMatcher:
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that is a proper prefix of some stop sequence."""
-        tail = self.text[-(self.longest - 1):] if self.longest > 1 else ""
+        tail = self.text[-(self.longest - 1) :] if self.longest > 1 else ""
         for size in range(len(tail), 0, -1):
             if any(stop.startswith(tail[-size:]) for stop in self.stops):
                 return size
@@ -84,5 +84,5 @@ class StopMatcher:
 
     def _release(self, end: int) -> str:
         end = max(end, self.released)
-        out, self.released = self.text[self.released:end], end
+        out, self.released = self.text[self.released : end], end
         return out

@@ -21,9 +21,17 @@ ENGINES_DIR = "engines"
 PRECISION_FLAGS = {"fp16": "trt_fp16_enable", "bf16": "trt_bf16_enable", "int8": "trt_int8_enable"}
 
 
-def engine_options(*, precision: str, workspace_gib: float, builder_optimization_level: int,
-                   hardware_compatible: bool, shapes: dict[str, str], timing_cache: bool, sparse_weights: bool,
-                   out_dir: Path) -> dict[str, Any]:
+def engine_options(
+    *,
+    precision: str,
+    workspace_gib: float,
+    builder_optimization_level: int,
+    hardware_compatible: bool,
+    shapes: dict[str, str],
+    timing_cache: bool,
+    sparse_weights: bool,
+    out_dir: Path,
+) -> dict[str, Any]:
     """TensorRT provider options for one build into `out_dir`: precision, workspace, level, caches, EP context."""
     options: dict[str, Any] = {
         "trt_max_workspace_size": int(workspace_gib * (1 << 30)),
@@ -50,8 +58,10 @@ def build_engine(model: Path, options: dict[str, Any]) -> None:
     import onnxruntime as ort
 
     if TENSORRT_EP not in ort.get_available_providers():
-        raise StepError("this onnxruntime has no TensorrtExecutionProvider",
-                        hint="install onnxruntime-gpu (lmpack[gpu]) and TensorRT")
+        raise StepError(
+            "this onnxruntime has no TensorrtExecutionProvider",
+            hint="install onnxruntime-gpu (lmpack[gpu]) and TensorRT",
+        )
     try:
         # Creating the session compiles the engine and writes the EP context model.
         ort.InferenceSession(str(model), providers=[(TENSORRT_EP, options), CUDA_EP])

@@ -15,16 +15,30 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lmpack.bundle.variant_dir import recorded_model_digest
 from lmpack.errors import GpuMemoryError, LmpackError, NoCompatibleVariantError, StepError
 from lmpack.fsio import file_sha256, publish_new, remove_path
-from lmpack.runtime.trt_plan import (CACHED, CPU, CUDA, ENGINE, ENGINE_MODEL, REBUILD, REFUSE, EngineFacts, EnginePlan,
-                                    TENSORRT_EP, EnginePolicy, decide, device)
 from lmpack.runtime.host import GpuFacts, HostFacts, probe_gpus
+from lmpack.runtime.trt_plan import (
+    CACHED,
+    CPU,
+    CUDA,
+    ENGINE,
+    ENGINE_MODEL,
+    REBUILD,
+    REFUSE,
+    TENSORRT_EP,
+    EngineFacts,
+    EnginePlan,
+    EnginePolicy,
+    decide,
+    device,
+)
 from lmpack.runtime.variant import Variant
 
 log = logging.getLogger("lmpack.engines")
@@ -35,6 +49,7 @@ _GIB = 1 << 30
 
 
 # --- where --------------------------------------------------------------------------------------------------
+
 
 def cache_root(source: Path, override: Path | None = None) -> Path:
     """The cache directory for everything served from `source` (a release, bundle or variant directory)."""
@@ -90,6 +105,7 @@ def verify_entry(entry: Path) -> list[str]:
 
 # --- rebuilding ------------------------------------------------------------------------------------------
 
+
 def rebuild_options(variant: Variant, facts: EngineFacts, out_dir: Path) -> dict[str, Any]:
     """The provider options the build host used, from what the variant recorded: its target's [tensorrt]
     table (variant.json) and the engine's precision and profile shapes (lmpack-model.json)."""
@@ -97,16 +113,26 @@ def rebuild_options(variant: Variant, facts: EngineFacts, out_dir: Path) -> dict
 
     target = variant.meta.get("target") if isinstance(variant.meta.get("target"), dict) else {}
     trt = target.get("tensorrt") if isinstance(target.get("tensorrt"), dict) else {}
-    return engine_options(precision=facts.precision or str(variant.meta.get("precision", "fp32")),
-                          workspace_gib=float(trt.get("workspace_gib", 4)),
-                          builder_optimization_level=int(trt.get("builder_optimization_level", 3)),
-                          hardware_compatible=facts.hardware_compatibility == "ampere_plus",
-                          shapes=dict(facts.profile_shapes), timing_cache=True, sparse_weights=facts.sparse_weights,
-                          out_dir=out_dir)
+    return engine_options(
+        precision=facts.precision or str(variant.meta.get("precision", "fp32")),
+        workspace_gib=float(trt.get("workspace_gib", 4)),
+        builder_optimization_level=int(trt.get("builder_optimization_level", 3)),
+        hardware_compatible=facts.hardware_compatibility == "ampere_plus",
+        shapes=dict(facts.profile_shapes),
+        timing_cache=True,
+        sparse_weights=facts.sparse_weights,
+        out_dir=out_dir,
+    )
 
 
-def rebuild(variant: Variant, facts: EngineFacts, host: HostFacts, entry: Path, *,
-            build: Callable[[Path, dict[str, Any]], None] | None = None) -> bool:
+def rebuild(
+    variant: Variant,
+    facts: EngineFacts,
+    host: HostFacts,
+    entry: Path,
+    *,
+    build: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> bool:
     """Build the engine from the variant's ONNX into cache entry `entry`, atomically; False when another
     process published the same entry first (its engine is then used). `build` is trt_build.build_engine."""
     if build is None:
@@ -119,9 +145,16 @@ def rebuild(variant: Variant, facts: EngineFacts, host: HostFacts, entry: Path, 
             raise StepError(f"the TensorRT provider did not write {ENGINE_MODEL} while rebuilding the engine")
         gpu = device(host)
         files = {p.relative_to(staging).as_posix(): file_sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        record = {"schema_version": 1, "model_digest": recorded_model_digest(variant.path), "variant": variant.name,
-                  "gpu_name": gpu.name if gpu else None, "compute_capability": gpu.compute_capability if gpu else None,
-                  **host.software.to_dict(), "precision": facts.precision, "files": files}
+        record = {
+            "schema_version": 1,
+            "model_digest": recorded_model_digest(variant.path),
+            "variant": variant.name,
+            "gpu_name": gpu.name if gpu else None,
+            "compute_capability": gpu.compute_capability if gpu else None,
+            **host.software.to_dict(),
+            "precision": facts.precision,
+            "files": files,
+        }
         (staging / CACHE_FACTS).write_text(json.dumps(record, indent=2, sort_keys=True))
 
     return publish_new(entry, write)
@@ -129,20 +162,23 @@ def rebuild(variant: Variant, facts: EngineFacts, host: HostFacts, entry: Path, 
 
 # --- the memory check ---------------------------------------------------------------------------------------
 
+
 def check_gpu_memory(need_bytes: int, gpu: GpuFacts | None, *, variant: str) -> None:
     """Refuse to load when GPU 0 has less free memory than the variant needs (the numbers in the message)."""
     if gpu is None or not need_bytes:
         return
     if gpu.free_memory_bytes is None:
-        log.warning("variant %s: NVML did not report free memory on %s; loading without the memory check",
-                    variant, gpu.name)
+        log.warning(
+            "variant %s: NVML did not report free memory on %s; loading without the memory check", variant, gpu.name
+        )
         return
     if gpu.free_memory_bytes < need_bytes:
         raise GpuMemoryError(
             f"variant {variant} needs {need_bytes / _GIB:.1f} GiB of GPU memory ({need_bytes} bytes), and "
             f"{gpu.name} (GPU 0) has {gpu.free_memory_bytes / _GIB:.1f} GiB free ({gpu.free_memory_bytes} bytes) "
             f"of {gpu.memory_bytes / _GIB:.1f} GiB",
-            hint="free GPU memory (nvidia-smi shows which processes hold it) or serve a smaller variant")
+            hint="free GPU memory (nvidia-smi shows which processes hold it) or serve a smaller variant",
+        )
 
 
 def _free_gpu0() -> GpuFacts | None:
@@ -173,10 +209,19 @@ def load_cuda_libraries() -> None:
 
 # --- carrying out the plan ----------------------------------------------------------------------------------
 
-def apply_plan(variant: Variant, facts: EngineFacts | None, plan: EnginePlan | None, host: HostFacts, *,
-               need_bytes: int = 0, policy: EnginePolicy = EnginePolicy(), entry: Path | None = None,
-               free_gpu: Callable[[], GpuFacts | None] = _free_gpu0,
-               build: Callable[[Path, dict[str, Any]], None] | None = None) -> Variant:
+
+def apply_plan(
+    variant: Variant,
+    facts: EngineFacts | None,
+    plan: EnginePlan | None,
+    host: HostFacts,
+    *,
+    need_bytes: int = 0,
+    policy: EnginePolicy = EnginePolicy(),
+    entry: Path | None = None,
+    free_gpu: Callable[[], GpuFacts | None] = _free_gpu0,
+    build: Callable[[Path, dict[str, Any]], None] | None = None,
+) -> Variant:
     """The variant as it will be loaded: which ONNX file (engine, rebuilt engine, plain ONNX) and providers.
 
     Logs every mismatch and warns on every fallback; a rebuild that fails falls back like a missing
@@ -184,52 +229,71 @@ def apply_plan(variant: Variant, facts: EngineFacts | None, plan: EnginePlan | N
     the cache entry for this host (select.Verdict.cache); None: beside the variant.
     """
     if plan is None:  # no engine: loaded as built, with the memory check when it asks for a GPU
-        if need_bytes and variant.providers and any(p != "CPUExecutionProvider" for p in variant.providers) \
-                and host.gpus:
+        if (
+            need_bytes
+            and variant.providers
+            and any(p != "CPUExecutionProvider" for p in variant.providers)
+            and host.gpus
+        ):
             check_gpu_memory(need_bytes, free_gpu(), variant=variant.name)
         return variant
     for line in plan.mismatches:
         log.info("variant %s: shipped TensorRT engine: %s", variant.name, line)
     if plan.mode == REFUSE:
-        raise NoCompatibleVariantError(plan.notes[0] if plan.notes else f"variant {variant.name} cannot run here",
-                                       rejected={variant.name: list(plan.notes)})
+        raise NoCompatibleVariantError(
+            plan.notes[0] if plan.notes else f"variant {variant.name} cannot run here",
+            rejected={variant.name: list(plan.notes)},
+        )
     for note in plan.notes:
         (log.warning if plan.fallback else log.info)("variant %s: %s", variant.name, note)
     if plan.uses_gpu:
         check_gpu_memory(need_bytes, free_gpu(), variant=variant.name)
     if plan.mode == ENGINE:
-        return replace(variant, onnx_path=variant.model_dir / facts.engine_model,
-                       providers=engine_providers(plan, facts))
+        return replace(
+            variant, onnx_path=variant.model_dir / facts.engine_model, providers=engine_providers(plan, facts)
+        )
     if plan.mode in (CACHED, REBUILD):
         entry = entry or entry_dir(cache_root(variant.path), variant.name, host)
         try:
             return _use_entry(variant, facts, host, entry, plan, build=build)
         except (LmpackError, OSError) as exc:
             if policy.strict:
-                raise StepError(f"variant {variant.name}: rebuilding the TensorRT engine on this host failed "
-                                f"({getattr(exc, 'message', exc)}); strict mode does not fall back",
-                                hint="run without --strict to fall back to the CUDA provider, or fix TensorRT here"
-                                ) from exc
-            log.warning("variant %s: rebuilding the TensorRT engine failed (%s); falling back",
-                        variant.name, getattr(exc, "message", exc))
+                raise StepError(
+                    f"variant {variant.name}: rebuilding the TensorRT engine on this host failed "
+                    f"({getattr(exc, 'message', exc)}); strict mode does not fall back",
+                    hint="run without --strict to fall back to the CUDA provider, or fix TensorRT here",
+                ) from exc
+            log.warning(
+                "variant %s: rebuilding the TensorRT engine failed (%s); falling back",
+                variant.name,
+                getattr(exc, "message", exc),
+            )
             fallback = decide(facts, host, has_onnx=True, need_bytes=need_bytes, policy=replace(policy, rebuild=False))
             return apply_plan(variant, facts, fallback, host, need_bytes=0, policy=policy, free_gpu=free_gpu)
     assert plan.mode in (CUDA, CPU)
     return replace(variant, providers=list(plan.providers))  # model.onnx, as exported
 
 
-def _use_entry(variant: Variant, facts: EngineFacts, host: HostFacts, entry: Path, plan: EnginePlan, *,
-               build) -> Variant:
+def _use_entry(
+    variant: Variant, facts: EngineFacts, host: HostFacts, entry: Path, plan: EnginePlan, *, build
+) -> Variant:
     digest = recorded_model_digest(variant.path)
     if cached(entry, digest) and not (problems := verify_entry(entry)):
         log.info("variant %s: using the engine rebuilt for this host in %s", variant.name, entry)
     else:
         if cached(entry, digest) or entry.exists():
-            log.warning("variant %s: discarding the cached engine in %s (%s)", variant.name, entry,
-                        "; ".join(verify_entry(entry)) or "built from another model")
+            log.warning(
+                "variant %s: discarding the cached engine in %s (%s)",
+                variant.name,
+                entry,
+                "; ".join(verify_entry(entry)) or "built from another model",
+            )
             remove_path(entry)
-        log.warning("variant %s: rebuilding the TensorRT engine for this host into %s (once; this takes minutes)",
-                    variant.name, entry)
+        log.warning(
+            "variant %s: rebuilding the TensorRT engine for this host into %s (once; this takes minutes)",
+            variant.name,
+            entry,
+        )
         if not rebuild(variant, facts, host, entry, build=build):
             log.info("variant %s: another process rebuilt the engine first; using its", variant.name)
         if problems := verify_entry(entry):
@@ -243,4 +307,3 @@ def engine_providers(plan: EnginePlan, facts: EngineFacts) -> list[Any]:
     if facts.hardware_compatibility == "none":
         return list(plan.providers)
     return [(p, {"trt_engine_hw_compatible": True}) if p == TENSORRT_EP else p for p in plan.providers]
-

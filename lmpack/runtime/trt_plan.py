@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmpack.errors import VariantError
-from lmpack.runtime.host import GpuFacts, HostFacts, parse_compute_capability as _cc
 from lmpack.bundle.variant_dir import MODEL_INFO
+from lmpack.errors import VariantError
+from lmpack.runtime.host import GpuFacts, HostFacts
+from lmpack.runtime.host import parse_compute_capability as _cc
 
 ENGINE_MODEL = "model_ctx.onnx"
 TENSORRT_EP, CUDA_EP, CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -49,7 +50,7 @@ class EngineFacts:
     compute_capability: str | None = None
     driver_version: str | None = None
     cuda_driver_version: str | None = None
-    cuda_version: str | None = None            # the CUDA the building onnxruntime-gpu was made for
+    cuda_version: str | None = None  # the CUDA the building onnxruntime-gpu was made for
     onnxruntime_version: str | None = None
     tensorrt_version: str | None = None
     precision: str | None = None
@@ -59,7 +60,7 @@ class EngineFacts:
     profile_shapes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_info(cls, info: dict[str, Any], *, where: str = MODEL_INFO) -> "EngineFacts | None":
+    def from_info(cls, info: dict[str, Any], *, where: str = MODEL_INFO) -> EngineFacts | None:
         """The engine facts in a parsed lmpack-model.json; None when the variant carries no engine."""
         raw = info.get("tensorrt")
         if raw is None:
@@ -67,8 +68,18 @@ class EngineFacts:
         if not isinstance(raw, dict):
             raise VariantError(f"{where}: field 'tensorrt' must be an object")
         values: dict[str, Any] = {}
-        for name in ("engine_model", "gpu_name", "compute_capability", "driver_version", "cuda_driver_version",
-                     "cuda_version", "onnxruntime_version", "tensorrt_version", "precision", "hardware_compatibility"):
+        for name in (
+            "engine_model",
+            "gpu_name",
+            "compute_capability",
+            "driver_version",
+            "cuda_driver_version",
+            "cuda_version",
+            "onnxruntime_version",
+            "tensorrt_version",
+            "precision",
+            "hardware_compatibility",
+        ):
             value = raw.get(name)
             if value is not None and not isinstance(value, str):
                 raise VariantError(f"{where}: field 'tensorrt.{name}' must be a string")
@@ -87,12 +98,19 @@ class EngineFacts:
         return cls(**values, profile_shapes=dict(shapes))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"engine_model": self.engine_model, "gpu_name": self.gpu_name,
-                "compute_capability": self.compute_capability, "driver_version": self.driver_version,
-                "cuda_driver_version": self.cuda_driver_version, "cuda_version": self.cuda_version,
-                "onnxruntime_version": self.onnxruntime_version, "tensorrt_version": self.tensorrt_version,
-                "precision": self.precision, "hardware_compatibility": self.hardware_compatibility,
-                "version_compatible": self.version_compatible}
+        return {
+            "engine_model": self.engine_model,
+            "gpu_name": self.gpu_name,
+            "compute_capability": self.compute_capability,
+            "driver_version": self.driver_version,
+            "cuda_driver_version": self.cuda_driver_version,
+            "cuda_version": self.cuda_version,
+            "onnxruntime_version": self.onnxruntime_version,
+            "tensorrt_version": self.tensorrt_version,
+            "precision": self.precision,
+            "hardware_compatibility": self.hardware_compatibility,
+            "version_compatible": self.version_compatible,
+        }
 
 
 def read_engine_facts(model_dir: Path) -> EngineFacts | None:
@@ -109,8 +127,9 @@ def read_engine_facts(model_dir: Path) -> EngineFacts | None:
 
 # --- comparing ---------------------------------------------------------------------------------------------
 
+
 def version_tuple(version: str | None, parts: int = 3) -> tuple[int, ...] | None:
-    """"10.3.0.26" -> (10, 3, 0); "1.20.1+cu124" -> (1, 20, 1); None when there is no leading number."""
+    """ "10.3.0.26" -> (10, 3, 0); "1.20.1+cu124" -> (1, 20, 1); None when there is no leading number."""
     if not version:
         return None
     numbers = re.findall(r"\d+", version.split("+")[0])
@@ -140,12 +159,16 @@ def _versions(what: str, built: str | None, here: str | None, *, compatible: boo
         return [f"cannot compare {what} versions {built!r} and {here!r}"]
     if compatible:
         if h < b:
-            return [f"the engine was built with {what} {built} (version-compatible: runs on that version or "
-                    f"later), this host has the older {here}"]
+            return [
+                f"the engine was built with {what} {built} (version-compatible: runs on that version or "
+                f"later), this host has the older {here}"
+            ]
         return []
     if h != b:
-        return [f"the engine was built with {what} {built}, this host has {here} (an engine runs only on the "
-                "version that built it unless it was built version-compatible)"]
+        return [
+            f"the engine was built with {what} {built}, this host has {here} (an engine runs only on the "
+            "version that built it unless it was built version-compatible)"
+        ]
     return []
 
 
@@ -159,22 +182,29 @@ def engine_mismatches(facts: EngineFacts, host: HostFacts) -> list[str]:
     built_on = f"{facts.gpu_name or 'an unrecorded GPU'} (compute capability {facts.compute_capability or '?'})"
     if facts.hardware_compatibility == "ampere_plus":
         if _cc(gpu.compute_capability) < _AMPERE:
-            reasons.append(f"the engine is hardware-compatible with Ampere and later (compute capability 8.0+), "
-                           f"this host's GPU is {_gpu_label(gpu)}")
+            reasons.append(
+                f"the engine is hardware-compatible with Ampere and later (compute capability 8.0+), "
+                f"this host's GPU is {_gpu_label(gpu)}"
+            )
     elif facts.compute_capability is None or _cc(facts.compute_capability) != _cc(gpu.compute_capability):
         reasons.append(f"the engine was built for {built_on}, this host's GPU is {_gpu_label(gpu)}")
     elif facts.gpu_name != gpu.name:
-        reasons.append(f"the engine was built on {built_on}, this host's GPU is {gpu.name}: same compute capability, "
-                       "but an engine is tied to the GPU model unless built hardware-compatible")
+        reasons.append(
+            f"the engine was built on {built_on}, this host's GPU is {gpu.name}: same compute capability, "
+            "but an engine is tied to the GPU model unless built hardware-compatible"
+        )
     if TENSORRT_EP not in software.providers:
-        reasons.append("this host's onnxruntime has no TensorRT execution provider "
-                       f"(providers: {', '.join(software.providers) or 'none found'})")
+        reasons.append(
+            "this host's onnxruntime has no TensorRT execution provider "
+            f"(providers: {', '.join(software.providers) or 'none found'})"
+        )
     compatible = facts.version_compatible
     if compatible and (version_tuple(facts.tensorrt_version) or (0,)) < _VERSION_COMPATIBLE_SINCE:
         compatible = False  # TensorRT before 8.6 could not build version-compatible engines
     reasons += _versions("TensorRT", facts.tensorrt_version, software.tensorrt_version, compatible=compatible)
-    reasons += _versions("onnxruntime", facts.onnxruntime_version, software.onnxruntime_version,
-                         compatible=facts.version_compatible)
+    reasons += _versions(
+        "onnxruntime", facts.onnxruntime_version, software.onnxruntime_version, compatible=facts.version_compatible
+    )
     if (old := _driver_too_old(facts.cuda_version, host)) is not None:
         reasons.append(f"the engine's runtime was built for CUDA {facts.cuda_version}; {old}")
     return reasons
@@ -187,8 +217,10 @@ def _driver_too_old(cuda: str | None, host: HostFacts) -> str | None:
     want, have = version_tuple(cuda, 1), version_tuple(driver, 1)
     if want is None or have is None or have >= want:
         return None
-    return (f"the driver {host.software.driver_version or '?'} supports CUDA up to {driver}: too old, "
-            "update the NVIDIA driver")
+    return (
+        f"the driver {host.software.driver_version or '?'} supports CUDA up to {driver}: too old, "
+        "update the NVIDIA driver"
+    )
 
 
 def gpu_too_small(host: HostFacts, need_bytes: int) -> list[str]:
@@ -196,8 +228,10 @@ def gpu_too_small(host: HostFacts, need_bytes: int) -> list[str]:
     gpu = device(host)
     if gpu is None or not need_bytes or gpu.memory_bytes >= need_bytes:
         return []
-    return [f"the variant needs {need_bytes / _GIB:.1f} GiB of GPU memory, {_gpu_label(gpu)} has "
-            f"{gpu.memory_bytes / _GIB:.1f} GiB"]
+    return [
+        f"the variant needs {need_bytes / _GIB:.1f} GiB of GPU memory, {_gpu_label(gpu)} has "
+        f"{gpu.memory_bytes / _GIB:.1f} GiB"
+    ]
 
 
 def gpu_runtime_problems(host: HostFacts, *, need_bytes: int = 0) -> list[str]:
@@ -207,14 +241,16 @@ def gpu_runtime_problems(host: HostFacts, *, need_bytes: int = 0) -> list[str]:
         return [f"no NVIDIA GPU here ({host.gpu_note or 'none found'})"]
     problems = []
     if CUDA_EP not in host.software.providers:
-        problems.append("this host's onnxruntime has no CUDA execution provider (install onnxruntime-gpu, not "
-                        "onnxruntime)")
+        problems.append(
+            "this host's onnxruntime has no CUDA execution provider (install onnxruntime-gpu, not onnxruntime)"
+        )
     if (old := _driver_too_old(host.software.onnxruntime_cuda_version, host)) is not None:
         problems.append(f"onnxruntime-gpu here was built for CUDA {host.software.onnxruntime_cuda_version}; {old}")
     return problems + gpu_too_small(host, need_bytes)
 
 
 # --- deciding ----------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class EnginePolicy:
@@ -226,10 +262,10 @@ class EnginePolicy:
 
 @dataclass(frozen=True)
 class EnginePlan:
-    mode: str                        # ENGINE, CACHED, REBUILD, CUDA, CPU or REFUSE
-    providers: tuple[str, ...]       # onnxruntime providers, in preference order
-    mismatches: tuple[str, ...]      # why the shipped engine does not fit (empty for ENGINE)
-    notes: tuple[str, ...] = ()      # the warnings a fallback logs, why no rebuild, why refused
+    mode: str  # ENGINE, CACHED, REBUILD, CUDA, CPU or REFUSE
+    providers: tuple[str, ...]  # onnxruntime providers, in preference order
+    mismatches: tuple[str, ...]  # why the shipped engine does not fit (empty for ENGINE)
+    notes: tuple[str, ...] = ()  # the warnings a fallback logs, why no rebuild, why refused
 
     @property
     def uses_gpu(self) -> bool:
@@ -244,12 +280,23 @@ class EnginePlan:
         return self.mode in (ENGINE, CACHED, REBUILD)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "providers": list(self.providers), "mismatches": list(self.mismatches),
-                "notes": list(self.notes)}
+        return {
+            "mode": self.mode,
+            "providers": list(self.providers),
+            "mismatches": list(self.mismatches),
+            "notes": list(self.notes),
+        }
 
 
-def decide(facts: EngineFacts, host: HostFacts, *, has_onnx: bool, cached: bool = False, need_bytes: int = 0,
-           policy: EnginePolicy = EnginePolicy()) -> EnginePlan:
+def decide(
+    facts: EngineFacts,
+    host: HostFacts,
+    *,
+    has_onnx: bool,
+    cached: bool = False,
+    need_bytes: int = 0,
+    policy: EnginePolicy = EnginePolicy(),
+) -> EnginePlan:
     """What to serve for a variant carrying a TensorRT engine on `host` (see the module docstring)."""
     gpu_problems = gpu_runtime_problems(host, need_bytes=need_bytes)
     mismatches = tuple(engine_mismatches(facts, host)) + tuple(gpu_too_small(host, need_bytes))
@@ -261,28 +308,58 @@ def decide(facts: EngineFacts, host: HostFacts, *, has_onnx: bool, cached: bool 
     if not has_onnx:
         blockers.append("the variant carries no ONNX model to rebuild from")
     if TENSORRT_EP not in host.software.providers or host.software.tensorrt_version is None:
-        blockers.append("this host has no TensorRT for onnxruntime to build with "
-                        f"(TensorRT provider {'present' if TENSORRT_EP in host.software.providers else 'absent'}, "
-                        f"TensorRT {host.software.tensorrt_version or 'not found'})")
+        blockers.append(
+            "this host has no TensorRT for onnxruntime to build with "
+            f"(TensorRT provider {'present' if TENSORRT_EP in host.software.providers else 'absent'}, "
+            f"TensorRT {host.software.tensorrt_version or 'not found'})"
+        )
     blockers += gpu_problems
     if not blockers:
-        note = ("using the engine this host rebuilt earlier from the variant's ONNX" if cached else
-                "rebuilding the engine from the variant's ONNX on this host, once (minutes); later starts reuse it")
+        note = (
+            "using the engine this host rebuilt earlier from the variant's ONNX"
+            if cached
+            else "rebuilding the engine from the variant's ONNX on this host, once (minutes); later starts reuse it"
+        )
         return EnginePlan(CACHED if cached else REBUILD, (TENSORRT_EP, CUDA_EP, CPU_EP), mismatches, (note,))
     why = "; ".join(mismatches)
     no_rebuild = "; ".join(blockers)
     if not has_onnx:
-        return EnginePlan(REFUSE, (), mismatches, (f"the shipped TensorRT engine does not fit this host ({why}) and "
-                                                   "the variant carries no ONNX model to rebuild from or fall back to",))
+        return EnginePlan(
+            REFUSE,
+            (),
+            mismatches,
+            (
+                f"the shipped TensorRT engine does not fit this host ({why}) and "
+                "the variant carries no ONNX model to rebuild from or fall back to",
+            ),
+        )
     if policy.strict:
-        return EnginePlan(REFUSE, (), mismatches,
-                          (f"strict mode: the shipped TensorRT engine does not fit this host ({why}) and cannot be "
-                           f"rebuilt here ({no_rebuild}); not falling back to the CUDA provider or the CPU",))
+        return EnginePlan(
+            REFUSE,
+            (),
+            mismatches,
+            (
+                f"strict mode: the shipped TensorRT engine does not fit this host ({why}) and cannot be "
+                f"rebuilt here ({no_rebuild}); not falling back to the CUDA provider or the CPU",
+            ),
+        )
     if not gpu_problems:
-        return EnginePlan(CUDA, (CUDA_EP, CPU_EP), mismatches,
-                          (f"falling back to the CUDA execution provider without TensorRT (slower): the shipped engine "
-                           f"does not fit ({why}) and cannot be rebuilt ({no_rebuild})",))
-    return EnginePlan(CPU, (CPU_EP,), mismatches,
-                      (f"falling back to the CPU (much slower, and {facts.precision or 'this precision'} may lack CPU "
-                       f"kernels): the shipped engine does not fit ({why}) and no GPU runtime is usable "
-                       f"({'; '.join(gpu_problems)})",))
+        return EnginePlan(
+            CUDA,
+            (CUDA_EP, CPU_EP),
+            mismatches,
+            (
+                f"falling back to the CUDA execution provider without TensorRT (slower): the shipped engine "
+                f"does not fit ({why}) and cannot be rebuilt ({no_rebuild})",
+            ),
+        )
+    return EnginePlan(
+        CPU,
+        (CPU_EP,),
+        mismatches,
+        (
+            f"falling back to the CPU (much slower, and {facts.precision or 'this precision'} may lack CPU "
+            f"kernels): the shipped engine does not fit ({why}) and no GPU runtime is usable "
+            f"({'; '.join(gpu_problems)})",
+        ),
+    )

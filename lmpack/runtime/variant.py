@@ -19,18 +19,18 @@ from lmpack.errors import NotFoundError, VariantError
 @dataclass(frozen=True)
 class Variant:
     path: Path
-    name: str                      # the model id the server answers to: the directory's name
-    task: str                      # TEXT_GENERATION or EMBEDDING
+    name: str  # the model id the server answers to: the directory's name
+    task: str  # TEXT_GENERATION or EMBEDDING
     model_dir: Path
     onnx_path: Path
-    info: dict[str, Any]           # lmpack-model.json
-    meta: dict[str, Any]           # variant.json (empty for a bare model directory)
-    config: dict[str, Any]         # config.json
-    generation: dict[str, Any]     # generation_config.json (empty when absent)
+    info: dict[str, Any]  # lmpack-model.json
+    meta: dict[str, Any]  # variant.json (empty for a bare model directory)
+    config: dict[str, Any]  # config.json
+    generation: dict[str, Any]  # generation_config.json (empty when absent)
     tokenizer_config: dict[str, Any]
     chat_template: str | None
     eos_token_ids: tuple[int, ...]
-    context_length: int | None     # max_position_embeddings: prompt plus completion must fit
+    context_length: int | None  # max_position_embeddings: prompt plus completion must fit
     providers: list[str] = field(default_factory=list)
 
     @property
@@ -100,14 +100,17 @@ def load_variant(path: Path | str) -> Variant:
     """Read and check a variant directory; raise NotFoundError or VariantError naming the file at fault."""
     root = Path(path)
     if not root.is_dir():
-        raise NotFoundError(f"variant directory {root} does not exist",
-                            hint="build one with `lmpack build MODEL --target T -o dist/`")
+        raise NotFoundError(
+            f"variant directory {root} does not exist", hint="build one with `lmpack build MODEL --target T -o dist/`"
+        )
     meta: dict[str, Any] = {}
     if is_variant_dir(root):
         meta = _read_json(root / VARIANT_FILE, required=True)
     elif not is_model_dir(root):
-        raise VariantError(f"{root} is not a variant: neither {VARIANT_FILE} nor {MODEL_INFO} is there",
-                           hint="point at a directory written by `lmpack build`")
+        raise VariantError(
+            f"{root} is not a variant: neither {VARIANT_FILE} nor {MODEL_INFO} is there",
+            hint="point at a directory written by `lmpack build`",
+        )
     model_dir = model_dir_of(root)
     info = _read_json(model_dir / MODEL_INFO, required=True)
     task = info.get("task")
@@ -123,9 +126,19 @@ def load_variant(path: Path | str) -> Variant:
     tokenizer_config = _read_json(model_dir / "tokenizer_config.json", required=False)
     eos = _ids(generation.get("eos_token_id")) + _ids(config.get("eos_token_id"))
     context = info.get("max_position_embeddings") or config.get("max_position_embeddings")
-    return Variant(path=root, name=root.resolve().name, task=task, model_dir=model_dir, onnx_path=onnx_path,
-                   info=info, meta=meta, config=config, generation=generation, tokenizer_config=tokenizer_config,
-                   chat_template=_chat_template(model_dir, tokenizer_config),
-                   eos_token_ids=tuple(dict.fromkeys(eos)),
-                   context_length=int(context) if isinstance(context, int) and context > 0 else None,
-                   providers=list(meta.get("execution_providers") or []))
+    return Variant(
+        path=root,
+        name=root.resolve().name,
+        task=task,
+        model_dir=model_dir,
+        onnx_path=onnx_path,
+        info=info,
+        meta=meta,
+        config=config,
+        generation=generation,
+        tokenizer_config=tokenizer_config,
+        chat_template=_chat_template(model_dir, tokenizer_config),
+        eos_token_ids=tuple(dict.fromkeys(eos)),
+        context_length=int(context) if isinstance(context, int) and context > 0 else None,
+        providers=list(meta.get("execution_providers") or []),
+    )

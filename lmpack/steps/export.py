@@ -18,19 +18,29 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+from lmpack.bundle.variant_dir import EMBEDDING, MODEL_INFO, TEXT_GENERATION
 from lmpack.errors import StepError, UnsupportedModelError
 from lmpack.pipeline.step import HF_MODEL, ONNX_MODEL, Artifact, Step, StepContext
-from lmpack.bundle.variant_dir import EMBEDDING, MODEL_INFO, TEXT_GENERATION
 from lmpack.steps.model_files import copy_side_files
 from lmpack.steps.onnx_graph import keep_last_logits, load_model, save_model
 
 ONNX_FILE = "model.onnx"
 OPTIMUM, GENAI = "optimum", "onnxruntime-genai"
 # Decoders onnxruntime-genai 0.12's builder makes fused graphs for (its create_model list, text-only ones).
-GENAI_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-    "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "SmolLM3ForCausalLM",
-})
+GENAI_ARCHITECTURES = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
+        "GemmaForCausalLM",
+        "Gemma2ForCausalLM",
+        "GraniteForCausalLM",
+        "OlmoForCausalLM",
+        "SmolLM3ForCausalLM",
+    }
+)
 # How a batch of pasts of different lengths is laid out. optimum's graphs take an attention mask over the
 # whole window, so rows are left-padded; GroupQueryAttention reads each row's length from the mask (its sum)
 # and writes the new keys right after it, so rows are right-padded.
@@ -56,7 +66,8 @@ def model_task(config: dict) -> str:
         return EMBEDDING
     raise UnsupportedModelError(
         f"architecture {architecture} is not supported: lmpack exports causal language models "
-        f"(*ForCausalLM) for text generation and encoder models (*Model) for embeddings")
+        f"(*ForCausalLM) for text generation and encoder models (*Model) for embeddings"
+    )
 
 
 def supported_model_types(task: str) -> list[str]:
@@ -88,8 +99,9 @@ class ExportStep(Step):
                 if exporter == GENAI:
                     _export_genai(source.path, out_dir, trust_remote_code=trust_remote_code)
                 else:
-                    _export_optimum(source.path, out_dir, config, task, self.params,
-                                    trust_remote_code=trust_remote_code)
+                    _export_optimum(
+                        source.path, out_dir, config, task, self.params, trust_remote_code=trust_remote_code
+                    )
         except (UnsupportedModelError, StepError):  # already say what failed and why
             raise
         except Exception as exc:  # the exporters raise many types; the user needs the architecture and the cause
@@ -107,25 +119,37 @@ def choose_exporter(config: dict, task: str, wanted: str) -> str:
     if wanted == GENAI and not fits_genai:
         raise UnsupportedModelError(
             f"onnxruntime-genai's builder cannot export {architecture} for {task}; it makes decoders of the "
-            f"architectures {', '.join(sorted(GENAI_ARCHITECTURES))}", hint="use exporter = \"optimum\"")
+            f"architectures {', '.join(sorted(GENAI_ARCHITECTURES))}",
+            hint='use exporter = "optimum"',
+        )
     if wanted == "auto":
         return GENAI if fits_genai else OPTIMUM
     return wanted
 
 
-def _export_optimum(src: Path, out_dir: Path, config: dict, task: str, params: ExportParams, *,
-                    trust_remote_code: bool) -> None:
+def _export_optimum(
+    src: Path, out_dir: Path, config: dict, task: str, params: ExportParams, *, trust_remote_code: bool
+) -> None:
     model_type = config.get("model_type", "unknown")
     supported = supported_model_types(task)
     if model_type.replace("_", "-") not in supported and model_type not in supported:
         raise UnsupportedModelError(
             f"model type {model_type!r} ({(config.get('architectures') or ['?'])[0]}) cannot be exported for "
-            f"{task}; supported model types: {', '.join(supported)}")
+            f"{task}; supported model types: {', '.join(supported)}"
+        )
     from optimum.exporters.onnx import main_export
 
-    main_export(str(src), output=out_dir, task=_OPTIMUM_TASK[task], opset=params.opset, device="cpu",
-                library_name="transformers", trust_remote_code=trust_remote_code,
-                do_validation=params.validate_export, local_files_only=True)
+    main_export(
+        str(src),
+        output=out_dir,
+        task=_OPTIMUM_TASK[task],
+        opset=params.opset,
+        device="cpu",
+        library_name="transformers",
+        trust_remote_code=trust_remote_code,
+        do_validation=params.validate_export,
+        local_files_only=True,
+    )
     # optimum embeds the weights up to 2 GB; lmpack always keeps them in model.onnx.data (onnx_graph.save_model)
     model = load_model(out_dir / ONNX_FILE)
     for data in out_dir.glob(f"{ONNX_FILE}_data"):
@@ -149,12 +173,15 @@ def _export_genai(src: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 # hf_remote is the builder's trust_remote_code (on unless told); hf_token=false: no token lookup.
-                create_model(None, str(src), str(built), "fp32", "cpu", str(cache),
-                             hf_remote=trust_remote_code, hf_token="false")
+                create_model(
+                    None, str(src), str(built), "fp32", "cpu", str(cache), hf_remote=trust_remote_code, hf_token="false"
+                )
         except Exception as exc:
             tail = " | ".join(chatter.getvalue().strip().splitlines()[-3:])
-            raise StepError(f"onnxruntime-genai's builder failed: {type(exc).__name__}: {exc}"
-                            + (f" (its last output: {tail})" if tail else "")) from exc
+            raise StepError(
+                f"onnxruntime-genai's builder failed: {type(exc).__name__}: {exc}"
+                + (f" (its last output: {tail})" if tail else "")
+            ) from exc
         # The builder already writes lmpack's layout (the graph, its weights in model.onnx.data): move, not rewrite.
         for name in (ONNX_FILE, f"{ONNX_FILE}.data"):
             if (built / name).is_file():
@@ -166,19 +193,26 @@ def _export_genai(src: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
 
 
 def _model_info(config: dict, task: str, exporter: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"schema_version": 1, "task": task, "onnx": ONNX_FILE, "exporter": exporter,
-                            "model_type": config.get("model_type"),
-                            "architecture": (config.get("architectures") or [None])[0]}
+    info: dict[str, Any] = {
+        "schema_version": 1,
+        "task": task,
+        "onnx": ONNX_FILE,
+        "exporter": exporter,
+        "model_type": config.get("model_type"),
+        "architecture": (config.get("architectures") or [None])[0],
+    }
     if task == TEXT_GENERATION:
         heads = config.get("num_attention_heads")
-        info.update({
-            "num_layers": config.get("num_hidden_layers"),
-            "num_kv_heads": config.get("num_key_value_heads", heads),
-            "head_dim": config.get("head_dim") or (config["hidden_size"] // heads if heads else None),
-            "vocab_size": config.get("vocab_size"),
-            "max_position_embeddings": config.get("max_position_embeddings"),
-            "kv_padding": KV_PADDING[exporter],
-        })
+        info.update(
+            {
+                "num_layers": config.get("num_hidden_layers"),
+                "num_kv_heads": config.get("num_key_value_heads", heads),
+                "head_dim": config.get("head_dim") or (config["hidden_size"] // heads if heads else None),
+                "vocab_size": config.get("vocab_size"),
+                "max_position_embeddings": config.get("max_position_embeddings"),
+                "kv_padding": KV_PADDING[exporter],
+            }
+        )
     else:
         info.update({"pooling": "mean", "normalize": True, "hidden_size": config.get("hidden_size")})
     return info

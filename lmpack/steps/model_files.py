@@ -12,11 +12,28 @@ from lmpack.errors import UnsafeModelError, UnsupportedModelError
 
 # Weights come only as safetensors; everything else is configuration, tokenizer or documentation.
 WANTED_PATTERNS = (
-    "*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "*/config.json",
-    "README.md", "LICENSE", "LICENSE.*", "LICENSE*",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "*/config.json",
+    "README.md",
+    "LICENSE",
+    "LICENSE.*",
+    "LICENSE*",
 )
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 # What --allow-pickle fetches and converts: transformers' PyTorch checkpoint, whole or sharded with its index.
@@ -70,8 +87,10 @@ def read_config(directory: Path, *, trust_remote_code: bool, shown: str | None =
     except json.JSONDecodeError as exc:
         raise UnsupportedModelError(f"{where}/config.json: not valid JSON ({exc})") from None
     if config.get("auto_map") and not trust_remote_code:
-        raise UnsafeModelError(f"{where}/config.json: the model needs its own Python code (auto_map) to load",
-                               hint="pass --trust-remote-code only if you trust this repository")
+        raise UnsafeModelError(
+            f"{where}/config.json: the model needs its own Python code (auto_map) to load",
+            hint="pass --trust-remote-code only if you trust this repository",
+        )
     return config
 
 
@@ -81,8 +100,10 @@ def check_model_dir(directory: Path, *, trust_remote_code: bool, shown: str | No
     where = shown or str(directory)
     weights = sorted(directory.rglob("*.safetensors"))
     if not weights:
-        raise UnsafeModelError(f"{where}: no safetensors weights found",
-                               hint="lmpack never loads pickle checkpoints; pass --allow-pickle to convert them once")
+        raise UnsafeModelError(
+            f"{where}: no safetensors weights found",
+            hint="lmpack never loads pickle checkpoints; pass --allow-pickle to convert them once",
+        )
     for weight in weights:
         check_safetensors(weight, shown=f"{where}/{weight.relative_to(directory).as_posix()}")
     return config

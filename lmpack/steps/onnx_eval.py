@@ -16,5 +16,5 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def windows(token_ids: list[int], size: int) -> list[np.ndarray]:
     """Non-overlapping windows of at most `size` tokens (each at least 2, so it predicts something)."""
-    chunks = [np.array(token_ids[i:i + size]) for i in range(0, len(token_ids), size)]
+    chunks = [np.array(token_ids[i : i + size]) for i in range(0, len(token_ids), size)]
     return [c for c in chunks if len(c) >= 2]

@@ -27,8 +27,14 @@ def save_model(model, path: Path) -> None:
 
     data = path.with_name(f"{path.name}.data")
     data.unlink(missing_ok=True)  # save_model appends to an existing data file
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
     data.chmod(0o644)  # onnx creates it 0600; a service user other than the builder must read it like the graph
 
 
@@ -72,8 +78,9 @@ def fold_transposed_weights(model) -> int:
         if node.op_type != "Transpose" or node.input[0] not in initializers:
             continue
         users = _consumers(graph, node.output[0])
-        if not users or not all(u.op_type == "MatMul" or (u.op_type == "Gather" and u.input[0] == node.output[0])
-                                for u in users):
+        if not users or not all(
+            u.op_type == "MatMul" or (u.op_type == "Gather" and u.input[0] == node.output[0]) for u in users
+        ):
             continue
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
         weight = numpy_helper.to_array(initializers[node.input[0]])
@@ -112,8 +119,9 @@ def quantize_embeddings_int8(model) -> int:
         quantized = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
         base = node.input[0]
         graph.initializer.remove(table)
-        graph.initializer.extend([numpy_helper.from_array(quantized, f"{base}_int8"),
-                                  numpy_helper.from_array(scale, f"{base}_scale")])
+        graph.initializer.extend(
+            [numpy_helper.from_array(quantized, f"{base}_int8"), numpy_helper.from_array(scale, f"{base}_scale")]
+        )
         out = node.output[0]
         index = list(graph.node).index(node)
         new_nodes = [
@@ -152,8 +160,12 @@ def tied_embedding(model, head: str | None) -> str | None:
     head_transposed = None
     for node in graph.node:
         table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
-        if (table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2
-                or list(table.dims) != list(reversed(head_weight.dims))):
+        if (
+            table is None
+            or table.data_type != TensorProto.FLOAT
+            or len(table.dims) != 2
+            or list(table.dims) != list(reversed(head_weight.dims))
+        ):
             continue
         if head_transposed is None:
             head_transposed = numpy_helper.to_array(head_weight).T
@@ -186,29 +198,41 @@ def share_head_with_embedding(model, gather: str) -> None:
     weight, scales = head_node.input[1], head_node.input[2]
     k = next(a.i for a in head_node.attribute if a.name == "K")
     block_size = next(a.i for a in head_node.attribute if a.name == "block_size")
-    padded = -(-k // block_size) * block_size   # the blocks' width: K rounded up to whole blocks
+    padded = -(-k // block_size) * block_size  # the blocks' width: K rounded up to whole blocks
     ids, out, name = node.input[1], node.output[0], node.name
     rows = out if padded == k else f"{out}_padded"
-    graph.initializer.extend([numpy_helper.from_array(np.array(128.0, dtype=np.float32), f"{name}_zero_point"),
-                              numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{name}_last_axis"),
-                              numpy_helper.from_array(np.array([padded], dtype=np.int64), f"{name}_hidden")])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(128.0, dtype=np.float32), f"{name}_zero_point"),
+            numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{name}_last_axis"),
+            numpy_helper.from_array(np.array([padded], dtype=np.int64), f"{name}_hidden"),
+        ]
+    )
     new_nodes = [
-        helper.make_node("Gather", [weight, ids], [f"{out}_q"], name=f"{name}_q"),            # [.., blocks, size]
+        helper.make_node("Gather", [weight, ids], [f"{out}_q"], name=f"{name}_q"),  # [.., blocks, size]
         helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], to=TensorProto.FLOAT, name=f"{name}_cast"),
         helper.make_node("Sub", [f"{out}_f", f"{name}_zero_point"], [f"{out}_c"], name=f"{name}_center"),
-        helper.make_node("Gather", [scales, ids], [f"{out}_s"], name=f"{name}_s"),            # [.., blocks]
+        helper.make_node("Gather", [scales, ids], [f"{out}_s"], name=f"{name}_s"),  # [.., blocks]
         helper.make_node("Unsqueeze", [f"{out}_s", f"{name}_last_axis"], [f"{out}_s1"], name=f"{name}_s1"),
         helper.make_node("Mul", [f"{out}_c", f"{out}_s1"], [f"{out}_d"], name=f"{name}_dequant"),
         helper.make_node("Shape", [ids], [f"{out}_ids_shape"], name=f"{name}_ids_shape"),
-        helper.make_node("Concat", [f"{out}_ids_shape", f"{name}_hidden"], [f"{out}_shape"], axis=0,
-                         name=f"{name}_shape"),
+        helper.make_node(
+            "Concat", [f"{out}_ids_shape", f"{name}_hidden"], [f"{out}_shape"], axis=0, name=f"{name}_shape"
+        ),
         helper.make_node("Reshape", [f"{out}_d", f"{out}_shape"], [rows], name=f"{name}_rows"),
     ]
     if padded != k:
-        graph.initializer.extend([numpy_helper.from_array(np.array([0], dtype=np.int64), f"{name}_start"),
-                                  numpy_helper.from_array(np.array([k], dtype=np.int64), f"{name}_end")])
-        new_nodes.append(helper.make_node("Slice", [rows, f"{name}_start", f"{name}_end", f"{name}_last_axis"],
-                                          [out], name=f"{name}_unpad"))
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array([0], dtype=np.int64), f"{name}_start"),
+                numpy_helper.from_array(np.array([k], dtype=np.int64), f"{name}_end"),
+            ]
+        )
+        new_nodes.append(
+            helper.make_node(
+                "Slice", [rows, f"{name}_start", f"{name}_end", f"{name}_last_axis"], [out], name=f"{name}_unpad"
+            )
+        )
     index = list(graph.node).index(node)
     graph.node.remove(node)
     for offset, new_node in enumerate(new_nodes):
@@ -268,13 +292,23 @@ def fuse_sibling_matmul_nbits(model) -> int:
         weights = [numpy_helper.to_array(initializers[n.input[1]]) for n in nodes]
         scales = [numpy_helper.to_array(initializers[n.input[2]]) for n in nodes]
         flat = scales[0].ndim == 1
-        scale = np.concatenate([s if flat else s.reshape(w.shape[0], -1) for s, w in zip(scales, weights)])
-        graph.initializer.extend([numpy_helper.from_array(np.concatenate(weights), f"{name}.weight"),
-                                  numpy_helper.from_array(scale, f"{name}.scales")])
+        scale = np.concatenate([s if flat else s.reshape(w.shape[0], -1) for s, w in zip(scales, weights, strict=True)])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.concatenate(weights), f"{name}.weight"),
+                numpy_helper.from_array(scale, f"{name}.scales"),
+            ]
+        )
         fused_out = f"{name}/output_0"
-        matmul = helper.make_node("MatMulNBits", [key[0], f"{name}.weight", f"{name}.scales"], [fused_out],
-                                  name=name, domain=first.domain or "com.microsoft", N=sum(widths),
-                                  **{k: v for k, v in zip(_NBITS_SHARED, key[1:]) if v is not None})
+        matmul = helper.make_node(
+            "MatMulNBits",
+            [key[0], f"{name}.weight", f"{name}.scales"],
+            [fused_out],
+            name=name,
+            domain=first.domain or "com.microsoft",
+            N=sum(widths),
+            **{k: v for k, v in zip(_NBITS_SHARED, key[1:], strict=False) if v is not None},
+        )
         outputs = [n.output[0] for n in nodes]
         if opset >= 13:
             graph.initializer.append(numpy_helper.from_array(np.array(widths, dtype=np.int64), f"{name}/split"))
@@ -313,18 +347,26 @@ def keep_last_logits(model) -> bool:
     hidden = head.input[0]
     prefix = "/lmpack/keep_last_logits"
     graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
-    graph.initializer.extend([numpy_helper.from_array(np.array([0], dtype=np.int64), f"{prefix}/zero"),
-                              numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64),
-                                                      f"{prefix}/end"),
-                              numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}/axis")])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([0], dtype=np.int64), f"{prefix}/zero"),
+            numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), f"{prefix}/end"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}/axis"),
+        ]
+    )
     nodes = [
         helper.make_node("Shape", [hidden], [f"{prefix}/shape"], name=f"{prefix}/Shape"),
-        helper.make_node("Gather", [f"{prefix}/shape", f"{prefix}/axis"], [f"{prefix}/length"],
-                         name=f"{prefix}/Gather"),
+        helper.make_node(
+            "Gather", [f"{prefix}/shape", f"{prefix}/axis"], [f"{prefix}/length"], name=f"{prefix}/Gather"
+        ),
         helper.make_node("Sub", [f"{prefix}/length", LOGITS_TO_KEEP], [f"{prefix}/from_end"], name=f"{prefix}/Sub"),
         helper.make_node("Max", [f"{prefix}/from_end", f"{prefix}/zero"], [f"{prefix}/start"], name=f"{prefix}/Max"),
-        helper.make_node("Slice", [hidden, f"{prefix}/start", f"{prefix}/end", f"{prefix}/axis"],
-                         [f"{prefix}/hidden"], name=f"{prefix}/Slice"),
+        helper.make_node(
+            "Slice",
+            [hidden, f"{prefix}/start", f"{prefix}/end", f"{prefix}/axis"],
+            [f"{prefix}/hidden"],
+            name=f"{prefix}/Slice",
+        ),
     ]
     index = list(graph.node).index(head)
     for offset, node in enumerate(nodes):

@@ -47,9 +47,11 @@ class PruneStep(Step):
 
     def check(self, target, profile) -> None:
         if self.params.method == "magnitude" and self.params.pattern not in target.sparsity:
-            raise PlanError(f"magnitude pruning with pattern {self.params.pattern} only pays off on sparse kernels, "
-                            f"and target {target.name!r} has none for it (sparsity: {target.sparsity or 'none'})",
-                            hint="use method = \"layers\" for a model that is really smaller on any target")
+            raise PlanError(
+                f"magnitude pruning with pattern {self.params.pattern} only pays off on sparse kernels, "
+                f"and target {target.name!r} has none for it (sparsity: {target.sparsity or 'none'})",
+                hint='use method = "layers" for a model that is really smaller on any target',
+            )
 
     def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
         import torch
@@ -87,8 +89,9 @@ def _layer_stack(model):
                 break
         if obj is not None:
             return obj, attr_path
-    raise UnsupportedModelError(f"cannot find the layer stack of {type(model).__name__} for pruning "
-                                f"(looked for {', '.join(_LAYER_PATHS)})")
+    raise UnsupportedModelError(
+        f"cannot find the layer stack of {type(model).__name__} for pruning (looked for {', '.join(_LAYER_PATHS)})"
+    )
 
 
 def _calibration_ids(model_dir: Path, tokens: int):
@@ -109,13 +112,17 @@ def _drop_layers(model, layers, attr_path: str, params: PruneParams, *, tokenize
     if params.drop_layers > count - 2:
         raise UnsupportedModelError(
             f"cannot drop {params.drop_layers} of {count} layers: the first and last layers are always kept, "
-            f"so at most {max(count - 2, 0)} can go", hint="lower drop_layers in the profile's prune step")
+            f"so at most {max(count - 2, 0)} can go",
+            hint="lower drop_layers in the profile's prune step",
+        )
     positions = getattr(model.config, "max_position_embeddings", None) or params.calibration_tokens
     ids = _calibration_ids(tokenizer_dir, min(params.calibration_tokens, positions))
     hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
     # influence of layer i = 1 - cos(input of i, output of i), averaged over tokens
-    influence = [float(1 - torch.nn.functional.cosine_similarity(hidden[i][0], hidden[i + 1][0], dim=-1).mean())
-                 for i in range(count)]
+    influence = [
+        float(1 - torch.nn.functional.cosine_similarity(hidden[i][0], hidden[i + 1][0], dim=-1).mean())
+        for i in range(count)
+    ]
     # The first and last layers are never dropped: they map into and out of the embedding space.
     candidates = sorted(range(1, count - 1), key=lambda i: influence[i])[: params.drop_layers]
     keep = [i for i in range(count) if i not in candidates]
@@ -134,8 +141,14 @@ def _drop_layers(model, layers, attr_path: str, params: PruneParams, *, tokenize
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
     before = sum(p.numel() for p in layers.parameters())
     after = sum(p.numel() for p in new_layers.parameters())
-    return {"method": "layers", "dropped": sorted(candidates), "kept_layers": len(keep),
-            "influence": [round(x, 5) for x in influence], "layer_params_before": before, "layer_params_after": after}
+    return {
+        "method": "layers",
+        "dropped": sorted(candidates),
+        "kept_layers": len(keep),
+        "influence": [round(x, 5) for x in influence],
+        "layer_params_before": before,
+        "layer_params_after": after,
+    }
 
 
 def _magnitude(layers, params: PruneParams) -> dict[str, Any]:

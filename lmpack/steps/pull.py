@@ -15,8 +15,16 @@ from lmpack.errors import NotFoundError, SourceError, UnsafeModelError, Unsuppor
 from lmpack.fsio import file_sha256
 from lmpack.pipeline.digest import json_sha256
 from lmpack.pipeline.step import HF_MODEL, SOURCE, Artifact, Step, StepContext
-from lmpack.steps.model_files import (CONVERTIBLE_PATTERNS, REMOTE_CODE_PATTERNS, WANTED_PATTERNS, check_model_dir,
-                                      is_convertible, is_pickle_checkpoint, read_config, read_license)
+from lmpack.steps.model_files import (
+    CONVERTIBLE_PATTERNS,
+    REMOTE_CODE_PATTERNS,
+    WANTED_PATTERNS,
+    check_model_dir,
+    is_convertible,
+    is_pickle_checkpoint,
+    read_config,
+    read_license,
+)
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "lmpack-source.json"
@@ -35,20 +43,33 @@ def resolve_source(model: str, *, revision: str | None = None, params: PullParam
     allow_pickle, trust_remote_code = params.allow_pickle, params.trust_remote_code
     path = Path(model).expanduser()
     if path.is_dir():
-        wanted = [p for p in _model_files(path)
-                  if _relpath_ok(p.relative_to(path).as_posix(), allow_pickle, trust_remote_code)]
+        wanted = [
+            p
+            for p in _model_files(path)
+            if _relpath_ok(p.relative_to(path).as_posix(), allow_pickle, trust_remote_code)
+        ]
         entries = [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in wanted]
-        return Artifact(kind=SOURCE, path=path.resolve(), digest=json_sha256(["dir", entries]),
-                        info={"kind": "directory", "ref": str(path.resolve())})
+        return Artifact(
+            kind=SOURCE,
+            path=path.resolve(),
+            digest=json_sha256(["dir", entries]),
+            info={"kind": "directory", "ref": str(path.resolve())},
+        )
     if path.is_file():
         with open(path, "rb") as handle:
             magic = handle.read(4)
         if magic != GGUF_MAGIC:
-            raise UnsupportedModelError(f"{path}: not a GGUF file (detected by content) and not a model directory",
-                                        hint="pass a Hugging Face directory, a .gguf file or a Hub repo id")
+            raise UnsupportedModelError(
+                f"{path}: not a GGUF file (detected by content) and not a model directory",
+                hint="pass a Hugging Face directory, a .gguf file or a Hub repo id",
+            )
         sha = file_sha256(path)
-        return Artifact(kind=SOURCE, path=path.resolve(), digest=f"gguf:{sha}",
-                        info={"kind": "gguf", "ref": str(path.resolve()), "sha256": sha})
+        return Artifact(
+            kind=SOURCE,
+            path=path.resolve(),
+            digest=f"gguf:{sha}",
+            info={"kind": "gguf", "ref": str(path.resolve()), "sha256": sha},
+        )
     if model.startswith((".", "/", "~")) or model.endswith(".gguf") or not _REPO_ID.match(model):
         raise NotFoundError(f"model path {model} does not exist")
     return _resolve_hub(model, revision=revision, patterns=_patterns(allow_pickle, trust_remote_code))
@@ -60,8 +81,11 @@ def _model_files(root: Path) -> list[Path]:
 
 
 def _patterns(allow_pickle: bool, trust_remote_code: bool) -> list[str]:
-    return [*WANTED_PATTERNS, *(CONVERTIBLE_PATTERNS if allow_pickle else ()),
-            *(REMOTE_CODE_PATTERNS if trust_remote_code else ())]
+    return [
+        *WANTED_PATTERNS,
+        *(CONVERTIBLE_PATTERNS if allow_pickle else ()),
+        *(REMOTE_CODE_PATTERNS if trust_remote_code else ()),
+    ]
 
 
 def _relpath_ok(relpath: str, allow_pickle: bool, trust_remote_code: bool) -> bool:
@@ -69,32 +93,49 @@ def _relpath_ok(relpath: str, allow_pickle: bool, trust_remote_code: bool) -> bo
 
 
 def _resolve_hub(repo_id: str, *, revision: str | None, patterns: list[str]) -> Artifact:
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
 
     try:
         # The token comes from the usual places (HF_TOKEN, the login cache). HF_ENDPOINT and HF_HUB_OFFLINE are
         # passed explicitly: huggingface_hub reads them only once, at import.
-        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                          endpoint=paths.hub_endpoint(), local_files_only=paths.hub_offline()))
+        snapshot = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=patterns,
+                endpoint=paths.hub_endpoint(),
+                local_files_only=paths.hub_offline(),
+            )
+        )
     except hub_errors.RevisionNotFoundError:
         raise NotFoundError(f"revision {revision!r} not found in Hub repo {repo_id}") from None
     except hub_errors.GatedRepoError:
         raise SourceError(f"Hub repo {repo_id} is gated", hint="accept its terms and set HF_TOKEN") from None
     except hub_errors.RepositoryNotFoundError:
-        raise NotFoundError(f"Hub repo {repo_id} not found (or private without a token)",
-                            hint="check the name, or set HF_TOKEN for a private repo") from None
+        raise NotFoundError(
+            f"Hub repo {repo_id} not found (or private without a token)",
+            hint="check the name, or set HF_TOKEN for a private repo",
+        ) from None
     except hub_errors.LocalEntryNotFoundError:
         if paths.hub_offline():
-            raise SourceError(f"Hub repo {repo_id} is not in the local cache and HF_HUB_OFFLINE is set",
-                              hint="pull it once on a connected machine, or pass a local directory") from None
-        raise SourceError(f"could not reach the Hub to download {repo_id}",
-                          hint="check the network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use the cache") from None
+            raise SourceError(
+                f"Hub repo {repo_id} is not in the local cache and HF_HUB_OFFLINE is set",
+                hint="pull it once on a connected machine, or pass a local directory",
+            ) from None
+        raise SourceError(
+            f"could not reach the Hub to download {repo_id}",
+            hint="check the network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use the cache",
+        ) from None
     except hub_errors.HfHubHTTPError as exc:
         raise SourceError(f"the Hub answered an error for {repo_id}: {exc}") from None
     commit = snapshot.name
-    return Artifact(kind=SOURCE, path=snapshot, digest=f"hub:{repo_id}@{commit}",
-                    info={"kind": "hub", "ref": repo_id, "revision": revision or "main", "commit": commit})
+    return Artifact(
+        kind=SOURCE,
+        path=snapshot,
+        digest=f"hub:{repo_id}@{commit}",
+        info={"kind": "hub", "ref": repo_id, "revision": revision or "main", "commit": commit},
+    )
 
 
 class PullStep(Step):
@@ -110,8 +151,9 @@ class PullStep(Step):
         if info["kind"] == "gguf":
             info.update(_dequantize_gguf(source.path, out_dir))
         else:
-            _copy_wanted(source.path, out_dir, allow_pickle=self.params.allow_pickle,
-                         trust_remote_code=trust_remote_code)
+            _copy_wanted(
+                source.path, out_dir, allow_pickle=self.params.allow_pickle, trust_remote_code=trust_remote_code
+            )
             # The config is checked (remote code included) before any weights are loaded for conversion.
             config = read_config(out_dir, trust_remote_code=trust_remote_code, shown=info["ref"])
             if not any(out_dir.rglob("*.safetensors")):
@@ -140,15 +182,19 @@ def _refuse_or_convert_pickle(source: Path, directory: Path, config: dict, *, al
     if not allow:
         # A Hub download never fetches pickles it would refuse, so only a local source can name one here.
         pickles = [p.name for p in _model_files(source) if is_pickle_checkpoint(p.name)]
-        raise UnsafeModelError(f"the model has no safetensors weights, only pickle checkpoints (found {pickles[0]})"
-                               if pickles else "the model has no safetensors weights",
-                               hint="lmpack never loads pickle at build or run time; pass --allow-pickle to convert "
-                                    "it to safetensors once, with torch's weights-only loader")
+        raise UnsafeModelError(
+            f"the model has no safetensors weights, only pickle checkpoints (found {pickles[0]})"
+            if pickles
+            else "the model has no safetensors weights",
+            hint="lmpack never loads pickle at build or run time; pass --allow-pickle to convert "
+            "it to safetensors once, with torch's weights-only loader",
+        )
     if not any(is_convertible(p.relative_to(directory).as_posix()) for p in _model_files(directory)):
         raise UnsafeModelError("the model has no weights lmpack can read (no safetensors, no pytorch_model.bin)")
     # weights_only loading is what transformers uses for .bin files; the result is saved as safetensors.
-    model = _model_class(config).from_pretrained(directory, use_safetensors=False,
-                                                 trust_remote_code=bool(config.get("auto_map")))
+    model = _model_class(config).from_pretrained(
+        directory, use_safetensors=False, trust_remote_code=bool(config.get("auto_map"))
+    )
     model.save_pretrained(directory, safe_serialization=True)
 
 
@@ -171,8 +217,10 @@ def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     except (ValueError, KeyError, NotImplementedError) as exc:
-        raise UnsupportedModelError(f"{gguf_path}: transformers cannot load this GGUF ({exc})",
-                                    hint="GGUF loading supports the architectures listed in transformers' gguf docs") from None
+        raise UnsupportedModelError(
+            f"{gguf_path}: transformers cannot load this GGUF ({exc})",
+            hint="GGUF loading supports the architectures listed in transformers' gguf docs",
+        ) from None
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return {"license": _gguf_license(gguf_path)}

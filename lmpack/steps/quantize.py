@@ -9,13 +9,21 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
+from lmpack.bundle.variant_dir import MODEL_INFO
 from lmpack.errors import PlanError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
-from lmpack.bundle.variant_dir import MODEL_INFO
 from lmpack.steps.export import onnx_model_path, read_model_info
-from lmpack.steps.onnx_graph import (fold_transposed_weights, fuse_sibling_matmul_nbits, load_model, logits_matmul,
-                                     quantize_embeddings_int8, save_model, share_head_with_embedding, tied_embedding,
-                                     upgrade_opset)
+from lmpack.steps.onnx_graph import (
+    fold_transposed_weights,
+    fuse_sibling_matmul_nbits,
+    load_model,
+    logits_matmul,
+    quantize_embeddings_int8,
+    save_model,
+    share_head_with_embedding,
+    tied_embedding,
+    upgrade_opset,
+)
 
 _PRECISION_OF_METHOD = {"dynamic_int8": "int8", "fp16": "fp16"}
 
@@ -48,12 +56,18 @@ class QuantizeStep(Step):
     def check(self, target, profile) -> None:
         needed = _PRECISION_OF_METHOD.get(self.params.method, f"int{self.params.bits}")
         if needed not in target.precisions:
-            raise PlanError(f"quantize method {self.params.method} produces {needed}, which target "
-                            f"{target.name!r} does not support (supported: {', '.join(target.precisions)})")
+            raise PlanError(
+                f"quantize method {self.params.method} produces {needed}, which target "
+                f"{target.name!r} does not support (supported: {', '.join(target.precisions)})"
+            )
 
     def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
-        shutil.copytree(source.path, out_dir, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data", "*.onnx.data"))
+        shutil.copytree(
+            source.path,
+            out_dir,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data", "*.onnx.data"),
+        )
         src_model = onnx_model_path(source.path)
         dst_model = out_dir / src_model.name
         method = self.params.method
@@ -64,10 +78,19 @@ class QuantizeStep(Step):
         else:
             stats = _fp16(src_model, dst_model)
         info = read_model_info(out_dir)
-        info["quantization"] = {"method": method, **({"bits": self.params.bits, "block_size": self.params.block_size,
-                                                      "embedding_bits": self.params.embedding_bits,
-                                                      "head_bits": self.params.head_bits or self.params.bits}
-                                                     if method == "matmul_nbits" else {})}
+        info["quantization"] = {
+            "method": method,
+            **(
+                {
+                    "bits": self.params.bits,
+                    "block_size": self.params.block_size,
+                    "embedding_bits": self.params.embedding_bits,
+                    "head_bits": self.params.head_bits or self.params.bits,
+                }
+                if method == "matmul_nbits"
+                else {}
+            ),
+        }
         (out_dir / MODEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
         return stats
 
@@ -84,8 +107,11 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
     head = logits_matmul(model)
     head_bits = params.head_bits or params.bits
     # A tied embedding reads the 8-bit head's weight after quantization instead of keeping its own table.
-    shared = (tied_embedding(model, head) if params.share_tied_embedding and head and head_bits == 8
-              and params.symmetric else None)
+    shared = (
+        tied_embedding(model, head)
+        if params.share_tied_embedding and head and head_bits == 8 and params.symmetric
+        else None
+    )
     # nodes_to_include widens rather than narrows the quantizer's selection, so the head pass excludes the rest.
     passes = [(params.bits, op_types, ([head] if head and params.head_bits else []) + ([shared] if shared else []))]
     if head and params.head_bits:
@@ -96,10 +122,16 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
     quiet.setLevel(logging.ERROR)  # one INFO line per node, and warnings about the opset it raises itself
     try:
         for bits, types, exclude in passes:
-            quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=params.block_size,
-                                             is_symmetric=params.symmetric, accuracy_level=params.accuracy_level,
-                                             nodes_to_exclude=exclude, op_types_to_quantize=types,
-                                             quant_axes=(("MatMul", 0), ("Gather", 1)))
+            quantizer = MatMulNBitsQuantizer(
+                model,
+                bits=bits,
+                block_size=params.block_size,
+                is_symmetric=params.symmetric,
+                accuracy_level=params.accuracy_level,
+                nodes_to_exclude=exclude,
+                op_types_to_quantize=types,
+                quant_axes=(("MatMul", 0), ("Gather", 1)),
+            )
             quantizer.process()
             model = quantizer.model.model
     finally:
@@ -110,9 +142,14 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
     fused = fuse_sibling_matmul_nbits(model)
     save_model(model, dst)
     ops = [n.op_type for n in model.graph.node]
-    return {"matmul_nbits_nodes": ops.count("MatMulNBits"), "gather_block_quantized_nodes":
-            ops.count("GatherBlockQuantized"), "int8_embeddings": embeddings, "folded_transposes": folded,
-            "embedding_shares_head": bool(shared), "fused_matmuls": fused}
+    return {
+        "matmul_nbits_nodes": ops.count("MatMulNBits"),
+        "gather_block_quantized_nodes": ops.count("GatherBlockQuantized"),
+        "int8_embeddings": embeddings,
+        "folded_transposes": folded,
+        "embedding_shares_head": bool(shared),
+        "fused_matmuls": fused,
+    }
 
 
 def _dynamic_int8(src: Path, dst: Path) -> dict[str, Any]:

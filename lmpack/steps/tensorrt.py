@@ -19,12 +19,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lmpack.bundle.variant_dir import MODEL_INFO, TEXT_GENERATION
 from lmpack.errors import PlanError, StepError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
-from lmpack.runtime.trt_plan import ENGINE_MODEL
 from lmpack.runtime.host import probe_onnxruntime, probe_tensorrt_version
 from lmpack.runtime.trt_build import build_engine, engine_options
-from lmpack.bundle.variant_dir import MODEL_INFO, TEXT_GENERATION
+from lmpack.runtime.trt_plan import ENGINE_MODEL
 from lmpack.steps.export import onnx_model_path, read_model_info
 
 
@@ -58,28 +58,36 @@ class TensorrtStep(Step):
 
     def check(self, target, profile) -> None:
         if target.gpu is None or target.tensorrt is None:
-            raise PlanError(f"step 'tensorrt' needs an NVIDIA target with a [tensorrt] table; target "
-                            f"{target.name!r} has {'no GPU' if target.gpu is None else 'no TensorRT options'}",
-                            hint="use a CPU profile (int8, int4) for CPU targets")
+            raise PlanError(
+                f"step 'tensorrt' needs an NVIDIA target with a [tensorrt] table; target "
+                f"{target.name!r} has {'no GPU' if target.gpu is None else 'no TensorRT options'}",
+                hint="use a CPU profile (int8, int4) for CPU targets",
+            )
         if self.params.sparse_weights and "2:4" not in target.sparsity:
             raise PlanError(f"sparse_weights needs 2:4 sparse kernels, which target {target.name!r} lacks")
 
     def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
         gpu = gpu_facts()
         if gpu is None:
-            raise StepError("building a TensorRT engine needs an NVIDIA GPU on the build host, and none was found",
-                            hint="build on a GPU host, or let the server build the engine from the bundled ONNX")
+            raise StepError(
+                "building a TensorRT engine needs an NVIDIA GPU on the build host, and none was found",
+                hint="build on a GPU host, or let the server build the engine from the bundled ONNX",
+            )
         shutil.copytree(source.path, out_dir, dirs_exist_ok=True)
         info = read_model_info(out_dir)
         options = provider_options(ctx.target, ctx.profile.precision, info, self.params, out_dir)
         build_engine(onnx_model_path(out_dir), options)
         if not (out_dir / ENGINE_MODEL).is_file():
             raise StepError(f"the TensorRT provider did not write {ENGINE_MODEL}")
-        facts = {**gpu, **_runtime_versions(), "precision": ctx.profile.precision,
-                 "hardware_compatibility": ctx.target.tensorrt.hardware_compatibility,
-                 "version_compatible": ctx.target.tensorrt.version_compatible,
-                 "sparse_weights": self.params.sparse_weights,
-                 "profile_shapes": {k: options[k] for k in options if k.startswith("trt_profile_")}}
+        facts = {
+            **gpu,
+            **_runtime_versions(),
+            "precision": ctx.profile.precision,
+            "hardware_compatibility": ctx.target.tensorrt.hardware_compatibility,
+            "version_compatible": ctx.target.tensorrt.version_compatible,
+            "sparse_weights": self.params.sparse_weights,
+            "profile_shapes": {k: options[k] for k in options if k.startswith("trt_profile_")},
+        }
         info["tensorrt"] = {"engine_model": ENGINE_MODEL, **facts}
         (out_dir / MODEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
         return facts
@@ -93,33 +101,45 @@ def profile_shapes(info: dict[str, Any], params: TensorrtParams) -> dict[str, st
     it fills the rest of the window. Encoders: input_ids, attention_mask, token_type_ids [batch, sequence].
     """
     shapes = {}
-    for level, batch, sequence in (("min", params.min_batch, params.min_sequence),
-                                   ("opt", params.opt_batch, params.opt_sequence),
-                                   ("max", params.max_batch, params.max_sequence)):
+    for level, batch, sequence in (
+        ("min", params.min_batch, params.min_sequence),
+        ("opt", params.opt_batch, params.opt_sequence),
+        ("max", params.max_batch, params.max_sequence),
+    ):
         if info["task"] == TEXT_GENERATION:
             past = 0 if level == "min" else sequence - 1
             step = 1 if level != "min" else sequence
-            entries = [f"input_ids:{batch}x{step}", f"position_ids:{batch}x{step}",
-                       f"attention_mask:{batch}x{past + step}"]
+            entries = [
+                f"input_ids:{batch}x{step}",
+                f"position_ids:{batch}x{step}",
+                f"attention_mask:{batch}x{past + step}",
+            ]
             for layer in range(info["num_layers"]):
                 for kind in ("key", "value"):
-                    entries.append(f"past_key_values.{layer}.{kind}:{batch}x{info['num_kv_heads']}x{past}x"
-                                   f"{info['head_dim']}")
+                    entries.append(
+                        f"past_key_values.{layer}.{kind}:{batch}x{info['num_kv_heads']}x{past}x{info['head_dim']}"
+                    )
         else:
             entries = [f"{name}:{batch}x{sequence}" for name in ("input_ids", "attention_mask", "token_type_ids")]
         shapes[f"trt_profile_{level}_shapes"] = ",".join(entries)
     return shapes
 
 
-def provider_options(target, precision: str, info: dict[str, Any], params: TensorrtParams,
-                     out_dir: Path) -> dict[str, Any]:
+def provider_options(
+    target, precision: str, info: dict[str, Any], params: TensorrtParams, out_dir: Path
+) -> dict[str, Any]:
     """TensorRT provider options for one build: precision, workspace, optimization level, caches, EP context."""
     trt = target.tensorrt
-    return engine_options(precision=precision, workspace_gib=trt.workspace_gib,
-                          builder_optimization_level=trt.builder_optimization_level,
-                          hardware_compatible=trt.hardware_compatibility == "ampere_plus",
-                          shapes=profile_shapes(info, params), timing_cache=params.timing_cache,
-                          sparse_weights=params.sparse_weights, out_dir=out_dir)
+    return engine_options(
+        precision=precision,
+        workspace_gib=trt.workspace_gib,
+        builder_optimization_level=trt.builder_optimization_level,
+        hardware_compatible=trt.hardware_compatibility == "ampere_plus",
+        shapes=profile_shapes(info, params),
+        timing_cache=params.timing_cache,
+        sparse_weights=params.sparse_weights,
+        out_dir=out_dir,
+    )
 
 
 def gpu_facts() -> dict[str, Any] | None:
@@ -140,10 +160,12 @@ def gpu_facts() -> dict[str, Any] | None:
         name = pynvml.nvmlDeviceGetName(handle)
         driver = pynvml.nvmlSystemGetDriverVersion()
         cuda = pynvml.nvmlSystemGetCudaDriverVersion()
-        return {"gpu_name": name.decode() if isinstance(name, bytes) else name,
-                "compute_capability": f"{major}.{minor}",
-                "driver_version": driver.decode() if isinstance(driver, bytes) else driver,
-                "cuda_driver_version": f"{cuda // 1000}.{cuda % 1000 // 10}"}
+        return {
+            "gpu_name": name.decode() if isinstance(name, bytes) else name,
+            "compute_capability": f"{major}.{minor}",
+            "driver_version": driver.decode() if isinstance(driver, bytes) else driver,
+            "cuda_driver_version": f"{cuda // 1000}.{cuda % 1000 // 10}",
+        }
     finally:
         pynvml.nvmlShutdown()
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from lmpack.bundle.variant_dir import EMBEDDING
 from lmpack.errors import QualityGateError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
-from lmpack.bundle.variant_dir import EMBEDDING
 from lmpack.steps.export import onnx_model_path, read_model_info
 from lmpack.steps.onnx_eval import DecoderRunner, EncoderRunner, log_softmax, windows
 
@@ -63,18 +63,24 @@ class ValidateStep(Step):
         failures = []
         if "perplexity_increase" in metrics:
             if metrics["perplexity_increase"] > gate.max_perplexity_increase:
-                failures.append(f"perplexity +{metrics['perplexity_increase']:.2%} "
-                                f"(allowed +{gate.max_perplexity_increase:.2%})")
+                failures.append(
+                    f"perplexity +{metrics['perplexity_increase']:.2%} (allowed +{gate.max_perplexity_increase:.2%})"
+                )
             if metrics["top1_agreement"] < gate.min_top1_agreement:
-                failures.append(f"top-1 agreement {metrics['top1_agreement']:.3f} (needs {gate.min_top1_agreement:.3f})")
+                failures.append(
+                    f"top-1 agreement {metrics['top1_agreement']:.3f} (needs {gate.min_top1_agreement:.3f})"
+                )
         if "cosine_similarity_mean" in metrics and metrics["cosine_similarity_mean"] < gate.min_cosine_similarity:
-            failures.append(f"cosine similarity {metrics['cosine_similarity_mean']:.4f} "
-                            f"(needs {gate.min_cosine_similarity:.4f})")
+            failures.append(
+                f"cosine similarity {metrics['cosine_similarity_mean']:.4f} (needs {gate.min_cosine_similarity:.4f})"
+            )
         metrics["gate"] = "failed" if failures else "passed"
         if failures and not ctx.options.get("allow_quality_loss"):
-            raise QualityGateError(f"quality gate of profile {ctx.profile.name!r} failed: {'; '.join(failures)}",
-                                   hint="choose a gentler profile, or pass --allow-quality-loss to keep it anyway",
-                                   measured=metrics)
+            raise QualityGateError(
+                f"quality gate of profile {ctx.profile.name!r} failed: {'; '.join(failures)}",
+                hint="choose a gentler profile, or pass --allow-quality-loss to keep it anyway",
+                measured=metrics,
+            )
         if failures:
             metrics["gate"] = "overridden"
 
@@ -98,10 +104,13 @@ def _compare_decoders(ref_dir: Path, opt_dir: Path, params: ValidateParams, *, t
         totals[label] = float(np.exp(nll / count))
         predictions[label] = np.concatenate(preds)
     agreement = float(np.mean(predictions["reference"] == predictions["optimized"]))
-    return {"tokens": sum(len(c) for c in chunks), "perplexity_reference": round(totals["reference"], 4),
-            "perplexity": round(totals["optimized"], 4),
-            "perplexity_increase": round(totals["optimized"] / totals["reference"] - 1.0, 5),
-            "top1_agreement": round(agreement, 5)}
+    return {
+        "tokens": sum(len(c) for c in chunks),
+        "perplexity_reference": round(totals["reference"], 4),
+        "perplexity": round(totals["optimized"], 4),
+        "perplexity_increase": round(totals["optimized"] / totals["reference"] - 1.0, 5),
+        "top1_agreement": round(agreement, 5),
+    }
 
 
 def _compare_encoders(ref_dir: Path, opt_dir: Path, *, threads, progress) -> dict[str, Any]:
@@ -116,9 +125,13 @@ def _compare_encoders(ref_dir: Path, opt_dir: Path, *, threads, progress) -> dic
     for label, directory in (("reference", ref_dir), ("optimized", opt_dir)):
         runner = EncoderRunner(onnx_model_path(directory), threads=threads)
         with progress(f"embeddings ({label})", 1) as advance:
-            embeddings[label] = np.concatenate([runner.embed(ids[i:i + 16], mask[i:i + 16])
-                                                for i in range(0, len(ids), 16)])
+            embeddings[label] = np.concatenate(
+                [runner.embed(ids[i : i + 16], mask[i : i + 16]) for i in range(0, len(ids), 16)]
+            )
             advance(1)
     cosine = (embeddings["reference"] * embeddings["optimized"]).sum(axis=1)
-    return {"sentences": len(sentences), "cosine_similarity_mean": round(float(cosine.mean()), 6),
-            "cosine_similarity_min": round(float(cosine.min()), 6)}
+    return {
+        "sentences": len(sentences),
+        "cosine_similarity_mean": round(float(cosine.mean()), 6),
+        "cosine_similarity_min": round(float(cosine.min()), 6),
+    }

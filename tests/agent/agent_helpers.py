@@ -11,9 +11,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 
@@ -39,8 +40,18 @@ def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, every: 
         time.sleep(every)
 
 
-def write_config(tmp: Path, variant: Path | None, *, server_port: int, agent_port: int, serve_args: list[str],
-                 extra: str = "", interval: float = 0.3, misses: int = 3, release: tuple[Path, str] | None = None) -> Path:
+def write_config(
+    tmp: Path,
+    variant: Path | None,
+    *,
+    server_port: int,
+    agent_port: int,
+    serve_args: list[str],
+    extra: str = "",
+    interval: float = 0.3,
+    misses: int = 3,
+    release: tuple[Path, str] | None = None,
+) -> Path:
     """agent.toml for a variant directory, or (release=(prefix, name)) for an installed release."""
     path = tmp / "agent.toml"
     source = f'variant = "{variant}"' if release is None else f'prefix = "{release[0]}"\nrelease = "{release[1]}"'
@@ -90,8 +101,13 @@ def run_agent(config: Path, *, tmp: Path, extra_env: dict[str, str] | None = Non
     log = tmp / "agent.log"
     env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "lmpack", "agent", "--config", str(config)],
-                                   stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lmpack", "agent", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp,
+        )
     agent = AgentProcess(process, f"http://127.0.0.1:{parsed.port}", parsed.server_url, log)
     try:
         wait_for(lambda: process.poll() is not None or agent.ready_pid(), timeout=90, what="the first ready server")
@@ -138,7 +154,7 @@ class WebhookReceiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
 
-    def __enter__(self) -> "WebhookReceiver":
+    def __enter__(self) -> WebhookReceiver:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

@@ -39,8 +39,12 @@ def test_kill_9_restarts_the_server_and_sigterm_stops_cleanly(llama_variant, tmp
     systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # stands in for systemd's notify socket
     systemd.bind(str(tmp_path / "notify.sock"))
     systemd.settimeout(5)
-    with systemd, run_agent(config, tmp=tmp_path, extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
-                                                                 "WATCHDOG_USEC": "2000000"}) as agent:
+    with (
+        systemd,
+        run_agent(
+            config, tmp=tmp_path, extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"}
+        ) as agent,
+    ):
         assert systemd.recv(64) == b"READY=1" and systemd.recv(64) == b"WATCHDOG=1"
         old = agent.ready_pid()
         killed = time.monotonic()
@@ -50,8 +54,11 @@ def test_kill_9_restarts_the_server_and_sigterm_stops_cleanly(llama_variant, tmp
         assert httpx.get(f"{agent.server_url}/health/ready", timeout=2).status_code == 200
         status = agent.status()
         assert status["server"]["restarts_total"] == 1 and "exited" in status["server"]["last_restart_reason"]
-        report(capsys, f"kill -9 -> ready again in {took:.2f} s (the new server's own start: "
-                       f"{status['server']['last_start_seconds']} s)")
+        report(
+            capsys,
+            f"kill -9 -> ready again in {took:.2f} s (the new server's own start: "
+            f"{status['server']['last_start_seconds']} s)",
+        )
         shown = lmpack_cli("status", "--agent", agent.url)
         assert shown.exit_code == 0 and f"pid {new}" in shown.output and "gpu      unavailable" in shown.output
         as_json = json.loads(lmpack_cli("status", "--agent", agent.url, "--json").stdout)
@@ -72,8 +79,9 @@ def test_kill_9_restarts_the_server_and_sigterm_stops_cleanly(llama_variant, tmp
 
 def test_a_stopped_server_is_restarted_after_the_liveness_misses(llama_variant, tmp_path, ports, capsys):
     server_port, agent_port = ports
-    config = write_config(tmp_path, llama_variant, server_port=server_port, agent_port=agent_port, serve_args=[],
-                          interval=0.5, misses=3)
+    config = write_config(
+        tmp_path, llama_variant, server_port=server_port, agent_port=agent_port, serve_args=[], interval=0.5, misses=3
+    )
     with run_agent(config, tmp=tmp_path) as agent:
         old = agent.ready_pid()
         stopped = time.monotonic()
@@ -88,8 +96,11 @@ def test_a_stopped_server_is_restarted_after_the_liveness_misses(llama_variant, 
         status = agent.status()["server"]
         assert status["restarts_total"] == 1 and "3 liveness probes missed" in status["last_restart_reason"]
         assert not _alive(old) and new != old
-        report(capsys, f"SIGSTOP -> ready again in {took:.2f} s (3 misses at 0.5 s with a 0.5 s timeout, "
-                       f"then the new server's own start: {status['last_start_seconds']} s)")
+        report(
+            capsys,
+            f"SIGSTOP -> ready again in {took:.2f} s (3 misses at 0.5 s with a 0.5 s timeout, "
+            f"then the new server's own start: {status['last_start_seconds']} s)",
+        )
 
 
 def _alive(pid: int) -> bool:
@@ -102,8 +113,15 @@ def _alive(pid: int) -> bool:
 
 def test_overload_and_429s_never_cause_a_restart(llama_variant, tmp_path, ports, capsys):
     server_port, agent_port = ports
-    config = write_config(tmp_path, llama_variant, server_port=server_port, agent_port=agent_port,
-                          serve_args=["--max-concurrency", "1", "--queue", "0"], interval=0.3, misses=2)
+    config = write_config(
+        tmp_path,
+        llama_variant,
+        server_port=server_port,
+        agent_port=agent_port,
+        serve_args=["--max-concurrency", "1", "--queue", "0"],
+        interval=0.3,
+        misses=2,
+    )
     with run_agent(config, tmp=tmp_path) as agent:
         pid = agent.ready_pid()
         deadline = time.monotonic() + 8
@@ -112,8 +130,11 @@ def test_overload_and_429s_never_cause_a_restart(llama_variant, tmp_path, ports,
             codes = []
             with httpx.Client(base_url=agent.server_url, timeout=30) as client:
                 while time.monotonic() < deadline:
-                    codes.append(client.post("/v1/completions", json={"prompt": "The railway", "max_tokens": 64,
-                                                                     "temperature": 0}).status_code)
+                    codes.append(
+                        client.post(
+                            "/v1/completions", json={"prompt": "The railway", "max_tokens": 64, "temperature": 0}
+                        ).status_code
+                    )
                     if codes[-1] == 429:
                         time.sleep(0.02)  # a client honouring Retry-After would wait longer; keep the loop polite
             return codes
@@ -121,8 +142,11 @@ def test_overload_and_429s_never_cause_a_restart(llama_variant, tmp_path, ports,
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             codes = [code for result in pool.map(lambda _: hammer(), range(4)) for code in result]
         assert codes.count(429) > 0 and codes.count(200) > 0 and set(codes) <= {200, 429}
-        seen = wait_for(lambda: agent.status()["metrics"].get("request_rate") is not None and agent.status(),
-                        timeout=5, what="a metrics sample")
+        seen = wait_for(
+            lambda: agent.status()["metrics"].get("request_rate") is not None and agent.status(),
+            timeout=5,
+            what="a metrics sample",
+        )
         status = agent.status()["server"]
         assert status["restarts_total"] == 0 and status["pid"] == pid and status["ready"]
         assert seen["metrics"]["server_rss_bytes"] > 0
@@ -150,16 +174,26 @@ retries = 2
 [[notifiers]]
 type = "log"
 """
-        config = write_config(tmp_path, llama_variant, server_port=server_port, agent_port=agent_port,
-                              serve_args=[], extra=extra, interval=0.3)
+        config = write_config(
+            tmp_path,
+            llama_variant,
+            server_port=server_port,
+            agent_port=agent_port,
+            serve_args=[],
+            extra=extra,
+            interval=0.3,
+        )
         with run_agent(config, tmp=tmp_path) as agent:
             with httpx.Client(base_url=agent.server_url, timeout=5) as client:
                 end = time.monotonic() + 3
                 while time.monotonic() < end:
                     assert client.get("/v1/models").status_code == 200
                     time.sleep(0.01)
-            wait_for(lambda: [e["state"] for e in hook.events] == ["firing", "resolved"], timeout=10,
-                     what="firing then resolved")
+            wait_for(
+                lambda: [e["state"] for e in hook.events] == ["firing", "resolved"],
+                timeout=10,
+                what="firing then resolved",
+            )
             time.sleep(1.5)  # nothing more may come
             assert [(e["alert"], e["state"]) for e in hook.events] == [("busy", "firing"), ("busy", "resolved")]
             assert hook.events[0]["value"] > 5 and hook.events[0]["severity"] == "info"
@@ -173,10 +207,19 @@ def test_failed_starts_back_off_doubling_to_the_maximum(tmp_path):
     from lmpack.agent.supervisor import Supervisor
 
     (tmp_path / "not-a-variant").mkdir()
-    spec = ServerSpec(variant=str(tmp_path / "not-a-variant"), prefix=None, release=None, host="127.0.0.1",
-                      port=free_port(), args=(), drain_seconds=1)
-    supervisor = Supervisor(spec, Supervision(probe_interval=0.1, probe_timeout=0.5, backoff_initial=0.2,
-                                              backoff_max=0.8, startup_timeout=30))
+    spec = ServerSpec(
+        variant=str(tmp_path / "not-a-variant"),
+        prefix=None,
+        release=None,
+        host="127.0.0.1",
+        port=free_port(),
+        args=(),
+        drain_seconds=1,
+    )
+    supervisor = Supervisor(
+        spec,
+        Supervision(probe_interval=0.1, probe_timeout=0.5, backoff_initial=0.2, backoff_max=0.8, startup_timeout=30),
+    )
     waits: list[float] = []
     deadline = time.monotonic() + 60
     try:

@@ -84,7 +84,7 @@ def test_requests_follow_the_backend_and_streams_are_not_buffered(proxy):
             lines = stream.iter_lines()
             assert next(lines) == "data: first"  # arrived while the backend still holds the rest
             assert proxy.in_flight(old.url) == 1
-            proxy.set_backend(new.url)            # a switch in the middle of a stream
+            proxy.set_backend(new.url)  # a switch in the middle of a stream
             assert client.post("/v1/completions", json={}).text == "new"
             old.release.set()
             assert [line for line in lines if line] == ["data: [DONE]"]
@@ -102,10 +102,10 @@ def test_a_request_is_retried_when_no_answer_came_and_held_while_nothing_is_read
     try:
         proxy.set_backend(gone.url)
         threading.Timer(0.3, proxy.set_backend, args=(good.url,)).start()
-        assert client.post("/x", json={}).text == "good"   # refused, retried until the backend moved
+        assert client.post("/x", json={}).text == "good"  # refused, retried until the backend moved
         proxy.set_backend(None)
         threading.Timer(0.3, proxy.set_backend, args=(good.url,)).start()
-        assert client.post("/x", json={}).text == "good"   # held while there was no backend
+        assert client.post("/x", json={}).text == "good"  # held while there was no backend
         proxy.set_backend(draining.url)
         assert client.post("/x", json={}).status_code == 503  # a 503 from the current backend is its answer
         proxy.set_backend(None)
@@ -123,8 +123,9 @@ def test_a_request_is_retried_when_no_answer_came_and_held_while_nothing_is_read
 
 def test_switch_settings_are_read_strictly(tmp_path):
     path = tmp_path / "agent.toml"
-    path.write_text('schema_version = 1\n[server]\nvariant = "/v"\n[switch]\nprobation_seconds = 60\n'
-                    'probation_failures = 3\n')
+    path.write_text(
+        'schema_version = 1\n[server]\nvariant = "/v"\n[switch]\nprobation_seconds = 60\nprobation_failures = 3\n'
+    )
     switch = load_agent_config(path).switch
     assert switch.probation_seconds == 60 and switch.probation_failures == 3 and switch.alert_window_seconds == 900
     path.write_text('schema_version = 1\n[server]\nvariant = "/v"\n[switch]\nprobation_failure = 3\n')

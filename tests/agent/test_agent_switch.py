@@ -23,16 +23,17 @@ from agent_helpers import WebhookReceiver, free_port, run_agent, wait_for, write
 
 from lmpack import api
 from lmpack.bundle.install import install, set_current
-from lmpack.bundle.releases import current_version
 from lmpack.bundle.pack import pack
+from lmpack.bundle.releases import current_version
 from lmpack.errors import SwitchError
 
 NAME = "tiny"
 WORKERS = 3
 
 
-def make_prefix(tmp: Path, variant: Path, versions: list[str], *, broken: str | None = None,
-                how: str = "model-file") -> Path:
+def make_prefix(
+    tmp: Path, variant: Path, versions: list[str], *, broken: str | None = None, how: str = "model-file"
+) -> Path:
     """Install `variant` as each version (the first ends up current), then break version `broken` after its install.
 
     how="model-file": the ONNX file is garbage, so the server exits while loading it.
@@ -55,14 +56,22 @@ def make_prefix(tmp: Path, variant: Path, versions: list[str], *, broken: str | 
 
 
 def switch_config(tmp: Path, prefix: Path, *, probation_failures: int = 2, extra: str = "") -> Path:
-    return write_config(tmp, None, server_port=free_port(), agent_port=free_port(), serve_args=[],
-                        release=(prefix, NAME), interval=0.3, extra=f"""
+    return write_config(
+        tmp,
+        None,
+        server_port=free_port(),
+        agent_port=free_port(),
+        serve_args=[],
+        release=(prefix, NAME),
+        interval=0.3,
+        extra=f"""
 [switch]
 probation_seconds = 30
 probation_failures = {probation_failures}
 alert_window_seconds = 3
 backend_wait_seconds = 30
-{extra}""")
+{extra}""",
+    )
 
 
 ALERT = """
@@ -90,7 +99,7 @@ class Load:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(WORKERS)]
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self._threads:
             thread.start()
         return self
@@ -134,8 +143,11 @@ class Load:
         return [outcome for _, _, outcome in self.records if outcome not in ("ok", "429")]
 
     def latencies(self, windows: list[tuple[float, float]] | None = None) -> list[float]:
-        return sorted(end - start for start, end, outcome in self.records if outcome == "ok" and
-                      (windows is None or any(a <= start <= b or a <= end <= b for a, b in windows)))
+        return sorted(
+            end - start
+            for start, end, outcome in self.records
+            if outcome == "ok" and (windows is None or any(a <= start <= b or a <= end <= b for a, b in windows))
+        )
 
 
 def p99(values: list[float]) -> float:
@@ -180,12 +192,15 @@ def test_switches_back_and_forth_under_load_fail_no_request(rounds, llama_varian
         assert failures == [], f"{len(failures)} failed requests: {failures[:5]}"
         during, overall = load.latencies(windows), load.latencies()
         took = sorted(r["seconds"] for r in results)
-        report(capsys, f"{rounds} switches + 1 rollback under load ({WORKERS} clients, 1/3 streaming): "
-                       f"{len(load.records)} requests, 0 failed, {sum(o == '429' for *_, o in load.records)} 429; "
-                       f"p99 {p99(during) * 1000:.0f} ms during switches ({len(during)} requests), "
-                       f"p99 {p99(overall) * 1000:.0f} ms overall, p50 {overall[len(overall) // 2] * 1000:.0f} ms; "
-                       f"switch (start to all traffic moved) median {took[len(took) // 2]:.2f} s, max {took[-1]:.2f} s; "
-                       f"proxy retries {status['switch']['proxy']['retries_total']}")
+        report(
+            capsys,
+            f"{rounds} switches + 1 rollback under load ({WORKERS} clients, 1/3 streaming): "
+            f"{len(load.records)} requests, 0 failed, {sum(o == '429' for *_, o in load.records)} 429; "
+            f"p99 {p99(during) * 1000:.0f} ms during switches ({len(during)} requests), "
+            f"p99 {p99(overall) * 1000:.0f} ms overall, p50 {overall[len(overall) // 2] * 1000:.0f} ms; "
+            f"switch (start to all traffic moved) median {took[len(took) // 2]:.2f} s, max {took[-1]:.2f} s; "
+            f"proxy retries {status['switch']['proxy']['retries_total']}",
+        )
 
 
 @pytest.mark.parametrize("how", ["model-file", "warm-up"])
@@ -206,8 +221,11 @@ def test_a_version_that_never_gets_ready_is_not_switched_to_and_alerts(how, llam
             assert agent.ready_pid() == pid and agent.status()["server"]["version"] == "1.0.0"
             assert current_version(prefix / "releases" / NAME) == "1.0.0"
             assert load.failures() == [] and len(load.records) > 0
-            wait_for(lambda: [e["state"] for e in hook.events] == ["firing", "resolved"], timeout=15,
-                     what="the switch alert firing, then resolving")
+            wait_for(
+                lambda: [e["state"] for e in hook.events] == ["firing", "resolved"],
+                timeout=15,
+                what="the switch alert firing, then resolving",
+            )
             assert hook.events[0]["alert"] == "version-switch-failed"
             with pytest.raises(SwitchError, match="serves release 'tiny', not 'other'"):
                 api.agent_switch("other", "1.0.0", url=agent.url)
@@ -223,12 +241,18 @@ def test_a_version_that_crashes_in_probation_is_rolled_back(llama_variant, tmp_p
                 assert api.agent_switch(NAME, "1.1.0", url=agent.url)["action"] == "switched"
                 crashed = time.monotonic()
                 for _ in range(2):  # two crashes within the probation: the second one triggers the rollback
-                    pid = wait_for(lambda: agent.status()["server"]["version"] == "1.1.0" and agent.ready_pid(),
-                                   timeout=30, what="1.1.0 running")
+                    pid = wait_for(
+                        lambda: agent.status()["server"]["version"] == "1.1.0" and agent.ready_pid(),
+                        timeout=30,
+                        what="1.1.0 running",
+                    )
                     os.kill(pid, signal.SIGKILL)
-                    wait_for(lambda: agent.ready_pid() != pid, timeout=30, what="the crash noticed", every=0.05)
-                wait_for(lambda: agent.status()["server"]["version"] == "1.0.0" and agent.ready_pid(), timeout=60,
-                         what="the rollback to 1.0.0")
+                    wait_for(lambda pid=pid: agent.ready_pid() != pid, timeout=30, what="the crash noticed", every=0.05)
+                wait_for(
+                    lambda: agent.status()["server"]["version"] == "1.0.0" and agent.ready_pid(),
+                    timeout=60,
+                    what="the rollback to 1.0.0",
+                )
                 back = time.monotonic() - crashed
                 time.sleep(0.5)
             status = agent.status()["switch"]
@@ -237,10 +261,16 @@ def test_a_version_that_crashes_in_probation_is_rolled_back(llama_variant, tmp_p
             assert current_version(prefix / "releases" / NAME) == "1.0.0"
             failures = load.failures()
             assert len(failures) <= 2 * WORKERS, failures  # at most the requests in flight at each kill
-            wait_for(lambda: [e["state"] for e in hook.events] == ["firing", "resolved"], timeout=15,
-                     what="the rollback alert firing, then resolving")
-            report(capsys, f"2 crashes in probation -> rolled back to 1.0.0 {back:.2f} s after the switch; "
-                           f"{len(load.records)} requests, {len(failures)} failed ({failures[:3]})")
+            wait_for(
+                lambda: [e["state"] for e in hook.events] == ["firing", "resolved"],
+                timeout=15,
+                what="the rollback alert firing, then resolving",
+            )
+            report(
+                capsys,
+                f"2 crashes in probation -> rolled back to 1.0.0 {back:.2f} s after the switch; "
+                f"{len(load.records)} requests, {len(failures)} failed ({failures[:3]})",
+            )
 
 
 def test_rollback_targets_and_refused_requests(llama_variant, tmp_path):
@@ -253,11 +283,11 @@ def test_rollback_targets_and_refused_requests(llama_variant, tmp_path):
     assert set_current(prefix, NAME, "1.2.0") == "1.0.0"
     releases = VersionSwitcher(load_agent_config(switch_config(tmp_path, prefix)), Proxy("127.0.0.1", 0))
     releases.active.version = "1.2.0"
-    assert releases._rollback_target() == "1.1.0"       # nothing served before: the highest installed below
+    assert releases._rollback_target() == "1.1.0"  # nothing served before: the highest installed below
     releases.bad.add("1.1.0")
-    assert releases._rollback_target() == "1.0.0"       # a version rolled back by probation is skipped
+    assert releases._rollback_target() == "1.0.0"  # a version rolled back by probation is skipped
     releases.healthy = ["1.1.0", "1.0.0", "1.2.0"]
-    assert releases._rollback_target() == "1.0.0"       # the last healthy one before the active one
+    assert releases._rollback_target() == "1.0.0"  # the last healthy one before the active one
     releases.active.version, releases.healthy = "1.0.0", []
     with pytest.raises(SwitchError, match="no previous healthy release"):
         releases._rollback_target()

@@ -38,8 +38,14 @@ def test_defaults_and_shipped_rules(tmp_path):
     assert parsed.supervision.backoff_initial == 10 and parsed.supervision.backoff_max == 300
     assert parsed.port == 9100 and parsed.server_url == "http://127.0.0.1:8000"
     names = {rule.name for rule in parsed.rules}
-    assert {"latency-p95-high", "error-rate-high", "host-memory-high", "disk-almost-full", "server-restarted",
-            "gpu-memory-high"} <= names
+    assert {
+        "latency-p95-high",
+        "error-rate-high",
+        "host-memory-high",
+        "disk-almost-full",
+        "server-restarted",
+        "gpu-memory-high",
+    } <= names
     assert all(rule.metric in METRICS for rule in parsed.rules)
     assert [n.type for n in parsed.notifiers] == ["log"]
 
@@ -52,13 +58,16 @@ def test_a_rule_with_an_unknown_metric_is_refused_naming_the_rule(tmp_path, lmpa
     assert result.exit_code == 3 and "too-hot" in result.output and "cpu_temp" in result.output
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[supervision]\nliveness_failure = 3\n", "unknown field 'supervision.liveness_failure'"),
-    ("[supervision]\nliveness_failures = 0\n", "'supervision.liveness_failures' is 0; must be at least 1"),
-    ('[[alerts]]\nname = "x"\nmetric = "error_rate"\nop = "~"\nthreshold = 1\n', "'alerts[0].op'"),
-    ('[[notifiers]]\ntype = "webhook"\n', "'notifiers[0].url' is required"),
-    ('[[notifiers]]\ntype = "pager"\n', "'notifiers[0].type'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[supervision]\nliveness_failure = 3\n", "unknown field 'supervision.liveness_failure'"),
+        ("[supervision]\nliveness_failures = 0\n", "'supervision.liveness_failures' is 0; must be at least 1"),
+        ('[[alerts]]\nname = "x"\nmetric = "error_rate"\nop = "~"\nthreshold = 1\n', "'alerts[0].op'"),
+        ('[[notifiers]]\ntype = "webhook"\n', "'notifiers[0].url' is required"),
+        ('[[notifiers]]\ntype = "pager"\n', "'notifiers[0].type'"),
+    ],
+)
 def test_config_errors_name_the_field(tmp_path, text, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_agent_config(config(tmp_path, text))
@@ -81,11 +90,22 @@ class Clock:
 
 def test_alert_states_pending_firing_resolved_without_duplicates():
     clock = Clock()
-    engine = AlertEngine([Rule("slow", "latency_p95_seconds", ">", 1.0, for_seconds=10, severity="critical")],
-                         clock=clock)
+    engine = AlertEngine(
+        [Rule("slow", "latency_p95_seconds", ">", 1.0, for_seconds=10, severity="critical")], clock=clock
+    )
     states = []
-    for t, value in [(0, 2.0), (5, 2.0), (8, 0.5), (9, 3.0), (18, 3.0), (19, 3.0), (25, 5.0), (30, None),
-                     (31, None), (40, 2.0)]:
+    for t, value in [
+        (0, 2.0),
+        (5, 2.0),
+        (8, 0.5),
+        (9, 3.0),
+        (18, 3.0),
+        (19, 3.0),
+        (25, 5.0),
+        (30, None),
+        (31, None),
+        (40, 2.0),
+    ]:
         clock.now = t
         states += [(t, event["state"]) for event in engine.evaluate({"latency_p95_seconds": value})]
     # dipped below at 8 (pending reset), fired at 19 (10 s after 9), resolved when the data went away at 30
@@ -103,12 +123,15 @@ def test_histogram_quantile_interpolates_like_prometheus():
 
 
 def test_prometheus_text_parses_and_renders():
-    text = ('# HELP lmpack_requests_total x\nlmpack_requests_total{code="200",route="/v1/models"} 3.0\n'
-            'lmpack_request_duration_seconds_bucket{le="+Inf",route="/v1/models"} 3.0\nlmpack_queued_requests 0.0\n')
-    assert parse_prometheus(text) == [("lmpack_requests_total", {"code": "200", "route": "/v1/models"}, 3.0),
-                                      ("lmpack_request_duration_seconds_bucket", {"le": "+Inf", "route": "/v1/models"},
-                                       3.0),
-                                      ("lmpack_queued_requests", {}, 0.0)]
+    text = (
+        '# HELP lmpack_requests_total x\nlmpack_requests_total{code="200",route="/v1/models"} 3.0\n'
+        'lmpack_request_duration_seconds_bucket{le="+Inf",route="/v1/models"} 3.0\nlmpack_queued_requests 0.0\n'
+    )
+    assert parse_prometheus(text) == [
+        ("lmpack_requests_total", {"code": "200", "route": "/v1/models"}, 3.0),
+        ("lmpack_request_duration_seconds_bucket", {"le": "+Inf", "route": "/v1/models"}, 3.0),
+        ("lmpack_queued_requests", {}, 0.0),
+    ]
     rendered = render_prometheus({"host_cpu_percent": 12.5, "latency_p95_seconds": None})
     assert "lmpack_agent_host_cpu_percent 12.5" in rendered and "latency_p95" not in rendered
 
@@ -146,13 +169,32 @@ import json, sys
 import lmpack.agent.daemon, lmpack.agent.config, lmpack.agent.supervisor
 print(json.dumps(sorted(sys.modules)))
 """
-FORBIDDEN = ("torch", "transformers", "optimum", "onnx", "onnxruntime", "huggingface_hub", "starlette", "uvicorn",
-             "lmpack.steps", "lmpack.pipeline", "lmpack.cli", "lmpack.runtime", "pynvml")
+FORBIDDEN = (
+    "torch",
+    "transformers",
+    "optimum",
+    "onnx",
+    "onnxruntime",
+    "huggingface_hub",
+    "starlette",
+    "uvicorn",
+    "lmpack.steps",
+    "lmpack.pipeline",
+    "lmpack.cli",
+    "lmpack.runtime",
+    "pynvml",
+)
 
 
 def test_the_agent_imports_nothing_heavy():
-    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        cwd=REPO,
+    )
     loaded = [m for m in json.loads(out.stdout) if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
     assert loaded == [], f"the agent imported {loaded}"
     names = "|".join(re.escape(name) for name in FORBIDDEN if name.startswith("lmpack") or name == "torch")

@@ -19,8 +19,9 @@ from lmpack.cli.main import cli
 REPO = Path(__file__).resolve().parents[2]
 
 
-def pack_bundle(variants: list[Path], output: Path, *, name: str = "tiny", version: str = "1.0.0",
-                keep_dir: Path | None = None) -> Path:
+def pack_bundle(
+    variants: list[Path], output: Path, *, name: str = "tiny", version: str = "1.0.0", keep_dir: Path | None = None
+) -> Path:
     from lmpack.bundle.pack import pack
 
     return pack(variants, output, name=name, version=version, keep_dir=keep_dir).path
@@ -34,8 +35,14 @@ def run_cli(*args: str):
 def lmpack_subprocess(*args: str, **kwargs) -> subprocess.Popen:
     """A real `python -m lmpack` process (for kill tests), running this worktree's code."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "lmpack", *map(str, args)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lmpack", *map(str, args)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
+    )
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -50,8 +57,7 @@ def snapshot(root: Path) -> dict[str, str]:
         elif path.is_dir():
             state[relative] = "dir"
         else:
-            state[relative] = (f"file:{oct(path.stat().st_mode & 0o777)}:"
-                               f"{hashlib.sha256(path.read_bytes()).hexdigest()}")
+            state[relative] = f"file:{oct(path.stat().st_mode & 0o777)}:{hashlib.sha256(path.read_bytes()).hexdigest()}"
     return state
 
 
@@ -62,8 +68,9 @@ def listed(prefix: Path) -> list[tuple[str, str, bool]]:
     return [(r["name"], r["version"], r["current"]) for r in json.loads(result.stdout)["releases"]]
 
 
-def member(name: str, data: bytes = b"", *, kind: bytes = tarfile.REGTYPE, size: int | None = None,
-           linkname: str = "") -> tuple[tarfile.TarInfo, bytes | None]:
+def member(
+    name: str, data: bytes = b"", *, kind: bytes = tarfile.REGTYPE, size: int | None = None, linkname: str = ""
+) -> tuple[tarfile.TarInfo, bytes | None]:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.size = len(data) if size is None else size

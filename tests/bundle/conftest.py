@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from bundle_helpers import pack_bundle
 
 
@@ -32,8 +31,9 @@ def bundles(tiny_variant, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bundles")
     made: dict[str, Path] = {}
     for version in ("1.0.0", "1.1.0"):
-        made[version] = pack_bundle([tiny_variant], root / f"tiny-{version}.lmpack", version=version,
-                                    keep_dir=root / f"tiny-{version}")
+        made[version] = pack_bundle(
+            [tiny_variant], root / f"tiny-{version}.lmpack", version=version, keep_dir=root / f"tiny-{version}"
+        )
         made[f"{version}-dir"] = root / f"tiny-{version}"
     made["key"], made["pub"], _ = signing.keygen(root / "keys" / "release")
     made["other-key"], made["other-pub"], _ = signing.keygen(root / "keys" / "other")

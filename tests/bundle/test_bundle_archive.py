@@ -8,8 +8,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from bundle_helpers import bundle_members, member, run_cli, snapshot, write_archive
+
 from lmpack.bundle.archive import TarBundle
 from lmpack.bundle.verify import check_contents
 from lmpack.errors import BundleError
@@ -66,9 +66,25 @@ def _hostile(bundle_dir: Path, kind: str) -> list:
     return members
 
 
-KINDS = ["dotdot", "dotdot-inside", "absolute", "backslash", "symlink", "symlink-listed", "hardlink", "chardev",
-         "fifo", "directory", "duplicate", "case-collision", "manifest-not-first", "second-manifest", "unlisted",
-         "larger", "bomb"]
+KINDS = [
+    "dotdot",
+    "dotdot-inside",
+    "absolute",
+    "backslash",
+    "symlink",
+    "symlink-listed",
+    "hardlink",
+    "chardev",
+    "fifo",
+    "directory",
+    "duplicate",
+    "case-collision",
+    "manifest-not-first",
+    "second-manifest",
+    "unlisted",
+    "larger",
+    "bomb",
+]
 
 
 @pytest.mark.parametrize("kind", KINDS)

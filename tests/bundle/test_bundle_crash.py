@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from bundle_helpers import lmpack_subprocess, listed, pack_bundle, run_cli, snapshot
+from bundle_helpers import listed, lmpack_subprocess, pack_bundle, run_cli, snapshot
 
 OLD = [("tiny", "1.0.0", True)]
 NEW = [("tiny", "1.0.0", False), ("tiny", "1.1.0", True)]
@@ -29,8 +28,10 @@ def crash_bundles(tiny_variant, tmp_path_factory) -> dict[str, Path]:
     bigger = root / tiny_variant.name
     shutil.copytree(tiny_variant, bigger)
     (bigger / "model" / "padding.bin").write_bytes(random.Random(1).randbytes(16 << 20))
-    return {"1.0.0": pack_bundle([tiny_variant], root / "tiny-1.0.0.lmpack", version="1.0.0"),
-            "1.1.0": pack_bundle([bigger], root / "tiny-1.1.0.lmpack", version="1.1.0")}
+    return {
+        "1.0.0": pack_bundle([tiny_variant], root / "tiny-1.0.0.lmpack", version="1.0.0"),
+        "1.1.0": pack_bundle([bigger], root / "tiny-1.1.0.lmpack", version="1.1.0"),
+    }
 
 
 def _template(bundles, root: Path) -> tuple[Path, dict, float]:

@@ -10,8 +10,8 @@ import sys
 from collections import namedtuple
 
 import pytest
-
 from bundle_helpers import REPO, listed, pack_bundle, run_cli, snapshot
+
 from lmpack.bundle import install as installing
 
 
@@ -195,12 +195,19 @@ def test_a_kill_right_after_the_commit_is_completed_by_the_next_run(bundles, tmp
 
 
 def test_runtime_modules_import_nothing_heavy():
-    code = ("import sys\n"
-            "import lmpack.bundle.manifest, lmpack.bundle.archive, lmpack.bundle.signing, lmpack.bundle.verify, "
-            "lmpack.bundle.install\n"
-            "heavy = ('torch', 'transformers', 'optimum', 'onnx', 'onnxruntime', 'huggingface_hub', 'numpy', "
-            "'cryptography', 'lmpack.steps', 'lmpack.pipeline', 'lmpack.cli', 'lmpack.api', 'click')\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(heavy)))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import sys\n"
+        "import lmpack.bundle.manifest, lmpack.bundle.archive, lmpack.bundle.signing, lmpack.bundle.verify, "
+        "lmpack.bundle.install\n"
+        "heavy = ('torch', 'transformers', 'optimum', 'onnx', 'onnxruntime', 'huggingface_hub', 'numpy', "
+        "'cryptography', 'lmpack.steps', 'lmpack.pipeline', 'lmpack.cli', 'lmpack.api', 'click')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(heavy)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.stdout.strip() == "[]", out.stdout

@@ -7,21 +7,40 @@ import json
 
 import pytest
 
-from lmpack.bundle.manifest import (Compatibility, FileEntry, Manifest, VariantEntry, check_relative_path,
-                                    parse_manifest, parse_version)
+from lmpack.bundle.manifest import (
+    Compatibility,
+    FileEntry,
+    Manifest,
+    VariantEntry,
+    check_relative_path,
+    parse_manifest,
+    parse_version,
+)
 from lmpack.errors import BundleError
 
 DIGEST = "ab" * 32
 
 
 def _manifest(*paths: str) -> Manifest:
-    variant = VariantEntry(name="v", target="cpu-x86", profile="int8", precision="int8", task="text-generation",
-                           execution_providers=("CPUExecutionProvider",),
-                           compatibility=Compatibility(cpu_arch="x86_64", cpu_isa=("avx2",), min_memory_bytes=1 << 28),
-                           provenance={"kind": "local", "ref": "/m", "commit": None, "license": "mit", "sha256": None})
+    variant = VariantEntry(
+        name="v",
+        target="cpu-x86",
+        profile="int8",
+        precision="int8",
+        task="text-generation",
+        execution_providers=("CPUExecutionProvider",),
+        compatibility=Compatibility(cpu_arch="x86_64", cpu_isa=("avx2",), min_memory_bytes=1 << 28),
+        provenance={"kind": "local", "ref": "/m", "commit": None, "license": "mit", "sha256": None},
+    )
     files = tuple(FileEntry(path=p, size=3, mode=0o644, sha256=DIGEST) for p in sorted(paths or ("variants/v/a",)))
-    return Manifest(name="tiny", version="1.0.0", built_at="2025-01-01T00:00:00+00:00", lmpack_version="0.1.0",
-                    variants=(variant,), files=files)
+    return Manifest(
+        name="tiny",
+        version="1.0.0",
+        built_at="2025-01-01T00:00:00+00:00",
+        lmpack_version="0.1.0",
+        variants=(variant,),
+        files=files,
+    )
 
 
 def _data() -> dict:
@@ -39,10 +58,24 @@ def test_round_trip_is_canonical():
     assert parsed.total_files == 2 and parsed.total_bytes == 6
 
 
-@pytest.mark.parametrize("path", [
-    "", "/etc/passwd", "../x", "variants/../../x", "a//b", "a/./b", "a/", "a\\b", "C:\\x", "a\x00b", "a\nb",
-    "a/" + "x" * 256, "x" * 1025,
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "",
+        "/etc/passwd",
+        "../x",
+        "variants/../../x",
+        "a//b",
+        "a/./b",
+        "a/",
+        "a\\b",
+        "C:\\x",
+        "a\x00b",
+        "a\nb",
+        "a/" + "x" * 256,
+        "x" * 1025,
+    ],
+)
 def test_bad_paths_are_rejected(path):
     with pytest.raises(BundleError):
         check_relative_path(path, what="test")
@@ -52,10 +85,21 @@ def test_bad_paths_are_rejected(path):
         _parse(data)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("sha256", "AB" * 32), ("sha256", "ab" * 31), ("sha256", "../" + "a" * 61), ("sha256", "ab" * 32 + "\n"),
-    ("size", -1), ("size", 1 << 41), ("size", True), ("size", "3"), ("mode", "0777"), ("mode", 420),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("sha256", "AB" * 32),
+        ("sha256", "ab" * 31),
+        ("sha256", "../" + "a" * 61),
+        ("sha256", "ab" * 32 + "\n"),
+        ("size", -1),
+        ("size", 1 << 41),
+        ("size", True),
+        ("size", "3"),
+        ("mode", "0777"),
+        ("mode", 420),
+    ],
+)
 def test_bad_file_fields_are_rejected(field, value):
     data = _data()
     data["files"][0][field] = value
@@ -64,8 +108,11 @@ def test_bad_file_fields_are_rejected(field, value):
 
 
 def test_duplicate_case_colliding_and_file_directory_clashes():
-    for paths in (("variants/v/a", "variants/v/A"), ("variants/v/a", "variants/v/a/b"),
-                  ("variants/v/\u00e9", "variants/v/e\u0301")):
+    for paths in (
+        ("variants/v/a", "variants/v/A"),
+        ("variants/v/a", "variants/v/a/b"),
+        ("variants/v/\u00e9", "variants/v/e\u0301"),
+    ):
         data = json.loads(_manifest().to_bytes())
         data["files"] = [{"path": p, "size": 3, "mode": "0644", "sha256": DIGEST} for p in sorted(paths)]
         data["totals"] = {"bytes": 6, "files": 2}
@@ -104,9 +151,19 @@ def test_reserved_names_unknown_fields_duplicate_keys_and_schema():
         parse_manifest(b"\xff{")
 
 
-@pytest.mark.parametrize("key,value", [("name", "../evil"), ("name", ""), ("version", "1.0"), ("version", "v1.0.0"),
-                                       ("version", "01.0.0"), ("version", "1.0.0-rc1"), ("built_at", "yesterday"),
-                                       ("built_at", "2025-01-01T00:00:00")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("name", "../evil"),
+        ("name", ""),
+        ("version", "1.0"),
+        ("version", "v1.0.0"),
+        ("version", "01.0.0"),
+        ("version", "1.0.0-rc1"),
+        ("built_at", "yesterday"),
+        ("built_at", "2025-01-01T00:00:00"),
+    ],
+)
 def test_bad_identity_fields(key, value):
     data = _data()
     data[key] = value

@@ -8,8 +8,8 @@ import shutil
 import tarfile
 
 import pytest
-
 from bundle_helpers import pack_bundle, run_cli
+
 from lmpack.bundle.manifest import parse_manifest
 from lmpack.errors import BundleError
 
@@ -33,8 +33,16 @@ def test_archive_headers_are_fixed(bundles):
         members = tf.getmembers()
     names = [m.name for m in members]
     assert names[0] == "manifest.json" and names[1:] == sorted(names[1:])
-    assert all(m.isreg() and m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" and m.gname == ""
-               and m.mode in (0o644, 0o755) for m in members)
+    assert all(
+        m.isreg()
+        and m.mtime == 0
+        and m.uid == 0
+        and m.gid == 0
+        and m.uname == ""
+        and m.gname == ""
+        and m.mode in (0o644, 0o755)
+        for m in members
+    )
     with tarfile.open(bundles["1.0.0-signed"], "r:gz") as tf:
         assert tf.getnames()[:2] == ["manifest.json", "manifest.sig"]
 
@@ -58,7 +66,9 @@ def test_manifest_describes_variants_provenance_and_every_file(bundles, tiny_var
 
 
 def test_pack_cli_json_and_refusals(tiny_variant, tmp_path):
-    result = run_cli("pack", tiny_variant, "-o", tmp_path / "t.lmpack", "--name", "tiny", "--version", "2.0.0", "--json")
+    result = run_cli(
+        "pack", tiny_variant, "-o", tmp_path / "t.lmpack", "--name", "tiny", "--version", "2.0.0", "--json"
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["files"] > 5 and len(out["archive_sha256"]) == 64

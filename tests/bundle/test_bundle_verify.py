@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from bundle_helpers import member, model_file, run_cli, snapshot, write_archive
 
 
@@ -71,10 +70,18 @@ def _truncate_file(d: Path) -> str:
     return name
 
 
-UNSIGNED = {"model-byte": _tamper_model_byte, "manifest-digest": _tamper_manifest_digest, "file-added": _add_file,
-            "file-removed": _remove_file, "file-truncated": _truncate_file}
-SIGNED = {"signature-byte": _tamper_signature_byte, "signature-file-byte": _tamper_signature_raw,
-          "manifest-digest-signed": _tamper_manifest_digest}
+UNSIGNED = {
+    "model-byte": _tamper_model_byte,
+    "manifest-digest": _tamper_manifest_digest,
+    "file-added": _add_file,
+    "file-removed": _remove_file,
+    "file-truncated": _truncate_file,
+}
+SIGNED = {
+    "signature-byte": _tamper_signature_byte,
+    "signature-file-byte": _tamper_signature_raw,
+    "manifest-digest-signed": _tamper_manifest_digest,
+}
 
 
 def _as_tarball(directory: Path, out: Path) -> Path:
@@ -146,7 +153,9 @@ def test_unsigned_bundle_with_a_key_and_a_downgrade_are_refused(bundles, tmp_pat
     result = run_cli("install", bundles["1.1.0"], "--prefix", prefix, "--public-key", bundles["pub"])
     assert result.exit_code == 13 and "manifest.sig" in result.stderr
     assert snapshot(prefix) == before
-    assert run_cli("install", bundles["1.1.0-signed"], "--prefix", prefix, "--public-key", bundles["pub"]).exit_code == 0
+    assert (
+        run_cli("install", bundles["1.1.0-signed"], "--prefix", prefix, "--public-key", bundles["pub"]).exit_code == 0
+    )
     before = snapshot(prefix)
     result = run_cli("install", bundles["1.0.0-signed"], "--prefix", prefix, "--json")
     assert result.exit_code == 14 and "downgrade" in json.loads(result.stdout)["error"]["message"]
@@ -155,7 +164,9 @@ def test_unsigned_bundle_with_a_key_and_a_downgrade_are_refused(bundles, tmp_pat
 
 def test_good_bundles_verify_in_every_form(bundles):
     for key in ("1.0.0", "1.0.0-dir", "1.0.0-signed", "1.0.0-signed-dir"):
-        result = run_cli("verify", bundles[key], "--json", *(["--public-key", bundles["pub"]] if "signed" in key else []))
+        result = run_cli(
+            "verify", bundles[key], "--json", *(["--public-key", bundles["pub"]] if "signed" in key else [])
+        )
         assert result.exit_code == 0, result.output
         out = json.loads(result.stdout)
         assert out["ok"] and out["signature"] == ("valid" if "signed" in key else "unsigned")

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from bundle_helpers import REPO, run_cli
 
 WHEEL_CACHE = REPO / ".wheels-cache"
@@ -33,8 +32,14 @@ def wheel_bundle(tiny_variant, tmp_path_factory) -> dict[str, Path]:
     from lmpack.bundle.pack import WheelOptions, pack
 
     root = tmp_path_factory.mktemp("wheel-bundle")
-    result = pack([tiny_variant], root / "tiny.lmpack", name="tiny", version="1.0.0", keep_dir=root / "tiny",
-                  wheels=WheelOptions(source=WHEEL_CACHE))
+    result = pack(
+        [tiny_variant],
+        root / "tiny.lmpack",
+        name="tiny",
+        version="1.0.0",
+        keep_dir=root / "tiny",
+        wheels=WheelOptions(source=WHEEL_CACHE),
+    )
     return {"tar": result.path, "dir": root / "tiny", "seconds": result.seconds}
 
 
@@ -121,29 +126,52 @@ def test_air_gapped_first_install_and_generate(wheel_bundle, tmp_path):
     with tarfile.open(wheel_bundle["tar"]) as tf:
         tf.extractall(unpacked, filter="data")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no PYTHONPATH, no pip settings: a bare host
-    done = subprocess.run(["unshare", "-n", sys.executable, str(unpacked / "install.py"), "--prefix", str(prefix),
-                           "--systemd-dir", str(units)], capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [
+            "unshare",
+            "-n",
+            sys.executable,
+            str(unpacked / "install.py"),
+            "--prefix",
+            str(prefix),
+            "--systemd-dir",
+            str(units),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     current = prefix / "releases" / "tiny" / "current"
     lmpack = current / "venv" / "bin" / "lmpack"
     variant = next((current / "variants").iterdir())
-    generated = subprocess.run(["unshare", "-n", str(lmpack), "generate", str(variant), "The history of",
-                                "--max-tokens", "8"], capture_output=True, text=True, env=env, timeout=300)
+    generated = subprocess.run(
+        ["unshare", "-n", str(lmpack), "generate", str(variant), "The history of", "--max-tokens", "8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.strip()
     probe = "import sys, lmpack.runtime; print(sorted({'torch', 'transformers', 'optimum'} & set(sys.modules)))"
-    light = subprocess.run([str(current / "venv" / "bin" / "python"), "-c", probe],
-                           capture_output=True, text=True, env=env, timeout=120)
+    light = subprocess.run(
+        [str(current / "venv" / "bin" / "python"), "-c", probe], capture_output=True, text=True, env=env, timeout=120
+    )
     assert light.stdout.strip() == "[]", light.stderr
     assert run_cli("verify", current).exit_code == 0  # the venv is not part of the release's contents
     unit = (units / "lmpack-serve@.service").read_text()
     assert f"{prefix.resolve()}/releases/%i/current/venv/bin/lmpack serve" in unit
     agent_unit = (units / "lmpack-agent@.service").read_text()
-    assert f"{prefix.resolve()}/releases/%i/current/venv/bin/lmpack agent --config /etc/lmpack/agent-%i.toml" in agent_unit
+    assert (
+        f"{prefix.resolve()}/releases/%i/current/venv/bin/lmpack agent --config /etc/lmpack/agent-%i.toml" in agent_unit
+    )
     if shutil.which("systemd-analyze"):
         for instance in ("lmpack-serve@tiny.service", "lmpack-agent@tiny.service"):
-            check = subprocess.run(["systemd-analyze", "verify", str(units / instance)],
-                                   capture_output=True, text=True, timeout=60)
+            check = subprocess.run(
+                ["systemd-analyze", "verify", str(units / instance)], capture_output=True, text=True, timeout=60
+            )
             assert check.returncode == 0, check.stderr
 
 

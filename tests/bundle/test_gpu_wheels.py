@@ -15,12 +15,18 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from bundle_helpers import REPO
 
 from lmpack import api
-from lmpack.bundle.wheels import (CUDA_RUNTIME, RUNTIME_EXTRA, RUNTIME_GPU_EXTRA, RuntimeSet, describe,
-                                  normalise, runtime_set)
+from lmpack.bundle.wheels import (
+    CUDA_RUNTIME,
+    RUNTIME_EXTRA,
+    RUNTIME_GPU_EXTRA,
+    RuntimeSet,
+    describe,
+    normalise,
+    runtime_set,
+)
 from lmpack.errors import BundleError
 
 WHEEL_CACHE = REPO / ".wheels-cache"
@@ -37,7 +43,9 @@ def test_each_shipped_target_gets_its_runtime_packages():
     mixed = runtime_set([api.target("cpu-x86").to_dict(), api.target("a100").to_dict()])
     assert mixed.extra == RUNTIME_GPU_EXTRA
     assert RuntimeSet(RUNTIME_GPU_EXTRA, (CUDA_RUNTIME,)).requirements("lmpack.whl") == [
-        "lmpack.whl[runtime-gpu]", "onnxruntime-gpu[cuda,cudnn]"]
+        "lmpack.whl[runtime-gpu]",
+        "onnxruntime-gpu[cuda,cudnn]",
+    ]
 
 
 def _extras() -> dict[str, list[str]]:
@@ -61,15 +69,18 @@ def test_the_gpu_extra_is_the_runtime_extra_with_the_gpu_packages_and_never_both
     assert not {"onnxruntime", "onnxruntime-gpu"} <= _names(gpu)
 
 
-def _wheel(directory: Path, name: str, version: str, tag: str, requires: tuple[str, ...] = (),
-           extras: tuple[str, ...] = ()) -> Path:
+def _wheel(
+    directory: Path, name: str, version: str, tag: str, requires: tuple[str, ...] = (), extras: tuple[str, ...] = ()
+) -> Path:
     """A stand-in wheel: the dist-info pip reads (name, version, tags, dependencies) and nothing else."""
     dist = f"{name.replace('-', '_')}-{version}"
     path = directory / f"{dist}-{tag}.whl"
     metadata = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
     metadata += [f"Provides-Extra: {e}" for e in extras] + [f"Requires-Dist: {r}" for r in requires]
-    files = {f"{dist}.dist-info/METADATA": "\n".join(metadata) + "\n",
-             f"{dist}.dist-info/WHEEL": f"Wheel-Version: 1.0\nGenerator: lmpack-tests\nRoot-Is-Purelib: false\nTag: {tag}\n"}
+    files = {
+        f"{dist}.dist-info/METADATA": "\n".join(metadata) + "\n",
+        f"{dist}.dist-info/WHEEL": f"Wheel-Version: 1.0\nGenerator: lmpack-tests\nRoot-Is-Purelib: false\nTag: {tag}\n",
+    }
     files[f"{dist}.dist-info/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{dist}.dist-info/RECORD"])
     with zipfile.ZipFile(path, "w") as archive:
         for member, text in files.items():
@@ -93,14 +104,23 @@ def gpu_wheel_source(tmp_path) -> Path:
     source = tmp_path / "wheels"
     shutil.copytree(WHEEL_CACHE, source)
     linux = "manylinux_2_28_x86_64"
-    _wheel(source, "onnxruntime-gpu", "1.31.1", f"cp311-cp311-{linux}", extras=("cuda", "cudnn"),
-           requires=("numpy>=1.21.6", "nvidia-cuda-runtime~=13.0; extra == \"cuda\"",
-                     "nvidia-cublas~=13.0; extra == \"cuda\"", "nvidia-cudnn-cu13~=9.0; extra == \"cudnn\""))
+    _wheel(
+        source,
+        "onnxruntime-gpu",
+        "1.31.1",
+        f"cp311-cp311-{linux}",
+        extras=("cuda", "cudnn"),
+        requires=(
+            "numpy>=1.21.6",
+            'nvidia-cuda-runtime~=13.0; extra == "cuda"',
+            'nvidia-cublas~=13.0; extra == "cuda"',
+            'nvidia-cudnn-cu13~=9.0; extra == "cudnn"',
+        ),
+    )
     _wheel(source, "nvidia-ml-py", "13.580.82", "py3-none-any")
     _wheel(source, "nvidia-cuda-runtime", "13.0.96", "py3-none-manylinux_2_27_x86_64")
     _wheel(source, "nvidia-cublas", "13.1.0.3", "py3-none-manylinux_2_27_x86_64")
-    _wheel(source, "nvidia-cudnn-cu13", "9.13.0.50", "py3-none-manylinux_2_27_x86_64",
-           requires=("nvidia-cublas",))
+    _wheel(source, "nvidia-cudnn-cu13", "9.13.0.50", "py3-none-manylinux_2_27_x86_64", requires=("nvidia-cublas",))
     return source
 
 
@@ -119,8 +139,14 @@ def test_pip_resolves_the_gpu_runtime_for_a_gpu_target(tiny_variant, gpu_wheel_s
     from lmpack.bundle.pack import WheelOptions, pack
 
     variant = _gpu_variant(tiny_variant, tmp_path / f"tiny-{target}-fp16", target)
-    pack([variant], tmp_path / "gpu.lmpack", name="gpu", version="1.0.0", keep_dir=tmp_path / "gpu",
-         wheels=WheelOptions(source=gpu_wheel_source))
+    pack(
+        [variant],
+        tmp_path / "gpu.lmpack",
+        name="gpu",
+        version="1.0.0",
+        keep_dir=tmp_path / "gpu",
+        wheels=WheelOptions(source=gpu_wheel_source),
+    )
     lock = (tmp_path / "gpu" / "wheels" / "requirements.lock").read_text()
     names = {line.split("==")[0] for line in lock.splitlines() if not line.startswith("#")}
     assert {"lmpack", "onnxruntime-gpu", "nvidia-ml-py", "tokenizers", "numpy"} <= names

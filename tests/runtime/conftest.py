@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from runtime_servers import Server, run_server
-
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +27,7 @@ def bundle_dir(llama_variant, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_server(llama_variant, tmp_path_factory) -> Iterator[Server]:
-    with run_server(llama_variant, "--max-concurrency", "2", "--queue", "4",
-                    tmp=tmp_path_factory.mktemp("serve")) as server:
+    with run_server(
+        llama_variant, "--max-concurrency", "2", "--queue", "4", tmp=tmp_path_factory.mktemp("serve")
+    ) as server:
         yield server

@@ -10,8 +10,9 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
@@ -33,8 +34,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def run_server(variant: Path, *flags: str, tmp: Path, env: dict[str, str] | None = None,
-               tls: ssl.SSLContext | None = None) -> Iterator[Server]:
+def run_server(
+    variant: Path, *flags: str, tmp: Path, env: dict[str, str] | None = None, tls: ssl.SSLContext | None = None
+) -> Iterator[Server]:
     """`python -m lmpack serve VARIANT` in a subprocess; yields once /health/ready answers 200.
 
     With `tls` (a client context that trusts the server's certificate) the server is reached over https.
@@ -45,9 +47,13 @@ def run_server(variant: Path, *flags: str, tmp: Path, env: dict[str, str] | None
     environment.pop("LMPACK_API_KEYS", None)  # only the keys a test sets
     environment.update(env or {})
     with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "lmpack", "serve", str(variant), "--port", str(port),
-                                    "--threads", "1", *flags], stdout=out, stderr=subprocess.STDOUT,
-                                   env=environment, cwd=tmp)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "lmpack", "serve", str(variant), "--port", str(port), "--threads", "1", *flags],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            cwd=tmp,
+        )
     url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     verify = tls if tls is not None else True
     try:

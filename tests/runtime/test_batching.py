@@ -34,8 +34,16 @@ def engine(llama_variant) -> DecoderEngine:
 
 @pytest.fixture(scope="module")
 def batch_server(llama_variant, tmp_path_factory):
-    with run_server(llama_variant, "--max-concurrency", "4", "--max-batch", "4", "--queue", "4",
-                    tmp=tmp_path_factory.mktemp("batch-serve")) as server:
+    with run_server(
+        llama_variant,
+        "--max-concurrency",
+        "4",
+        "--max-batch",
+        "4",
+        "--queue",
+        "4",
+        tmp=tmp_path_factory.mktemp("batch-serve"),
+    ) as server:
         yield server
 
 
@@ -85,20 +93,23 @@ def test_padded_batch_steps_give_the_unbatched_logits(variant_fixture, request):
 
 def test_batch_layouts_put_each_rows_past_where_its_graph_reads_it():
     """Two rows of lengths 2 and 3: left padding puts the short row's past at the end, right at the start."""
+
     def cache(length: int, value: float) -> KVCache:
         return KVCache(length=length, values={"k": _Value(np.full((1, 1, length, 2), value, dtype=np.float32))})
 
-    for padding, short_row, step_mask in (("left", [0, 1, 1], [[0, 1, 1, 1], [1, 1, 1, 1]]),
-                                          ("right", [1, 1, 0], [[1, 1, 1, 0], [1, 1, 1, 1]])):
+    for padding, short_row, step_mask in (
+        ("left", [0, 1, 1], [[0, 1, 1, 1], [1, 1, 1, 1]]),
+        ("right", [1, 1, 0], [[1, 1, 1, 0], [1, 1, 1, 1]]),
+    ):
         batch = BatchKV(padding=padding)
         batch.join(cache(2, 5.0))
         batch.join(cache(3, 7.0))
         assert batch.mask.tolist() == [short_row, [1, 1, 1]]
         # (right-padded rows have spare positions beyond the width: the graph writes the next keys there)
-        assert batch.values["k"][0, 0, :batch.width, 0].tolist() == [5.0 * m for m in short_row]
+        assert batch.values["k"][0, 0, : batch.width, 0].tolist() == [5.0 * m for m in short_row]
         assert batch.step_mask().tolist() == step_mask
         batch.keep([0])
-        assert batch.width == 2 and batch.values["k"][0, 0, :batch.width, 0].tolist() == [5.0, 5.0]
+        assert batch.width == 2 and batch.values["k"][0, 0, : batch.width, 0].tolist() == [5.0, 5.0]
     with pytest.raises(ValueError, match="padding"):
         BatchKV(padding="middle")
 
@@ -106,26 +117,27 @@ def test_batch_layouts_put_each_rows_past_where_its_graph_reads_it():
 def test_a_right_padded_batch_keeps_its_buffers_as_rows_join_and_leave():
     """Rows join into spare rows and leave by moving the later rows up, in the same buffers; only growth
     (rows doubling, positions by 128) allocates, and keeps every row's past."""
+
     def cache(length: int, value: float) -> KVCache:
         return KVCache(length=length, values={"k": _Value(np.full((1, 1, length, 2), value, dtype=np.float32))})
 
     def rows(batch: BatchKV) -> list[list[float]]:
-        return batch.values["k"][:, 0, :batch.width, 0].tolist()
+        return batch.values["k"][:, 0, : batch.width, 0].tolist()
 
     batch = BatchKV(padding="right")
     for value, length in ((1.0, 3), (2.0, 5), (3.0, 4)):
         batch.join(cache(length, value))
     store = batch._store["k"]
-    assert store.shape[0] == 4 and store.shape[2] == 128        # rows doubled 1 -> 2 -> 4
-    batch.keep([0, 2])                                           # the middle row leaves, the last moves up
+    assert store.shape[0] == 4 and store.shape[2] == 128  # rows doubled 1 -> 2 -> 4
+    batch.keep([0, 2])  # the middle row leaves, the last moves up
     assert batch._store["k"] is store and np.shares_memory(batch.values["k"], store)
     assert rows(batch) == [[1, 1, 1, 0], [3, 3, 3, 3]]
-    batch.join(cache(2, 9.0))                                    # into the free row, over the old row's keys
+    batch.join(cache(2, 9.0))  # into the free row, over the old row's keys
     assert batch._store["k"] is store and rows(batch) == [[1, 1, 1, 0], [3, 3, 3, 3], [9, 9, 0, 0]]
     values = batch.values
-    batch.reserve(100)                                           # fits: the same arrays (and I/O binding)
+    batch.reserve(100)  # fits: the same arrays (and I/O binding)
     assert batch.values is values
-    batch.reserve(200)                                           # grows, keeping every row
+    batch.reserve(200)  # grows, keeping every row
     assert batch._store["k"].shape[2] == 256 and rows(batch) == [[1, 1, 1, 0], [3, 3, 3, 3], [9, 9, 0, 0]]
     batch.keep([])
     assert batch._store == {} and batch.size == 0
@@ -139,22 +151,22 @@ def test_buffers_are_made_for_the_room_asked_and_never_grow_within_it(engine):
     roomy, growing = KVCache(room=300), KVCache()
     logits = [engine.runner.step(ids, roomy), engine.runner.step(ids, growing)]
     buffers = roomy.values
-    assert next(iter(buffers.values())).shape[2] == 384          # 300 rounded up to the next 128
-    for _ in range(140):                                        # past 128 positions: `growing` grows
+    assert next(iter(buffers.values())).shape[2] == 384  # 300 rounded up to the next 128
+    for _ in range(140):  # past 128 positions: `growing` grows
         assert np.array_equal(*logits)
         token = int(np.argmax(logits[0]))
         logits = [engine.runner.step([token], roomy), engine.runner.step([token], growing)]
     assert roomy.values is buffers and roomy.length > 128
 
     batch = engine.runner.new_batch(max_rows=4)
-    for prompt, room in zip(PROMPTS, (200, 40, 100, 50)):   # the first asks the most
+    for prompt, room in zip(PROMPTS, (200, 40, 100, 50), strict=False):  # the first asks the most
         cache = KVCache(room=room)
         engine.runner.step(engine.encode_prompt(prompt), cache)
         batch.join(cache)
         if batch.size == 1:
             store = batch._store
     sample = next(iter(store.values()))
-    assert (sample.shape[0], sample.shape[2]) == (4, 256)       # made once: 4 rows, room 200 -> 256 positions
+    assert (sample.shape[0], sample.shape[2]) == (4, 256)  # made once: 4 rows, room 200 -> 256 positions
     for _ in range(100):
         engine.runner.step_batch([5] * batch.size, batch)
     assert batch._store is store and batch.binding is not None
@@ -172,7 +184,7 @@ def test_a_sequence_whose_cache_cannot_be_made_fails_alone(llama_variant, monkey
     engine = DecoderEngine(load_variant(llama_variant), threads=1)
     ids, params = engine.encode_prompt(PROMPTS[1]), SamplingParams(max_tokens=60, temperature=0.0)
     alone = engine.generate(ids, params).result()
-    assert alone.finish_reason == "length"   # long enough to be in the batch when the other one arrives
+    assert alone.finish_reason == "length"  # long enough to be in the batch when the other one arrives
     mapped = sessions.mapped_zeros
 
     def refusing(shape, dtype):
@@ -185,9 +197,10 @@ def test_a_sequence_whose_cache_cannot_be_made_fails_alone(llama_variant, monkey
     try:
         running = engine.generate(ids, params, loop=batcher)
         deltas = iter(running)
-        text = next(deltas)                   # it is in the batch now
-        big = engine.generate(engine.encode_prompt(PROMPTS[0]), SamplingParams(max_tokens=400, temperature=0.0),
-                              loop=batcher)
+        text = next(deltas)  # it is in the batch now
+        big = engine.generate(
+            engine.encode_prompt(PROMPTS[0]), SamplingParams(max_tokens=400, temperature=0.0), loop=batcher
+        )
         with pytest.raises(MemoryError, match="refused by this test"):
             big.result()
         text += "".join(deltas)
@@ -231,40 +244,68 @@ def test_concurrent_clients_share_batches_and_get_the_unbatched_answers(batch_se
     # different max_tokens and stop sequences per request, all in one batch; prompt lengths 6, 10, 4 and
     # 19 tokens, so all but one wait a step or more for the batch's lengths to suit them (EXACT_ALIGN)
     # (and one sampled with a seed: its own generator, whatever else shares the step)
-    requests = [{"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0},
-                {"prompt": PROMPTS[1], "max_tokens": 120, "temperature": 0},
-                {"prompt": PROMPTS[2], "max_tokens": 30, "temperature": 0.8, "seed": 7},
-                {"prompt": PROMPTS[3], "max_tokens": 200, "temperature": 0}]
+    requests = [
+        {"prompt": PROMPTS[0], "max_tokens": 200, "temperature": 0},
+        {"prompt": PROMPTS[1], "max_tokens": 120, "temperature": 0},
+        {"prompt": PROMPTS[2], "max_tokens": 30, "temperature": 0.8, "seed": 7},
+        {"prompt": PROMPTS[3], "max_tokens": 200, "temperature": 0},
+    ]
     free = engine.generate(engine.encode_prompt(PROMPTS[3]), SamplingParams(max_tokens=200, temperature=0))
     free_text = free.result().text
     requests[3]["stop"] = [free_text[60:64]]  # a stop sequence the answer is sure to meet
-    expected = [engine.generate(engine.encode_prompt(r["prompt"]), SamplingParams(
-        max_tokens=r["max_tokens"], temperature=r["temperature"], seed=r.get("seed"),
-        stop=tuple(r.get("stop", ())))).result() for r in requests]
+    expected = [
+        engine.generate(
+            engine.encode_prompt(r["prompt"]),
+            SamplingParams(
+                max_tokens=r["max_tokens"],
+                temperature=r["temperature"],
+                seed=r.get("seed"),
+                stop=tuple(r.get("stop", ())),
+            ),
+        ).result()
+        for r in requests
+    ]
     assert expected[3].finish_reason == "stop" and len(expected[3].text) < len(free_text)
 
     batched_steps = 0
     with batch_server.client() as client:
         for _ in range(3):  # a request joins at the step it arrives in: rounds until some step held several
             before = client.get("/metrics").text
-            answers = _together([lambda r=r: client.post("/v1/completions", json=r).json()
-                                 for r in requests])
+            answers = _together([lambda r=r: client.post("/v1/completions", json=r).json() for r in requests])
             metrics = client.get("/metrics").text
-            for answer, want in zip(answers, expected):
+            for answer, want in zip(answers, expected, strict=True):
                 choice = answer["choices"][0]
                 assert (choice["text"], choice["finish_reason"]) == (want.text, want.finish_reason)
                 assert answer["usage"]["completion_tokens"] == want.completion_tokens
             steps = _metric(metrics, "lmpack_batch_size_count") - _metric(before, "lmpack_batch_size_count")
-            batched_steps = steps - (_metric(metrics, 'lmpack_batch_size_bucket{le="1.0"}')
-                                     - _metric(before, 'lmpack_batch_size_bucket{le="1.0"}'))
+            batched_steps = steps - (
+                _metric(metrics, 'lmpack_batch_size_bucket{le="1.0"}')
+                - _metric(before, 'lmpack_batch_size_bucket{le="1.0"}')
+            )
             if batched_steps > 0:
                 break
     assert batched_steps > 0, "no decode step ran more than one sequence"
 
     # the same as the command line's answer
-    out = subprocess.run([sys.executable, "-m", "lmpack", "generate", str(llama_variant), PROMPTS[1],
-                          "--max-tokens", "120", "--threads", "1", "--json"], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmpack",
+            "generate",
+            str(llama_variant),
+            PROMPTS[1],
+            "--max-tokens",
+            "120",
+            "--threads",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["text"] == answers[1]["choices"][0]["text"]
 
@@ -277,8 +318,9 @@ def test_a_disconnecting_client_leaves_the_batch_alone(batch_server, engine):
     assert expected.completion_tokens == 400
 
     def dropped():
-        with httpx.stream("POST", f"{batch_server.url}/v1/completions", json={**body, "stream": True},
-                          timeout=60) as response:
+        with httpx.stream(
+            "POST", f"{batch_server.url}/v1/completions", json={**body, "stream": True}, timeout=60
+        ) as response:
             return next(line for line in response.iter_lines() if line.startswith("data:"))
 
     def kept():
@@ -311,7 +353,10 @@ def test_in_place_cache_gives_the_copied_caches_logits_across_growth(llama_varia
         token = int(np.argmax(logits["in_place"]))
         in_place_tokens.append(token)
         before = caches["in_place"].values
-        logits = {"in_place": in_place.step([token], caches["in_place"]), "copied": copied.step([token], caches["copied"])}
+        logits = {
+            "in_place": in_place.step([token], caches["in_place"]),
+            "copied": copied.step([token], caches["copied"]),
+        }
         after = caches["in_place"].values
         grown += after is not before
         buffers = next(iter(after.values()))
@@ -354,7 +399,7 @@ def test_kv_bound_to_a_device_gives_the_same_logits(llama_variant_optimum):
         token = int(np.argmax(logits[0]))
         logits = [plain.step([token], caches[0]), bound.step([token], caches[1])]
     batches = [plain.new_batch(), bound.new_batch()]
-    for runner, batch in zip((plain, bound), batches):
+    for runner, batch in zip((plain, bound), batches, strict=True):
         for prompt in ([5, 6, 7], [8, 9, 10, 11, 12]):
             cache = KVCache()
             runner.step(prompt, cache)

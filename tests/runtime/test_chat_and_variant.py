@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
+from lmpack.bundle.variant_dir import TEXT_GENERATION
 from lmpack.errors import NotFoundError, RequestError, VariantError
 from lmpack.runtime.chat import ChatTemplate, normalize_messages
-from lmpack.bundle.variant_dir import TEXT_GENERATION
 from lmpack.runtime.variant import load_variant
 
 
@@ -18,8 +18,9 @@ def test_the_models_template_renders_a_conversation(llama_variant):
     assert variant.task == TEXT_GENERATION and variant.name == llama_variant.name
     assert variant.eos_token_ids and variant.context_length == 512
     template = ChatTemplate(variant.chat_template)
-    text = template.render([{"role": "system", "content": "Be brief."},
-                            {"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    text = template.render(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    )
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -34,18 +35,24 @@ def test_templates_cannot_reach_python_internals():
 
 
 def test_raise_exception_in_a_template_is_a_bad_request():
-    template = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}"
-                            "{% endif %}ok")
+    template = ChatTemplate(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok"
+    )
     assert template.render([{"role": "user", "content": "x"}]) == "ok"
     with pytest.raises(RequestError, match="first must be user"):
         template.render([{"role": "assistant", "content": "x"}])
 
 
-@pytest.mark.parametrize("messages, param", [
-    ([], "messages"), ("hi", "messages"), ([{"role": "wizard", "content": "x"}], "messages[0].role"),
-    ([{"role": "user", "content": 3}], "messages[0].content"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content"),
-])
+@pytest.mark.parametrize(
+    "messages, param",
+    [
+        ([], "messages"),
+        ("hi", "messages"),
+        ([{"role": "wizard", "content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": 3}], "messages[0].content"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content"),
+    ],
+)
 def test_bad_messages_name_the_field(messages, param):
     with pytest.raises(RequestError) as info:
         normalize_messages(messages)

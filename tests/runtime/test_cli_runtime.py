@@ -48,8 +48,12 @@ def test_serve_refuses_a_bad_key_file_before_starting(llama_variant, tmp_path):
 
 def test_sigterm_lets_a_running_stream_finish(llama_variant, tmp_path):
     with run_server(llama_variant, tmp=tmp_path) as server:
-        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
-                          json={"prompt": "The railway", "max_tokens": 480, "temperature": 0, "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            f"{server.url}/v1/completions",
+            timeout=60,
+            json={"prompt": "The railway", "max_tokens": 480, "temperature": 0, "stream": True},
+        ) as r:
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data:"))
             server.process.send_signal(signal.SIGTERM)

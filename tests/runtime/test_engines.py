@@ -20,12 +20,30 @@ import pytest
 
 from lmpack import api
 from lmpack.errors import GpuMemoryError, StepError
-from lmpack.runtime.trt_cache import (CACHE_FACTS, apply_plan, cache_key, cache_root, check_gpu_memory, entry_dir,
-                                         verify_entry)
-from lmpack.runtime.trt_plan import (CACHED, CPU, CUDA, ENGINE, REBUILD, REFUSE, EngineFacts, EnginePolicy, decide,
-                                    engine_mismatches, version_tuple)
 from lmpack.runtime.host import GpuFacts, GpuSoftware, HostFacts, decode_tensorrt_version
 from lmpack.runtime.select import explain, prepare_variant
+from lmpack.runtime.trt_cache import (
+    CACHE_FACTS,
+    apply_plan,
+    cache_key,
+    cache_root,
+    check_gpu_memory,
+    entry_dir,
+    verify_entry,
+)
+from lmpack.runtime.trt_plan import (
+    CACHED,
+    CPU,
+    CUDA,
+    ENGINE,
+    REBUILD,
+    REFUSE,
+    EngineFacts,
+    EnginePolicy,
+    decide,
+    engine_mismatches,
+    version_tuple,
+)
 from lmpack.runtime.variant import load_variant
 
 GIB = 1 << 30
@@ -33,27 +51,52 @@ X86 = frozenset({"avx2", "fma", "sse4_2"})
 TRT, CUDA_EP, CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 
 # What the tensorrt step records on an A100 build host (lmpack-model.json, `tensorrt`).
-A100_ENGINE = EngineFacts(gpu_name="NVIDIA A100-SXM4-40GB", compute_capability="8.0", driver_version="550.54.15",
-                          cuda_driver_version="12.4", cuda_version="12.2", onnxruntime_version="1.20.1",
-                          tensorrt_version="10.4.0", precision="fp16",
-                          profile_shapes={"trt_profile_min_shapes": "input_ids:1x1",
-                                          "trt_profile_opt_shapes": "input_ids:1x1",
-                                          "trt_profile_max_shapes": "input_ids:4x1"})
-GPU_STACK = GpuSoftware(driver_version="550.54.15", cuda_driver_version="12.4", onnxruntime_version="1.20.1",
-                        onnxruntime_cuda_version="12.2", tensorrt_version="10.4.0", providers=(TRT, CUDA_EP, CPU_EP))
+A100_ENGINE = EngineFacts(
+    gpu_name="NVIDIA A100-SXM4-40GB",
+    compute_capability="8.0",
+    driver_version="550.54.15",
+    cuda_driver_version="12.4",
+    cuda_version="12.2",
+    onnxruntime_version="1.20.1",
+    tensorrt_version="10.4.0",
+    precision="fp16",
+    profile_shapes={
+        "trt_profile_min_shapes": "input_ids:1x1",
+        "trt_profile_opt_shapes": "input_ids:1x1",
+        "trt_profile_max_shapes": "input_ids:4x1",
+    },
+)
+GPU_STACK = GpuSoftware(
+    driver_version="550.54.15",
+    cuda_driver_version="12.4",
+    onnxruntime_version="1.20.1",
+    onnxruntime_cuda_version="12.2",
+    tensorrt_version="10.4.0",
+    providers=(TRT, CUDA_EP, CPU_EP),
+)
 
 
 def gpu_host(name="NVIDIA A100-SXM4-40GB", cc="8.0", memory=40 * GIB, free=38 * GIB, **software) -> HostFacts:
-    return HostFacts(arch="x86_64", isa=X86, memory_bytes=64 * GIB,
-                     gpus=(GpuFacts(name=name, compute_capability=cc, memory_bytes=memory, free_memory_bytes=free),),
-                     software=replace(GPU_STACK, **software))
+    return HostFacts(
+        arch="x86_64",
+        isa=X86,
+        memory_bytes=64 * GIB,
+        gpus=(GpuFacts(name=name, compute_capability=cc, memory_bytes=memory, free_memory_bytes=free),),
+        software=replace(GPU_STACK, **software),
+    )
 
 
-CPU_ONLY = HostFacts(arch="x86_64", isa=X86, memory_bytes=16 * GIB, gpu_note="nvidia-ml-py is not installed",
-                     software=GpuSoftware(onnxruntime_version="1.20.1", providers=(CPU_EP,)))
+CPU_ONLY = HostFacts(
+    arch="x86_64",
+    isa=X86,
+    memory_bytes=16 * GIB,
+    gpu_note="nvidia-ml-py is not installed",
+    software=GpuSoftware(onnxruntime_version="1.20.1", providers=(CPU_EP,)),
+)
 
 
 # --- matching --------------------------------------------------------------------------------------------
+
 
 def test_the_build_host_itself_matches():
     assert engine_mismatches(A100_ENGINE, gpu_host()) == []
@@ -63,8 +106,10 @@ def test_the_build_host_itself_matches():
 
 def test_another_compute_capability_is_named():
     (line,) = engine_mismatches(A100_ENGINE, gpu_host(name="NVIDIA L4", cc="8.9"))
-    assert line == ("the engine was built for NVIDIA A100-SXM4-40GB (compute capability 8.0), this host's GPU is "
-                    "NVIDIA L4 (compute capability 8.9)")
+    assert line == (
+        "the engine was built for NVIDIA A100-SXM4-40GB (compute capability 8.0), this host's GPU is "
+        "NVIDIA L4 (compute capability 8.9)"
+    )
 
 
 def test_the_same_compute_capability_on_another_gpu_model_is_a_mismatch_unless_hardware_compatible():
@@ -98,10 +143,12 @@ def test_sessions_take_providers_with_options_and_skip_the_unavailable(llama_var
 
 def test_tensorrt_and_onnxruntime_versions_must_match_unless_version_compatible():
     lines = engine_mismatches(A100_ENGINE, gpu_host(tensorrt_version="10.3.0", onnxruntime_version="1.21.0"))
-    assert lines == ["the engine was built with TensorRT 10.4.0, this host has 10.3.0 (an engine runs only on the "
-                     "version that built it unless it was built version-compatible)",
-                     "the engine was built with onnxruntime 1.20.1, this host has 1.21.0 (an engine runs only on the "
-                     "version that built it unless it was built version-compatible)"]
+    assert lines == [
+        "the engine was built with TensorRT 10.4.0, this host has 10.3.0 (an engine runs only on the "
+        "version that built it unless it was built version-compatible)",
+        "the engine was built with onnxruntime 1.20.1, this host has 1.21.0 (an engine runs only on the "
+        "version that built it unless it was built version-compatible)",
+    ]
     assert engine_mismatches(A100_ENGINE, gpu_host(tensorrt_version="10.4.0.26")) == []  # build numbers aside
     compatible = replace(A100_ENGINE, version_compatible=True)
     assert engine_mismatches(compatible, gpu_host(tensorrt_version="10.7.0", onnxruntime_version="1.22.0")) == []
@@ -113,25 +160,33 @@ def test_tensorrt_and_onnxruntime_versions_must_match_unless_version_compatible(
 
 def test_an_unrecorded_version_and_a_missing_provider_are_mismatches():
     lines = engine_mismatches(replace(A100_ENGINE, tensorrt_version=None), gpu_host(providers=(CUDA_EP, CPU_EP)))
-    assert lines[0].startswith("this host's onnxruntime has no TensorRT execution provider (providers: "
-                               "CUDAExecutionProvider, CPUExecutionProvider)")
+    assert lines[0].startswith(
+        "this host's onnxruntime has no TensorRT execution provider (providers: "
+        "CUDAExecutionProvider, CPUExecutionProvider)"
+    )
     assert "does not record its TensorRT version" in lines[1]
-    assert "needs TensorRT 10.4.0, and this host has none" in engine_mismatches(
-        A100_ENGINE, gpu_host(tensorrt_version=None))[0]
+    assert (
+        "needs TensorRT 10.4.0, and this host has none"
+        in engine_mismatches(A100_ENGINE, gpu_host(tensorrt_version=None))[0]
+    )
 
 
 def test_a_driver_older_than_the_engines_cuda_is_named():
-    (line,) = engine_mismatches(replace(A100_ENGINE, cuda_version="12.2"),
-                                gpu_host(driver_version="470.82.01", cuda_driver_version="11.4"))
-    assert line == ("the engine's runtime was built for CUDA 12.2; the driver 470.82.01 supports CUDA up to 11.4: "
-                    "too old, update the NVIDIA driver")
+    (line,) = engine_mismatches(
+        replace(A100_ENGINE, cuda_version="12.2"), gpu_host(driver_version="470.82.01", cuda_driver_version="11.4")
+    )
+    assert line == (
+        "the engine's runtime was built for CUDA 12.2; the driver 470.82.01 supports CUDA up to 11.4: "
+        "too old, update the NVIDIA driver"
+    )
     # CUDA's minor version compatibility: a driver for 12.0 runs code built for 12.2
     assert engine_mismatches(A100_ENGINE, gpu_host(cuda_driver_version="12.0")) == []
 
 
 def test_no_gpu_is_one_line():
     assert engine_mismatches(A100_ENGINE, CPU_ONLY) == [
-        "the engine needs an NVIDIA GPU; none here (nvidia-ml-py is not installed)"]
+        "the engine needs an NVIDIA GPU; none here (nvidia-ml-py is not installed)"
+    ]
 
 
 def test_versions_and_tensorrt_numbers_are_read_like_the_libraries_write_them():
@@ -188,11 +243,14 @@ def test_without_the_onnx_there_is_nothing_to_rebuild_or_fall_back_to():
 def test_a_gpu_too_small_for_the_variant_is_a_mismatch_and_leaves_the_cpu():
     plan = decide(A100_ENGINE, gpu_host(memory=4 * GIB), has_onnx=True, need_bytes=6 * GIB)
     assert plan.mode == CPU
-    assert "the variant needs 6.0 GiB of GPU memory, NVIDIA A100-SXM4-40GB (compute capability 8.0) has 4.0 GiB" \
+    assert (
+        "the variant needs 6.0 GiB of GPU memory, NVIDIA A100-SXM4-40GB (compute capability 8.0) has 4.0 GiB"
         in plan.mismatches
+    )
 
 
 # --- facts from files ------------------------------------------------------------------------------------
+
 
 def test_engine_facts_are_parsed_strictly():
     assert EngineFacts.from_info({"task": "text-generation"}) is None
@@ -200,21 +258,30 @@ def test_engine_facts_are_parsed_strictly():
     assert facts == A100_ENGINE
     from lmpack.errors import VariantError
 
-    for bad in ({"tensorrt": []}, {"tensorrt": {"tensorrt_version": 10}},
-                {"tensorrt": {"engine_model": "../../x.onnx"}}, {"tensorrt": {"version_compatible": "yes"}}):
+    for bad in (
+        {"tensorrt": []},
+        {"tensorrt": {"tensorrt_version": 10}},
+        {"tensorrt": {"engine_model": "../../x.onnx"}},
+        {"tensorrt": {"version_compatible": "yes"}},
+    ):
         with pytest.raises(VariantError):
             EngineFacts.from_info(bad)
 
 
-def make_engine_variant(llama_variant: Path, destination: Path, facts: EngineFacts = A100_ENGINE,
-                        *, onnx: bool = True) -> Path:
+def make_engine_variant(
+    llama_variant: Path, destination: Path, facts: EngineFacts = A100_ENGINE, *, onnx: bool = True
+) -> Path:
     """The tiny Llama dressed as an a100 fp16-trt build: engine facts, model_ctx.onnx and an engine file.
 
     Its model.onnx is the int8 CPU export, which is what lets the CPU fallback really answer here."""
     shutil.copytree(llama_variant, destination)
     meta = json.loads((destination / "variant.json").read_text())
-    meta.update(target=api.target("a100").to_dict(), profile="fp16-trt", precision="fp16",
-                execution_providers=[TRT, CUDA_EP, CPU_EP])
+    meta.update(
+        target=api.target("a100").to_dict(),
+        profile="fp16-trt",
+        precision="fp16",
+        execution_providers=[TRT, CUDA_EP, CPU_EP],
+    )
     (destination / "variant.json").write_text(json.dumps(meta))
     model = destination / "model"
     info = json.loads((model / "lmpack-model.json").read_text())
@@ -238,8 +305,14 @@ def test_selection_reads_the_engine_and_ranks_a_cpu_fallback_after_cpu_builds(en
     assert verdict.ok and verdict.plan.mode == ENGINE and verdict.engine == A100_ENGINE and verdict.uses_gpu
     (verdict,) = explain(engine_variant, L4).verdicts
     assert verdict.plan.mode == REBUILD
-    assert verdict.cache == engine_variant.parent / ".engines" / engine_variant.name / engine_variant.name / \
-        "nvidia-l4-sm89-trt10.4.0-ort1.20.1"
+    assert (
+        verdict.cache
+        == engine_variant.parent
+        / ".engines"
+        / engine_variant.name
+        / engine_variant.name
+        / "nvidia-l4-sm89-trt10.4.0-ort1.20.1"
+    )
     (verdict,) = explain(engine_variant, CPU_ONLY, EnginePolicy(strict=True)).verdicts
     assert not verdict.ok and "strict mode" in verdict.reasons[0]
     # A bundle-like choice: the int8 CPU build beats the engine variant's CPU fallback on a CPU host,
@@ -260,6 +333,7 @@ def test_a_variant_without_its_onnx_is_refused_when_the_engine_does_not_fit(llam
 
 # --- carrying the plan out -------------------------------------------------------------------------------
 
+
 class FakeBuild:
     """onnxruntime's TensorRT provider as far as the files go: it writes the EP context model and an engine."""
 
@@ -279,9 +353,17 @@ class FakeBuild:
 
 def _prepare(path: Path, host: HostFacts, policy=EnginePolicy(), build=None, free=None):
     (verdict,) = explain(path, host, policy).verdicts
-    return apply_plan(load_variant(path), verdict.engine, verdict.plan, host, need_bytes=verdict.need_gpu_bytes,
-                      policy=policy, entry=verdict.cache, build=build or FakeBuild(),
-                      free_gpu=lambda: free if free is not None else (host.gpus[0] if host.gpus else None))
+    return apply_plan(
+        load_variant(path),
+        verdict.engine,
+        verdict.plan,
+        host,
+        need_bytes=verdict.need_gpu_bytes,
+        policy=policy,
+        entry=verdict.cache,
+        build=build or FakeBuild(),
+        free_gpu=lambda: free if free is not None else (host.gpus[0] if host.gpus else None),
+    )
 
 
 def test_a_matching_engine_is_served_from_model_ctx_on_tensorrt(engine_variant):
@@ -295,13 +377,16 @@ def test_the_engine_is_rebuilt_once_cached_beside_the_variant_and_checked(engine
         variant = _prepare(engine_variant, L4, build=build)
     entry = cache_root(engine_variant) / engine_variant.name / cache_key(L4)
     assert variant.onnx_path == entry / "model_ctx.onnx" and variant.providers == [TRT, CUDA_EP, CPU_EP]
-    (model, options), = build.calls
+    ((model, options),) = build.calls
     assert model == engine_variant / "model" / "model.onnx"
     assert options["trt_fp16_enable"] and options["trt_profile_max_shapes"] == "input_ids:4x1"
     assert options["trt_max_workspace_size"] == 8 * GIB and options["trt_ep_context_embed_mode"] == 0
     record = json.loads((entry / CACHE_FACTS).read_text())
     assert record["gpu_name"] == "NVIDIA L4" and record["tensorrt_version"] == "10.4.0"
-    assert set(record["files"]) == {"model_ctx.onnx", "engines/TensorrtExecutionProvider_TRTKernel_graph_main_0_0_sm89.engine"}
+    assert set(record["files"]) == {
+        "model_ctx.onnx",
+        "engines/TensorrtExecutionProvider_TRTKernel_graph_main_0_0_sm89.engine",
+    }
     assert "compute capability 8.9" in caplog.text and "rebuilding the TensorRT engine" in caplog.text
     assert not [p for p in entry.parent.iterdir() if p.name.startswith(".")]  # no staging left
     # The next start finds it and builds nothing.
@@ -331,15 +416,22 @@ def test_too_little_free_gpu_memory_refuses_before_any_gpu_work(engine_variant):
     with pytest.raises(GpuMemoryError) as caught:
         _prepare(engine_variant, L4, build=build, free=short)
     message = caught.value.message
-    assert "needs" in message and "GiB of GPU memory" in message and "has 0.2 GiB free (268435456 bytes) of 24.0 GiB" \
-        in message and caught.value.exit_code == 20
+    assert (
+        "needs" in message
+        and "GiB of GPU memory" in message
+        and "has 0.2 GiB free (268435456 bytes) of 24.0 GiB" in message
+        and caught.value.exit_code == 20
+    )
     assert not build.calls
 
 
 def test_the_memory_check_names_the_numbers_and_skips_what_it_cannot_know(caplog):
     gpu = GpuFacts(name="NVIDIA A100", compute_capability="8.0", memory_bytes=40 * GIB, free_memory_bytes=3 * GIB)
-    with pytest.raises(GpuMemoryError, match=r"needs 6.0 GiB of GPU memory \(6442450944 bytes\), and NVIDIA A100 "
-                                             r"\(GPU 0\) has 3.0 GiB free \(3221225472 bytes\) of 40.0 GiB"):
+    with pytest.raises(
+        GpuMemoryError,
+        match=r"needs 6.0 GiB of GPU memory \(6442450944 bytes\), and NVIDIA A100 "
+        r"\(GPU 0\) has 3.0 GiB free \(3221225472 bytes\) of 40.0 GiB",
+    ):
         check_gpu_memory(6 * GIB, gpu, variant="v")
     check_gpu_memory(2 * GIB, gpu, variant="v")
     with caplog.at_level(logging.WARNING, logger="lmpack.engines"):
@@ -360,16 +452,22 @@ def test_the_cpu_fallback_really_answers(engine_variant, monkeypatch, caplog):
 
 # --- the host probe --------------------------------------------------------------------------------------
 
+
 def test_nvml_driver_and_free_memory_are_read(monkeypatch):
     """A stand-in pynvml answering as nvidia-ml-py does (bytes names on old versions, ints for CUDA)."""
     from lmpack.runtime.host import probe_driver, probe_gpus
 
     fake = types.SimpleNamespace(
-        nvmlInit=lambda: None, nvmlShutdown=lambda: None, nvmlDeviceGetCount=lambda: 1,
-        nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetCudaComputeCapability=lambda h: (8, 9),
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetCudaComputeCapability=lambda h: (8, 9),
         nvmlDeviceGetName=lambda h: "NVIDIA L4",
         nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=24 * GIB, free=20 * GIB, used=4 * GIB),
-        nvmlSystemGetDriverVersion=lambda: b"550.54.15", nvmlSystemGetCudaDriverVersion=lambda: 12040)
+        nvmlSystemGetDriverVersion=lambda: b"550.54.15",
+        nvmlSystemGetCudaDriverVersion=lambda: 12040,
+    )
     monkeypatch.setitem(__import__("sys").modules, "pynvml", fake)
     (gpu,), _ = probe_gpus()
     assert gpu.free_memory_bytes == 20 * GIB and gpu.memory_bytes == 24 * GIB
@@ -386,6 +484,7 @@ def test_this_hosts_onnxruntime_is_probed_for_real():
 
 
 # --- the CLI ---------------------------------------------------------------------------------------------
+
 
 def test_doctor_shows_the_engine_its_mismatches_and_the_plan(engine_variant, lmpack_cli, monkeypatch):
     monkeypatch.setattr("lmpack.runtime.host.probe_host", lambda: L4)
@@ -427,6 +526,7 @@ def test_an_override_cache_dir_holds_the_rebuilt_engine(engine_variant, tmp_path
 
 # --- on a real GPU (skipped here: never ran on the machines this was written on) --------------------------
 
+
 def _real_gpu() -> GpuFacts | None:
     from lmpack.runtime.host import probe_gpus
 
@@ -462,8 +562,9 @@ def test_an_engine_from_another_gpu_is_rebuilt_here_once_and_answers(tiny_llama,
     from lmpack.runtime.engine import load_engine
     from lmpack.runtime.sampling import SamplingParams
 
-    built = api.build(str(tiny_llama), target="a100", profile="fp16-trt", output_dir=tmp_path / "dist",
-                      cache_dir=session_cache).variant_dir
+    built = api.build(
+        str(tiny_llama), target="a100", profile="fp16-trt", output_dir=tmp_path / "dist", cache_dir=session_cache
+    ).variant_dir
     info_path = built / "model" / "lmpack-model.json"
     info = json.loads(info_path.read_text())
     info["tensorrt"].update(gpu_name="Tesla T4", compute_capability="7.5")  # as if shipped from a T4 build host

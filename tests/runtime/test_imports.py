@@ -9,8 +9,16 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-FORBIDDEN = ("torch", "transformers", "optimum", "onnx", "huggingface_hub", "lmpack.steps", "lmpack.pipeline",
-             "lmpack.cli")
+FORBIDDEN = (
+    "torch",
+    "transformers",
+    "optimum",
+    "onnx",
+    "huggingface_hub",
+    "lmpack.steps",
+    "lmpack.pipeline",
+    "lmpack.cli",
+)
 
 CHECK = """
 import json, sys
@@ -21,8 +29,14 @@ print(json.dumps(sorted(sys.modules)))
 
 
 def test_runtime_imports_nothing_heavy():
-    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        cwd=REPO,
+    )
     modules = json.loads(out.stdout)
     loaded = [m for m in modules if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
     assert loaded == [], f"the runtime imported {loaded}"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lmpack.errors import RequestError
-from lmpack.runtime.sampling import SamplingParams, Sampler
+from lmpack.runtime.sampling import Sampler, SamplingParams
 
 LOGITS = np.log(np.array([0.05, 0.6, 0.25, 0.1], dtype=np.float32))
 
@@ -28,7 +28,7 @@ def test_a_seed_reproduces_the_samples():
 
 def test_top_p_and_top_k_cut_the_tail():
     sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.8, seed=1), [])
-    assert set(sampler(LOGITS) for _ in range(300)) == {1, 2}   # 0.6 + 0.25 reaches 0.8
+    assert set(sampler(LOGITS) for _ in range(300)) == {1, 2}  # 0.6 + 0.25 reaches 0.8
     sampler = Sampler(SamplingParams(temperature=1.0, top_k=3, seed=1), [])
     assert 0 not in {sampler(LOGITS) for _ in range(300)}
 
@@ -66,7 +66,7 @@ def test_sampling_without_a_cut_follows_the_whole_distribution():
     sampler = Sampler(SamplingParams(temperature=1.0, seed=6), [])
     draws = np.array([sampler(np.log(probs).astype(np.float32)) for _ in range(20000)])
     top = np.argsort(probs)[::-1][:5]
-    for token in top:   # the likeliest tokens are drawn as often as they should be
+    for token in top:  # the likeliest tokens are drawn as often as they should be
         assert abs(np.mean(draws == token) - probs[token]) < 0.015
 
 
@@ -79,12 +79,26 @@ def test_repetition_penalty_discourages_seen_tokens():
     assert sampler(logits) == 2
 
 
-@pytest.mark.parametrize("field, value", [
-    ("max_tokens", 0), ("max_tokens", 10**6), ("temperature", -0.1), ("temperature", 2.5), ("temperature", float("nan")),
-    ("top_p", 0.0), ("top_p", 1.1), ("top_k", -1), ("top_k", 2.5), ("repetition_penalty", 0.0),
-    ("presence_penalty", 3), ("frequency_penalty", -3), ("stop", ("a", "b", "c", "d", "e")), ("stop", ("",)),
-    ("temperature", True),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_tokens", 0),
+        ("max_tokens", 10**6),
+        ("temperature", -0.1),
+        ("temperature", 2.5),
+        ("temperature", float("nan")),
+        ("top_p", 0.0),
+        ("top_p", 1.1),
+        ("top_k", -1),
+        ("top_k", 2.5),
+        ("repetition_penalty", 0.0),
+        ("presence_penalty", 3),
+        ("frequency_penalty", -3),
+        ("stop", ("a", "b", "c", "d", "e")),
+        ("stop", ("",)),
+        ("temperature", True),
+    ],
+)
 def test_out_of_bounds_values_name_their_field(field, value):
     with pytest.raises(RequestError) as info:
         SamplingParams(**{field: value}).check(max_tokens_limit=4096)

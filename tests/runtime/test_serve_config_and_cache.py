@@ -28,7 +28,10 @@ def test_the_documented_example_file_reads(tmp_path, monkeypatch):
 
 
 def test_flags_override_the_environment_which_overrides_the_file(tmp_path, monkeypatch):
-    path = write(tmp_path, 'variant = "m-int4"\nhost = "10.0.0.1"\nport = 9000\nqueue = 3\n[cache]\nenabled = true\nmax_bytes = 4096\n')
+    path = write(
+        tmp_path,
+        'variant = "m-int4"\nhost = "10.0.0.1"\nport = 9000\nqueue = 3\n[cache]\nenabled = true\nmax_bytes = 4096\n',
+    )
     monkeypatch.setenv("LMPACK_SERVE_PORT", "9001")
     monkeypatch.setenv("LMPACK_SERVE_QUEUE", "5")
     monkeypatch.setenv("LMPACK_SERVE_MAX_BATCH", "2")
@@ -39,21 +42,26 @@ def test_flags_override_the_environment_which_overrides_the_file(tmp_path, monke
     assert resolve_serve_settings(path, {}).variant == "m-int8"
     monkeypatch.delenv("LMPACK_SERVE_VARIANT")
     assert settings.cache and settings.cache_max_bytes == 4096 and settings.cache_max_entries == 1024
-    assert resolve_serve_settings(None, {}) == ServeSettings(port=9001, queue=5, max_batch=2)  # no file: defaults, then env
+    assert resolve_serve_settings(None, {}) == ServeSettings(
+        port=9001, queue=5, max_batch=2
+    )  # no file: defaults, then env
     monkeypatch.setenv("LMPACK_SERVE_PORT", "eighty")
     with pytest.raises(ConfigError, match="LMPACK_SERVE_PORT='eighty' is not an integer"):
         resolve_serve_settings(None, {})
 
 
-@pytest.mark.parametrize("text, message", [
-    ("prot = 1\n", "field 'prot'"),
-    ("port = 70000\n", "field 'port' is 70000; must be at most 65535"),
-    ("queue = true\n", "field 'queue' must be an integer"),
-    ("max_batch = 0\n", "field 'max_batch' is 0; must be at least 1"),
-    ("[tls]\ncert = 'a.crt'\n", "field 'tls.key' is required"),
-    ("[cache]\nenabled = 'yes'\n", "field 'cache.enabled' must be true or false"),
-    ("[cache]\nsize = 3\n", "unknown field 'cache.size'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("prot = 1\n", "field 'prot'"),
+        ("port = 70000\n", "field 'port' is 70000; must be at most 65535"),
+        ("queue = true\n", "field 'queue' must be an integer"),
+        ("max_batch = 0\n", "field 'max_batch' is 0; must be at least 1"),
+        ("[tls]\ncert = 'a.crt'\n", "field 'tls.key' is required"),
+        ("[cache]\nenabled = 'yes'\n", "field 'cache.enabled' must be true or false"),
+        ("[cache]\nsize = 3\n", "unknown field 'cache.size'"),
+    ],
+)
 def test_errors_name_the_file_and_the_field(tmp_path, text, message):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
@@ -75,14 +83,14 @@ def answer(text: str, finish: str = "stop") -> CachedAnswer:
 def test_the_cache_evicts_the_least_recently_used_by_entries_and_by_bytes():
     cache = ResponseCache(max_entries=2, max_bytes=10_000)
     cache.put("a", answer("1")), cache.put("b", answer("2"))
-    assert cache.get("a") is not None           # "a" is now the most recent
+    assert cache.get("a") is not None  # "a" is now the most recent
     cache.put("c", answer("3"))
     assert cache.get("b") is None and cache.get("a") and cache.get("c") and cache.entries == 2
     small = ResponseCache(max_entries=100, max_bytes=answer("x" * 100).size * 2)
     for key in "pqr":
         small.put(key, answer("x" * 100))
     assert small.entries == 2 and small.get("p") is None and small.bytes <= small.max_bytes
-    assert not small.put("huge", answer("x" * 10_000))   # larger than the whole cache: not stored
+    assert not small.put("huge", answer("x" * 10_000))  # larger than the whole cache: not stored
     assert not cache.put("cut", answer("partial", "cancelled"))
 
 
@@ -112,12 +120,16 @@ def test_every_setting_is_a_flag_a_file_key_and_a_variable_with_one_bound(tmp_pa
         text = str(value).lower() if info.kind is bool else str(value)
         table, key = (info.meta.table, info.meta.key or info.name)
         toml_value = text if info.kind in (int, bool) else f'"{value}"'
-        extra = "\n".join(f'{(i.meta.key or i.name)} = "{tmp_path / "g"}"' for i in serve_settings()
-                          if i.meta.paired and i.meta.table == table and i.name != info.name)
+        extra = "\n".join(
+            f'{(i.meta.key or i.name)} = "{tmp_path / "g"}"'
+            for i in serve_settings()
+            if i.meta.paired and i.meta.table == table and i.name != info.name
+        )
         body = f"[{table}]\n{key} = {toml_value}\n{extra}\n" if table else f"{key} = {toml_value}\n"
         assert read_serve_file(write(tmp_path, body))[info.name] == value, info.name
         monkeypatch.setenv(info.env, "1" if info.kind is bool else text)
         from lmpack.config.serve import read_serve_env
+
         assert read_serve_env() == {info.name: value}, info.env
         monkeypatch.delenv(info.env)
         assert info.name in options, f"{info.flag} is not an option of lmpack serve"
@@ -125,7 +137,9 @@ def test_every_setting_is_a_flag_a_file_key_and_a_variable_with_one_bound(tmp_pa
             low, high = info.meta.bounds
             assert (options[info.name].type.min, options[info.name].type.max) == (low, high)
             with pytest.raises(ConfigError, match=f"must be at most {high}"):
-                read_serve_file(write(tmp_path, f"[{table}]\n{key} = {high + 1}\n" if table else f"{key} = {high + 1}\n"))
+                read_serve_file(
+                    write(tmp_path, f"[{table}]\n{key} = {high + 1}\n" if table else f"{key} = {high + 1}\n")
+                )
             monkeypatch.setenv(info.env, str(low - 1))
             with pytest.raises(ConfigError, match=f"{info.env}={low - 1} is outside"):
                 read_serve_env()

@@ -11,8 +11,8 @@ import ipaddress
 import json
 import re
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -31,17 +31,23 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lmpack test")])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = directory / "server.crt", directory / "server.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_path, key_path
 
 
@@ -51,18 +57,23 @@ def server(bundle_dir, tmp_path_factory) -> Iterator[Server]:
     conf = tmp / "conf"
     conf.mkdir()
     cert, _ = self_signed(conf)
-    (conf / "serve.toml").write_text('schema_version = 1\nport = 1\nmax_concurrency = 1\nqueue = 4\n'
-                                     '[tls]\ncert = "server.crt"\nkey = "server.key"\n'
-                                     '[cache]\nenabled = true\nmax_entries = 16\n')
-    with run_server(bundle_dir, "--config", str(conf / "serve.toml"), tmp=tmp,
-                    tls=ssl.create_default_context(cafile=str(cert))) as running:
+    (conf / "serve.toml").write_text(
+        "schema_version = 1\nport = 1\nmax_concurrency = 1\nqueue = 4\n"
+        '[tls]\ncert = "server.crt"\nkey = "server.key"\n'
+        "[cache]\nenabled = true\nmax_entries = 16\n"
+    )
+    with run_server(
+        bundle_dir, "--config", str(conf / "serve.toml"), tmp=tmp, tls=ssl.create_default_context(cafile=str(cert))
+    ) as running:
         yield running
 
 
 def cache_counts(client: httpx.Client) -> tuple[float, float]:
     text = client.get("/metrics").text
-    found = [float(re.search(rf"^lmpack_response_cache_{kind}_total (\S+)$", text, re.M).group(1))
-             for kind in ("hits", "misses")]
+    found = [
+        float(re.search(rf"^lmpack_response_cache_{kind}_total (\S+)$", text, re.M).group(1))
+        for kind in ("hits", "misses")
+    ]
     return found[0], found[1]
 
 
@@ -99,8 +110,13 @@ def test_a_repeated_greedy_request_is_a_cache_hit(server):
 
 
 def test_a_replayed_stream_sends_the_same_chunks(server):
-    body = {**CHAT, "messages": [{"role": "user", "content": "Say something long"}], "max_tokens": 12, "seed": 7,
-            "temperature": 0.9}
+    body = {
+        **CHAT,
+        "messages": [{"role": "user", "content": "Say something long"}],
+        "max_tokens": 12,
+        "seed": 7,
+        "temperature": 0.9,
+    }
     with server.client() as client:
         hits, _ = cache_counts(client)
         first, second = stream_pieces(client, body), stream_pieces(client, body)

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from runtime_servers import run_server, serve_in_thread
 
+from lmpack.config.serve import ServeSettings
 from lmpack.runtime.engine import DecoderEngine
 from lmpack.runtime.sampling import SamplingParams
-from lmpack.config.serve import ServeSettings
 from lmpack.runtime.server import create_app
 from lmpack.runtime.variant import load_variant
 
@@ -38,14 +38,22 @@ def assert_error(response: httpx.Response, status: int, *, param=None, code=None
 
 def test_json_only(llama_server):
     with llama_server.client() as client:
-        assert_error(client.post(CHAT, content=b"messages=hi", headers={"content-type": "text/plain"}), 415,
-                     code="unsupported_media_type")
+        assert_error(
+            client.post(CHAT, content=b"messages=hi", headers={"content-type": "text/plain"}),
+            415,
+            code="unsupported_media_type",
+        )
         assert_error(client.post(CHAT, content=b"{}"), 415)  # no content type at all
         body = gzip.compress(json.dumps({"messages": MESSAGES}).encode())
-        assert_error(client.post(CHAT, content=body, headers={"content-type": "application/json",
-                                                              "content-encoding": "gzip"}), 415)
-        assert_error(client.post(CHAT, content=b"{not json", headers={"content-type": "application/json"}), 400,
-                     code="invalid_json")
+        assert_error(
+            client.post(CHAT, content=body, headers={"content-type": "application/json", "content-encoding": "gzip"}),
+            415,
+        )
+        assert_error(
+            client.post(CHAT, content=b"{not json", headers={"content-type": "application/json"}),
+            400,
+            code="invalid_json",
+        )
         assert_error(client.post(CHAT, json=[1, 2]), 400, code="invalid_json")
 
 
@@ -63,30 +71,33 @@ def test_body_size_is_capped(llama_server):
         assert_error(client.post(CHAT, content=chunks(), headers={"content-type": "application/json"}), 413)
 
 
-@pytest.mark.parametrize("fields, param", [
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"max_tokens": 100_000}, "max_tokens"),
-    ({"max_completion_tokens": -1}, "max_completion_tokens"),
-    ({"max_tokens": "ten"}, "max_tokens"),
-    ({"temperature": -1}, "temperature"),
-    ({"temperature": 2.5}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"top_k": -3}, "top_k"),
-    ({"top_k": 1.5}, "top_k"),
-    ({"n": 2}, "n"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"stop": 7}, "stop"),
-    ({"seed": "abc"}, "seed"),
-    ({"stream": "yes"}, "stream"),
-    ({"presence_penalty": 9}, "presence_penalty"),
-    ({"logprobs": True}, "logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"messages": None}, "messages"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": {"a": 1}}]}, "messages[0].content"),
-])
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 100_000}, "max_tokens"),
+        ({"max_completion_tokens": -1}, "max_completion_tokens"),
+        ({"max_tokens": "ten"}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -3}, "top_k"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"n": 2}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": 7}, "stop"),
+        ({"seed": "abc"}, "seed"),
+        ({"stream": "yes"}, "stream"),
+        ({"presence_penalty": 9}, "presence_penalty"),
+        ({"logprobs": True}, "logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"messages": None}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": {"a": 1}}]}, "messages[0].content"),
+    ],
+)
 def test_each_bad_field_is_named(llama_server, fields, param):
     with llama_server.client() as client:
         body = {"messages": MESSAGES, "max_tokens": 4, **fields}
@@ -101,10 +112,18 @@ def test_completions_fields_and_context(llama_server):
         assert_error(client.post("/v1/completions", json={"max_tokens": 2}), 400, param="prompt")
         assert_error(client.post("/v1/completions", json={"prompt": 5}), 400, param="prompt")
         long_prompt = "railway " * 600  # well past the tiny model's 512 positions
-        assert_error(client.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 4}), 400,
-                     param="prompt", code="context_length_exceeded")
-        assert_error(client.post("/v1/completions", json={"prompt": "railway " * 100, "max_tokens": 500}), 400,
-                     param="max_tokens", code="context_length_exceeded")
+        assert_error(
+            client.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 4}),
+            400,
+            param="prompt",
+            code="context_length_exceeded",
+        )
+        assert_error(
+            client.post("/v1/completions", json={"prompt": "railway " * 100, "max_tokens": 500}),
+            400,
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
         assert_error(client.post("/v1/completions", json={"prompt": "x", "model": "other"}), 404, param="model")
         assert_error(client.post("/v1/embeddings", json={"input": "x"}), 400, code="wrong_model_task")
         assert_error(client.get("/v1/nothing"), 404)
@@ -130,23 +149,30 @@ def test_health_and_metrics(llama_server):
 def test_api_keys_from_file_and_environment(llama_variant, tmp_path):
     key_file = tmp_path / "keys"
     key_file.write_text("# operators\nfile-key-123456\n")
-    with run_server(llama_variant, "--api-key-file", str(key_file), tmp=tmp_path,
-                    env={"LMPACK_API_KEYS": "env-key-abcdef"}) as server, server.client() as client:
+    with (
+        run_server(
+            llama_variant, "--api-key-file", str(key_file), tmp=tmp_path, env={"LMPACK_API_KEYS": "env-key-abcdef"}
+        ) as server,
+        server.client() as client,
+    ):
         assert_error(chat(client), 401, code="invalid_api_key")
-        assert_error(client.post(CHAT, json={"messages": MESSAGES}, headers={"authorization": "Bearer wrong-key-000"}),
-                     401)
+        assert_error(
+            client.post(CHAT, json={"messages": MESSAGES}, headers={"authorization": "Bearer wrong-key-000"}), 401
+        )
         assert_error(client.get("/v1/models", headers={"authorization": "Basic file-key-123456"}), 401)
         for key in ("file-key-123456", "env-key-abcdef"):
-            response = client.post(CHAT, json={"messages": MESSAGES, "max_tokens": 2},
-                                   headers={"authorization": f"Bearer {key}"})
+            response = client.post(
+                CHAT, json={"messages": MESSAGES, "max_tokens": 2}, headers={"authorization": f"Bearer {key}"}
+            )
             assert response.status_code == 200, response.text
         assert client.get("/health/ready").status_code == 200  # probes need no key
         assert client.get("/metrics").status_code == 401
 
 
 def _long_generation(url: str, max_tokens: int) -> httpx.Response:
-    return httpx.post(f"{url}/v1/completions", timeout=120,
-                      json={"prompt": "The railway", "max_tokens": max_tokens, "temperature": 0})
+    return httpx.post(
+        f"{url}/v1/completions", timeout=120, json={"prompt": "The railway", "max_tokens": max_tokens, "temperature": 0}
+    )
 
 
 def test_overload_gets_429_and_readiness_holds(llama_variant, tmp_path):
@@ -205,7 +231,7 @@ def test_a_client_that_disconnects_stops_its_generation(llama_variant):
         before = slow.steps
         with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={**body, "stream": True}) as r:
             assert next(line for line in r.iter_lines() if line.startswith("data:"))
-        assert steps_when_idle(url) - before < 100   # 400 without the cancel
+        assert steps_when_idle(url) - before < 100  # 400 without the cancel
         before = slow.steps
         with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
             httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))

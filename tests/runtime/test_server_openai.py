@@ -8,8 +8,8 @@ import numpy as np
 import openai
 import pytest
 from click.testing import CliRunner
-
 from runtime_servers import run_server
+
 from lmpack.cli.main import cli
 
 QUESTION = "Which railway opened in 1825?"
@@ -33,8 +33,9 @@ def test_models_lists_the_variant(client, llama_variant):
 
 
 def test_chat_completion_greedy_equals_lmpack_generate(client, llama_variant):
-    response = client.chat.completions.create(model=llama_variant.name, temperature=0, max_tokens=24,
-                                              messages=[{"role": "user", "content": QUESTION}])
+    response = client.chat.completions.create(
+        model=llama_variant.name, temperature=0, max_tokens=24, messages=[{"role": "user", "content": QUESTION}]
+    )
     choice = response.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
     local = generate_cli(llama_variant, QUESTION, "--chat", "--max-tokens", "24")
@@ -45,8 +46,9 @@ def test_chat_completion_greedy_equals_lmpack_generate(client, llama_variant):
 
 
 def test_streaming_chat_delivers_the_same_text_in_pieces(client, llama_variant):
-    kwargs = dict(model=llama_variant.name, temperature=0, max_tokens=24,
-                  messages=[{"role": "user", "content": QUESTION}])
+    kwargs = dict(
+        model=llama_variant.name, temperature=0, max_tokens=24, messages=[{"role": "user", "content": QUESTION}]
+    )
     whole = client.chat.completions.create(**kwargs).choices[0].message.content
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
@@ -65,8 +67,13 @@ def test_completion_greedy_equals_lmpack_generate(client, llama_variant):
     local = generate_cli(llama_variant, prompt, "--max-tokens", "20")
     assert response.choices[0].text == local["text"] != ""
     assert response.choices[0].finish_reason == local["finish_reason"]
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model=llama_variant.name, prompt=prompt, max_tokens=20, temperature=0, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=llama_variant.name, prompt=prompt, max_tokens=20, temperature=0, stream=True
+        )
+        if c.choices
+    )
     assert streamed == local["text"]
 
 
@@ -74,12 +81,16 @@ def test_seeded_sampling_is_reproducible_and_stop_cuts(client, llama_variant):
     kwargs = dict(model=llama_variant.name, prompt="The railway", max_tokens=24, temperature=0.9, seed=5)
     first, second = (client.completions.create(**kwargs).choices[0].text for _ in range(2))
     assert first == second
-    greedy = client.completions.create(model=llama_variant.name, prompt="The railway", max_tokens=24,
-                                       temperature=0).choices[0].text
+    greedy = (
+        client.completions.create(model=llama_variant.name, prompt="The railway", max_tokens=24, temperature=0)
+        .choices[0]
+        .text
+    )
     stop = greedy.strip()[:3]
-    cut = client.completions.create(model=llama_variant.name, prompt="The railway", max_tokens=24, temperature=0,
-                                    stop=[stop])
-    assert cut.choices[0].text == greedy[:greedy.index(stop)]
+    cut = client.completions.create(
+        model=llama_variant.name, prompt="The railway", max_tokens=24, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == greedy[: greedy.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
 

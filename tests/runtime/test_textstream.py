@@ -31,13 +31,16 @@ def test_an_incomplete_character_at_the_end_is_flushed(llama_variant):
     assert decoder.flush() != ""
 
 
-@pytest.mark.parametrize("deltas, stops, shown", [
-    (["Hel", "lo wo", "rld"], ("o w",), "Hell"),
-    (["ab", "c##", "#d"], ("###",), "abc"),
-    (["no stop ", "here"], ("zzz",), "no stop here"),
-    (["x", "y"], (), "xy"),
-    (["keep <", "/s", "> after"], ("</s>",), "keep "),
-])
+@pytest.mark.parametrize(
+    "deltas, stops, shown",
+    [
+        (["Hel", "lo wo", "rld"], ("o w",), "Hell"),
+        (["ab", "c##", "#d"], ("###",), "abc"),
+        (["no stop ", "here"], ("zzz",), "no stop here"),
+        (["x", "y"], (), "xy"),
+        (["keep <", "/s", "> after"], ("</s>",), "keep "),
+    ],
+)
 def test_stop_sequences_cut_across_deltas(deltas, stops, shown):
     matcher = StopMatcher(stops)
     out = "".join(matcher.push(d) for d in deltas) + matcher.flush()
