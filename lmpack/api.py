@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,7 @@ from lmpack.steps.pull import PullParams, resolve_source
 
 if TYPE_CHECKING:
     from lmpack.bundle.pack import PackResult
+    from lmpack.runtime.generation import Completion
 
 __all__ = [
     "targets",
@@ -246,8 +248,8 @@ def generate(
     chat: bool = False,
     threads: int | None = None,
     variant: str | None = None,
-    on_text=None,
-):
+    on_text: Callable[[str], None] | None = None,
+) -> Completion:
     """One completion without a server (greedy by default); `on_text` receives the text as it is generated.
 
     `variant` names which of a bundle's or release's variants to use (default: the one serve would choose).

@@ -39,7 +39,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def publish(destination: Path, write: Callable[[Path], None]) -> None:
+def publish(destination: Path, write: Callable[[Path], object]) -> None:
     """Write into a hidden sibling, then rename over `destination`: never a half-written result.
 
     `write` receives the staging path and creates a file or a directory there. A file replaces an
@@ -58,7 +58,7 @@ def publish(destination: Path, write: Callable[[Path], None]) -> None:
             remove_path(retired)
 
 
-def publish_new(destination: Path, write: Callable[[Path], None]) -> bool:
+def publish_new(destination: Path, write: Callable[[Path], object]) -> bool:
     """Like `publish`, but never replaces: when `destination` appeared meanwhile (another process wrote the
     same thing), keep that one, drop ours and return False. True when ours was published."""
     destination.parent.mkdir(parents=True, exist_ok=True)

@@ -78,9 +78,11 @@ class AlertEngine:
             if rule.holds(value):
                 if state.state == "inactive":
                     state.state, state.since = "pending", now
-                if state.state == "pending" and now - state.since >= rule.for_seconds:
-                    state.state, state.fired_at = "firing", now
-                    events.append(_event(rule, "firing", value))
+                if state.state == "pending":
+                    assert state.since is not None  # set whenever the state turns pending
+                    if now - state.since >= rule.for_seconds:
+                        state.state, state.fired_at = "firing", now
+                        events.append(_event(rule, "firing", value))
             elif state.state == "firing":
                 events.append(_event(rule, "resolved", value))
                 state.state, state.since, state.fired_at = "inactive", None, None

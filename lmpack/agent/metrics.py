@@ -156,7 +156,7 @@ class HostSampler:
 
         self._psutil = psutil
         self.disk_path = disk_path
-        self._process = None
+        self._process: psutil.Process | None = None
         psutil.cpu_percent(interval=None)  # the first call only sets the baseline
 
     def sample(self, pid: int | None) -> dict[str, Any]:

@@ -77,7 +77,8 @@ def syslog_message(event: dict[str, Any]) -> str:
 class SyslogNotifier:
     """Through the local syslog socket; critical alerts at LOG_CRIT, warnings at LOG_WARNING."""
 
-    _LEVELS = {"critical": logging.CRITICAL, "warning": logging.WARNING, "info": logging.INFO}
+    # looked up with the event's severity, which an event may lack
+    _LEVELS: dict[str | None, int] = {"critical": logging.CRITICAL, "warning": logging.WARNING, "info": logging.INFO}
 
     def __init__(self, address: str = "/dev/log"):
         self.handler = logging.handlers.SysLogHandler(address=address)
@@ -97,6 +98,7 @@ class SyslogNotifier:
 
 def make_notifier(spec: NotifierSpec) -> Notifier:
     if spec.type == "webhook":
+        assert spec.url is not None  # the config reader requires 'url' for a webhook notifier
         return WebhookNotifier(spec.url, timeout=spec.timeout, retries=spec.retries)
     if spec.type == "syslog":
         return SyslogNotifier(spec.address)

@@ -42,17 +42,19 @@ def resolve_variant(spec: ServerSpec) -> tuple[Path, str | None]:
     a spec pinned to a version by a switch (`spec.version`) serves that version whatever `current` says.
     """
     if spec.prefix is None:
+        assert spec.variant is not None  # read_config: a [server] without 'prefix' names a variant
         path = Path(spec.variant)
         if not path.is_dir():
             raise NotFoundError(f"variant directory {path} does not exist")
         return path, None
+    assert spec.release is not None  # read_config: 'prefix' and 'release' go together
     release = serving_release(spec.prefix, spec.release, spec.version)
     found = release_variants(release)
     if spec.variant is not None:
-        path = next((p for p in found if p.name == spec.variant), None)
-        if path is None:
+        named = next((p for p in found if p.name == spec.variant), None)
+        if named is None:
             raise NotFoundError(f"{release} has no variant {spec.variant!r}")
-        return path, release.name
+        return named, release.name
     if len(found) != 1:
         raise NotFoundError(f"{release} has {len(found)} variants; name one with 'variant' in [server]")
     return found[0], release.name
@@ -128,7 +130,7 @@ class Supervisor:
         running = self.process is not None and self.process.poll() is None
         return {
             "phase": self.phase,
-            "pid": self.process.pid if running else None,
+            "pid": self.process.pid if self.process is not None and running else None,
             "url": self.url,
             "variant": str(self.variant) if self.variant else None,
             "version": self.version,
@@ -177,6 +179,8 @@ class Supervisor:
         self.phase, self.started_at, self.live, self.ready, self.misses = "starting", now, False, False, 0
 
     def _check_start(self, now: float) -> None:
+        # called by tick() only while starting: _spawn set both
+        assert self.process is not None and self.started_at is not None
         result = probes.ready(self.url, timeout=self.policy.probe_timeout)
         if result.state == "failed":  # the warm-up failed: waiting out the startup timeout cannot help
             self._kill()

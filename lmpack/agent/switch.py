@@ -200,6 +200,7 @@ class VersionSwitcher:
 
     def _tick_candidate(self, now: float) -> None:
         candidate, job = self.candidate, self.job
+        assert candidate is not None and job is not None  # tick() calls this only during a switch, which _begin set up
         candidate.tick()
         if candidate.phase == "running" and candidate.ready:
             self._commit(candidate, job, now)
@@ -212,9 +213,12 @@ class VersionSwitcher:
     def _commit(self, candidate: Supervisor, job: Job, now: float) -> None:
         from lmpack.bundle.install import set_current  # the same atomic pointer switch as `lmpack install`
 
+        prefix, release = self._release_spec()
+        target = job.target
+        assert target is not None  # _begin set it before it started the candidate
         ready_seconds = now - job.started
         try:
-            set_current(self.spec.prefix, self.spec.release, job.target)
+            set_current(prefix, release, target)
         except LmpackError as exc:
             candidate.stop()
             self.candidate = None
@@ -222,13 +226,13 @@ class VersionSwitcher:
             return
         old, self.active, self.candidate = self.active, candidate, None
         self.proxy.set_backend(candidate.url)  # from here on, new requests go to the new server
-        self._served(job.target)
+        self._served(target)
         self._retire(old)
         self.switches_total += 1
         if job.automatic:
             self.rollbacks_total += 1
         elif old.version is not None:
-            self.probation = Probation(job.target, old.version, now, candidate.restarts_total)
+            self.probation = Probation(target, old.version, now, candidate.restarts_total)
         log.info(
             "switch: %s %s serves all new requests (was %s); ready after %.2f s",
             self.spec.release,
@@ -286,9 +290,10 @@ class VersionSwitcher:
         from lmpack.bundle.install import list_releases
         from lmpack.bundle.manifest import parse_version
 
+        prefix, _ = self._release_spec()
         older = [
             r.version
-            for r in list_releases(self.spec.prefix)
+            for r in list_releases(prefix)
             if r.name == self.spec.release
             and r.version not in self.bad
             and current is not None
@@ -301,6 +306,13 @@ class VersionSwitcher:
             )
         return older[-1]
 
+    def _release_spec(self) -> tuple[Path, str]:
+        """The prefix and release name a switch works on."""
+        # request() refuses a switch when [server] names a variant directory (read_config: 'prefix' and
+        # 'release' go together), so every switch step sees both set
+        assert self.spec.prefix is not None and self.spec.release is not None
+        return self.spec.prefix, self.spec.release
+
     def _backend_spec(self, version: str | None) -> ServerSpec:
         """A server on a private loopback port; pinned to `version` when a switch starts it."""
         return replace(self.spec, host=BACKEND_HOST, port=free_port(), version=version)
@@ -308,8 +320,9 @@ class VersionSwitcher:
     def _check_installed(self, version: str) -> None:
         from lmpack.bundle.install import is_installed
 
+        prefix, release = self._release_spec()
         try:
-            installed = is_installed(self.spec.prefix, self.spec.release, version)
+            installed = is_installed(prefix, release, version)
         except LmpackError as exc:  # not a version at all ("../x"): never a path to start a server from
             raise SwitchError(exc.message, hint=exc.hint) from None
         if not installed:

@@ -20,7 +20,7 @@ import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 from lmpack.bundle.manifest import (
     MANIFEST,
@@ -55,10 +55,16 @@ _TYPE_NAMES = {
 # --- writing ---------------------------------------------------------------------------------------------
 
 
+class ByteStream(Protocol):
+    """What file data is read through: an open file, a tar member, or a wrapper of either."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 class HashingReader:
     """Wraps a stream and digests what is read through it, so a copy is verified in the same pass."""
 
-    def __init__(self, stream: BinaryIO):
+    def __init__(self, stream: ByteStream):
         self.stream, self.sha256, self.count = stream, hashlib.sha256(), 0
 
     def read(self, size: int = -1) -> bytes:
@@ -80,7 +86,7 @@ class HashingReader:
         return None
 
 
-def _add(tf: tarfile.TarFile, name: str, mode: int, size: int, stream: BinaryIO) -> None:
+def _add(tf: tarfile.TarFile, name: str, mode: int, size: int, stream: ByteStream) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime, info.type = size, mode, 0, tarfile.REGTYPE
     info.uid = info.gid = 0
@@ -89,7 +95,7 @@ def _add(tf: tarfile.TarFile, name: str, mode: int, size: int, stream: BinaryIO)
 
 
 def write_tarball(
-    path: Path, manifest_bytes: bytes, signature_bytes: bytes | None, items: Iterable[tuple[FileEntry, BinaryIO]]
+    path: Path, manifest_bytes: bytes, signature_bytes: bytes | None, items: Iterable[tuple[FileEntry, ByteStream]]
 ) -> None:
     """Write the bundle at `path`: manifest.json, manifest.sig, then the files in manifest order.
 
@@ -192,7 +198,7 @@ class TarBundle:
         """Pass 1, headers only: raises BundleError for a hostile member, returns missing/extra/size problems."""
         return [problem for _, problem in self._scan() if problem]
 
-    def contents(self) -> Iterator[tuple[FileEntry, BinaryIO]]:
+    def contents(self) -> Iterator[tuple[FileEntry, ByteStream]]:
         """Pass 2: each listed file's stream in archive order; headers are checked again on the way."""
         for item, problem in self._scan(with_data=True):
             if problem:
@@ -218,7 +224,7 @@ class TarBundle:
         try:
             gz = gzip.GzipFile(fileobj=self._file, mode="rb")
             bounded = _Bounded(gz, self._limit())
-            tf = tarfile.open(fileobj=bounded, mode="r:")  # type: ignore[arg-type]
+            tf = tarfile.open(fileobj=bounded, mode="r:")
             yield from self._members(tf, head_only=head_only, with_data=with_data)
         except _DAMAGED as exc:
             raise _damaged(self.path, exc) from exc
@@ -275,7 +281,9 @@ class TarBundle:
         limit = MAX_MANIFEST_BYTES if is_manifest else MAX_SIGNATURE_BYTES
         if member.size > limit:
             raise BundleError(f"archive member {member.name!r} is larger than {limit} bytes")
-        data = tf.extractfile(member).read()
+        handle = tf.extractfile(member)
+        assert handle is not None  # a regular file (_check_member_header): extractfile gives its data
+        data = handle.read()
         previous = self.manifest_bytes if is_manifest else self.signature_bytes
         if self._head_read and data != previous:
             raise VerificationError(f"{member.name} changed while the bundle was being read")
@@ -298,7 +306,7 @@ def _damaged(path: Path, exc: BaseException) -> BundleError:
 class _GuardedStream:
     """A member's data stream whose read errors (a truncated or corrupt archive) become BundleError."""
 
-    def __init__(self, stream: BinaryIO, path: Path):
+    def __init__(self, stream: ByteStream, path: Path):
         self.stream, self.path = stream, path
 
     def read(self, size: int = -1) -> bytes:
@@ -339,7 +347,7 @@ def create_in(root: Path, entry: FileEntry) -> int:
     return os.open(parent / Path(entry.path).name, flags, 0o600)
 
 
-def drain(stream: BinaryIO, entry: FileEntry, fd: int | None = None) -> str | None:
+def drain(stream: ByteStream, entry: FileEntry, fd: int | None = None) -> str | None:
     """Read `entry`'s data once, digesting it and copying it into `fd` if given (then fsync, set the mode).
 
     Reads at most one byte more than the manifest allows, so an oversized source costs nothing.

@@ -6,8 +6,9 @@ Runtime-side: standard library and lmpack.errors only.
 
 from __future__ import annotations
 
+import builtins
 import re
-from typing import Any
+from typing import Any, Literal, overload
 
 from lmpack.errors import BundleError
 
@@ -29,15 +30,17 @@ def no_constants(name: str) -> Any:
 class Fields:
     """Reads one JSON object field by field; `finish` rejects fields nobody asked for."""
 
-    def __init__(self, value: Any, where: str):
+    def __init__(self, value: Any, where: builtins.str):
         if not isinstance(value, dict):
             raise BundleError(f"{MANIFEST}: {where or 'the document'} must be an object")
-        self.data, self.where, self.seen = value, where, set()
+        self.data: dict[builtins.str, Any] = value
+        self.where = where
+        self.seen: set[builtins.str] = set()
 
-    def _field(self, key: str) -> str:
+    def _field(self, key: builtins.str) -> builtins.str:
         return f"{self.where}.{key}" if self.where else key
 
-    def get(self, key: str, types: tuple[type, ...], *, nullable: bool = False) -> Any:
+    def get(self, key: builtins.str, types: tuple[type, ...], *, nullable: builtins.bool = False) -> Any:
         self.seen.add(key)
         if key not in self.data:
             raise BundleError(f"{MANIFEST}: field '{self._field(key)}' is missing")
@@ -48,27 +51,55 @@ class Fields:
             raise BundleError(f"{MANIFEST}: field '{self._field(key)}' has the wrong type ({type(value).__name__})")
         return value
 
+    # A field read with `nullable=False` (the default) is never None: the overloads say so to the type checker.
+    @overload
     def str(
-        self, key: str, pattern: re.Pattern | None = None, *, nullable: bool = False, max_len: int = 4096
-    ) -> str | None:
+        self,
+        key: builtins.str,
+        pattern: re.Pattern[builtins.str] | None = ...,
+        *,
+        nullable: Literal[False] = ...,
+        max_len: builtins.int = ...,
+    ) -> builtins.str: ...
+    @overload
+    def str(
+        self,
+        key: builtins.str,
+        pattern: re.Pattern[builtins.str] | None = ...,
+        *,
+        nullable: builtins.bool,
+        max_len: builtins.int = ...,
+    ) -> builtins.str | None: ...
+    def str(
+        self,
+        key: builtins.str,
+        pattern: re.Pattern[builtins.str] | None = None,
+        *,
+        nullable: builtins.bool = False,
+        max_len: builtins.int = 4096,
+    ) -> builtins.str | None:
         value = self.get(key, (str,), nullable=nullable)
         if value is not None and (len(value) > max_len or (pattern is not None and not pattern.match(value))):
             raise BundleError(f"{MANIFEST}: field '{self._field(key)}' has an invalid value {value[:80]!r}")
         return value
 
-    def int(self, key: str, minimum: int, maximum: int) -> int:
+    def int(self, key: builtins.str, minimum: builtins.int, maximum: builtins.int) -> builtins.int:
         value = self.get(key, (int,))
         if not minimum <= value <= maximum:
             raise BundleError(f"{MANIFEST}: field '{self._field(key)}' = {value} is outside [{minimum}, {maximum}]")
         return value
 
-    def list(self, key: str, max_items: int) -> list:
+    def list(self, key: builtins.str, max_items: builtins.int) -> builtins.list[Any]:
         value = self.get(key, (list,))
         if len(value) > max_items:
             raise BundleError(f"{MANIFEST}: field '{self._field(key)}' has more than {max_items} items")
         return value
 
-    def obj(self, key: str, *, nullable: bool = False) -> Fields | None:
+    @overload
+    def obj(self, key: builtins.str, *, nullable: Literal[False] = ...) -> Fields: ...
+    @overload
+    def obj(self, key: builtins.str, *, nullable: builtins.bool) -> Fields | None: ...
+    def obj(self, key: builtins.str, *, nullable: builtins.bool = False) -> Fields | None:
         value = self.get(key, (dict,), nullable=nullable)
         return None if value is None else Fields(value, self._field(key))
 

@@ -42,10 +42,11 @@ class DirBundle:
         self.path = Path(path)
         self._root = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the root may be `current`
         try:
-            self.manifest_bytes = self._read_small(MANIFEST, MAX_MANIFEST_BYTES)
-            if self.manifest_bytes is None:
+            manifest_bytes = self._read_small(MANIFEST, MAX_MANIFEST_BYTES)
+            if manifest_bytes is None:
                 raise BundleError(f"{self.path} has no {MANIFEST}; is it a bundle directory?")
-            self.signature_bytes = self._read_small(SIGNATURE, MAX_SIGNATURE_BYTES)
+            self.manifest_bytes: bytes = manifest_bytes
+            self.signature_bytes: bytes | None = self._read_small(SIGNATURE, MAX_SIGNATURE_BYTES)
             self.manifest = parse_manifest(self.manifest_bytes)
         except BaseException:
             os.close(self._root)

@@ -93,7 +93,11 @@ class StderrReporter:
     @contextlib.contextmanager
     def progress(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
         if not self.enabled:
-            yield lambda n=1: None
+            yield _no_progress
             return
         with click.progressbar(length=total, label=f"      {label}", file=sys.stderr) as bar:
             yield bar.update
+
+
+def _no_progress(n: int = 1) -> None:
+    return None

@@ -60,7 +60,7 @@ def _software(software: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-_MODES = {
+_MODES: dict[str | None, str] = {  # looked up with the plan's mode, which a document may lack
     "engine": "the shipped engine fits: TensorRT",
     "cached": "the engine this host rebuilt: TensorRT",
     "rebuild": "rebuild the engine here once, then TensorRT",

@@ -5,11 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from lmpack.errors import ConfigError, NotFoundError
 
-Record = TypeVar("Record")
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+Record = TypeVar("Record", bound=_Named)
 
 
 @dataclass(frozen=True)

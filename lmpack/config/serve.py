@@ -142,7 +142,9 @@ def serve_settings() -> tuple[SettingInfo, ...]:
 def _field_docs(cls: type) -> dict[str, str]:
     """The string literal after each field of `cls`, joined into one line (vLLM's get_attr_docs)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    class_def = tree.body[0]
+    assert isinstance(class_def, ast.ClassDef)  # the source of one class
+    body = class_def.body
     docs = {}
     for node, after in zip(body, body[1:], strict=False):
         if (
@@ -180,9 +182,11 @@ def read_serve_file(path: Path) -> dict[str, Any]:
     readers: dict[str | None, TableReader | None] = {None: top}
     values: dict[str, Any] = {}
     for info in serve_settings():
-        if info.meta.table not in readers:
-            readers[info.meta.table] = top.table(info.meta.table)
-        reader = readers[info.meta.table]
+        table = info.meta.table
+        if table not in readers:
+            assert table is not None  # the top level (None) is in readers from the start
+            readers[table] = top.table(table)
+        reader = readers[table]
         if reader is None:
             continue
         value = _read_field(reader, info)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import tomllib
 
@@ -27,16 +28,16 @@ def load_toml(path: Path) -> dict[str, Any]:
 class TableReader:
     """Reads fields out of one TOML table, remembering which were used so unknown keys are rejected."""
 
-    def __init__(self, data: dict[str, Any], *, source: str, prefix: str = ""):
+    def __init__(self, data: dict[builtins.str, Any], *, source: builtins.str, prefix: builtins.str = ""):
         self._data = data
         self._used: set[str] = set()
         self.source = source
         self.prefix = prefix
 
-    def _where(self, key: str) -> str:
+    def _where(self, key: builtins.str) -> builtins.str:
         return f"{self.source}: field '{self.prefix}{key}'"
 
-    def _get(self, key: str, expected: type | tuple[type, ...], default: Any, required: bool) -> Any:
+    def _get(self, key: builtins.str, expected: type | tuple[type, ...], default: Any, required: builtins.bool) -> Any:
         self._used.add(key)
         if key not in self._data:
             if required:
@@ -50,52 +51,156 @@ class TableReader:
             raise ConfigError(f"{self._where(key)} must be {_type_names(expected)}, got {value!r}")
         return value
 
+    # Each reader returns the field's value, or `default` when it is absent (an error when `required`): the
+    # overloads tell the type checker that a default or `required=True` never gives None.
+    @overload
     def str(
-        self, key: str, default: str | None = None, *, required: bool = False, choices: Iterable[str] | None = None
-    ) -> str | None:
+        self,
+        key: builtins.str,
+        default: builtins.str,
+        *,
+        required: builtins.bool = ...,
+        choices: Iterable[builtins.str] | None = ...,
+    ) -> builtins.str: ...
+    @overload
+    def str(
+        self,
+        key: builtins.str,
+        default: None = ...,
+        *,
+        required: Literal[True],
+        choices: Iterable[builtins.str] | None = ...,
+    ) -> builtins.str: ...
+    @overload
+    def str(
+        self,
+        key: builtins.str,
+        default: None = ...,
+        *,
+        required: builtins.bool = ...,
+        choices: Iterable[builtins.str] | None = ...,
+    ) -> builtins.str | None: ...
+    def str(
+        self,
+        key: builtins.str,
+        default: builtins.str | None = None,
+        *,
+        required: builtins.bool = False,
+        choices: Iterable[builtins.str] | None = None,
+    ) -> builtins.str | None:
         value = self._get(key, str, default, required)
         if value is not None and choices is not None and value not in set(choices):
             raise ConfigError(f"{self._where(key)} is {value!r}; expected one of: {', '.join(sorted(choices))}")
         return value
 
+    @overload
     def int(
         self,
-        key: str,
-        default: int | None = None,
+        key: builtins.str,
+        default: builtins.int,
         *,
-        required: bool = False,
-        minimum: int | None = None,
-        maximum: int | None = None,
-    ) -> int | None:
+        required: builtins.bool = ...,
+        minimum: builtins.int | None = ...,
+        maximum: builtins.int | None = ...,
+    ) -> builtins.int: ...
+    @overload
+    def int(
+        self,
+        key: builtins.str,
+        default: None = ...,
+        *,
+        required: Literal[True],
+        minimum: builtins.int | None = ...,
+        maximum: builtins.int | None = ...,
+    ) -> builtins.int: ...
+    @overload
+    def int(
+        self,
+        key: builtins.str,
+        default: None = ...,
+        *,
+        required: builtins.bool = ...,
+        minimum: builtins.int | None = ...,
+        maximum: builtins.int | None = ...,
+    ) -> builtins.int | None: ...
+    def int(
+        self,
+        key: builtins.str,
+        default: builtins.int | None = None,
+        *,
+        required: builtins.bool = False,
+        minimum: builtins.int | None = None,
+        maximum: builtins.int | None = None,
+    ) -> builtins.int | None:
         value = self._get(key, int, default, required)
         _check_range(self._where(key), value, minimum, maximum)
         return value
 
+    @overload
     def float(
         self,
-        key: str,
-        default: float | None = None,
+        key: builtins.str,
+        default: builtins.float,
         *,
-        required: bool = False,
-        minimum: float | None = None,
-        maximum: float | None = None,
-    ) -> float | None:
+        required: builtins.bool = ...,
+        minimum: builtins.float | None = ...,
+        maximum: builtins.float | None = ...,
+    ) -> builtins.float: ...
+    @overload
+    def float(
+        self,
+        key: builtins.str,
+        default: None = ...,
+        *,
+        required: Literal[True],
+        minimum: builtins.float | None = ...,
+        maximum: builtins.float | None = ...,
+    ) -> builtins.float: ...
+    @overload
+    def float(
+        self,
+        key: builtins.str,
+        default: None = ...,
+        *,
+        required: builtins.bool = ...,
+        minimum: builtins.float | None = ...,
+        maximum: builtins.float | None = ...,
+    ) -> builtins.float | None: ...
+    def float(
+        self,
+        key: builtins.str,
+        default: builtins.float | None = None,
+        *,
+        required: builtins.bool = False,
+        minimum: builtins.float | None = None,
+        maximum: builtins.float | None = None,
+    ) -> builtins.float | None:
         value = self._get(key, (int, float), default, required)
         value = None if value is None else float(value)
         _check_range(self._where(key), value, minimum, maximum)
         return value
 
-    def bool(self, key: str, default: bool | None = None, *, required: bool = False) -> bool | None:
+    @overload
+    def bool(self, key: builtins.str, default: builtins.bool, *, required: builtins.bool = ...) -> builtins.bool: ...
+    @overload
+    def bool(self, key: builtins.str, default: None = ..., *, required: Literal[True]) -> builtins.bool: ...
+    @overload
+    def bool(
+        self, key: builtins.str, default: None = ..., *, required: builtins.bool = ...
+    ) -> builtins.bool | None: ...
+    def bool(
+        self, key: builtins.str, default: builtins.bool | None = None, *, required: builtins.bool = False
+    ) -> builtins.bool | None:
         return self._get(key, bool, default, required)
 
     def str_list(
         self,
-        key: str,
-        default: list[str] | None = None,
+        key: builtins.str,
+        default: list[builtins.str] | None = None,
         *,
-        required: bool = False,
-        choices: Iterable[str] | None = None,
-    ) -> list[str]:
+        required: builtins.bool = False,
+        choices: Iterable[builtins.str] | None = None,
+    ) -> list[builtins.str]:
         value = self._get(key, list, default if default is not None else [], required)
         allowed = set(choices) if choices is not None else None
         for item in value:
@@ -105,13 +210,17 @@ class TableReader:
                 raise ConfigError(f"{self._where(key)} has {item!r}; expected items from: {', '.join(sorted(allowed))}")
         return list(value)
 
-    def table(self, key: str, *, required: bool = False) -> TableReader | None:
+    @overload
+    def table(self, key: builtins.str, *, required: Literal[True]) -> TableReader: ...
+    @overload
+    def table(self, key: builtins.str, *, required: builtins.bool = ...) -> TableReader | None: ...
+    def table(self, key: builtins.str, *, required: builtins.bool = False) -> TableReader | None:
         value = self._get(key, dict, None, required)
         if value is None:
             return None
         return TableReader(value, source=self.source, prefix=f"{self.prefix}{key}.")
 
-    def tables(self, key: str, *, required: bool = False) -> list[TableReader]:
+    def tables(self, key: builtins.str, *, required: builtins.bool = False) -> list[TableReader]:
         value = self._get(key, list, [], required)
         readers = []
         for index, item in enumerate(value):
@@ -120,7 +229,7 @@ class TableReader:
             readers.append(TableReader(item, source=self.source, prefix=f"{self.prefix}{key}[{index}]."))
         return readers
 
-    def rest(self) -> dict[str, Any]:
+    def rest(self) -> dict[builtins.str, Any]:
         """The fields not read yet, for a nested model (step parameters) to validate itself."""
         return {k: v for k, v in self._data.items() if k not in self._used}
 

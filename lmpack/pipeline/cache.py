@@ -77,7 +77,9 @@ class StepCache:
                 shutil.rmtree(staging, ignore_errors=True)
             else:
                 os.rename(staging, final)
-        return self.get(key)
+        entry = self.get(key)
+        assert entry is not None  # final now holds a complete entry (meta written before the rename): ours or theirs
+        return entry
 
     @staticmethod
     def discard(staging: Path) -> None:

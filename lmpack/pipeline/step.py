@@ -35,9 +35,13 @@ class Artifact:
 ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager]
 
 
+def _no_progress(n: int = 1) -> None:
+    return None
+
+
 @contextlib.contextmanager
 def silent_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    yield lambda n=1: None
+    yield _no_progress
 
 
 @dataclass

@@ -186,7 +186,7 @@ class Batcher:
     def _decode(self, active: list[_Sequence], batch: BatchKV) -> None:
         """One batched step for every row; the sequences that finished leave the batch."""
         self.on_step(len(active))
-        logits = self.runner.step_batch([seq.generation.decoding.token for seq in active], batch)
+        logits = self.runner.step_batch([seq.generation.decoding.next_token for seq in active], batch)
         now = time.perf_counter()
         going = []
         for row, seq in enumerate(active):

@@ -16,21 +16,23 @@ from typing import Any
 import numpy as np
 
 from lmpack.bundle.variant_dir import EMBEDDING, TEXT_GENERATION
+from lmpack.config.serve import ServeSettings
 from lmpack.errors import RequestError
 from lmpack.runtime.chat import ChatTemplate
 from lmpack.runtime.generation import Generation, GenerationLoop, SoloLoop
 from lmpack.runtime.heap import release_file_pages, release_freed_heap
-from lmpack.runtime.sampling import MAX_TOKENS_LIMIT, SamplingParams
+from lmpack.runtime.sampling import SamplingParams
 from lmpack.runtime.sessions import DecoderRunner, EncoderRunner
 from lmpack.runtime.variant import Variant
 
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
+_MAX_TOKENS_LIMIT = ServeSettings().max_tokens_limit  # `lmpack generate` holds to serve's default limit too
 
 
 class DecoderEngine:
     """A text-generation variant ready to answer: session, tokenizer, chat template, EOS ids, limits."""
 
-    def __init__(self, variant: Variant, *, threads: int | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT):
+    def __init__(self, variant: Variant, *, threads: int | None = None, max_tokens_limit: int = _MAX_TOKENS_LIMIT):
         if variant.task != TEXT_GENERATION:
             raise RequestError(f"{variant.name} is an embedding model (task {variant.task}); it cannot generate text")
         self.variant = variant
@@ -179,7 +181,7 @@ def _load(variant: Variant, make_runner: Callable[[], Any]) -> tuple[Any, Any]:
 
 
 def load_engine(
-    variant: Variant, *, threads: int | None = None, max_tokens_limit: int = MAX_TOKENS_LIMIT
+    variant: Variant, *, threads: int | None = None, max_tokens_limit: int = _MAX_TOKENS_LIMIT
 ) -> DecoderEngine | EncoderEngine:
     """The engine that fits the variant's task."""
     if variant.task == EMBEDDING:

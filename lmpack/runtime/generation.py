@@ -86,6 +86,12 @@ class Decoding:
         self.token = token
         return text
 
+    @property
+    def next_token(self) -> int:
+        """`token`, for a sequence that is not finished: what the next model step is fed."""
+        assert self.token is not None  # advance() sets it whenever it does not finish the sequence
+        return self.token
+
     def _finish(self, reason: str) -> str:
         tail = self.stops.push(self.decoder.flush()) + self.stops.flush()
         self.finish_reason = "stop" if self.stops.stopped else reason
@@ -180,7 +186,7 @@ class SoloLoop:
                 yield text
             if decoding.finish_reason is not None:
                 break
-            logits = self.runner.step([decoding.token], cache)
+            logits = self.runner.step([decoding.next_token], cache)
             generation.decode_seconds = time.perf_counter() - started
         generation.finish_reason = decoding.finish_reason
 

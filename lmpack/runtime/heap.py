@@ -77,7 +77,7 @@ def _madvise() -> Any:
 
 def _file_mappings(smaps: str) -> Iterator[tuple[int, int, str, int, int]]:
     """(start, end, path, resident KiB, modified KiB) of each file mapping in /proc/<pid>/smaps text."""
-    mapping = None
+    mapping: list[Any] | None = None  # the fields above, in that order
     for line in smaps.splitlines():
         fields = line.split()
         if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):

@@ -96,4 +96,5 @@ class Metrics:
             (self.cache_hits if hit else self.cache_misses).inc()
 
     def render(self) -> tuple[bytes, str]:
+        assert self.registry is not None  # only called when enabled (/metrics answers 404 otherwise)
         return self._prom.generate_latest(self.registry), self._prom.CONTENT_TYPE_LATEST

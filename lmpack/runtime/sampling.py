@@ -16,10 +16,8 @@ from lmpack.errors import RequestError
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 256
 MAX_TOP_K = 1000
-# A completion's token budget (resolve_max_tokens): the most a request may ask for (serve's max_tokens_limit
-# default), what a chat completion gets when it asks for none, and OpenAI's default for /v1/completions.
-MAX_TOKENS_LIMIT = 4096
-CHAT_DEFAULT_MAX_TOKENS = 512
+# OpenAI's token budget for a /v1/completions request that sets none (resolve_max_tokens); the limit and the
+# chat default are serve settings (config/serve.py: max_tokens_limit, default_max_tokens).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 

@@ -253,9 +253,13 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     check_model(body, state.model_id)
     req = parse_generation(body, chat=chat, defaults=engine.defaults(), max_tokens_limit=engine.max_tokens_limit)
     prompt_param = "messages" if chat else "prompt"
-    ids = await asyncio.get_running_loop().run_in_executor(
-        None, engine.encode_chat if chat else engine.encode_prompt, req.messages if chat else req.prompt
-    )
+    loop = asyncio.get_running_loop()
+    if chat:
+        assert req.messages is not None  # parse_generation: a chat request has its messages
+        ids = await loop.run_in_executor(None, engine.encode_chat, req.messages)
+    else:
+        assert req.prompt is not None  # parse_generation: a completion request has its prompt
+        ids = await loop.run_in_executor(None, engine.encode_prompt, req.prompt)
     params = req.params(state.max_tokens(req.max_tokens, chat=chat, prompt_tokens=len(ids)))
     key, cached = state.cached(chat=chat, prompt=req.messages if chat else req.prompt, params=params)
     if cached is not None:  # a replay needs no generation slot
@@ -352,11 +356,14 @@ ROUTES = [
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, RequestError):
-        exc = ApiError.from_request_error(exc)
+        error = ApiError.from_request_error(exc)
     elif isinstance(exc, HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        exc = ApiError(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
-    return error_response(exc)
+        error = ApiError(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
+    else:
+        assert isinstance(exc, ApiError)  # the handler of these three classes only (create_app)
+        error = exc
+    return error_response(error)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -447,7 +454,7 @@ def serve(
             # KeyboardInterrupt); a drained stop is a clean one: exit 0.
             getattr(self, "_captured_signals", []).clear()
 
-    tls = (
+    tls: dict[str, Any] = (
         {}
         if settings.tls_cert is None
         else {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}

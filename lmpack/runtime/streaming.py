@@ -37,7 +37,7 @@ async def sse_events(
     chat: bool,
     include_usage: bool,
     on_first_text: Callable[[], None] | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[str]:
     if chat:
         yield sse(chunk_body(id=ident, model=model, chat=True, role=True))
     first = True
@@ -63,7 +63,7 @@ async def sse_events(
     yield sse("[DONE]")
 
 
-async def queue_items(queue: asyncio.Queue) -> AsyncIterator[Item]:
+async def queue_items(queue: asyncio.Queue[Item]) -> AsyncIterator[Item]:
     """Items a worker thread pushes onto `queue`, until the end or an error."""
     while True:
         item = await queue.get()
@@ -106,16 +106,17 @@ class StreamHooks:
     submit: Callable[[Callable[[], None]], concurrent.futures.Future]  # run in a worker that holds the request's slot
     on_first_text: Callable[[float], None]  # seconds from the request's admission to its first text
     on_tokens: Callable[[int, int], None]  # prompt and completion tokens, however the stream ended
-    on_answer: Callable[[CachedAnswer], None] | None = None  # the whole answer of a finished generation (the cache)
+    on_answer: Callable[[CachedAnswer], object] | None = None  # the whole answer of a finished generation (the cache)
 
 
 def live_stream(
     generation: Generation, cancel: threading.Event, hooks: StreamHooks, *, model: str, chat: bool, include_usage: bool
 ) -> Response:
     """A generation streamed as it runs: a worker pushes its deltas onto the loop; a client that leaves cancels it."""
-    started, loop, queue = time.perf_counter(), asyncio.get_running_loop(), asyncio.Queue()
+    started, loop = time.perf_counter(), asyncio.get_running_loop()
+    queue: asyncio.Queue[Item] = asyncio.Queue()
 
-    def push(item) -> None:
+    def push(item: Item) -> None:
         try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:  # the loop is gone: nobody to tell

@@ -111,8 +111,12 @@ def rebuild_options(variant: Variant, facts: EngineFacts, out_dir: Path) -> dict
     table (variant.json) and the engine's precision and profile shapes (lmpack-model.json)."""
     from lmpack.runtime.trt_build import engine_options
 
-    target = variant.meta.get("target") if isinstance(variant.meta.get("target"), dict) else {}
-    trt = target.get("tensorrt") if isinstance(target.get("tensorrt"), dict) else {}
+    target = variant.meta.get("target")
+    if not isinstance(target, dict):
+        target = {}
+    trt = target.get("tensorrt")
+    if not isinstance(trt, dict):
+        trt = {}
     return engine_options(
         precision=facts.precision or str(variant.meta.get("precision", "fp32")),
         workspace_gib=float(trt.get("workspace_gib", 4)),
@@ -136,7 +140,9 @@ def rebuild(
     """Build the engine from the variant's ONNX into cache entry `entry`, atomically; False when another
     process published the same entry first (its engine is then used). `build` is trt_build.build_engine."""
     if build is None:
-        from lmpack.runtime.trt_build import build_engine as build
+        from lmpack.runtime.trt_build import build_engine
+
+        build = build_engine
 
     def write(staging: Path) -> None:
         staging.mkdir(parents=True)
@@ -237,6 +243,7 @@ def apply_plan(
         ):
             check_gpu_memory(need_bytes, free_gpu(), variant=variant.name)
         return variant
+    assert facts is not None  # a plan is only made from an engine's recorded facts (select.judge)
     for line in plan.mismatches:
         log.info("variant %s: shipped TensorRT engine: %s", variant.name, line)
     if plan.mode == REFUSE:
@@ -275,7 +282,13 @@ def apply_plan(
 
 
 def _use_entry(
-    variant: Variant, facts: EngineFacts, host: HostFacts, entry: Path, plan: EnginePlan, *, build
+    variant: Variant,
+    facts: EngineFacts,
+    host: HostFacts,
+    entry: Path,
+    plan: EnginePlan,
+    *,
+    build: Callable[[Path, dict[str, Any]], None] | None,
 ) -> Variant:
     digest = recorded_model_digest(variant.path)
     if cached(entry, digest) and not (problems := verify_entry(entry)):

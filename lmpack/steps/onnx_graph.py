@@ -279,7 +279,8 @@ def fuse_sibling_matmul_nbits(model) -> int:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if set(attrs) - {"N", *_NBITS_SHARED}:
             continue
-        groups[(node.input[0], *(attrs.get(k) for k in _NBITS_SHARED))].append((node, attrs))
+        key = (node.input[0], *(attrs.get(k) for k in _NBITS_SHARED))  # apart: mypy takes `d[(a, *b)]` for 3.11 syntax
+        groups[key].append((node, attrs))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
     removed = 0
     for key, members in groups.items():

@@ -130,7 +130,7 @@ def _drop_layers(model, layers, attr_path: str, params: PruneParams, *, tokenize
     for new_index, layer in enumerate(new_layers):
         for module in layer.modules():  # the KV cache is indexed by layer (self_attn in Llama, attn in GPT-2, ...)
             if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = new_index
+                module.layer_idx = new_index  # type: ignore[assignment]  # torch stubs: Module attrs are Tensor/Module
     parent = model
     *parents, last = attr_path.split(".")
     for part in parents:

@@ -198,8 +198,11 @@ def _refuse_or_convert_pickle(source: Path, directory: Path, config: dict, *, al
     model.save_pretrained(directory, safe_serialization=True)
 
 
-def _model_class(config: dict) -> type:
-    """The class config.json's `architectures` names (AutoModel would drop a head: LlamaForCausalLM -> LlamaModel)."""
+def _model_class(config: dict) -> Any:
+    """The class config.json's `architectures` names (AutoModel would drop a head: LlamaForCausalLM -> LlamaModel).
+
+    A PreTrainedModel subclass or the AutoModel factory: both have `from_pretrained`, no common base declares it.
+    """
     import transformers
 
     name = (config.get("architectures") or [None])[0]

@@ -75,16 +75,19 @@ class TensorrtStep(Step):
             )
         shutil.copytree(source.path, out_dir, dirs_exist_ok=True)
         info = read_model_info(out_dir)
-        options = provider_options(ctx.target, ctx.profile.precision, info, self.params, out_dir)
+        target, profile = ctx.target, ctx.profile
+        # a build sets both, and check() refused a target without a [tensorrt] table
+        assert target is not None and target.tensorrt is not None and profile is not None
+        options = provider_options(target, profile.precision, info, self.params, out_dir)
         build_engine(onnx_model_path(out_dir), options)
         if not (out_dir / ENGINE_MODEL).is_file():
             raise StepError(f"the TensorRT provider did not write {ENGINE_MODEL}")
         facts = {
             **gpu,
             **_runtime_versions(),
-            "precision": ctx.profile.precision,
-            "hardware_compatibility": ctx.target.tensorrt.hardware_compatibility,
-            "version_compatible": ctx.target.tensorrt.version_compatible,
+            "precision": profile.precision,
+            "hardware_compatibility": target.tensorrt.hardware_compatibility,
+            "version_compatible": target.tensorrt.version_compatible,
             "sparse_weights": self.params.sparse_weights,
             "profile_shapes": {k: options[k] for k in options if k.startswith("trt_profile_")},
         }

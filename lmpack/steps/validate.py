@@ -59,7 +59,9 @@ class ValidateStep(Step):
         return _compare_decoders(reference.path, source.path, self.params, threads=threads, progress=ctx.progress)
 
     def finish(self, ctx: StepContext, source: Artifact, metrics: dict[str, Any]) -> None:
-        gate = ctx.profile.quality
+        profile = ctx.profile
+        assert profile is not None  # a build's steps run with its profile
+        gate = profile.quality
         failures = []
         if "perplexity_increase" in metrics:
             if metrics["perplexity_increase"] > gate.max_perplexity_increase:
@@ -77,7 +79,7 @@ class ValidateStep(Step):
         metrics["gate"] = "failed" if failures else "passed"
         if failures and not ctx.options.get("allow_quality_loss"):
             raise QualityGateError(
-                f"quality gate of profile {ctx.profile.name!r} failed: {'; '.join(failures)}",
+                f"quality gate of profile {profile.name!r} failed: {'; '.join(failures)}",
                 hint="choose a gentler profile, or pass --allow-quality-loss to keep it anyway",
                 measured=metrics,
             )
