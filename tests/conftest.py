@@ -128,6 +128,14 @@ def session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lmpack-cache")
 
 
+def _build(request, model_fixture: str, out: Path, profile: str = "int8") -> Path:
+    """The tiny model of `model_fixture` built for cpu-x86 with `profile` into `out`, through the session's cache."""
+    from lmpack import api
+
+    model, cache = request.getfixturevalue(model_fixture), request.getfixturevalue("session_cache")
+    return api.build(str(model), target="cpu-x86", profile=profile, output_dir=out, cache_dir=cache).variant_dir
+
+
 @pytest.fixture(scope="session")
 def llama_variant(request, tmp_path_factory) -> Path:
     """The tiny Llama built for cpu-x86 int8 (onnxruntime-genai's graph, right-padded batches): what the runtime,
@@ -135,15 +143,7 @@ def llama_variant(request, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("variants")
     if RUNTIME_ONLY:
         return write_decoder_variant(out / "tiny-llama-cpu-x86-int8", layout="right")
-    from lmpack import api
-
-    return api.build(
-        str(request.getfixturevalue("tiny_llama")),
-        target="cpu-x86",
-        profile="int8",
-        output_dir=out,
-        cache_dir=request.getfixturevalue("session_cache"),
-    ).variant_dir
+    return _build(request, "tiny_llama", out)
 
 
 @pytest.fixture(scope="session")
@@ -152,15 +152,7 @@ def bert_variant(request, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("variants")
     if RUNTIME_ONLY:
         return write_encoder_variant(out / "tiny-bert-cpu-x86-int8")
-    from lmpack import api
-
-    return api.build(
-        str(request.getfixturevalue("tiny_bert")),
-        target="cpu-x86",
-        profile="int8",
-        output_dir=out,
-        cache_dir=request.getfixturevalue("session_cache"),
-    ).variant_dir
+    return _build(request, "tiny_bert", out)
 
 
 @pytest.fixture(scope="session")
@@ -169,22 +161,13 @@ def llama_variant_optimum(request, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("variants-optimum")
     if RUNTIME_ONLY:
         return write_decoder_variant(out / "tiny-llama-int8-optimum", layout="left")
-    from lmpack import api
-
-    tiny_llama, session_cache = request.getfixturevalue("tiny_llama"), request.getfixturevalue("session_cache")
     profile = (REPO / "profiles" / "int8.toml").read_text()
     profile = profile.replace('name = "int8"', 'name = "int8-optimum"').replace(
         '[[steps]]\nname = "export"\n', '[[steps]]\nname = "export"\nexporter = "optimum"\n'
     )
     assert 'exporter = "optimum"' in profile
     (out / "int8-optimum.toml").write_text(profile)
-    return api.build(
-        str(tiny_llama),
-        target="cpu-x86",
-        profile=str(out / "int8-optimum.toml"),
-        output_dir=out,
-        cache_dir=session_cache,
-    ).variant_dir
+    return _build(request, "tiny_llama", out, profile=str(out / "int8-optimum.toml"))
 
 
 @pytest.fixture
