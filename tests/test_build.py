@@ -125,6 +125,7 @@ def test_quality_gate_failure_writes_nothing_and_shows_the_numbers(tiny_llama, s
     )
     assert result.exit_code == 8
     assert "quality gate" in result.output and "allowed +0.00%" in result.output
+    assert "top-1 agreement" in result.output  # every check's verdict, whichever failed
     assert not out.exists() or not any(out.iterdir())
     kept = build(
         str(tiny_llama),
@@ -368,3 +369,23 @@ def test_a_failing_builder_names_itself_and_its_last_output(model_copy, tiny_lla
     assert "error: onnxruntime-genai's builder failed: RuntimeError" in result.output
     assert "size mismatch" in result.output and "ONNX export of" not in result.output  # said once, not re-wrapped
     assert not (tmp_path / "dist").exists()
+
+
+def test_a_failed_gate_reports_every_check_whichever_failed():
+    """Top-1 agreement alone fails: the message still carries the perplexity check and its verdict."""
+    from dataclasses import replace
+
+    from lmpack.config.profiles import QualityGate, load_profile
+    from lmpack.errors import QualityGateError
+    from lmpack.pipeline.step import StepContext
+    from lmpack.steps.validate import ValidateParams, ValidateStep
+
+    gate = QualityGate(max_perplexity_increase=0.02, min_top1_agreement=0.9, min_cosine_similarity=0.99)
+    ctx = StepContext(profile=replace(load_profile("int8"), quality=gate))
+    metrics = {"perplexity_increase": -0.01, "top1_agreement": 0.5}
+    with pytest.raises(QualityGateError) as caught:
+        ValidateStep(ValidateParams()).finish(ctx, None, metrics)
+    message = caught.value.message
+    assert "perplexity -1.00% (allowed +2.00%): ok" in message
+    assert "top-1 agreement 0.500 (needs 0.900): FAILED" in message
+    assert metrics["gate"] == "failed"

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from lmpack.bundle.variant_dir import EMBEDDING
+from lmpack.config.profiles import QualityGate
 from lmpack.errors import QualityGateError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
 from lmpack.steps.export import onnx_model_path, read_model_info
@@ -61,30 +62,44 @@ class ValidateStep(Step):
     def finish(self, ctx: StepContext, source: Artifact, metrics: dict[str, Any]) -> None:
         profile = ctx.profile
         assert profile is not None  # a build's steps run with its profile
-        gate = profile.quality
-        failures = []
-        if "perplexity_increase" in metrics:
-            if metrics["perplexity_increase"] > gate.max_perplexity_increase:
-                failures.append(
-                    f"perplexity +{metrics['perplexity_increase']:.2%} (allowed +{gate.max_perplexity_increase:.2%})"
-                )
-            if metrics["top1_agreement"] < gate.min_top1_agreement:
-                failures.append(
-                    f"top-1 agreement {metrics['top1_agreement']:.3f} (needs {gate.min_top1_agreement:.3f})"
-                )
-        if "cosine_similarity_mean" in metrics and metrics["cosine_similarity_mean"] < gate.min_cosine_similarity:
-            failures.append(
-                f"cosine similarity {metrics['cosine_similarity_mean']:.4f} (needs {gate.min_cosine_similarity:.4f})"
-            )
-        metrics["gate"] = "failed" if failures else "passed"
-        if failures and not ctx.options.get("allow_quality_loss"):
+        checks = gate_checks(profile.quality, metrics)
+        failed = not all(ok for _, ok in checks)
+        metrics["gate"] = "failed" if failed else "passed"
+        if failed and not ctx.options.get("allow_quality_loss"):
+            # every check with its verdict, not only the failed ones: which fails first depends on the numbers
+            results = "; ".join(f"{text}: {'ok' if ok else 'FAILED'}" for text, ok in checks)
             raise QualityGateError(
-                f"quality gate of profile {profile.name!r} failed: {'; '.join(failures)}",
+                f"quality gate of profile {profile.name!r} failed: {results}",
                 hint="choose a gentler profile, or pass --allow-quality-loss to keep it anyway",
                 measured=metrics,
             )
-        if failures:
+        if failed:
             metrics["gate"] = "overridden"
+
+
+def gate_checks(gate: QualityGate, metrics: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Each of the gate's checks that the measurements allow, as (what was measured against what, passed)."""
+    checks = []
+    if "perplexity_increase" in metrics:
+        increase, top1 = metrics["perplexity_increase"], metrics["top1_agreement"]
+        checks.append(
+            (
+                f"perplexity {increase:+.2%} (allowed +{gate.max_perplexity_increase:.2%})",
+                increase <= gate.max_perplexity_increase,
+            )
+        )
+        checks.append(
+            (f"top-1 agreement {top1:.3f} (needs {gate.min_top1_agreement:.3f})", top1 >= gate.min_top1_agreement)
+        )
+    if "cosine_similarity_mean" in metrics:
+        cosine = metrics["cosine_similarity_mean"]
+        checks.append(
+            (
+                f"cosine similarity {cosine:.4f} (needs {gate.min_cosine_similarity:.4f})",
+                cosine >= gate.min_cosine_similarity,
+            )
+        )
+    return checks
 
 
 def _compare_decoders(ref_dir: Path, opt_dir: Path, params: ValidateParams, *, threads, progress) -> dict[str, Any]:
