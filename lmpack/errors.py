@@ -138,6 +138,12 @@ class SwitchError(LmpackError):
     exit_code = 19
 
 
+class AddressInUseError(LmpackError):
+    """`lmpack serve` cannot listen on its address: the port is taken, or the host is not this machine's."""
+
+    exit_code = 21
+
+
 class GpuMemoryError(LmpackError):
     """The GPU has too little free memory to load the chosen variant; the message names both numbers."""
 

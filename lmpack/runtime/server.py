@@ -433,8 +433,10 @@ def serve(
 
     if not logging.getLogger().handlers:  # this is the process's entry point: make the selection's reasons visible
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    from lmpack.runtime.listen import listen_socket
     from lmpack.runtime.select import prepare_variant
 
+    sock = listen_socket(settings.host, settings.port)  # before loading: a taken port fails in a moment
     variant = prepare_variant(
         path,
         variant=settings.variant,
@@ -468,4 +470,4 @@ def serve(
         server_header=False,
         **tls,
     )
-    DrainingServer(uv_config).run()
+    DrainingServer(uv_config).run(sockets=[sock])

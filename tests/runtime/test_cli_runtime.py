@@ -62,3 +62,30 @@ def test_sigterm_lets_a_running_stream_finish(llama_variant, tmp_path):
         assert first and rest[-1] == "data: [DONE]"
         assert json.loads(rest[-2][5:])["choices"][0]["finish_reason"] == "length"
         assert server.process.wait(timeout=30) == 0
+
+
+def test_serve_on_a_port_in_use_says_so_before_loading_the_model(llama_variant, tmp_path):
+    """A taken port is one error line with its own exit code, at once: the model is not loaded first."""
+    import socket
+    import subprocess
+    import sys
+
+    from runtime_servers import REPO
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-m", "lmpack", "serve", str(llama_variant), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        )
+        seconds = time.monotonic() - started
+    assert done.returncode == 21, done.stderr
+    assert f"error: port {port} on 127.0.0.1 is already in use" in done.stderr and "hint:" in done.stderr
+    assert "serving variant" not in done.stderr and "Traceback" not in done.stderr  # nothing was loaded
+    assert seconds < 30
