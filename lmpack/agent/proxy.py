@@ -30,6 +30,7 @@ log = logging.getLogger("lmpack.agent")
 HEAD_LIMIT = 64 * 1024
 BODY_LIMIT = 64 * 1024 * 1024
 RETRY_PAUSE = 0.05
+CLOSE_SECONDS = 2.0  # how long a closing client connection may take before it is aborted
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"}
 
 
@@ -53,6 +54,7 @@ class Proxy:
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Task] = set()  # the connections being handled (loop thread only)
         self.requests_total = 0
         self.retries_total = 0
         self.unavailable_total = 0  # answered 503 by the proxy: no backend within wait_seconds
@@ -96,6 +98,8 @@ class Proxy:
         while self._total_in_flight() and time.monotonic() < deadline:
             time.sleep(0.02)
         if self._thread is not None:
+            # connections still open (a client that never sent its request) end now, not as pending tasks
+            asyncio.run_coroutine_threadsafe(self._end_connections(), self._loop).result(timeout)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
 
@@ -116,6 +120,11 @@ class Proxy:
     # --- the event loop's side -----------------------------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Held here until done: asyncio keeps a connection's task only through its transport, and a task whose
+        # client hung up mid-close was collected while pending ("Task was destroyed but it is pending").
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             request = await _read_request(reader, writer)
             if request is not None:
@@ -124,9 +133,15 @@ class Proxy:
         except (ConnectionError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # the client went away or sent garbage: nothing to answer
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            await _close(writer)
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _end_connections(self) -> None:
+        tasks = [task for task in self._tasks if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _forward(self, request: bytes, client: asyncio.StreamWriter) -> None:
         deadline = time.monotonic() + self.wait_seconds
@@ -250,6 +265,17 @@ async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         return None
     body = await reader.readexactly(length) if length else b""
     return b"\r\n".join([lines[0], *headers, b"Connection: close", b"", b""]) + body
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close a client connection; one that does not finish closing in a moment (its peer is gone) is aborted."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_SECONDS)
+    except asyncio.TimeoutError:
+        writer.transport.abort()
+    except Exception:  # the peer reset it: the connection is gone either way
+        pass
 
 
 def _rewrite_response_head(head: bytes) -> bytes:
