@@ -274,12 +274,15 @@ def generate(
     return engine.generate(ids, params, prompt_param="messages" if chat else "prompt").result(on_text)
 
 
-def run_agent(config_path: Path) -> int:
-    """Run the agent for agent.toml until SIGTERM (docs/operations.md); returns the exit status (0)."""
+def run_agent(config_path: Path, *, strict: bool = False) -> int:
+    """Run the agent for agent.toml until SIGTERM (docs/operations.md); returns the exit status (0).
+
+    With `strict`, a notifier that cannot deliver (a syslog socket that is not there) stops the start (exit 3)
+    instead of a warning."""
     from lmpack.agent.config import load_agent_config
     from lmpack.agent.daemon import run_agent as run
 
-    return run(load_agent_config(config_path))
+    return run(load_agent_config(config_path), strict=strict)
 
 
 DEFAULT_AGENT_URL = "http://127.0.0.1:9100"

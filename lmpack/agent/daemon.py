@@ -23,12 +23,12 @@ from typing import Any
 from lmpack.agent.alerts import AlertEngine
 from lmpack.agent.config import AgentConfig
 from lmpack.agent.metrics import HostSampler, ServerScrape, gpu_sample, render_prometheus
-from lmpack.agent.notifiers import Dispatcher, make_notifier
+from lmpack.agent.notifiers import Dispatcher, Notifier, make_notifier
 from lmpack.agent.proxy import Proxy
 from lmpack.agent.supervisor import resolve_variant
 from lmpack.agent.switch import VersionSwitcher
 from lmpack.agent.systemd import SystemdNotifier
-from lmpack.errors import AgentError, LmpackError
+from lmpack.errors import AgentError, ConfigError, LmpackError
 
 log = logging.getLogger("lmpack.agent")
 
@@ -96,8 +96,9 @@ def _handler(snapshot: Snapshot, control: ControlFn) -> type[BaseHTTPRequestHand
 
 
 class Agent:
-    def __init__(self, config: AgentConfig):
+    def __init__(self, config: AgentConfig, *, strict: bool = False):
         self.config = config
+        self.strict = strict  # refuse to start with a notifier that cannot deliver, rather than warn
         self.stopping = threading.Event()
         self.wake = threading.Event()  # a signal or a queued switch: run the loop now
         self.proxy = Proxy(config.server.host, config.server.port, wait_seconds=config.switch.backend_wait_seconds)
@@ -159,11 +160,27 @@ class Agent:
         }
         self.snapshot.set(status, values)
 
+    def _check_notifiers(self, notifiers: list[Notifier]) -> None:
+        """A notifier that cannot deliver (no syslog socket here) is said at start-up: a warning, or with
+        `strict` a refusal to start, rather than a failed delivery at the first alert."""
+        for notifier in notifiers:
+            problem = notifier.problem()
+            if problem is None:
+                continue
+            if self.strict:
+                raise ConfigError(
+                    f"{self.config.source}: {problem}",
+                    hint="fix or remove that [[notifiers]] entry, or start without --strict to only warn",
+                )
+            log.warning("alerts cannot be delivered through %s: %s", type(notifier).__name__, problem)
+
     def run(self) -> int:
         """Supervise until SIGTERM or SIGINT; then drain the server and exit 0."""
         resolve_variant(self.config.server)  # a wrong path fails now, before anything starts
+        notifiers = [make_notifier(spec) for spec in self.config.notifiers]
+        self._check_notifiers(notifiers)
         http = self._bind()
-        dispatcher = Dispatcher([make_notifier(spec) for spec in self.config.notifiers])
+        dispatcher = Dispatcher(notifiers)
 
         def on_signal(*_: Any) -> None:
             self.stopping.set()
@@ -239,6 +256,6 @@ class Agent:
         return server
 
 
-def run_agent(config: AgentConfig) -> int:
+def run_agent(config: AgentConfig, *, strict: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return Agent(config).run()
+    return Agent(config, strict=strict).run()

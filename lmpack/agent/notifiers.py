@@ -11,9 +11,11 @@ import json
 import logging
 import logging.handlers
 import queue
+import socket
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from typing import Any, Protocol, TextIO
@@ -24,7 +26,11 @@ log = logging.getLogger("lmpack.agent")
 
 
 class Notifier(Protocol):
-    def send(self, event: dict[str, Any]) -> None: ...
+    def send(self, event: dict[str, Any]) -> None:
+        """Deliver one event; raise OSError (one line: what failed and why) when it cannot be delivered."""
+
+    def problem(self) -> str | None:
+        """Why events could not be delivered now (checked at start-up), or None."""
 
 
 class LogNotifier:
@@ -37,6 +43,9 @@ class LogNotifier:
         stream = self.stream or sys.stderr
         stream.write(json.dumps({"event": "alert", **event}, sort_keys=True) + "\n")
         stream.flush()
+
+    def problem(self) -> str | None:
+        return None
 
 
 class WebhookNotifier:
@@ -69,9 +78,20 @@ class WebhookNotifier:
                 self._sleep(self.backoff * 2**attempt)
         raise OSError(f"webhook {self.url} failed after {self.retries + 1} attempts: {error}")
 
+    def problem(self) -> str | None:
+        """Only the URL's form: the receiver may well start after the agent."""
+        scheme = urllib.parse.urlsplit(self.url).scheme
+        return None if scheme in ("http", "https") else f"webhook URL {self.url!r} is not http:// or https://"
+
 
 def syslog_message(event: dict[str, Any]) -> str:
     return f"lmpack-agent: {json.dumps({'event': 'alert', **event}, sort_keys=True)}"
+
+
+class _SysLogHandler(logging.handlers.SysLogHandler):
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Raise the failure (the dispatcher logs it in one line) instead of printing logging's traceback."""
+        raise  # called from SysLogHandler.emit's except clause, with the error in flight
 
 
 class SyslogNotifier:
@@ -81,7 +101,19 @@ class SyslogNotifier:
     _LEVELS: dict[str | None, int] = {"critical": logging.CRITICAL, "warning": logging.WARNING, "info": logging.INFO}
 
     def __init__(self, address: str = "/dev/log"):
-        self.handler = logging.handlers.SysLogHandler(address=address)
+        self.address = address
+        self.handler = _SysLogHandler(address=address)
+
+    def problem(self) -> str | None:
+        """The socket must exist and take a connection (a host without a syslog daemon has no /dev/log)."""
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            with socket.socket(socket.AF_UNIX, kind) as probe:
+                try:
+                    probe.connect(self.address)
+                    return None
+                except OSError as exc:
+                    error = exc
+        return f"syslog socket {self.address} cannot be reached: {error.strerror or error}"
 
     def send(self, event: dict[str, Any]) -> None:
         record = logging.LogRecord(
@@ -93,7 +125,10 @@ class SyslogNotifier:
             None,
             None,
         )
-        self.handler.emit(record)
+        try:
+            self.handler.emit(record)
+        except OSError as exc:
+            raise OSError(f"syslog socket {self.address}: {exc.strerror or exc}") from None
 
 
 def make_notifier(spec: NotifierSpec) -> Notifier:

@@ -20,8 +20,13 @@ from lmpack.cli.common import emit_json, handle_errors, json_option
     required=True,
     help="The agent's TOML configuration (see docs/operations.md).",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse to start when a notifier cannot deliver (no syslog socket); without it, a warning line.",
+)
 @handle_errors
-def agent_command(config_path: Path) -> None:
+def agent_command(config_path: Path, strict: bool) -> None:
     """Start `lmpack serve` for the configured variant and keep it healthy until SIGTERM.
 
     Probes liveness and readiness, restarts after repeated liveness misses, measures the host, the
@@ -32,7 +37,7 @@ def agent_command(config_path: Path) -> None:
       lmpack agent --config /etc/lmpack/agent.toml
       lmpack status --json
     """
-    sys.exit(api.run_agent(config_path))
+    sys.exit(api.run_agent(config_path, strict=strict))
 
 
 _agent_option = click.option(

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from agent_helpers import WebhookReceiver
+from agent_helpers import WebhookReceiver, free_port, write_config
+from click.testing import CliRunner
 
 from lmpack.agent.alerts import AlertEngine, Rule
 from lmpack.agent.config import load_agent_config
@@ -227,7 +228,6 @@ def test_an_installed_release_resolves_through_current(tmp_path):
 
 
 def test_cli_errors_have_stable_exit_codes(tmp_path, lmpack_cli):
-    from agent_helpers import free_port
 
     unreachable = lmpack_cli("status", "--agent", f"http://127.0.0.1:{free_port()}", "--json")
     assert unreachable.exit_code == 18 and json.loads(unreachable.stdout)["error"]["type"] == "AgentError"
@@ -235,3 +235,40 @@ def test_cli_errors_have_stable_exit_codes(tmp_path, lmpack_cli):
     result = lmpack_cli("agent", "--config", missing)
     assert result.exit_code == 4 and "/srv/variant" in result.output
     assert lmpack_cli("agent", "--config", tmp_path / "nope.toml").exit_code == 4
+
+
+def test_a_syslog_notifier_without_a_socket_is_said_at_start_and_fails_in_one_line(tmp_path, caplog, capsys):
+    """A host with no syslog daemon: the agent warns when it starts (refuses with --strict, exit 3), and a failed
+    delivery is one log line naming the socket, not logging's '--- Logging error ---' traceback."""
+    from lmpack.agent.config import load_agent_config
+    from lmpack.agent.daemon import Agent
+    from lmpack.agent.notifiers import Dispatcher
+    from lmpack.cli.main import cli
+
+    missing = tmp_path / "no-syslog-here"
+    notifier = SyslogNotifier(str(missing))
+    assert f"syslog socket {missing} cannot be reached" in notifier.problem()
+    with caplog.at_level("INFO", logger="lmpack.agent"):
+        dispatcher = Dispatcher([notifier])
+        dispatcher.publish({"alert": "x", "state": "firing", "severity": "critical"})
+        dispatcher.close()
+    failed = [r.getMessage() for r in caplog.records if "could not deliver" in r.getMessage()]
+    assert len(failed) == 1 and f"syslog socket {missing}" in failed[0] and "\n" not in failed[0]
+    assert "Logging error" not in capsys.readouterr().err
+
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    config = write_config(
+        tmp_path,
+        variant,
+        server_port=free_port(),
+        agent_port=free_port(),
+        serve_args=[],
+        extra=f'\n[[notifiers]]\ntype = "syslog"\naddress = "{missing}"\n',
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lmpack.agent"):
+        Agent(load_agent_config(config))._check_notifiers([notifier])
+    assert any("alerts cannot be delivered through SyslogNotifier" in r.getMessage() for r in caplog.records)
+    refused = CliRunner().invoke(cli, ["agent", "--config", str(config), "--strict"])
+    assert refused.exit_code == 3 and f"syslog socket {missing} cannot be reached" in refused.output
