@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lmpack.steps.onnx_graph import fuse_sibling_matmul_nbits, share_head_with_embedding
 
 
-def quantized_siblings(bits: int, block: int):
+def quantized_siblings(bits: int, block: int, symmetric: bool = True):
     """X [2, 3, 64] feeds four MatMuls of 48, 80, 32 and 16 columns, quantized to MatMulNBits; the fourth's
     scales are also a graph output (something else reads them), so it must stay alone."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -30,7 +30,7 @@ def quantized_siblings(bits: int, block: int):
         initializer=weights,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric, accuracy_level=4)
     quantizer.process()
     model = quantizer.model.model
     shared = next(n for n in model.graph.node if n.output[0] == "y3").input[2]
@@ -46,8 +46,8 @@ def run(model, x):
 
 def test_siblings_become_one_matmul_and_a_split_with_the_same_outputs():
     x = np.random.default_rng(1).normal(size=(2, 3, 64)).astype(np.float32)
-    for bits, block in ((8, 32), (4, 16)):
-        model = quantized_siblings(bits, block)
+    for bits, block, symmetric in ((8, 32, True), (4, 16, True), (8, 32, False), (4, 16, False)):
+        model = quantized_siblings(bits, block, symmetric)  # asymmetric: zero points are stacked with the scales
         before = run(model, x)
         assert fuse_sibling_matmul_nbits(model) == 2  # three nodes became one; the shared one stayed
         ops = [n.op_type for n in model.graph.node]

@@ -80,3 +80,23 @@ def test_minilm_int8_keeps_embeddings(minilm_dir, real_cache, tmp_path):
     report = _build(minilm_dir, "int8", tmp_path, real_cache)
     assert report["task"] == "feature-extraction"
     assert report["quality"]["cosine_similarity_mean"] >= 0.99
+
+
+def test_the_default_profile_answers_the_readme_example_as_the_source_does(smollm2_gguf, real_cache, tmp_path):
+    """The README's chat example, greedy, on the target's default profile and on fp32: both say Paris. The variant
+    is named for the model the GGUF says it holds (general.name), not for the file's quantization."""
+    from lmpack import api
+
+    answers = {}
+    for profile in (None, "fp32"):
+        args = ["build", str(smollm2_gguf), "--target", "cpu-x86", "-o", str(tmp_path / "dist"), "--json"]
+        result = CliRunner().invoke(
+            cli, [*args, "--cache-dir", str(real_cache), *(["--profile", profile] if profile else [])]
+        )
+        assert result.exit_code == 0, result.output[-2000:]
+        variant = Path(json.loads(result.stdout)["variant_dir"])
+        assert variant.name.startswith("smollm2-135m-") and "q4-1" not in variant.name
+        answers[profile or "default"] = api.generate(
+            variant, "What is the capital of France?", chat=True, max_tokens=16
+        ).text
+    assert all("Paris" in text for text in answers.values()), answers

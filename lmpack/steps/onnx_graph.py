@@ -252,6 +252,14 @@ def drop_unused_initializers(model) -> int:
 _NBITS_SHARED = ("K", "bits", "block_size", "accuracy_level")
 
 
+def _stack_rows(arrays: list[np.ndarray], weights: list[np.ndarray]) -> np.ndarray:
+    """Per-row tensors of several MatMulNBits nodes as one: rows of the first node, then the next (kept flat
+    when they were flat)."""
+    rows = [a.reshape(w.shape[0], -1) for a, w in zip(arrays, weights, strict=True)]
+    stacked = np.concatenate(rows)
+    return stacked.reshape(-1) if arrays[0].ndim == 1 else stacked
+
+
 def fuse_sibling_matmul_nbits(model) -> int:
     """Merge MatMulNBits nodes that read the same input into one over their stacked weights, then a Split.
 
@@ -259,8 +267,8 @@ def fuse_sibling_matmul_nbits(model) -> int:
     hidden state; one kernel call over N1 + N2 columns instead of two halves the per-call overhead that
     dominates at one token a step, so decode is faster with the same tokens out (docs/build.md, "Sibling
     MatMuls"). Each output column is the same dot product as before; the kernel may tile a wider matrix
-    differently, so results agree to rounding. Only plain nodes are merged (weights and scales, no zero
-    points, group index or bias) whose weights nothing else reads (a shared embedding reads the LM head's).
+    differently, so results agree to rounding. Only plain nodes are merged (weights, scales and zero points, no
+    group index or bias) whose weights nothing else reads (a shared embedding reads the LM head's).
     Returns how many nodes were removed.
     """
     from collections import Counter, defaultdict
@@ -272,14 +280,15 @@ def fuse_sibling_matmul_nbits(model) -> int:
     uses = Counter(name for node in graph.node for name in node.input)
     groups: dict[tuple, list] = defaultdict(list)
     for node in graph.node:
-        if node.op_type != "MatMulNBits" or len(node.input) != 3 or len(node.output) != 1:
+        if node.op_type != "MatMulNBits" or len(node.input) not in (3, 4) or len(node.output) != 1:
             continue
         if any(name not in initializers or uses[name] != 1 for name in node.input[1:]):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if set(attrs) - {"N", *_NBITS_SHARED}:
             continue
-        key = (node.input[0], *(attrs.get(k) for k in _NBITS_SHARED))  # apart: mypy takes `d[(a, *b)]` for 3.11 syntax
+        # apart: mypy takes `d[(a, *b)]` for 3.11 syntax
+        key = (node.input[0], len(node.input), *(attrs.get(k) for k in _NBITS_SHARED))
         groups[key].append((node, attrs))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
     removed = 0
@@ -291,24 +300,25 @@ def fuse_sibling_matmul_nbits(model) -> int:
         first = nodes[0]
         name = f"{first.name}_fused{len(nodes)}"
         weights = [numpy_helper.to_array(initializers[n.input[1]]) for n in nodes]
-        scales = [numpy_helper.to_array(initializers[n.input[2]]) for n in nodes]
-        flat = scales[0].ndim == 1
-        scale = np.concatenate([s if flat else s.reshape(w.shape[0], -1) for s, w in zip(scales, weights, strict=True)])
+        # scales (and zero points) are per row of N, flat or [N, blocks]: stacked in the weights' order
+        stacked = [
+            _stack_rows([numpy_helper.to_array(initializers[n.input[i]]) for n in nodes], weights)
+            for i in range(2, key[1])
+        ]
+        graph.initializer.append(numpy_helper.from_array(np.concatenate(weights), f"{name}.weight"))
         graph.initializer.extend(
-            [
-                numpy_helper.from_array(np.concatenate(weights), f"{name}.weight"),
-                numpy_helper.from_array(scale, f"{name}.scales"),
-            ]
+            numpy_helper.from_array(array, f"{name}.{label}")
+            for array, label in zip(stacked, ("scales", "zero_points"), strict=False)
         )
         fused_out = f"{name}/output_0"
         matmul = helper.make_node(
             "MatMulNBits",
-            [key[0], f"{name}.weight", f"{name}.scales"],
+            [key[0], f"{name}.weight", *(f"{name}.{label}" for label in ("scales", "zero_points")[: len(stacked)])],
             [fused_out],
             name=name,
             domain=first.domain or "com.microsoft",
             N=sum(widths),
-            **{k: v for k, v in zip(_NBITS_SHARED, key[1:], strict=False) if v is not None},
+            **{k: v for k, v in zip(_NBITS_SHARED, key[2:], strict=True) if v is not None},
         )
         outputs = [n.output[0] for n in nodes]
         if opset >= 13:
