@@ -1,6 +1,6 @@
 """What a batched decode step costs against a one-row step, in one process: the ceiling of batching.
 
-    python bench/batch_steps.py dist/smollm2-135m-instruct.q4-1-cpu-x86-int8 [--rows 1 2 4 8] [--rounds 3]
+    python bench/batch_steps.py dist/smollm2-135m-8k-lc100k-mix1-ep2-cpu-x86-int8 [--rows 1 2 4 8] [--rounds 3]
 
 For each row count it prefills that many random prompts (40, 43, 46, ... tokens), joins them into one
 batch and times 30 batched steps; the best of --rounds rounds (the row counts taking turns) is kept.

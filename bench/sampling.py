@@ -1,6 +1,6 @@
 """Cost of choosing a token by sampling, on real logits: lmpack's sampler against sorting the whole vocabulary.
 
-    python bench/sampling.py dist/smollm2-135m-instruct.q4-1-cpu-x86-int8 [--tokens 100]
+    python bench/sampling.py dist/smollm2-135m-8k-lc100k-mix1-ep2-cpu-x86-int8 [--tokens 100]
 
 Generates --tokens tokens with the variant (temperature 0.8, seed 1) and keeps each step's logits, then
 times, for several parameter sets, lmpack's Sampler and the textbook way (sort every logit, softmax,

@@ -192,10 +192,11 @@ def build(
 
 
 def _slug(source: dict[str, Any]) -> str:
-    ref = source.get("ref", "model")
-    stem = Path(ref).name if source.get("kind") != "hub" else ref.split("/")[-1]
-    stem = re.sub(r"\.gguf$", "", stem, flags=re.IGNORECASE)
-    return re.sub(r"[^a-z0-9.]+", "-", stem.lower()).strip("-.") or "model"
+    """The variant name's first part: the model's name (steps.pull.model_name), in lower case letters, digits and
+    dots; an older pull record without a name falls back to its file or directory name."""
+    name = source.get("name") or Path(str(source.get("ref", "model"))).name
+    name = re.sub(r"\.gguf$", "", str(name), flags=re.IGNORECASE)
+    return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-.") or "model"
 
 
 def serve(path: Path, *, config_file: Path | None = None, **flags: Any) -> None:

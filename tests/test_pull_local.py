@@ -97,3 +97,19 @@ def test_pickle_only_directory_is_refused(model_copy, lmpack_cli):
     assert result.exit_code == 7, result.output
     assert "only pickle checkpoints (found pytorch_model.bin)" in result.stderr
     assert "--allow-pickle" in result.stderr
+
+
+def test_a_model_is_named_for_what_it_is_not_where_it_is_kept(tmp_path):
+    """Variant names start with the model's name: a Hub repo's, the repo a checkpoint was saved from, or the
+    directory's own name, skipping names that only say where it is kept."""
+    from lmpack.steps.pull import model_name
+
+    def local(path: str, config: dict | None = None) -> str:
+        return model_name({"kind": "directory", "ref": str(tmp_path / path)}, config or {})
+
+    assert model_name({"kind": "hub", "ref": "HuggingFaceTB/SmolLM2-135M-Instruct"}, {}) == "SmolLM2-135M-Instruct"
+    assert local("my-llama") == "my-llama"
+    assert local("my-llama/model") == "my-llama"  # a local ./model is not a model's name
+    assert local("hub/models--Qwen--Qwen2.5-0.5B/snapshots/" + "a" * 40) == "Qwen2.5-0.5B"
+    assert local("model", {"_name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}) == "all-MiniLM-L6-v2"
+    assert local("export", {"_name_or_path": "/home/me/checkpoints/run-3"}) == "export"  # a path, not a repo id

@@ -26,6 +26,8 @@ def setting_option(info: SettingInfo) -> Callable[[Callable], Callable]:
         return click.option(
             info.flag, info.name, type=click.IntRange(low, high), default=None, metavar="N", help=help_text
         )
+    if info.kind is tuple:
+        return click.option(info.flag, info.name, multiple=True, metavar="NAME", help=f"{help_text} (repeatable)")
     if info.kind is Path:
         return click.option(
             info.flag, info.name, type=click.Path(path_type=Path), default=None, metavar="PATH", help=help_text

@@ -46,6 +46,11 @@ def _setting(default: Any, **meta: Any) -> Any:
 class ServeSettings:
     """Everything an operator sets for `lmpack serve`."""
 
+    served_model_name: tuple[str, ...] = _setting((), shown="the bundle's name")
+    """Names the model answers to as `model` in requests (a list in serve.toml, comma-separated in the variable);
+    the first is listed first by /v1/models and is the `model` of every answer. By default the bundle's or
+    release's name, which stays the same across version switches (a variant directory's own name when it is served
+    alone); the variant's own name is always accepted too."""
     variant: str | None = _setting(None, shown="lmpack's choice")
     """Serve this variant of a bundle or release (a name `lmpack doctor` lists) instead of the one lmpack would
     choose; it must still run on this host."""
@@ -100,7 +105,7 @@ class SettingInfo:
     """One setting as every reader of it sees it."""
 
     name: str
-    kind: type  # int, str, bool or Path
+    kind: type  # int, str, bool, Path, or tuple (of strings: a setting given several times)
     default: Any
     help: str
     meta: SettingMeta
@@ -124,6 +129,8 @@ class SettingInfo:
             return self.meta.shown
         if self.kind is bool:
             return "on" if self.default else "off"
+        if self.kind is tuple:
+            return ", ".join(self.default) or "none"
         return str(self.default)
 
 
@@ -134,7 +141,12 @@ def serve_settings() -> tuple[SettingInfo, ...]:
     docs = _field_docs(ServeSettings)
     infos = []
     for f in fields(ServeSettings):
-        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        hint = hints[f.name]
+        kind = (
+            tuple
+            if typing.get_origin(hint) is tuple
+            else next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+        )
         infos.append(SettingInfo(name=f.name, kind=kind, default=f.default, help=docs[f.name], meta=f.metadata[_META]))
     return tuple(infos)
 
@@ -165,9 +177,13 @@ def settings_table() -> str:
     """docs/serving.md's table of settings, made from ServeSettings."""
     rows = ["| flag | serve.toml | default | meaning |", "|---|---|---|---|"]
     for info in serve_settings():
-        flag = f"{info.flag}/--no-{info.flag[2:]}" if info.kind is bool else info.flag
+        flag = f"`{info.flag}`"
+        if info.kind is bool:
+            flag = f"`{info.flag}/--no-{info.flag[2:]}`"
+        elif info.kind is tuple:
+            flag = f"`{info.flag} NAME` (repeatable)"
         bounds = f" ({info.meta.bounds[0]} to {info.meta.bounds[1]})" if info.meta.bounds else ""
-        rows.append(f"| `{flag}` | `{info.toml_key}` | {info.shown_default} | {info.help}{bounds} |")
+        rows.append(f"| {flag} | `{info.toml_key}` | {info.shown_default} | {info.help}{bounds} |")
     return "\n".join(rows) + "\n"
 
 
@@ -205,6 +221,9 @@ def _read_field(reader: TableReader, info: SettingInfo) -> Any:
         return reader.int(key, required=required, minimum=low, maximum=high)
     if info.kind is bool:
         return reader.bool(key, required=required)
+    if info.kind is tuple:  # a list of strings, or one string
+        values = reader.strings(key)
+        return None if values is None else tuple(values)
     return reader.str(key, required=required)
 
 
@@ -232,6 +251,8 @@ def _from_text(raw: str, info: SettingInfo, *, where: str) -> Any:
         if raw.lower() not in _TRUE | _FALSE:
             raise ConfigError(f"{where}={raw!r} is not true or false (1/0, yes/no, on/off)")
         return raw.lower() in _TRUE
+    if info.kind is tuple:  # comma-separated
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
     return Path(raw) if info.kind is Path else raw
 
 
@@ -241,7 +262,7 @@ def resolve_serve_settings(config_file: Path | None, flags: dict[str, Any]) -> S
     layers = [
         read_serve_file(config_file) if config_file is not None else {},
         read_serve_env(),
-        {k: v for k, v in flags.items() if v is not None},
+        {k: v for k, v in flags.items() if v is not None and v != ()},  # () is a repeatable flag not given
     ]
     known = {f.name for f in fields(ServeSettings)}
     for layer in layers:

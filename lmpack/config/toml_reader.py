@@ -229,6 +229,17 @@ class TableReader:
             readers.append(TableReader(item, source=self.source, prefix=f"{self.prefix}{key}[{index}]."))
         return readers
 
+    def strings(self, key: builtins.str) -> list[builtins.str] | None:
+        """A list of non-empty strings, or one string as a list of one; None when absent."""
+        value = self._get(key, (str, list), None, False)
+        if value is None:
+            return None
+        items = [value] if isinstance(value, str) else value
+        for item in items:
+            if not isinstance(item, str) or not item.strip():
+                raise ConfigError(f"{self._where(key)} must be a non-empty string or a list of them, got {item!r}")
+        return list(items)
+
     def rest(self) -> dict[builtins.str, Any]:
         """The fields not read yet, for a nested model (step parameters) to validate itself."""
         return {k: v for k, v in self._data.items() if k not in self._used}

@@ -26,6 +26,11 @@ from lmpack.runtime.sessions import DecoderRunner, EncoderRunner
 from lmpack.runtime.variant import Variant
 
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
+# A request's sampling fields it leaves out, when the model's generation config sets none of them: llama.cpp's
+# server defaults, documented and suited to chat models (OpenAI's temperature 1 with no cut made a small model
+# ramble, docs/serving.md "Generation"); when the config sets some, the rest are OpenAI's neutral values.
+CHAT_SAMPLING_DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "repetition_penalty": 1.0}
+_NEUTRAL = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 _MAX_TOKENS_LIMIT = ServeSettings().max_tokens_limit  # `lmpack generate` holds to serve's default limit too
 
 
@@ -67,11 +72,21 @@ class DecoderEngine:
         return SoloLoop(self.runner)
 
     def defaults(self) -> dict[str, Any]:
-        """Sampling defaults from generation_config.json where the model sets them (as other servers do)."""
+        """What a request gets for each sampling field it leaves out: generation_config.json's values where the
+        model sets them (as vLLM does), else CHAT_SAMPLING_DEFAULTS."""
+        given = self._configured_defaults()
+        return {**(_NEUTRAL if given else CHAT_SAMPLING_DEFAULTS), **given}
+
+    @property
+    def defaults_source(self) -> str:
+        return "the model's generation_config.json" if self._configured_defaults() else "lmpack's chat defaults"
+
+    def _configured_defaults(self) -> dict[str, Any]:
+        generation = self.variant.generation
         return {
-            k: self.variant.generation[k]
+            k: generation[k]
             for k in _GENERATION_DEFAULTS
-            if isinstance(self.variant.generation.get(k), (int, float))
+            if isinstance(generation.get(k), (int, float)) and not isinstance(generation.get(k), bool)
         }
 
     def encode_prompt(self, prompt: str) -> list[int]:

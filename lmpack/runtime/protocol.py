@@ -85,12 +85,14 @@ def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, 
     return value
 
 
-def check_model(body: dict, model_id: str) -> None:
+def check_model(body: dict, names: tuple[str, ...]) -> None:
+    """`model`, when given, must be one of the served names (the first is the model's own, the rest aliases)."""
     model = body.get("model")
-    if model is not None and model != model_id:
+    if model is not None and model not in names:
         raise ApiError(
             404,
-            f"model {model!r} is not served here; this server serves {model_id!r}",
+            f"model {model!r} is not served here; this server serves {names[0]!r}"
+            + (f" (also called {', '.join(repr(n) for n in names[1:])})" if names[1:] else ""),
             param="model",
             code="model_not_found",
         )
@@ -136,12 +138,12 @@ def _stop(body: dict) -> tuple[str, ...]:
 def _choices(body: dict, defaults: dict[str, Any]) -> dict[str, Any]:
     number, integer = (int, float), (int,)
     values = {
-        "temperature": _field(body, "temperature", number, defaults.get("temperature", 1.0), what="a number"),
-        "top_p": _field(body, "top_p", number, defaults.get("top_p", 1.0), what="a number"),
-        "top_k": _field(body, "top_k", integer, defaults.get("top_k", 0), what="an integer"),
+        "temperature": _field(body, "temperature", number, defaults["temperature"], what="a number"),
+        "top_p": _field(body, "top_p", number, defaults["top_p"], what="a number"),
+        "top_k": _field(body, "top_k", integer, defaults["top_k"], what="an integer"),
         "seed": _field(body, "seed", integer, None, what="an integer"),
         "repetition_penalty": _field(
-            body, "repetition_penalty", number, defaults.get("repetition_penalty", 1.0), what="a number"
+            body, "repetition_penalty", number, defaults["repetition_penalty"], what="a number"
         ),
         "presence_penalty": _field(body, "presence_penalty", number, 0.0, what="a number"),
         "frequency_penalty": _field(body, "frequency_penalty", number, 0.0, what="a number"),

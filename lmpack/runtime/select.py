@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lmpack.bundle.manifest import MANIFEST, Compatibility, VariantEntry, parse_manifest
+from lmpack.bundle.manifest import MANIFEST, VARIANTS_DIR, Compatibility, VariantEntry, parse_manifest
 from lmpack.bundle.releases import is_release_dir, through_current
 from lmpack.bundle.variant_dir import (
     MODEL_INFO,
@@ -55,6 +55,7 @@ class Candidate:
     name: str
     path: Path
     entry: VariantEntry | None
+    bundle: str | None = None  # the name of the bundle or release it is part of (manifest.json's `name`)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,10 @@ def find_candidates(path: Path | str) -> tuple[str, Path, list[Candidate]]:
             hint="give a variant directory, an unpacked bundle or an installed release",
         )
     if is_variant_dir(root) or is_model_dir(root):
-        return "variant", root, [Candidate(name=root.resolve().name, path=root, entry=_variant_dir_entry(root))]
+        candidate = Candidate(
+            name=root.resolve().name, path=root, entry=_variant_dir_entry(root), bundle=_enclosing_bundle(root)
+        )
+        return "variant", root, [candidate]
     root = through_current(root)
     kind = "release" if is_release_dir(root) else "bundle"
     if not (root / MANIFEST).is_file():
@@ -147,7 +151,23 @@ def find_candidates(path: Path | str) -> tuple[str, Path, list[Candidate]]:
             "or PREFIX/releases/NAME (lmpack install)",
         )
     manifest = parse_manifest((root / MANIFEST).read_bytes())
-    return kind, root, [Candidate(name=v.name, path=root / v.path, entry=v) for v in manifest.variants]
+    return (
+        kind,
+        root,
+        [Candidate(name=v.name, path=root / v.path, entry=v, bundle=manifest.name) for v in manifest.variants],
+    )
+
+
+def _enclosing_bundle(root: Path) -> str | None:
+    """The name of the bundle or release a variant directory sits in (BUNDLE/variants/NAME, as the agent serves
+    an installed release's variant), so it answers to the same name as when the release itself is served."""
+    bundle = root.resolve().parent.parent
+    if root.resolve().parent.name != VARIANTS_DIR or not (bundle / MANIFEST).is_file():
+        return None
+    try:
+        return parse_manifest((bundle / MANIFEST).read_bytes()).name
+    except (OSError, BundleError):
+        return None
 
 
 def _variant_dir_entry(root: Path) -> VariantEntry | None:
@@ -361,7 +381,7 @@ def prepare_variant(
     if verdict.uses_gpu:  # before the rebuild's session as much as the server's
         load_cuda_libraries()
     return apply_plan(
-        load_variant(verdict.candidate.path),
+        replace(load_variant(verdict.candidate.path), bundle=verdict.candidate.bundle),
         verdict.engine,
         verdict.plan,
         host,

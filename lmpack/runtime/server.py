@@ -63,7 +63,8 @@ class ServerState:
         self.engine = engine
         self.settings = settings
         self.api_keys = api_keys
-        self.model_id = engine.variant.name
+        self.model_names = engine.variant.served_names(settings.served_model_name)
+        self.model_id = self.model_names[0]  # what answers call the model
         self.created = int(time.time())
         self.admission = Admission(max_active=settings.max_concurrency, max_queue=settings.queue)
         self.cache = cache = (
@@ -209,27 +210,31 @@ async def metrics(request: Request) -> Response:
     return Response(content, media_type=media_type)
 
 
-def _model_card(state: ServerState) -> dict[str, Any]:
+def _model_card(state: ServerState, name: str) -> dict[str, Any]:
+    engine = state.engine
     return {
-        "id": state.model_id,
+        "id": name,
         "object": "model",
         "created": state.created,
         "owned_by": "lmpack",
-        "task": state.engine.variant.task,
+        "root": engine.variant.name,  # the variant behind every name
+        "task": engine.variant.task,
+        **({"sampling_defaults": engine.defaults()} if isinstance(engine, DecoderEngine) else {}),
     }
 
 
 async def list_models(request: Request) -> Response:
     state = _state(request)
     state.authorize(request)
-    return JSONResponse({"object": "list", "data": [_model_card(state)]})
+    return JSONResponse({"object": "list", "data": [_model_card(state, name) for name in state.model_names]})
 
 
 async def get_model(request: Request) -> Response:
     state = _state(request)
     state.authorize(request)
-    check_model({"model": request.path_params["model"]}, state.model_id)
-    return JSONResponse(_model_card(state))
+    name = request.path_params["model"]
+    check_model({"model": name}, state.model_names)
+    return JSONResponse(_model_card(state, name))
 
 
 async def completions(request: Request) -> Response:
@@ -250,7 +255,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
             400, f"{state.model_id} is an embedding model: use /v1/embeddings", param="model", code="wrong_model_task"
         )
     body = await read_json(request, limit=state.settings.max_body_bytes)
-    check_model(body, state.model_id)
+    check_model(body, state.model_names)
     req = parse_generation(body, chat=chat, defaults=engine.defaults(), max_tokens_limit=engine.max_tokens_limit)
     prompt_param = "messages" if chat else "prompt"
     loop = asyncio.get_running_loop()
@@ -323,7 +328,7 @@ async def embeddings(request: Request) -> Response:
             code="wrong_model_task",
         )
     body = await read_json(request, limit=state.settings.max_body_bytes)
-    check_model(body, state.model_id)
+    check_model(body, state.model_names)
     req = parse_embeddings(body)
     slot = await state.admit()
     result = await asyncio.wrap_future(state.run_in_worker(slot, engine.embed, req.inputs))
@@ -422,6 +427,17 @@ async def _warm_up(state: ServerState) -> None:
         log.info("%s is ready", state.model_id)
 
 
+def _startup_line(state: ServerState, sock: Any) -> str:
+    """Where the server answers, under which names, and what a request that sets no sampling field gets."""
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if state.settings.tls_cert else "http"
+    line = f"{state.engine.variant.name} answers on {scheme}://{host}:{port} as {', '.join(state.model_names)}"
+    if isinstance(state.engine, DecoderEngine):
+        values = ", ".join(f"{k}={v}" for k, v in state.engine.defaults().items())
+        line += f"; sampling defaults {values} ({state.engine.defaults_source})"
+    return line
+
+
 def serve(
     path: Path | str, settings: ServeSettings = ServeSettings(), *, api_keys: frozenset[str] = frozenset()
 ) -> None:
@@ -447,6 +463,7 @@ def serve(
     engine = load_engine(variant, threads=settings.threads, max_tokens_limit=settings.max_tokens_limit)
     app = create_app(engine, settings, api_keys=api_keys)
     state: ServerState = app.state.lmpack
+    log.info("%s", _startup_line(state, sock))
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:

@@ -19,7 +19,7 @@ from lmpack.errors import NotFoundError, VariantError
 @dataclass(frozen=True)
 class Variant:
     path: Path
-    name: str  # the model id the server answers to: the directory's name
+    name: str  # the directory's name (a served model's id is its bundle's name: served_names)
     task: str  # TEXT_GENERATION or EMBEDDING
     model_dir: Path
     onnx_path: Path
@@ -32,6 +32,13 @@ class Variant:
     eos_token_ids: tuple[int, ...]
     context_length: int | None  # max_position_embeddings: prompt plus completion must fit
     providers: list[str] = field(default_factory=list)
+    bundle: str | None = None  # the bundle or release it was chosen from (select.prepare_variant), if any
+
+    def served_names(self, configured: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """The names a server answers to, first the one it reports: the configured ones, else the bundle's name
+        (stable across versions), else the directory's; the directory's own name is always accepted too."""
+        names = configured or ((self.bundle,) if self.bundle else ())
+        return tuple(dict.fromkeys((*names, self.name)))
 
     @property
     def digest(self) -> str:

@@ -164,8 +164,33 @@ class PullStep(Step):
         info.setdefault("license", read_license(out_dir))
         info["architecture"] = (config.get("architectures") or ["unknown"])[0]
         info["model_type"] = config.get("model_type", "unknown")
+        info["name"] = info.get("name") or model_name(info, config)
         (out_dir / SOURCE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         return info
+
+
+# Directory names that say where a model is kept, not what it is (a local "./model", a Hub cache snapshot)
+_GENERIC_DIRS = re.compile(
+    r"^(model|models|hf|checkpoint|checkpoints|weights|snapshot|snapshots|main|[0-9a-f]{40})$", re.IGNORECASE
+)
+
+
+def model_name(info: dict[str, Any], config: dict[str, Any]) -> str:
+    """What the model is called, for the variant's name: the Hub repo's name, the name the checkpoint was saved
+    from (config.json's `_name_or_path`, when it is a repo id), else the directory's own name, skipping names
+    that only say where it is kept (./model, a Hub cache's snapshots/COMMIT). A GGUF names itself
+    (general.name, read when it is pulled)."""
+    if info["kind"] == "hub":
+        return str(info["ref"]).split("/")[-1]
+    saved_from = config.get("_name_or_path")
+    if isinstance(saved_from, str) and _REPO_ID.match(saved_from) and not Path(saved_from).exists():
+        return saved_from.split("/")[-1]
+    path = Path(info["ref"])
+    for part in (path, *path.parents):
+        name = part.name.removeprefix("models--").split("--")[-1]  # a Hub cache's models--ORG--NAME
+        if name and not _GENERIC_DIRS.match(name):
+            return name
+    return "model"
 
 
 def _copy_wanted(src: Path, dst: Path, *, allow_pickle: bool, trust_remote_code: bool) -> None:
@@ -213,7 +238,8 @@ def _model_class(config: dict) -> Any:
 
 
 def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Load a GGUF with transformers (dequantized to fp32) and save it as a standard HF directory."""
+    """Load a GGUF with transformers (dequantized to fp32) and save it as a standard HF directory; the GGUF's own
+    sampling settings (general.sampling.*) become generation_config.json's, where the server reads its defaults."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -226,16 +252,42 @@ def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
         ) from None
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    return {"license": _gguf_license(gguf_path)}
+    metadata = _gguf_metadata(gguf_path)
+    sampling = {ours: metadata[theirs] for theirs, ours in _GGUF_SAMPLING.items() if theirs in metadata}
+    if sampling:
+        config_path = out_dir / "generation_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config_path.write_text(json.dumps({**config, **sampling}, indent=2, sort_keys=True))
+    return {"license": metadata.get("general.license"), "name": metadata.get("general.name")}
 
 
-def _gguf_license(path: Path) -> str | None:
+# GGUF's sampling keys (llama.cpp's gguf constants) and generation_config.json's names for them
+_GGUF_SAMPLING = {
+    "general.sampling.temp": "temperature",
+    "general.sampling.top_p": "top_p",
+    "general.sampling.top_k": "top_k",
+    "general.sampling.penalty_repeat": "repetition_penalty",
+}
+
+
+def _gguf_metadata(path: Path) -> dict[str, Any]:
+    """The GGUF header's general.* strings and numbers; informational, so an odd header gives what it can."""
     try:
-        from gguf import GGUFReader
+        from gguf import GGUFReader, GGUFValueType
 
-        field = GGUFReader(path).fields.get("general.license")
-        if field is None:
-            return None
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    except Exception:  # the license is informational; an odd header must not fail the build
-        return None
+        fields = GGUFReader(path).fields
+    except Exception:  # an odd header must not fail the build: transformers already read the model itself
+        return {}
+    found: dict[str, Any] = {}
+    for key, field in fields.items():
+        if not key.startswith("general.") or len(field.data) != 1:
+            continue
+        value = field.parts[field.data[0]]
+        kind = field.types[0] if field.types else None
+        if kind == GGUFValueType.STRING:
+            found[key] = bytes(value).decode("utf-8", errors="replace")
+        elif kind in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
+            found[key] = round(float(value[0]), 6)
+        elif kind is not None and kind not in (GGUFValueType.ARRAY, GGUFValueType.BOOL):
+            found[key] = int(value[0])
+    return found

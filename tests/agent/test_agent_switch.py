@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -302,3 +303,63 @@ def test_rollback_targets_and_refused_requests(llama_variant, tmp_path):
     variant_only = write_config(tmp_path, llama_variant, server_port=free_port(), agent_port=free_port(), serve_args=[])
     with pytest.raises(SwitchError, match="serves a variant directory"):
         VersionSwitcher(load_agent_config(variant_only), Proxy("127.0.0.1", 0)).request(NAME, "1.1.0")
+
+
+class OpenAILoad(Load):
+    """The same load through the official `openai` client, which sends `model` with every request: the bundle's
+    name, which every version answers to (a version's variant id would not survive the switch)."""
+
+    def _run(self, worker: int) -> None:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=30)
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            started = time.monotonic()
+            outcome = self._ask(client, stream=(n + worker) % 3 == 0)
+            self.records.append((started, time.monotonic(), outcome))
+
+    @staticmethod
+    def _ask(client, *, stream: bool) -> str:
+        import openai
+
+        messages = [{"role": "user", "content": "The railway"}]
+        try:
+            if not stream:
+                reply = client.chat.completions.create(model=NAME, messages=messages, max_tokens=4, temperature=0)
+                return "ok" if reply.model == NAME and reply.choices[0].message.content is not None else reply.model
+            chunks = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=4, stream=True))
+            return "ok" if chunks and chunks[-1].choices[0].finish_reason else f"truncated stream {chunks[-1:]}"
+        except openai.APIError as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+
+def test_the_official_client_naming_the_model_survives_switches_between_different_variants(
+    llama_variant, tmp_path, capsys
+):
+    """1.0.0 and 1.1.0 hold differently named variants (as an int4 and an int8 build would); clients name the
+    model as the bundle does. 20 switches under that load: no request fails."""
+    renamed = tmp_path / "variants" / "tiny-llama-cpu-x86-int4"
+    shutil.copytree(llama_variant, renamed)
+    prefix = tmp_path / "prefix"
+    for version, variant in (("1.0.0", llama_variant), ("1.1.0", renamed)):
+        install(pack([variant], tmp_path / f"{NAME}-{version}.lmpack", name=NAME, version=version).path, prefix)
+    set_current(prefix, NAME, "1.0.0")
+    with run_agent(switch_config(tmp_path, prefix), tmp=tmp_path) as agent:
+        with httpx.Client(base_url=agent.server_url) as client:
+            listed = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert listed == [NAME, llama_variant.name]  # the bundle's name first, the variant's as an alias
+        with OpenAILoad(agent.server_url) as load:
+            time.sleep(1.0)
+            for i in range(20):
+                result = api.agent_switch(NAME, "1.1.0" if i % 2 == 0 else "1.0.0", url=agent.url)
+                assert result["action"] == "switched"
+                time.sleep(0.3)
+        failures = load.failures()
+        assert len(load.records) > 100 and failures == [], f"{len(failures)} failed: {failures[:5]}"
+    report(
+        capsys,
+        f"20 switches between different variants, official client naming the model: "
+        f"{len(load.records)} requests, 0 failed",
+    )

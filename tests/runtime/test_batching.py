@@ -256,9 +256,9 @@ def test_concurrent_clients_share_batches_and_get_the_unbatched_answers(batch_se
     expected = [
         engine.generate(
             engine.encode_prompt(r["prompt"]),
-            SamplingParams(
+            SamplingParams(  # what the server fills in for the fields a request leaves out: the model's defaults
+                **{**engine.defaults(), "temperature": r["temperature"]},
                 max_tokens=r["max_tokens"],
-                temperature=r["temperature"],
                 seed=r.get("seed"),
                 stop=tuple(r.get("stop", ())),
             ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -114,12 +115,14 @@ def test_every_setting_is_a_flag_a_file_key_and_a_variable_with_one_bound(tmp_pa
     from lmpack.config.serve import serve_settings
 
     options = {p.name: p for p in serve_command.params}
-    samples = {int: 2, bool: True, str: "x-int4", Path: tmp_path / "f"}
+    samples = {int: 2, bool: True, str: "x-int4", Path: tmp_path / "f", tuple: ("smollm2", "gpt-4o-mini")}
     for info in serve_settings():
         value = samples[info.kind] if info.meta.bounds is None else max(2, info.meta.bounds[0])
-        text = str(value).lower() if info.kind is bool else str(value)
+        text = ",".join(value) if info.kind is tuple else str(value).lower() if info.kind is bool else str(value)
         table, key = (info.meta.table, info.meta.key or info.name)
-        toml_value = text if info.kind in (int, bool) else f'"{value}"'
+        toml_value = (
+            json.dumps(list(value)) if info.kind is tuple else text if info.kind in (int, bool) else f'"{value}"'
+        )
         extra = "\n".join(
             f'{(i.meta.key or i.name)} = "{tmp_path / "g"}"'
             for i in serve_settings()
@@ -133,6 +136,7 @@ def test_every_setting_is_a_flag_a_file_key_and_a_variable_with_one_bound(tmp_pa
         assert read_serve_env() == {info.name: value}, info.env
         monkeypatch.delenv(info.env)
         assert info.name in options, f"{info.flag} is not an option of lmpack serve"
+        assert options[info.name].multiple == (info.kind is tuple)  # a list setting: a repeatable flag
         if info.meta.bounds is not None:
             low, high = info.meta.bounds
             assert (options[info.name].type.min, options[info.name].type.max) == (low, high)

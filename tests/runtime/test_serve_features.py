@@ -93,7 +93,8 @@ def test_the_bundle_is_served_over_tls_with_the_chosen_variant(server, llama_var
     assert server.url.startswith("https://127.0.0.1:") and not server.url.endswith(":1")
     with server.client() as client:
         models = client.get("/v1/models").json()["data"]
-    assert [m["id"] for m in models] == [llama_variant.name]  # int8, ranked before the fp32 copy
+    assert [m["id"] for m in models] == ["tiny", llama_variant.name]  # the bundle's name, then the variant's
+    assert {m["root"] for m in models} == {llama_variant.name}  # int8, ranked before the fp32 copy
     with pytest.raises(httpx.ConnectError):  # a client that does not trust the certificate is refused
         httpx.get(f"{server.url}/health/live", timeout=5)
     assert "serving variant" in server.log.read_text()
