@@ -23,6 +23,7 @@ from lmpack.pipeline.plan import PULL, BuildPlan, make_plan
 from lmpack.pipeline.report import build_report, render_report
 from lmpack.pipeline.runner import EventHandler, ignore_events, run_plan, run_step
 from lmpack.pipeline.step import ProgressFactory, StepContext, silent_progress
+from lmpack.progress import PhaseReporter, no_progress
 from lmpack.steps import STEPS
 from lmpack.steps.pull import PullParams, resolve_source
 
@@ -140,6 +141,7 @@ def build(
     on_event: EventHandler | None = None,
     progress: ProgressFactory = silent_progress,
     bundle: BundleRequest | None = None,
+    on_phase: PhaseReporter = no_progress,
 ) -> BuildResult:
     """Pull, optimize and validate `model` for `target`; write one variant directory under `output_dir`
     (and, with `bundle`, pack it into `output_dir/NAME-VERSION.lmpack`).
@@ -187,6 +189,7 @@ def build(
             name=bundle.name,
             version=bundle.version,
             wheels=WheelOptions(source=bundle.wheel_source) if bundle.wheels else None,
+            on_phase=on_phase,
         )
     return BuildResult(variant_dir=variant_dir, report=report, bundle=packed)
 

@@ -13,17 +13,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lmpack"
 # Imports flow downward only: cli > api > steps > pipeline, runtime, agent > bundle > config > fsio, nvml > errors.
 MAY_IMPORT = {
     "errors": set(),
+    "progress": set(),  # the phase-line callback type: as low as errors
     "data": set(),  # eval_text.txt, read as a resource
-    "fsio": {"errors"},
-    "nvml": {"errors"},
-    "config": {"errors", "fsio"},
-    "bundle": {"errors", "fsio", "config"},
-    "pipeline": {"errors", "fsio", "config", "bundle"},
-    "runtime": {"errors", "fsio", "nvml", "config", "bundle"},
-    "agent": {"errors", "fsio", "nvml", "config", "bundle"},
-    "steps": {"errors", "fsio", "nvml", "config", "bundle", "pipeline", "runtime"},
-    "api": {"errors", "fsio", "nvml", "config", "bundle", "pipeline", "runtime", "agent", "steps"},
-    "cli": {"errors", "fsio", "nvml", "config", "bundle", "pipeline", "runtime", "agent", "steps", "api"},
+    "fsio": {"errors", "progress"},
+    "nvml": {"errors", "progress"},
+    "config": {"errors", "progress", "fsio"},
+    "bundle": {"errors", "progress", "fsio", "config"},
+    "pipeline": {"errors", "progress", "fsio", "config", "bundle"},
+    "runtime": {"errors", "progress", "fsio", "nvml", "config", "bundle"},
+    "agent": {"errors", "progress", "fsio", "nvml", "config", "bundle"},
+    "steps": {"errors", "progress", "fsio", "nvml", "config", "bundle", "pipeline", "runtime"},
+    "api": {"errors", "progress", "fsio", "nvml", "config", "bundle", "pipeline", "runtime", "agent", "steps"},
+    "cli": {"errors", "progress", "fsio", "nvml", "config", "bundle", "pipeline", "runtime", "agent", "steps", "api"},
     "__main__": {"cli"},
 }
 # The bundle's build side: the serving half (runtime, agent) must install and run without it.

@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--public-key", help="require a valid manifest.sig made with this Ed25519 public key")
     parser.add_argument("--allow-downgrade", action="store_true")
     parser.add_argument("--systemd-dir", help="also write lmpack-serve@.service into this directory")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args()
     if sys.version_info < (3, 10):  # noqa: UP036 - any host python3 runs this file, lmpack needs 3.10
         _fail("lmpack needs Python 3.10 or later", 3)
@@ -81,11 +82,17 @@ def main() -> None:
         systemd_dir=Path(args.systemd_dir) if args.systemd_dir else None,
     )
     try:
-        result = install(Path(HERE), Path(args.prefix), options=options)
+        result = install(Path(HERE), Path(args.prefix), options=options, on_phase=_phase_printer(args.quiet))
     except LmpackError as exc:
         _fail(exc.message + (f"\nhint: {exc.hint}" if exc.hint else ""), exc.exit_code)
     print(f"{result.action} {result.name} {result.version}, signature {result.signature}, in {result.seconds:.1f} s")
     print(f"  {result.path}\n  run: {result.path.parent / 'current' / 'venv' / 'bin' / 'lmpack'} --help")
+
+
+def _phase_printer(quiet: bool):
+    if quiet:
+        return lambda message: None
+    return lambda message: print(f"install.py: {message} ...", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from lmpack.bundle.verify import Bundle, DirBundle, check_bundle, check_contents
 from lmpack.config.install_policy import load_install_policy
 from lmpack.errors import BundleError, DiskFullError, InstallError, NotFoundError
 from lmpack.fsio import fsync_dir, guard_disk_full, remove_path
+from lmpack.progress import PhaseReporter, megabytes, no_progress
 
 _BLOCK = 4096
 
@@ -174,8 +175,15 @@ class InstallOptions:
     systemd_dir: Path | None = None
 
 
-def install(bundle_path: Path, prefix: Path, options: InstallOptions = InstallOptions()) -> InstallResult:
-    """Verify a bundle completely, then make it the current release of its name under `prefix`."""
+def install(
+    bundle_path: Path,
+    prefix: Path,
+    options: InstallOptions = InstallOptions(),
+    *,
+    on_phase: PhaseReporter = no_progress,
+) -> InstallResult:
+    """Verify a bundle completely, then make it the current release of its name under `prefix`; `on_phase`
+    hears each phase as it starts."""
     started = time.perf_counter()
     prefix = Path(prefix)
     policy = load_install_policy()  # the host's rule applies whoever calls: CLI, API or install.py
@@ -188,13 +196,15 @@ def install(bundle_path: Path, prefix: Path, options: InstallOptions = InstallOp
         prefix.mkdir(parents=True, exist_ok=True)
         with _locked(prefix):
             _recover(prefix)
-            result = _install_locked(bundle, prefix, options, started=started)
+            result = _install_locked(bundle, prefix, options, started=started, on_phase=on_phase)
         if options.systemd_dir is not None:
             runtime_env.write_systemd_units(options.systemd_dir, prefix, bundle.manifest)
         return result
 
 
-def _install_locked(bundle: Bundle, prefix: Path, options: InstallOptions, *, started: float) -> InstallResult:
+def _install_locked(
+    bundle: Bundle, prefix: Path, options: InstallOptions, *, started: float, on_phase: PhaseReporter
+) -> InstallResult:
     signature = check_trusted(
         bundle.manifest_bytes, bundle.signature_bytes, list(options.public_keys), required=options.require_signature
     )
@@ -228,17 +238,22 @@ def _install_locked(bundle: Bundle, prefix: Path, options: InstallOptions, *, st
         _check_free_space(prefix, manifest)
         runtime_env.check_python(manifest, python)
     raise_problems(bundle.check_structure(), bundle)
+    size = f"{manifest.total_files} files, {megabytes(manifest.total_bytes)}"
     if installed:  # its files are already here, but a damaged bundle is still reported as damaged
+        on_phase(f"{manifest.name} {manifest.version} is installed already: checking the bundle ({size})")
         raise_problems(check_contents(bundle), bundle)
         if previous == manifest.version:
             return result("unchanged")
+        on_phase(f"checking the installed files of {manifest.version} ({size})")
         with DirBundle(release) as kept:  # files on disk can rot or be edited: check before use
             check_bundle(kept, None)
+        on_phase(f"pointing current at {manifest.version}")
         _switch(name_dir, manifest.version, previous)
         return result("switched")
     staging = prefix / layout.STAGING / f"{manifest.name}-{manifest.version}-{uuid.uuid4().hex[:8]}"
     with guard_disk_full(prefix / layout.STAGING):
         staging.mkdir(parents=True)
+        on_phase(f"checking and extracting {size}")
         raise_problems(check_contents(bundle, extract_to=staging, stop_at_first=True), bundle)
         _write_durable(staging / MANIFEST, bundle.manifest_bytes)
         if bundle.signature_bytes is not None:
@@ -250,8 +265,10 @@ def _install_locked(bundle: Bundle, prefix: Path, options: InstallOptions, *, st
     remove_path(prefix / layout.STAGING)
     if manifest.wheelhouse is not None:  # at its final path (venvs are not relocatable), before the commit
         with guard_disk_full(release):  # any failure removes the uncommitted release: the old state stays
+            on_phase(f"making the release's venv from {manifest.wheelhouse.wheels} bundled wheels (pip, offline)")
             runtime_env.create_venv(release, manifest, python)
             os.sync()  # pip does not fsync what it writes
+    on_phase(f"pointing current at {manifest.version}" + (f" (was {previous})" if previous else ""))
     _switch(name_dir, manifest.version, previous)
     return result("installed")
 

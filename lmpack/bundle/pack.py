@@ -49,6 +49,7 @@ from lmpack.bundle.variant_dir import (
 from lmpack.bundle.verify import DirBundle, check_bundle, open_bundle, raise_problems
 from lmpack.errors import BundleError
 from lmpack.fsio import file_sha256, guard_disk_full, publish, remove_path
+from lmpack.progress import PhaseReporter, megabytes, no_progress
 
 INSTALL_SCRIPT = "install.py"  # stdlib-only first installer at the bundle's top level (lmpack/bundle/bootstrap.py)
 _CHUNK = 1 << 20
@@ -84,11 +85,12 @@ def pack(
     version: str,
     keep_dir: Path | None = None,
     wheels: WheelOptions | None = None,
+    on_phase: PhaseReporter = no_progress,
 ) -> PackResult:
     """Write the bundle tarball `output` (and the unpacked bundle directory `keep_dir`, if given).
 
     With `wheels`, the bundle also carries the runtime wheelhouse, its lock, install.py and an SBOM, so a
-    host with nothing but Python 3 can install it.
+    host with nothing but Python 3 can install it. `on_phase` hears each phase as it starts.
     """
     started = time.perf_counter()
     check_name(name, what="--name")
@@ -102,7 +104,7 @@ def pack(
     manifest_holder: list[Manifest] = []
 
     def build_dir(staging: Path) -> None:
-        manifest_holder.append(_stage(staging, variants, name=name, version=version, wheels=wheels))
+        manifest_holder.append(_stage(staging, variants, name=name, version=version, wheels=wheels, on_phase=on_phase))
 
     directory = (
         Path(keep_dir) if keep_dir is not None else output.parent / f".{output.name}.bundle-{uuid.uuid4().hex[:8]}"
@@ -114,6 +116,7 @@ def pack(
             output.parent.mkdir(parents=True, exist_ok=True)
             with guard_disk_full(directory):
                 build_dir(directory)
+        on_phase(f"writing {output} ({megabytes(manifest_holder[0].total_bytes)} to compress)")
         with DirBundle(directory) as bundle:
             publish(output, lambda staging: write_tarball(staging, bundle.manifest_bytes, None, bundle.contents()))
     finally:
@@ -136,20 +139,31 @@ def pack(
 
 
 def _stage(
-    staging: Path, variants: list[VariantFiles], *, name: str, version: str, wheels: WheelOptions | None
+    staging: Path,
+    variants: list[VariantFiles],
+    *,
+    name: str,
+    version: str,
+    wheels: WheelOptions | None,
+    on_phase: PhaseReporter,
 ) -> Manifest:
     staging.mkdir(parents=True)
     entries: list[FileEntry] = []
+    size = sum(path.stat().st_size for variant in variants for path in variant.files)
+    on_phase(f"copying and hashing {len(variants)} variant(s): {megabytes(size)}")
     for variant in variants:
         for source in variant.files:
             relative = f"{VARIANTS_DIR}/{variant.name}/{source.relative_to(variant.root).as_posix()}"
             entries.append(_copy_digesting(source, staging, check_relative_path(relative, what=str(source))))
     built_at = _built_at(variants)
-    house = (
-        None
-        if wheels is None
-        else _stage_wheels(staging, variants, entries, wheels, name=name, version=version, built_at=built_at)
-    )
+    house = None
+    if wheels is not None:
+        on_phase(
+            "resolving and fetching the runtime wheels (pip)"
+            if wheels.source is None
+            else f"taking the runtime wheels from {wheels.source} (pip, offline)"
+        )
+        house = _stage_wheels(staging, variants, entries, wheels, name=name, version=version, built_at=built_at)
     entries.sort(key=lambda e: e.path)
     manifest = Manifest(
         name=name,
@@ -254,18 +268,31 @@ class SignResult:
     name: str
     version: str
     key_id: str
+    archive_sha256: str | None  # a tarball's new digest (signing rewrites it); None for a bundle directory
 
 
-def sign_bundle(path: Path, private_key: Path) -> SignResult:
-    """Sign a bundle in place, after checking every file: a signature must never vouch for damaged contents."""
+def sign_bundle(path: Path, private_key: Path, *, on_phase: PhaseReporter = no_progress) -> SignResult:
+    """Sign a bundle in place, after checking every file: a signature must never vouch for damaged contents.
+
+    A tarball is rewritten with manifest.sig as its second member, so its sha256 changes: the result has the
+    new one (the one `lmpack pack` printed no longer applies)."""
     path = Path(path)
     with open_bundle(path) as bundle:
         signature = sign_manifest(bundle.manifest_bytes, private_key)
+        size = megabytes(bundle.manifest.total_bytes)
         if isinstance(bundle, DirBundle):
+            on_phase(f"checking {bundle.manifest.total_files} files ({size}) against the manifest")
             check_bundle(bundle, None)
             publish(path / SIGNATURE, lambda staging: staging.write_bytes(signature))
         else:  # rewrite the tarball with manifest.sig as member 1; contents are re-digested on the way
             raise_problems(bundle.check_structure(), bundle)
+            on_phase(f"checking and rewriting {path} with its signature ({size})")
             publish(path, lambda staging: write_tarball(staging, bundle.manifest_bytes, signature, bundle.contents()))
         manifest = bundle.manifest
-    return SignResult(path=path, name=manifest.name, version=manifest.version, key_id=json.loads(signature)["key_id"])
+    return SignResult(
+        path=path,
+        name=manifest.name,
+        version=manifest.version,
+        key_id=json.loads(signature)["key_id"],
+        archive_sha256=None if path.is_dir() else file_sha256(path),
+    )

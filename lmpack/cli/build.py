@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from lmpack import api
-from lmpack.cli.common import StderrReporter, emit_json, handle_errors, json_option
+from lmpack.cli.common import StderrReporter, emit_json, handle_errors, json_option, phase_printer, quiet_option
 
 _source_options = [
     click.option("--revision", default=None, help="Hub branch, tag or commit (resolved and recorded as a commit)."),
@@ -107,6 +107,7 @@ def pull_command(model, revision, allow_pickle, trust_remote_code, cache_dir, ou
     help="With --wheels: resolve wheels offline from this directory.",
 )
 @source_options
+@quiet_option
 @json_option
 @handle_errors
 def build_command(
@@ -123,6 +124,7 @@ def build_command(
     allow_pickle,
     trust_remote_code,
     cache_dir,
+    quiet,
     as_json,
 ) -> None:
     """Optimize MODEL for a hardware target and write a verified variant directory.
@@ -138,7 +140,7 @@ def build_command(
       lmpack build ./model.gguf --target cpu-x86 --bundle smollm2:1.0.0 --wheels
     """
     bundle = api.BundleRequest.parse(bundle_spec, wheels=wheels, wheel_source=wheel_source) if bundle_spec else None
-    reporter = StderrReporter(enabled=not as_json)
+    reporter = StderrReporter(enabled=not (as_json or quiet))
     result = api.build(
         model,
         target=target,
@@ -153,6 +155,7 @@ def build_command(
         on_event=reporter.event,
         progress=reporter.progress,
         bundle=bundle,
+        on_phase=phase_printer("pack", enabled=reporter.enabled),
     )
     if as_json:
         emit_json(

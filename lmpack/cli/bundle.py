@@ -9,7 +9,7 @@ import click
 
 from lmpack.bundle import pack as packing
 from lmpack.bundle import signing, verify
-from lmpack.cli.common import emit_json, handle_errors, json_option
+from lmpack.cli.common import emit_json, handle_errors, json_option, phase_printer, quiet_option
 
 _key_path = click.Path(path_type=Path, dir_okay=False)
 
@@ -49,9 +49,10 @@ _key_path = click.Path(path_type=Path, dir_okay=False)
     help="With --wheels: resolve from this local wheel directory only (pip --no-index --find-links), "
     "ignoring the host's pip configuration.",
 )
+@quiet_option
 @json_option
 @handle_errors
-def pack_command(variant_dirs, output, name, bundle_version, keep_dir, wheels, wheel_source, as_json) -> None:
+def pack_command(variant_dirs, output, name, bundle_version, keep_dir, wheels, wheel_source, quiet, as_json) -> None:
     """Pack variant directories (written by lmpack build) into one deterministic bundle.
 
     The same input always gives the same bytes: sorted members, fixed times, owners and modes.
@@ -66,7 +67,13 @@ def pack_command(variant_dirs, output, name, bundle_version, keep_dir, wheels, w
         raise click.UsageError("--wheel-source needs --wheels")
     options = packing.WheelOptions(source=wheel_source) if wheels else None
     result = packing.pack(
-        list(variant_dirs), output, name=name, version=bundle_version, keep_dir=keep_dir, wheels=options
+        list(variant_dirs),
+        output,
+        name=name,
+        version=bundle_version,
+        keep_dir=keep_dir,
+        wheels=options,
+        on_phase=phase_printer("pack", enabled=not (quiet or as_json)),
     )
     if as_json:
         emit_json(asdict(result))
@@ -144,17 +151,22 @@ def keygen_command(base, as_json) -> None:
 @click.command("sign")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--key", required=True, type=_key_path, help="Ed25519 private key (BASE.key from lmpack keygen).")
+@quiet_option
 @json_option
 @handle_errors
-def sign_command(bundle, key, as_json) -> None:
+def sign_command(bundle, key, quiet, as_json) -> None:
     """Sign a bundle's manifest (after checking every file); writes manifest.sig into the bundle.
+
+    A tarball is rewritten with the signature inside, so its sha256 changes: the new one is printed.
 
     \b
     Example:
       lmpack sign smollm2-1.0.0.lmpack --key keys/release.key
     """
-    result = packing.sign_bundle(bundle, key)
+    result = packing.sign_bundle(bundle, key, on_phase=phase_printer("sign", enabled=not (quiet or as_json)))
     if as_json:
         emit_json(asdict(result))
         return
     click.echo(f"signed {result.name} {result.version} with key {result.key_id}: {result.path}")
+    if result.archive_sha256:
+        click.echo(f"  {result.path}  sha256 {result.archive_sha256} (new: signing rewrote the file)")

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from lmpack.errors import LmpackError
+from lmpack.progress import PhaseReporter, no_progress
 
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2  # Click's own code for bad options and arguments
@@ -20,6 +21,17 @@ EXIT_USAGE = 2  # Click's own code for bad options and arguments
 
 def json_option(func: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(func)
+
+
+def quiet_option(func: Callable) -> Callable:
+    return click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")(func)
+
+
+def phase_printer(command: str, *, enabled: bool) -> PhaseReporter:
+    """Progress lines on stderr, one a phase ("pack: writing ..."); nothing with --quiet or --json."""
+    if not enabled:
+        return no_progress
+    return lambda message: click.echo(f"{command}: {message} ...", err=True)
 
 
 def emit_json(value: Any) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from lmpack.bundle import install as installing
-from lmpack.cli.common import emit_json, handle_errors, json_option
+from lmpack.cli.common import emit_json, handle_errors, json_option, phase_printer, quiet_option
 
 _prefix_option = click.option(
     "--prefix",
@@ -40,9 +40,10 @@ _prefix_option = click.option(
     default=None,
     help="Also write lmpack-serve@.service (and a drop-in for this bundle) into this directory.",
 )
+@quiet_option
 @json_option
 @handle_errors
-def install_command(bundle, prefix, public_key, allow_downgrade, python, systemd_dir, as_json) -> None:
+def install_command(bundle, prefix, public_key, allow_downgrade, python, systemd_dir, quiet, as_json) -> None:
     """Verify BUNDLE completely, then install it as the current release of its name.
 
     Nothing becomes visible before every file is checked; a bundle with wheels gets its own venv
@@ -61,7 +62,8 @@ def install_command(bundle, prefix, public_key, allow_downgrade, python, systemd
         python=python,
         systemd_dir=systemd_dir,
     )
-    result = installing.install(bundle, prefix, options=options)
+    on_phase = phase_printer("install", enabled=not (quiet or as_json))
+    result = installing.install(bundle, prefix, options=options, on_phase=on_phase)
     if as_json:
         emit_json(asdict(result))
         return

@@ -87,3 +87,36 @@ def test_links_in_a_variant_are_refused(tiny_variant, tmp_path):
     (copy / "model" / "passwd").symlink_to("/etc/passwd")
     with pytest.raises(BundleError, match="link"):
         pack_bundle([copy], tmp_path / "x.lmpack")
+
+
+def test_pack_sign_and_install_say_each_phase_and_quiet_silences_them(tiny_variant, tmp_path):
+    """A line per phase on stderr (stdout keeps the result), none with --quiet; sign prints the tarball's new
+    sha256, which is the file's (the one pack printed no longer is)."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from lmpack.bundle import signing
+    from lmpack.cli.main import cli
+
+    def run(*args: str):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    bundle = tmp_path / "tiny-1.0.0.lmpack"
+    packed = run("pack", tiny_variant, "-o", bundle, "--name", "tiny", "--version", "1.0.0")
+    assert "pack: copying and hashing 1 variant(s)" in packed.stderr and f"pack: writing {bundle}" in packed.stderr
+    assert "pack:" not in packed.stdout
+    packed_sha = packed.stdout.split("sha256 ")[1].split()[0]
+    key, _, _ = signing.keygen(tmp_path / "keys" / "release")
+    signed = run("sign", bundle, "--key", key)
+    new_sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    assert f"sha256 {new_sha}" in signed.stdout and new_sha != packed_sha
+    assert "sign: checking and rewriting" in signed.stderr
+    installed = run("install", bundle, "--prefix", tmp_path / "prefix")
+    assert "install: checking and extracting" in installed.stderr and "install: pointing current at 1.0.0" in (
+        installed.stderr
+    )
+    quiet = run("install", bundle, "--prefix", tmp_path / "prefix2", "--quiet")
+    assert quiet.stderr == "" and "installed tiny 1.0.0" in quiet.stdout
