@@ -16,7 +16,7 @@ from lmpack.bundle.variant_dir import variant_document, write_variant
 from lmpack.config import paths
 from lmpack.config.profiles import Profile, list_profiles, load_profile
 from lmpack.config.targets import Target, list_targets, load_target
-from lmpack.errors import ConfigError
+from lmpack.errors import AgentError, ConfigError, SwitchError
 from lmpack.fsio import publish
 from lmpack.pipeline.cache import StepCache
 from lmpack.pipeline.plan import PULL, BuildPlan, make_plan
@@ -296,8 +296,6 @@ def agent_status(url: str = DEFAULT_AGENT_URL, *, timeout: float = 5.0) -> dict[
     """The running agent's /status document: the server's state, the latest measurements, the alerts."""
     import urllib.request
 
-    from lmpack.errors import AgentError
-
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/status", timeout=timeout) as response:
             return json.loads(response.read())
@@ -306,6 +304,19 @@ def agent_status(url: str = DEFAULT_AGENT_URL, *, timeout: float = 5.0) -> dict[
             f"cannot read the agent's status at {url}: {exc}",
             hint="is `lmpack agent --config agent.toml` running? pass its address with --agent",
         ) from None
+
+
+def agent_serving(prefix: Path, *, url: str = DEFAULT_AGENT_URL, timeout: float = 1.0) -> dict[str, Any] | None:
+    """{"name", "version"} of the release the agent at `url` serves from `prefix`; None when no agent answers
+    there or it serves something else (a variant directory, another prefix)."""
+    try:
+        status = agent_status(url, timeout=timeout)
+    except AgentError:
+        return None
+    release = (status.get("switch") or {}).get("release") or {}
+    if release.get("prefix") != str(Path(prefix).resolve()):
+        return None
+    return {"name": release.get("name"), "version": release.get("serving")}
 
 
 def agent_switch(
@@ -318,8 +329,6 @@ def agent_switch(
     """
     import urllib.error
     import urllib.request
-
-    from lmpack.errors import AgentError, SwitchError
 
     path = "/switch" if version is not None else "/rollback"
     body = {

@@ -167,6 +167,7 @@ class VersionSwitcher:
                 "restarts": self.active.restarts_total - self.probation.restarts_at_start,
             }
         return {
+            "release": self._release_state(),
             "candidate": self.candidate.status() if self.candidate else None,
             "probation": probation,
             "healthy": list(self.healthy),
@@ -176,6 +177,20 @@ class VersionSwitcher:
             "failures_recent": self.failures_recent(),
             "last": self.last,
             "proxy": self.proxy.status(),
+        }
+
+    def _release_state(self) -> dict[str, Any] | None:
+        """What is installed as `current` beside what is served: they differ after an `lmpack install` that no
+        switch followed (the agent keeps serving what it served), until `lmpack switch`."""
+        if self.spec.prefix is None or self.spec.release is None:
+            return None
+        from lmpack.bundle.releases import current_version, name_dir
+
+        return {
+            "name": self.spec.release,
+            "prefix": str(self.spec.prefix.resolve()),
+            "serving": self.active.version,
+            "current": current_version(name_dir(self.spec.prefix, self.spec.release)),
         }
 
     # --- the steps ------------------------------------------------------------------------------------------
@@ -229,7 +244,10 @@ class VersionSwitcher:
         self._served(target)
         self._retire(old)
         self.switches_total += 1
-        if job.automatic:
+        rollback = job.automatic or job.version is None  # by probation, or `lmpack rollback`
+        # a version that served before needs no probation; a new one replaces the one of the version it leaves
+        self.probation = None
+        if rollback:
             self.rollbacks_total += 1
         elif old.version is not None:
             self.probation = Probation(target, old.version, now, candidate.restarts_total)
@@ -241,7 +259,7 @@ class VersionSwitcher:
             ready_seconds,
         )
         self._finish(
-            job, result=self._document(job, "rolled-back" if job.automatic else "switched", old.version, ready_seconds)
+            job, result=self._document(job, "rolled-back" if rollback else "switched", old.version, ready_seconds)
         )
 
     def _retire(self, old: Supervisor) -> None:

@@ -133,6 +133,12 @@ def status_command(agent_url: str, as_json: bool) -> None:
         f"variant  {server.get('variant')}" + (f"  (release {server['version']})" if server.get("version") else "")
     )
     switch = status.get("switch") or {}
+    release = switch.get("release")
+    if release:
+        line = f"release  {release['name']}: serving {release['serving']}, installed current {release['current']}"
+        if release["current"] != release["serving"] and release["current"] is not None:
+            line += f"; run `lmpack switch {release['name']} {release['current']}` to serve it"
+        click.echo(line)
     if switch.get("proxy"):
         click.echo(
             f"clients  port {switch['proxy']['port']} -> {switch['proxy']['backend']}  "

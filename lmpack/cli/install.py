@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from lmpack import api
 from lmpack.bundle import install as installing
 from lmpack.cli.common import emit_json, handle_errors, json_option, phase_printer, quiet_option
 
@@ -78,27 +79,39 @@ def install_command(bundle, prefix, public_key, allow_downgrade, python, systemd
 
 @click.command("list")
 @_prefix_option
+@click.option(
+    "--agent",
+    "agent_url",
+    default=api.DEFAULT_AGENT_URL,
+    show_default=True,
+    help="Also show which version the agent at this address serves (skipped when no agent answers).",
+)
 @json_option
 @handle_errors
-def list_command(prefix, as_json) -> None:
-    """Installed releases and which one is current.
+def list_command(prefix, agent_url, as_json) -> None:
+    """Installed releases, which one is current, and which one a running agent serves.
+
+    `current` is what the next start serves; after `lmpack install` the agent keeps serving the version it
+    served until `lmpack switch`, which SERVING shows.
 
     \b
     Example:
       lmpack list --prefix /opt/lmpack --json
     """
     releases = installing.list_releases(prefix)
+    serving = api.agent_serving(prefix, url=agent_url)
     if as_json:
-        emit_json({"prefix": str(prefix), "releases": [asdict(r) for r in releases]})
+        emit_json({"prefix": str(prefix), "releases": [asdict(r) for r in releases], "serving": serving})
         return
     if not releases:
         click.echo(f"nothing installed in {prefix}")
         return
-    click.echo(f"{'NAME':<24} {'VERSION':<12} {'CURRENT':<8} {'SIZE':>10}  {'SIGNED':<7} VARIANTS")
+    click.echo(f"{'NAME':<24} {'VERSION':<12} {'CURRENT':<8} {'SERVING':<8} {'SIZE':>10}  {'SIGNED':<7} VARIANTS")
     for r in releases:
         size = f"{r.bytes / 1e6:.1f} MB" if not r.problem else "?"
+        served = serving is not None and (serving["name"], serving["version"]) == (r.name, r.version)
         click.echo(
-            f"{r.name:<24} {r.version:<12} {'*' if r.current else '':<8} {size:>10}  "
+            f"{r.name:<24} {r.version:<12} {'*' if r.current else '':<8} {'*' if served else '':<8} {size:>10}  "
             f"{'yes' if r.signed else 'no':<7} {r.problem or ', '.join(r.variants)}"
         )
 

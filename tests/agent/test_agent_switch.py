@@ -363,3 +363,35 @@ def test_the_official_client_naming_the_model_survives_switches_between_differen
         f"20 switches between different variants, official client naming the model: "
         f"{len(load.records)} requests, 0 failed",
     )
+
+
+def test_list_and_status_show_current_and_served_and_a_rollback_counts_as_one(llama_variant, tmp_path, lmpack_cli):
+    """After an install that no switch followed, `current` and the served version differ: status and list both
+    say so. A manual rollback is counted as a rollback and leaves no probation naming the version it left."""
+    prefix = make_prefix(tmp_path, llama_variant, ["1.0.0"])
+    with run_agent(switch_config(tmp_path, prefix), tmp=tmp_path) as agent:
+        install(pack([llama_variant], tmp_path / "tiny-1.1.0.lmpack", name=NAME, version="1.1.0").path, prefix)
+        wait_for(  # the status is the agent's snapshot, taken every metrics interval
+            lambda: agent.status()["switch"]["release"]["current"] == "1.1.0", timeout=10, what="the new current"
+        )
+        assert agent.status()["switch"]["release"]["serving"] == "1.0.0"
+        shown = lmpack_cli("status", "--agent", agent.url)
+        assert "serving 1.0.0, installed current 1.1.0; run `lmpack switch tiny 1.1.0`" in shown.output
+        listed = json.loads(lmpack_cli("list", "--prefix", prefix, "--agent", agent.url, "--json").stdout)
+        assert listed["serving"] == {"name": NAME, "version": "1.0.0"}
+        table = lmpack_cli("list", "--prefix", prefix, "--agent", agent.url).output.splitlines()
+        assert "SERVING" in table[0]
+        rows = {line.split()[1]: line.split()[2:4] for line in table[1:]}
+        assert rows["1.0.0"][0] == "*" and rows["1.1.0"][0] == "*"  # 1.0.0 served, 1.1.0 current
+        api.agent_switch(NAME, "1.1.0", url=agent.url)
+        wait_for(
+            lambda: (agent.status()["switch"]["probation"] or {}).get("version") == "1.1.0",
+            timeout=10,
+            what="1.1.0 on probation",
+        )
+        rolled = api.agent_switch(NAME, None, url=agent.url)
+        wait_for(lambda: agent.status()["switch"]["rollbacks_total"] == 1, timeout=10, what="the rollback counted")
+        switch = agent.status()["switch"]
+        assert rolled["action"] == "rolled-back" and rolled["version"] == "1.0.0"
+        assert switch["rollbacks_total"] == 1 and switch["probation"] is None
+        assert (switch["release"]["serving"], switch["release"]["current"]) == ("1.0.0", "1.0.0")
