@@ -113,3 +113,26 @@ def test_a_model_is_named_for_what_it_is_not_where_it_is_kept(tmp_path):
     assert local("hub/models--Qwen--Qwen2.5-0.5B/snapshots/" + "a" * 40) == "Qwen2.5-0.5B"
     assert local("model", {"_name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}) == "all-MiniLM-L6-v2"
     assert local("export", {"_name_or_path": "/home/me/checkpoints/run-3"}) == "export"  # a path, not a repo id
+
+
+def test_a_ggufs_own_sampling_settings_become_the_generation_configs(tmp_path):
+    """general.sampling.* in a GGUF's header (written here with the gguf package's writer) are what the server
+    takes as the model's sampling defaults."""
+    import gguf
+
+    from lmpack.steps.pull import gguf_metadata, gguf_sampling
+
+    path = tmp_path / "meta.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("Tiny Chat 1B")
+    writer.add_float32(gguf.Keys.General.SAMPLING_TEMP, 0.6)
+    writer.add_float32(gguf.Keys.General.SAMPLING_TOP_P, 0.9)
+    writer.add_int32(gguf.Keys.General.SAMPLING_TOP_K, 20)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    metadata = gguf_metadata(path)
+    assert metadata["general.name"] == "Tiny Chat 1B"
+    assert gguf_sampling(metadata) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
+    assert gguf_sampling({"general.name": "x"}) == {}

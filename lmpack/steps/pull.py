@@ -252,8 +252,8 @@ def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
         ) from None
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    metadata = _gguf_metadata(gguf_path)
-    sampling = {ours: metadata[theirs] for theirs, ours in _GGUF_SAMPLING.items() if theirs in metadata}
+    metadata = gguf_metadata(gguf_path)
+    sampling = gguf_sampling(metadata)
     if sampling:
         config_path = out_dir / "generation_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -270,7 +270,12 @@ _GGUF_SAMPLING = {
 }
 
 
-def _gguf_metadata(path: Path) -> dict[str, Any]:
+def gguf_sampling(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The GGUF's own sampling settings under generation_config.json's names (empty when it sets none)."""
+    return {ours: metadata[theirs] for theirs, ours in _GGUF_SAMPLING.items() if theirs in metadata}
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
     """The GGUF header's general.* strings and numbers; informational, so an odd header gives what it can."""
     try:
         from gguf import GGUFReader, GGUFValueType

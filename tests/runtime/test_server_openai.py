@@ -119,3 +119,32 @@ def test_embeddings_from_an_encoder_variant(bert_variant, tmp_path):
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
     np.testing.assert_allclose(np.array([d["embedding"] for d in as_floats["data"]]), expected, atol=1e-5)
     assert response.usage.prompt_tokens == as_floats["usage"]["prompt_tokens"] > 4
+
+
+def test_a_request_that_sets_no_sampling_field_gets_the_models_defaults(client, llama_server, llama_variant, tmp_path):
+    """The tiny model's generation config sets no sampling field: the server uses the documented chat defaults,
+    lists them in /v1/models and says them when it starts; a request that leaves them out is sampled with
+    them. A generation config that sets some wins for those, OpenAI's neutral values for the rest."""
+    import shutil
+
+    from lmpack.runtime.engine import CHAT_SAMPLING_DEFAULTS, DecoderEngine
+    from lmpack.runtime.sampling import SamplingParams
+    from lmpack.runtime.variant import load_variant
+
+    engine = DecoderEngine(load_variant(llama_variant), threads=1)
+    assert engine.defaults() == CHAT_SAMPLING_DEFAULTS
+    assert client.models.retrieve(llama_variant.name).model_extra["sampling_defaults"] == CHAT_SAMPLING_DEFAULTS
+    assert "temperature=0.8, top_p=0.95, top_k=40" in llama_server.log.read_text()
+    answer = client.completions.create(model=llama_variant.name, prompt=QUESTION, max_tokens=24, seed=11)
+    local = engine.generate(
+        engine.encode_prompt(QUESTION), SamplingParams(max_tokens=24, seed=11, **CHAT_SAMPLING_DEFAULTS)
+    )
+    assert answer.choices[0].text == local.result().text
+
+    copy = tmp_path / "v"
+    shutil.copytree(llama_variant, copy)
+    config = copy / "model" / "generation_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "temperature": 0.3}))
+    configured = DecoderEngine(load_variant(copy), threads=1)
+    assert configured.defaults() == {"temperature": 0.3, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+    assert configured.defaults_source == "the model's generation_config.json"
