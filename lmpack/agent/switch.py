@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpack.agent.config import AgentConfig, ServerSpec
+from lmpack.agent.current import point_current_at_served, release_state
 from lmpack.agent.proxy import Proxy
 from lmpack.agent.supervisor import Supervisor
 from lmpack.errors import LmpackError, SwitchError
@@ -167,7 +168,7 @@ class VersionSwitcher:
                 "restarts": self.active.restarts_total - self.probation.restarts_at_start,
             }
         return {
-            "release": self._release_state(),
+            "release": release_state(self.spec, self.active.version),
             "candidate": self.candidate.status() if self.candidate else None,
             "probation": probation,
             "healthy": list(self.healthy),
@@ -177,20 +178,6 @@ class VersionSwitcher:
             "failures_recent": self.failures_recent(),
             "last": self.last,
             "proxy": self.proxy.status(),
-        }
-
-    def _release_state(self) -> dict[str, Any] | None:
-        """What is installed as `current` beside what is served: they differ after an `lmpack install` that no
-        switch followed (the agent keeps serving what it served), until `lmpack switch`."""
-        if self.spec.prefix is None or self.spec.release is None:
-            return None
-        from lmpack.bundle.releases import current_version, name_dir
-
-        return {
-            "name": self.spec.release,
-            "prefix": str(self.spec.prefix.resolve()),
-            "serving": self.active.version,
-            "current": current_version(name_dir(self.spec.prefix, self.spec.release)),
         }
 
     # --- the steps ------------------------------------------------------------------------------------------
@@ -354,6 +341,7 @@ class VersionSwitcher:
 
     def _fail(self, job: Job | None, reason: str, *, count: bool = True) -> None:
         log.error("switch failed: %s; %s keeps serving", reason, self.active.version)
+        point_current_at_served(self.spec, self.active.version)
         if job is not None:
             self._finish(
                 job,

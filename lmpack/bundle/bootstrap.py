@@ -22,24 +22,36 @@ import argparse
 import hashlib
 import json
 import os
+import stat
 import sys
+from typing import NoReturn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MAX_MANIFEST_BYTES = 64 << 20  # as lmpack.bundle.manifest: this file runs before lmpack is importable
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     sys.stderr.write(f"error: {message}\n")
     sys.exit(code)
 
 
 def check_files(root: str) -> dict:
-    """Every listed file's size and sha256; exit 13 (as lmpack verify would) on the first difference."""
-    with open(os.path.join(root, "manifest.json"), "rb") as handle:
-        manifest = json.loads(handle.read().decode("utf-8"))
-    for entry in manifest["files"]:
-        path = entry["path"]
-        if path.startswith("/") or ".." in path.split("/") or "\\" in path:
+    """Every listed file's size and sha256; exit 13 (as lmpack verify would) on the first difference.
+
+    Before a byte is read, every listed path must be a regular file reached through real directories: a
+    symlink (to /dev/zero, say), a device or a FIFO would block a read forever, and lmpack install refuses
+    them with the same words."""
+    try:
+        with open(os.path.join(root, "manifest.json"), "rb") as handle:
+            manifest = json.loads(handle.read(MAX_MANIFEST_BYTES + 1).decode("utf-8"))
+        files = [(entry["path"], entry["size"], entry["sha256"]) for entry in manifest["files"]]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:
+        _fail(f"manifest.json cannot be read: {type(exc).__name__}: {exc}", 12)
+    for path, _, _ in files:
+        if not isinstance(path, str) or path.startswith("/") or ".." in path.split("/") or "\\" in path:
             _fail(f"manifest.json lists an unsafe path {path!r}", 12)
+        _check_regular(root, path)
+    for path, want_size, want_sha in files:
         digest, size = hashlib.sha256(), 0
         try:
             with open(os.path.join(root, path), "rb") as handle:
@@ -48,9 +60,27 @@ def check_files(root: str) -> dict:
                     size += len(chunk)
         except OSError as exc:
             _fail(f"{path}: {exc.strerror}", 13)
-        if size != entry["size"] or digest.hexdigest() != entry["sha256"]:
+        if size != want_size or digest.hexdigest() != want_sha:
             _fail(f"{path}: does not match manifest.json (altered or truncated copy)", 13)
     return manifest
+
+
+def _check_regular(root: str, path: str) -> None:
+    """Each part of `path` a real directory and the last a regular file with one name, by lstat (nothing opened)."""
+    parts = path.split("/")
+    for depth in range(1, len(parts) + 1):
+        current = os.path.join(root, *parts[:depth])
+        try:
+            info = os.lstat(current)
+        except OSError as exc:
+            _fail(f"{path}: {exc.strerror}", 13)
+        if stat.S_ISLNK(info.st_mode):
+            _fail(f"{'/'.join(parts[:depth])}: a symlink; bundles hold regular files only", 13)
+        last = depth == len(parts)
+        if last and not stat.S_ISREG(info.st_mode) or not last and not stat.S_ISDIR(info.st_mode):
+            _fail(f"{'/'.join(parts[:depth])}: not a regular file", 13)
+        if last and info.st_nlink > 1:
+            _fail(f"{path}: a hard link; bundles hold regular files only", 13)
 
 
 def main() -> None:

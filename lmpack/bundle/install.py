@@ -98,8 +98,9 @@ def _locked(prefix: Path) -> Iterator[None]:
 
 
 def _recover(prefix: Path) -> None:
-    """Remove what an interrupted install or uninstall left (staging, temp links, uncommitted versions)
-    and mark a current release that a kill left unmarked."""
+    """Remove what an interrupted install or uninstall left (processes still writing, staging, temp links,
+    uncommitted versions) and mark a current release that a kill left unmarked."""
+    runtime_env.reap_children(prefix / layout.CHILDREN)
     remove_path(prefix / layout.STAGING)
     releases = prefix / layout.RELEASES
     if not releases.is_dir():
@@ -266,7 +267,10 @@ def _install_locked(
     if manifest.wheelhouse is not None:  # at its final path (venvs are not relocatable), before the commit
         with guard_disk_full(release):  # any failure removes the uncommitted release: the old state stays
             on_phase(f"making the release's venv from {manifest.wheelhouse.wheels} bundled wheels (pip, offline)")
-            runtime_env.create_venv(release, manifest, python)
+            try:
+                runtime_env.create_venv(release, manifest, python, children=prefix / layout.CHILDREN)
+            finally:
+                (prefix / layout.CHILDREN).unlink(missing_ok=True)
             os.sync()  # pip does not fsync what it writes
     on_phase(f"pointing current at {manifest.version}" + (f" (was {previous})" if previous else ""))
     _switch(name_dir, manifest.version, previous)

@@ -249,6 +249,8 @@ def parse_manifest(data: bytes) -> Manifest:
         raw = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicate_keys, parse_constant=no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{MANIFEST} is not valid JSON: {exc}") from exc
+    except RecursionError:  # json's own limit, about a thousand levels: far past any manifest's three
+        raise BundleError(f"{MANIFEST} is nested too deeply to be a manifest") from None
     top = Fields(raw, "")
     version = top.get("schema_version", (int,))
     if version not in READABLE_SCHEMAS:

@@ -5,6 +5,7 @@
     PREFIX/releases/NAME/current             symlink to VERSION, replaced with os.replace of a temp link
     PREFIX/releases/NAME/.installed/VERSION  marker: a committed release that is kept until uninstalled
     PREFIX/.staging/                         extraction in progress, removed when done
+    PREFIX/.install-children                 process groups making a venv; a killed install's are ended by the next
 
 A release is installed when it is `current` or has a marker; any other version directory is the leftover
 of an interrupted install. This module is the one place those names are spelled: install writes the layout
@@ -26,6 +27,7 @@ CURRENT = "current"
 MARKERS = ".installed"
 STAGING = ".staging"
 TEMP_LINK = ".current-"  # prefix of the link that replaces `current`
+CHILDREN = ".install-children"  # process groups an install's venv steps run in (runtime_env.reap_children)
 
 
 def name_dir(prefix: Path, name: str) -> Path:

@@ -12,10 +12,12 @@ Runtime-side: standard library, lmpack.errors and lmpack.bundle.manifest only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lmpack.bundle.manifest import Manifest
@@ -69,11 +71,32 @@ def _die_with_parent() -> None:
         pass
 
 
-def _run(args: list[str], what: str) -> None:
+def _run(args: list[str], what: str, children: Path | None = None) -> None:
+    """Run one step of making the venv in a process group of its own, whose number goes into `children` first:
+    the direct child dies with the installer (PR_SET_PDEATHSIG), but what it starts (ensurepip's pip) would
+    not, so a killed install leaves the group for the next install to end (reap_children)."""
     try:
-        done = subprocess.run(
-            args, capture_output=True, text=True, timeout=_TIMEOUT_S, env=_clean_env(), preexec_fn=_die_with_parent
+        process = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_clean_env(),
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
         )
+        if children is not None:
+            with open(children, "a") as record:
+                record.write(f"{process.pid}\n")
+                record.flush()
+                os.fsync(record.fileno())
+        try:
+            stdout, stderr = process.communicate(timeout=_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+        done = subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise InstallError(
             f"{what} failed: {exc}", hint="nothing was switched; the previous release is current"
@@ -83,11 +106,12 @@ def _run(args: list[str], what: str) -> None:
         raise InstallError(f"{what} failed:\n{tail}", hint="nothing was switched; the previous release is current")
 
 
-def create_venv(release: Path, manifest: Manifest, python: str) -> Path:
-    """RELEASE/venv with exactly the locked wheels installed, offline; returns the venv directory."""
+def create_venv(release: Path, manifest: Manifest, python: str, *, children: Path | None = None) -> Path:
+    """RELEASE/venv with exactly the locked wheels installed, offline; returns the venv directory. The process
+    groups of the steps are recorded in `children` (see reap_children)."""
     assert manifest.wheelhouse is not None
     venv = release / VENV_DIR
-    _run([python, "-m", "venv", str(venv)], f"creating {venv}")
+    _run([python, "-m", "venv", str(venv)], f"creating {venv}", children)
     wheels_dir = release / Path(manifest.wheelhouse.lock).parent
     _run(
         [
@@ -108,8 +132,54 @@ def create_venv(release: Path, manifest: Manifest, python: str) -> Path:
             str(release / manifest.wheelhouse.lock),
         ],
         f"installing the bundled wheels into {venv}",
+        children,
     )
     return venv
+
+
+def reap_children(children: Path, *, timeout: float = 30.0) -> None:
+    """End what a killed install left running (the process groups recorded in `children`), and wait until it
+    is gone, so nothing writes on into the release directory the caller is about to remove; then forget them.
+
+    A group is ended only while its leader's number still names a group: a number the system gave to another
+    program since is a group of other processes, which killpg would reach, so only members whose command line
+    names the file's directory (the install prefix) are killed."""
+    try:
+        groups = [int(line) for line in children.read_text().split() if line.isdigit()]
+    except OSError:
+        return
+    prefix = str(children.parent.resolve())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        members = [pid for pid, group in _processes() if group in groups and prefix in _cmdline(pid)]
+        if not members:
+            break
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    children.unlink(missing_ok=True)
+
+
+def _processes() -> list[tuple[int, int]]:
+    """(pid, process group) of every process, from /proc (empty where there is none)."""
+    found = []
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found.append((int(entry.name), int(fields[2])))  # after "pid (comm)": state, ppid, pgrp
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def write_systemd_units(directory: Path, prefix: Path, manifest: Manifest) -> list[Path]:

@@ -111,6 +111,8 @@ class DirBundle:
                             problems.append(f"{relative}/: extra directory, nothing in it is listed in {MANIFEST}")
                     elif not item.is_file(follow_symlinks=False):
                         problems.append(f"{relative}: not a regular file")
+                    elif item.stat(follow_symlinks=False).st_nlink > 1:  # a tar hard link member, extracted
+                        problems.append(f"{relative}: a hard link; bundles hold regular files only")
                     elif relative in expected:
                         found.add(relative)
                         size, wanted = item.stat(follow_symlinks=False).st_size, expected[relative].size

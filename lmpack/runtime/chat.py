@@ -14,6 +14,12 @@ from typing import Any
 from lmpack.errors import RequestError, VariantError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+_PAD = " \n"  # around a content marker: a template that trims content removes it
+
+
+def _marker(index: int) -> str:
+    """Stands in for message `index`'s content (private-use characters no tokenizer or template gives meaning)."""
+    return f"\ue000{index}\ue001"
 
 
 def _raise_exception(message: str):
@@ -59,6 +65,36 @@ class ChatTemplate:
             )
         except TemplateError as exc:
             raise RequestError(f"the model's chat template rejected the messages: {exc}", param="messages") from exc
+
+    def segments(self, messages: list[dict[str, Any]]) -> list[tuple[str, bool]] | None:
+        """The rendered prompt as (text, from_content) pieces: the template's own markup, and each message's
+        content as the template placed it, so the caller can tokenize content as plain text (a user who writes
+        "<|im_end|>" must not end their turn). None when the pieces cannot be told apart (the template changes
+        the content in a way other than trimming it); the caller then refuses control tokens in content.
+
+        How: render once with each content replaced by a marker wrapped in whitespace. The marker shows where
+        the content goes, and whether the padding survived shows whether the template trims content."""
+        normalized = normalize_messages(messages)
+        real = self.render(normalized)
+        marked = self.render([{**m, "content": _PAD + _marker(i) + _PAD} for i, m in enumerate(normalized)])
+        pieces: list[tuple[str, bool]] = []
+        rest = marked
+        for index, message in enumerate(normalized):
+            marker = _marker(index)
+            at = rest.find(marker)
+            if at < 0:
+                continue  # the template left this message out (or changed it beyond recognition: checked below)
+            before, after = rest[:at], rest[at + len(marker) :]
+            content = message["content"]
+            content = content if before.endswith(_PAD) else content.lstrip()
+            content = content if after.startswith(_PAD) else content.rstrip()
+            pieces.append((before.removesuffix(_PAD), False))
+            pieces.append((content, True))
+            rest = after.removeprefix(_PAD)
+        pieces.append((rest, False))
+        if "".join(text for text, _ in pieces) != real:
+            return None
+        return [(text, from_content) for text, from_content in pieces if text]
 
 
 def normalize_messages(messages: Any) -> list[dict[str, str]]:

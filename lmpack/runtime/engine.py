@@ -18,7 +18,7 @@ import numpy as np
 from lmpack.bundle.variant_dir import EMBEDDING, TEXT_GENERATION
 from lmpack.config.serve import ServeSettings
 from lmpack.errors import RequestError
-from lmpack.runtime.chat import ChatTemplate
+from lmpack.runtime.chat import ChatTemplate, normalize_messages
 from lmpack.runtime.generation import Generation, GenerationLoop, SoloLoop
 from lmpack.runtime.heap import release_file_pages, release_freed_heap
 from lmpack.runtime.sampling import SamplingParams
@@ -49,6 +49,14 @@ class DecoderEngine:
                 providers=variant.providers,
                 kv_padding=variant.info.get("kv_padding", "left"),
             ),
+        )
+        # the same vocabulary reading control tokens' text as text: for what requests write (encode_prompt,
+        # encode_chat); a second instance, since the setting belongs to the tokenizer, which threads share
+        self.text_tokenizer = variant.tokenizer()
+        self.text_tokenizer.encode_special_tokens = True
+        self.max_token_chars = max((len(token) for token in self.tokenizer.get_vocab()), default=1)
+        self.control_tokens = tuple(
+            t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special and t.content
         )
         eos = set(variant.eos_token_ids)
         if not eos and variant.special_token("eos_token"):
@@ -89,19 +97,56 @@ class DecoderEngine:
             if isinstance(generation.get(k), (int, float)) and not isinstance(generation.get(k), bool)
         }
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Tokens of a raw prompt, with the tokenizer's own special tokens (a BOS where the model wants one)."""
-        return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+    def encode_prompt(self, prompt: str, *, parse_special: bool = False) -> list[int]:
+        """Tokens of a raw prompt, with the tokenizer's own special tokens (a BOS where the model wants one).
+
+        Control tokens written in the text ("<|im_end|>") are read as the text they are, unless `parse_special`
+        (a caller that builds its own prompt format and asks for it)."""
+        self._check_length(prompt, "prompt")
+        tokenizer = self.tokenizer if parse_special else self.text_tokenizer
+        return tokenizer.encode(prompt, add_special_tokens=True).ids
+
+    def _check_length(self, text: str, param: str) -> None:
+        """Refuse a text that cannot fit the context before tokenizing it: no token covers more than
+        `max_token_chars` characters, so a longer text has more tokens than the context holds (a 2 MB prompt
+        took seconds to tokenize only to be refused)."""
+        if len(text) > 2 * self.max_token_chars * self.context_length:
+            raise RequestError(
+                f"the {param} ({len(text)} characters) is longer than the model's context of {self.context_length}"
+                " tokens can hold",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Tokens of a conversation: the template writes the special tokens itself, so none are added."""
-        if self.chat_template is None:
+        """Tokens of a conversation: the template writes the control tokens; the messages' text never does.
+
+        A content that holds a control token's text is tokenized as plain text, piece by piece with the
+        template's markup; any other conversation is tokenized whole, as before (the same tokens)."""
+        template = self.chat_template
+        if template is None:
             raise RequestError(
                 f"{self.variant.name} has no chat template; use /v1/completions with a prompt",
                 param="messages",
                 code="no_chat_template",
             )
-        return self.tokenizer.encode(self.chat_template.render(messages), add_special_tokens=False).ids
+        contents = [m["content"] for m in normalize_messages(messages)]
+        self._check_length("".join(contents), "messages")
+        forged = [token for token in self.control_tokens if any(token in content for content in contents)]
+        if not forged:
+            return self.tokenizer.encode(template.render(messages), add_special_tokens=False).ids
+        segments = template.segments(messages)
+        if segments is None:
+            raise RequestError(
+                f"the messages hold the model's control token {forged[0]!r}, which this model's chat template "
+                "does not let lmpack keep apart from its own markup",
+                param="messages",
+            )
+        ids: list[int] = []
+        for text, from_content in segments:
+            tokenizer = self.text_tokenizer if from_content else self.tokenizer
+            ids += tokenizer.encode(text, add_special_tokens=False).ids
+        return ids
 
     def generate(
         self,

@@ -5,6 +5,7 @@ Kept apart from server.py so the routes read as what they do; nothing here knows
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmpack.runtime.protocol import ApiError
 
 JSON_TYPES = ("application/json",)
+MAX_JSON_DEPTH = 64  # far deeper than any request of the API (a tool's JSON schema included) needs
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -48,13 +50,59 @@ async def read_json(request: Request, *, limit: int) -> dict[str, Any]:
         if size > limit:
             raise too_large
         chunks.append(chunk)
+    # parsed in a worker thread: a large body must not hold up the loop (liveness answers meanwhile)
+    return await asyncio.get_running_loop().run_in_executor(None, parse_json_body, b"".join(chunks))
+
+
+def parse_json_body(data: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400: not JSON, not an object, nested deeper than MAX_JSON_DEPTH (the
+    parser's own recursion limit is a RecursionError, a 500 before), or a string that is not Unicode text (a lone
+    surrogate such as "\\ud800", which the tokenizer cannot take): the error names the field."""
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError:
+        raise ApiError(400, f"the body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    _check_values(body)
     return body
+
+
+def _check_values(body: dict[str, Any]) -> None:
+    """Walk the parsed body without recursion: bounded depth, and only well-formed Unicode strings."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        if isinstance(value, str):
+            if not _is_text(value):
+                raise ApiError(
+                    400,
+                    f"{path or 'a string'} holds a lone surrogate (\\ud800-\\udfff): not Unicode text",
+                    param=path or None,
+                    code="invalid_value",
+                )
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else str(key)
+                if not _is_text(key):
+                    raise ApiError(
+                        400, "a key holds a lone surrogate: not Unicode text", param=path or None, code="invalid_value"
+                    )
+                stack.append((item, child, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value))
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def sse(payload: dict[str, Any] | str) -> str:

@@ -23,6 +23,9 @@ from lmpack.runtime.chat import normalize_messages
 from lmpack.runtime.sampling import SamplingParams, check_choices, check_max_tokens
 
 MAX_EMBEDDING_INPUTS = 256
+# lmpack's opt-in on /v1/completions: control tokens written in the prompt ("<|im_end|>") act as such, for
+# callers that build the model's prompt format themselves; by default they are read as the text they are.
+PARSE_SPECIAL = "parse_special_tokens"
 
 
 class ApiError(Exception):
@@ -65,6 +68,7 @@ class GenerationRequest:
     include_usage: bool
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
+    parse_special: bool = False  # a completion's control tokens written in the prompt act as such (opt-in)
 
     def params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, **self.choices)
@@ -100,10 +104,10 @@ def check_model(body: dict, names: tuple[str, ...]) -> None:
 
 def _refuse_unsupported(body: dict) -> None:
     n = body.get("n", 1)
-    if n is not None and n != 1:
+    if n is not None and (isinstance(n, bool) or n != 1):  # true == 1 in Python, not in JSON
         raise bad("only n=1 is supported: one completion per request", "n", "unsupported_value")
     best_of = body.get("best_of", 1)
-    if best_of is not None and best_of != 1:
+    if best_of is not None and (isinstance(best_of, bool) or best_of != 1):
         raise bad("best_of is not supported", "best_of", "unsupported_value")
     for name in (
         "logprobs",
@@ -168,7 +172,18 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
     check_choices(**choices)
     stream = _field(body, "stream", (bool,), False, what="true or false")
     options = _field(body, "stream_options", (dict,), {}, what="an object")
+    unknown = sorted(set(options) - {"include_usage"})
+    if unknown:  # as OpenAI: a misspelt option is an error, not ignored
+        raise bad(f"stream_options has no option {unknown[0]!r}", f"stream_options.{unknown[0]}", "invalid_value")
+    if "include_usage" in options and not isinstance(options["include_usage"], bool):
+        raise bad("stream_options.include_usage must be true or false", "stream_options.include_usage", "invalid_type")
     include_usage = bool(options.get("include_usage")) if stream else False
+    if chat and body.get(PARSE_SPECIAL) is not None:
+        raise bad(
+            f"{PARSE_SPECIAL} is for /v1/completions: chat messages are always read as text",
+            PARSE_SPECIAL,
+            "unsupported_parameter",
+        )
     if chat:
         if "messages" not in body:
             raise bad("messages is required", "messages", "missing_required_parameter")
@@ -183,8 +198,14 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
         raise bad("prompt is required", "prompt", "missing_required_parameter")
     if not isinstance(prompt, str):
         raise bad("prompt must be a string (or an array of one string)", "prompt", "invalid_type")
+    parse_special = _field(body, PARSE_SPECIAL, (bool,), False, what="true or false")
     return GenerationRequest(
-        choices=choices, max_tokens=max_tokens, stream=stream, include_usage=include_usage, prompt=prompt
+        choices=choices,
+        max_tokens=max_tokens,
+        stream=stream,
+        include_usage=include_usage,
+        prompt=prompt,
+        parse_special=parse_special,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -264,9 +265,13 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         ids = await loop.run_in_executor(None, engine.encode_chat, req.messages)
     else:
         assert req.prompt is not None  # parse_generation: a completion request has its prompt
-        ids = await loop.run_in_executor(None, engine.encode_prompt, req.prompt)
+        ids = await loop.run_in_executor(
+            None, functools.partial(engine.encode_prompt, req.prompt, parse_special=req.parse_special)
+        )
     params = req.params(state.max_tokens(req.max_tokens, chat=chat, prompt_tokens=len(ids)))
-    key, cached = state.cached(chat=chat, prompt=req.messages if chat else req.prompt, params=params)
+    # a prompt's control tokens read as text or as tokens are two prompts (parse_special_tokens)
+    prompt_key = req.messages if chat else [req.prompt, req.parse_special]
+    key, cached = state.cached(chat=chat, prompt=prompt_key, params=params)
     if cached is not None:  # a replay needs no generation slot
         return cached_response(
             cached, model=state.model_id, chat=chat, stream=req.stream, include_usage=req.include_usage

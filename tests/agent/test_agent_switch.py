@@ -395,3 +395,22 @@ def test_list_and_status_show_current_and_served_and_a_rollback_counts_as_one(ll
         assert rolled["action"] == "rolled-back" and rolled["version"] == "1.0.0"
         assert switch["rollbacks_total"] == 1 and switch["probation"] is None
         assert (switch["release"]["serving"], switch["release"]["current"]) == ("1.0.0", "1.0.0")
+
+
+def test_after_a_failed_switch_current_names_what_serves(llama_variant, tmp_path, lmpack_cli):
+    """`lmpack install 1.2.0` moved `current`, then the switch to 1.2.0 failed (its model is broken): the agent
+    keeps serving 1.0.0 and points `current` back at it, so no later start serves the broken one."""
+    prefix = make_prefix(tmp_path, llama_variant, ["1.0.0", "1.2.0"], broken="1.2.0")
+    with run_agent(switch_config(tmp_path, prefix), tmp=tmp_path) as agent:
+        set_current(prefix, NAME, "1.2.0")  # what the install of 1.2.0 did
+        refused = lmpack_cli("switch", NAME, "1.2.0", "--agent", agent.url)
+        assert refused.exit_code == 19, refused.output
+        assert current_version(prefix / "releases" / NAME) == "1.0.0"
+        wait_for(
+            lambda: (
+                agent.status()["switch"]["release"]
+                == {"name": NAME, "prefix": str(prefix.resolve()), "serving": "1.0.0", "current": "1.0.0"}
+            ),
+            timeout=10,
+            what="status: current and served agree",
+        )

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from lmpack.cli.main import cli
 
 REPO = Path(__file__).resolve().parents[2]
+WHEEL_CACHE = REPO / ".wheels-cache"  # runtime wheels scripts/setup fetches, for offline packs
 
 
 def pack_bundle(

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from bundle_helpers import pack_bundle
+from bundle_helpers import WHEEL_CACHE, pack_bundle
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +47,22 @@ def bundles(tiny_variant, tmp_path_factory) -> dict[str, Path]:
         shutil.copytree(made[f"{version}-dir"], made[f"{version}-signed-dir"])
         pack.sign_bundle(made[f"{version}-signed-dir"], made["key"])
     return made
+
+
+@pytest.fixture(scope="session")
+def wheel_bundle(tiny_variant, tmp_path_factory) -> dict[str, Path]:
+    """A cpu-x86 bundle with its wheelhouse, as a tarball and a directory (packed offline from .wheels-cache)."""
+    if not any(WHEEL_CACHE.glob("onnxruntime-*.whl")):
+        pytest.skip(f"{WHEEL_CACHE} has no runtime wheels; scripts/setup fills it (python -m lmpack.bundle.wheels)")
+    from lmpack.bundle.pack import WheelOptions, pack
+
+    root = tmp_path_factory.mktemp("wheel-bundle")
+    result = pack(
+        [tiny_variant],
+        root / "tiny.lmpack",
+        name="tiny",
+        version="1.0.0",
+        keep_dir=root / "tiny",
+        wheels=WheelOptions(source=WHEEL_CACHE),
+    )
+    return {"tar": result.path, "dir": root / "tiny", "seconds": result.seconds}

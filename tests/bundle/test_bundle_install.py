@@ -211,3 +211,32 @@ def test_runtime_modules_import_nothing_heavy():
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_killed_installs_venv_processes_are_ended_by_the_next_install(tmp_path):
+    """What making a venv starts runs in process groups the install records; a killed install leaves them
+    running (ensurepip's pip outlives its parent), and the next install ends them before it removes the
+    leftover release. A recorded group whose processes do not name the prefix (its number reused) is spared."""
+    import subprocess
+    import sys
+    import time
+
+    from lmpack.bundle.releases import CHILDREN
+    from lmpack.bundle.runtime_env import reap_children
+
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    ours = subprocess.Popen([*sleeper, str(prefix.resolve() / "releases" / "tiny" / "1.0.0")], start_new_session=True)
+    other = subprocess.Popen([*sleeper, "unrelated"], start_new_session=True)
+    try:
+        (prefix / CHILDREN).write_text(f"{ours.pid}\n{other.pid}\n")
+        started = time.monotonic()
+        reap_children(prefix / CHILDREN)
+        assert ours.wait(timeout=5) == -9 and time.monotonic() - started < 10
+        assert other.poll() is None  # its command line does not name the prefix
+        assert not (prefix / CHILDREN).exists()
+    finally:
+        for process in (ours, other):
+            process.kill()
+            process.wait()

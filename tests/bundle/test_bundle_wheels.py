@@ -15,32 +15,11 @@ import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import pytest
-from bundle_helpers import REPO, run_cli
+from bundle_helpers import run_cli
 
-WHEEL_CACHE = REPO / ".wheels-cache"
 HOST_MATCHES_CPU_X86 = sys.platform == "linux" and os.uname().machine == "x86_64" and sys.version_info[:2] == (3, 11)
-
-
-@pytest.fixture(scope="session")
-def wheel_bundle(tiny_variant, tmp_path_factory) -> dict[str, Path]:
-    """A cpu-x86 bundle with its wheelhouse, as a tarball and a directory (packed offline from .wheels-cache)."""
-    if not any(WHEEL_CACHE.glob("onnxruntime-*.whl")):
-        pytest.skip(f"{WHEEL_CACHE} has no runtime wheels; scripts/setup fills it (python -m lmpack.bundle.wheels)")
-    from lmpack.bundle.pack import WheelOptions, pack
-
-    root = tmp_path_factory.mktemp("wheel-bundle")
-    result = pack(
-        [tiny_variant],
-        root / "tiny.lmpack",
-        name="tiny",
-        version="1.0.0",
-        keep_dir=root / "tiny",
-        wheels=WheelOptions(source=WHEEL_CACHE),
-    )
-    return {"tar": result.path, "dir": root / "tiny", "seconds": result.seconds}
 
 
 def test_wheelhouse_lock_manifest_and_sbom(wheel_bundle):

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from bundle_helpers import REPO
+from bundle_helpers import REPO, WHEEL_CACHE
 
 from lmpack import api
 from lmpack.bundle.wheels import (
@@ -28,8 +28,6 @@ from lmpack.bundle.wheels import (
     runtime_set,
 )
 from lmpack.errors import BundleError
-
-WHEEL_CACHE = REPO / ".wheels-cache"
 
 
 def test_each_shipped_target_gets_its_runtime_packages():
