@@ -71,6 +71,13 @@ class ServeSettings:
     """Requests that may wait for a slot; beyond that the server answers 429."""
     drain_seconds: int = _setting(30, bounds=(0, 86_400))
     """On SIGTERM or Ctrl-C, how long running requests may take to finish."""
+    header_timeout_seconds: int = _setting(10, bounds=(1, 3600))
+    """A connection that has not sent a request's headers this long after it opened (or after its last
+    answer) is closed; a request in progress is never cut."""
+    keep_alive_seconds: int = _setting(5, bounds=(1, 3600))
+    """An idle keep-alive connection is closed this long after its last answer."""
+    max_connections: int = _setting(1000, bounds=(1, 1_000_000))
+    """Connections open at once; one more is closed at once (the queue and 429 bound the requests)."""
     api_key_file: Path | None = _setting(None, shown="none")
     """File of accepted API keys, one a line, # comments (LMPACK_API_KEYS adds comma-separated keys)."""
     max_body_bytes: int = _setting(2 * MIB, bounds=(1024, 1024 * MIB))

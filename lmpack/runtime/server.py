@@ -454,6 +454,7 @@ def serve(
 
     if not logging.getLogger().handlers:  # this is the process's entry point: make the selection's reasons visible
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    from lmpack.runtime.connections import bounded_protocol
     from lmpack.runtime.listen import listen_socket
     from lmpack.runtime.select import prepare_variant
 
@@ -489,6 +490,8 @@ def serve(
         port=settings.port,
         log_level="info",
         timeout_graceful_shutdown=settings.drain_seconds,
+        timeout_keep_alive=settings.keep_alive_seconds,
+        http=bounded_protocol(header_timeout=settings.header_timeout_seconds, max_connections=settings.max_connections),
         server_header=False,
         **tls,
     )

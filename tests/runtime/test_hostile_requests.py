@@ -161,3 +161,50 @@ def test_each_familys_template_keeps_message_text_out_of_its_control_tokens(fami
         ids = engine.encode_chat(messages)
         assert controls(ids) == controls(engine.encode_chat(benign)), family
         assert engine.tokenizer.decode(ids, skip_special_tokens=False) == engine.chat_template.render(messages)
+
+
+def test_slow_and_idle_connections_are_closed_and_connections_are_capped(llama_variant, tmp_path):
+    """Idle connections and ones that send their headers a byte at a time are closed after the header timeout;
+    past max_connections a new one is closed at once; a request in progress is not cut; liveness answers."""
+    import socket
+    import time
+
+    import httpx
+    from runtime_servers import run_server
+
+    flags = ("--header-timeout-seconds", "1", "--keep-alive-seconds", "1", "--max-connections", "12")
+    with run_server(llama_variant, *flags, tmp=tmp_path) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+        time.sleep(0.2)
+        over = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]  # 14 > 12
+        closed_at_once = []
+        for sock in over:
+            sock.settimeout(2)
+            closed_at_once.append(sock.recv(1) == b"")
+        assert any(closed_at_once), "no connection past the cap was closed"
+        for sock in over:
+            sock.close()
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            long = client.post(  # takes longer than the header timeout: not cut
+                COMPLETIONS, json={"prompt": "The railway", "max_tokens": 200, "temperature": 0}
+            )
+            assert long.status_code == 200 and long.json()["usage"]["completion_tokens"] == 200
+        started = time.monotonic()
+        for step in range(8):  # 2.4 s of a header sent byte by byte
+            for sock in slow:
+                try:
+                    sock.send(b"GET /health/live HTTP/1.1\r\n"[step : step + 1])
+                except OSError:
+                    pass
+            time.sleep(0.3)
+        for sock in idle + slow:
+            sock.settimeout(5)
+            try:
+                assert sock.recv(1) == b""  # closed by the server
+            except ConnectionResetError:
+                pass
+            sock.close()
+        assert time.monotonic() - started < 10
+        assert httpx.get(f"{server.url}/health/live", timeout=5).status_code == 200
