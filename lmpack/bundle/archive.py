@@ -128,6 +128,13 @@ def write_tarball(
 # --- reading ---------------------------------------------------------------------------------------------
 
 
+def _too_much(limit: int) -> BundleError:
+    return BundleError(
+        f"archive holds more data than its manifest declares ({limit} bytes with headers); stopped before reading it",
+        hint="the bundle is damaged or a decompression bomb",
+    )
+
+
 class _Bounded(io.RawIOBase):
     """The decompressed stream, refusing to read or seek past `limit`: the bomb guard under tarfile."""
 
@@ -144,11 +151,7 @@ class _Bounded(io.RawIOBase):
         return self.inner.tell()
 
     def _refuse(self) -> BundleError:
-        return BundleError(
-            f"archive holds more data than its manifest declares ({self.limit} bytes with headers); "
-            "stopped before reading it",
-            hint="the bundle is damaged or a decompression bomb",
-        )
+        return _too_much(self.limit)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         target = offset if whence == io.SEEK_SET else self.inner.tell() + offset if whence == io.SEEK_CUR else None
@@ -195,8 +198,35 @@ class TarBundle:
         self.close()
 
     def check_structure(self) -> list[str]:
-        """Pass 1, headers only: raises BundleError for a hostile member, returns missing/extra/size problems."""
-        return [problem for _, problem in self._scan() if problem]
+        """Pass 1, headers only: raises BundleError for a hostile member, returns missing/extra/size problems;
+        then the compressed stream itself must be one whole gzip member and nothing after it."""
+        problems = [problem for _, problem in self._scan() if problem]
+        self._check_gzip_stream()
+        return problems
+
+    def _check_gzip_stream(self) -> None:
+        """The tar walk stops at the archive's end marker, so a gzip trailer cut off (its CRC and length) or bytes
+        appended after it were never looked at: inflate the whole file once, bounded like every pass."""
+        self._file.seek(0)
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing: the trailer's CRC and size are checked
+        produced, limit = 0, self._limit()
+        try:
+            while chunk := self._file.read(_CHUNK):
+                if inflate.eof:
+                    raise BundleError(f"{self.path} has data after the end of its gzip stream")
+                produced += len(inflate.decompress(chunk, _CHUNK))
+                while inflate.unconsumed_tail and not inflate.eof:
+                    produced += len(inflate.decompress(inflate.unconsumed_tail, _CHUNK))
+                    if produced > limit:
+                        raise _too_much(limit)
+                if produced > limit:
+                    raise _too_much(limit)
+        except zlib.error as exc:
+            raise _damaged(self.path, exc) from exc
+        if not inflate.eof:
+            raise _damaged(self.path, EOFError("the gzip stream ends early (its trailer is missing)"))
+        if inflate.unused_data:
+            raise BundleError(f"{self.path} has data after the end of its gzip stream")
 
     def contents(self) -> Iterator[tuple[FileEntry, ByteStream]]:
         """Pass 2: each listed file's stream in archive order; headers are checked again on the way."""
@@ -224,7 +254,10 @@ class TarBundle:
         try:
             gz = gzip.GzipFile(fileobj=self._file, mode="rb")
             bounded = _Bounded(gz, self._limit())
-            tf = tarfile.open(fileobj=bounded, mode="r:")
+            try:
+                tf = tarfile.open(fileobj=bounded, mode="r:")
+            except ValueError as exc:  # tarfile's own parse of a malformed header (a sparse map, a number)
+                raise BundleError(f"{self.path}: an archive member's header is malformed: {exc}") from exc
             yield from self._members(tf, head_only=head_only, with_data=with_data)
         except _DAMAGED as exc:
             raise _damaged(self.path, exc) from exc
@@ -233,7 +266,7 @@ class TarBundle:
         seen_keys: set[str] = set()
         listed_seen: set[str] = set()
         count = total = 0
-        for index, member in enumerate(iter(tf.next, None)):
+        for index, member in enumerate(iter(lambda: _next_member(tf), None)):
             name = _check_member_header(member)
             key = collision_key(name)
             if key in seen_keys:
@@ -296,6 +329,15 @@ class TarBundle:
 _DAMAGED = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
 
 
+def _next_member(tf: tarfile.TarFile) -> tarfile.TarInfo | None:
+    """The next member header; tarfile's ValueError on a malformed one (a sparse map, a bad number) is the
+    archive's fault, said as such, not an internal error."""
+    try:
+        return tf.next()
+    except ValueError as exc:
+        raise BundleError(f"an archive member's header is malformed: {exc}") from exc
+
+
 def _damaged(path: Path, exc: BaseException) -> BundleError:
     return BundleError(
         f"{path} is not a complete bundle archive: {exc}",
@@ -322,6 +364,9 @@ def _check_member_header(member: tarfile.TarInfo) -> str:
     if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
         kind = _TYPE_NAMES.get(member.type, f"of tar type {member.type!r}")
         raise BundleError(f"archive member {name!r} is {kind}; bundles hold regular files only")
+    # A PAX sparse file is a regular member whose headers say its data is a map of holes (GNU.sparse.*)
+    if member.issparse() or any(key.startswith("GNU.sparse") for key in member.pax_headers):
+        raise BundleError(f"archive member {name!r} is a sparse file; bundles hold regular files only")
     return name
 
 

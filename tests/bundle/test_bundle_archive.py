@@ -63,6 +63,17 @@ def _hostile(bundle_dir: Path, kind: str) -> list:
     elif kind == "bomb":  # 64 MiB of zeros under a listed name: far past the declared totals, ~64 KiB compressed
         info, _ = members[1]
         members[1] = member(info.name, bytes(64 << 20))
+    elif kind == "pax-sparse":  # a listed file's data declared as a map of holes (GNU sparse 0.1 in PAX headers)
+        info, data = members[1]
+        info.pax_headers = {"GNU.sparse.size": str(len(data)), "GNU.sparse.map": f"0,{len(data)}"}
+    elif kind == "pax-sparse-malformed":  # sparse 1.0, whose map (at the start of the data) does not parse
+        info, data = members[1]
+        info.pax_headers = {
+            "GNU.sparse.major": "1",
+            "GNU.sparse.minor": "0",
+            "GNU.sparse.name": info.name,
+            "GNU.sparse.realsize": str(len(data)),
+        }
     return members
 
 
@@ -84,6 +95,8 @@ KINDS = [
     "unlisted",
     "larger",
     "bomb",
+    "pax-sparse",
+    "pax-sparse-malformed",
 ]
 
 
@@ -151,3 +164,22 @@ def test_two_passes_see_the_same_archive(bundles, tmp_path):
         copy.unlink()
         copy.write_bytes(b"swapped")
         assert check_contents(bundle) == []
+
+
+@pytest.mark.parametrize("damage", ["gzip trailer cut off", "data after the gzip stream", "a second gzip member"])
+def test_the_gzip_stream_must_be_whole_and_alone(bundles, tmp_path, damage):
+    """The tar walk ends at the archive's end marker, before the gzip trailer: verify and install read the
+    compressed stream to its end too (its CRC and size), and nothing may follow it."""
+    raw = bundles["1.0.0"].read_bytes()
+    damaged = {
+        "gzip trailer cut off": raw[:-8],
+        "data after the gzip stream": raw + b"appended bytes",
+        "a second gzip member": raw + gzip.compress(b"more"),
+    }[damage]
+    path = tmp_path / "damaged.lmpack"
+    path.write_bytes(damaged)
+    for command in (["verify", path], ["install", path, "--prefix", tmp_path / "prefix"]):
+        result = run_cli(*command)
+        assert result.exit_code == 12, (damage, result.output)
+        assert "internal error" not in result.output
+    assert not (tmp_path / "prefix" / "releases").exists()
