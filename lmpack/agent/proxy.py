@@ -145,6 +145,7 @@ class Proxy:
 
     async def _forward(self, request: bytes, client: asyncio.StreamWriter) -> None:
         deadline = time.monotonic() + self.wait_seconds
+        lost: set[str] = set()
         while True:
             backend = self.backend
             if backend is not None:
@@ -152,6 +153,12 @@ class Proxy:
                     await self._exchange(backend, request, client)
                     return
                 except _NoAnswer as exc:
+                    if backend not in lost:
+                        # The wait for a server starts again when a server it was given to is gone: a request
+                        # that sat on a hung server until the agent killed it is served by the new one, however
+                        # long the hang took to notice (longer than backend_wait_seconds with the defaults).
+                        lost.add(backend)
+                        deadline = max(deadline, time.monotonic() + self.wait_seconds)
                     if time.monotonic() >= deadline:
                         log.warning("proxy: no answer from %s: %s", backend, exc)
                         break

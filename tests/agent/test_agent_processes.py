@@ -233,3 +233,40 @@ def test_failed_starts_back_off_doubling_to_the_maximum(tmp_path):
         supervisor.stop()
     assert waits == [0.2, 0.4, 0.8, 0.8]
     assert supervisor.status()["restarts_total"] == 3 and "status 15" in supervisor.last_reason
+
+
+def test_a_request_sent_to_a_hung_server_is_served_by_its_replacement(llama_variant, tmp_path, ports):
+    """The proxy holds requests for backend_wait_seconds (1 s here) while no server is ready, but noticing a hang
+    takes three missed probes (about 2 s here, 32 s with the defaults): a request that went to the hung server
+    waits on through the restart and is answered by the new server instead of a 503."""
+    import threading
+
+    import httpx
+
+    server_port, agent_port = ports
+    config = write_config(
+        tmp_path,
+        llama_variant,
+        server_port=server_port,
+        agent_port=agent_port,
+        serve_args=[],
+        interval=0.5,
+        misses=3,
+        extra="\n[switch]\nbackend_wait_seconds = 1\n",
+    )
+    with run_agent(config, tmp=tmp_path) as agent:
+        old = agent.ready_pid()
+        os.kill(old, signal.SIGSTOP)
+        answers: list[httpx.Response] = []
+        body = {"prompt": "The railway", "max_tokens": 4, "temperature": 0}
+        sender = threading.Thread(
+            target=lambda: answers.append(httpx.post(f"{agent.server_url}/v1/completions", json=body, timeout=60))
+        )
+        try:
+            sender.start()
+            new = wait_for(lambda: new_ready_pid(agent, old), timeout=60, what="a restarted, ready server")
+            sender.join(60)
+        finally:
+            os.kill(old, signal.SIGCONT) if _alive(old) else None
+        assert new != old and answers, "the request never came back"
+        assert answers[0].status_code == 200, answers[0].text
