@@ -90,6 +90,11 @@ def main() -> None:
     parser.add_argument("--allow-downgrade", action="store_true")
     parser.add_argument("--systemd-dir", help="also write lmpack-serve@.service into this directory")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--archive",
+        help="install from this .lmpack tarball (the one unpacked here), with every check of the archive itself: "
+        "member order, signature place, sparse members, the whole gzip stream",
+    )
     args = parser.parse_args()
     if sys.version_info < (3, 10):  # noqa: UP036 - any host python3 runs this file, lmpack needs 3.10
         _fail("lmpack needs Python 3.10 or later", 3)
@@ -111,8 +116,20 @@ def main() -> None:
         python=sys.executable,
         systemd_dir=Path(args.systemd_dir) if args.systemd_dir else None,
     )
+    source = Path(HERE)
+    if args.archive:  # the unpacked copy ran the checks above and provides lmpack; the archive is what installs
+        from lmpack.bundle.verify import open_bundle
+
+        try:
+            with open_bundle(Path(args.archive)) as archive:
+                same = archive.manifest_bytes == (source / "manifest.json").read_bytes()
+        except LmpackError as exc:
+            _fail(exc.message + (f"\nhint: {exc.hint}" if exc.hint else ""), exc.exit_code)
+        if not same:
+            _fail(f"{args.archive} is not the bundle unpacked in {HERE} (their manifest.json differ)", 12)
+        source = Path(args.archive)
     try:
-        result = install(Path(HERE), Path(args.prefix), options=options, on_phase=_phase_printer(args.quiet))
+        result = install(source, Path(args.prefix), options=options, on_phase=_phase_printer(args.quiet))
     except LmpackError as exc:
         _fail(exc.message + (f"\nhint: {exc.hint}" if exc.hint else ""), exc.exit_code)
     print(f"{result.action} {result.name} {result.version}, signature {result.signature}, in {result.seconds:.1f} s")

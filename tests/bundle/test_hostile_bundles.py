@@ -12,10 +12,11 @@ import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
-from bundle_helpers import run_cli
+from bundle_helpers import bundle_members, member, run_cli, write_archive
 
 LISTED = "variants/{variant}/model/tokenizer.json"
 
@@ -97,3 +98,50 @@ def test_a_manifest_nested_too_deeply_is_a_bundle_error_for_every_tool(wheel_bun
         env={"PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 12 and "Traceback" not in done.stderr, done.stderr
+
+
+ARCHIVE_CASES = [
+    ("manifest not the first member", lambda m: m.append(m.pop(0)), "must be manifest.json"),
+    ("signature out of place", lambda m: m.append(member("manifest.sig", b"{}")), "out of place"),
+]
+
+
+@pytest.mark.parametrize("case, reorder, message", ARCHIVE_CASES, ids=[c[0] for c in ARCHIVE_CASES])
+def test_install_py_given_the_archive_checks_the_archive_itself(case, reorder, message, wheel_bundle, tmp_path):
+    """Once unpacked, member order is gone; `install.py --archive FILE` installs from the tarball, so the
+    archive's own rules (manifest first, signature second) hold for the first install too."""
+    members = bundle_members(wheel_bundle["dir"])
+    reorder(members)
+    archive = write_archive(tmp_path / "hostile.lmpack", members)
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    with tarfile.open(archive) as tf:
+        tf.extractall(unpacked, filter="data")
+    (unpacked / "install.py").chmod(0o755)
+    done = subprocess.run(
+        [sys.executable, str(unpacked / "install.py"), "--prefix", str(tmp_path / "prefix"), "--archive", str(archive)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 12 and message in done.stderr, done.stderr
+    assert not (tmp_path / "prefix" / "releases").exists()
+
+
+def test_install_py_refuses_an_archive_that_is_not_the_unpacked_bundle(wheel_bundle, bundles, tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(wheel_bundle["dir"] / "install.py"),
+            "--prefix",
+            str(tmp_path / "prefix"),
+            "--archive",
+            str(bundles["1.0.0"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 12 and "is not the bundle unpacked" in done.stderr, done.stderr
