@@ -143,9 +143,9 @@ class VersionSwitcher:
         if self.candidate is not None:
             self.candidate.stop()
             self.candidate = None
-            self._fail(self.job, "the agent is stopping", count=False)
+            self._fail(self.job, "the agent is stopping", abandoned=True)
         while not self._jobs.empty():  # queued behind it: answer now rather than let the caller time out
-            self._fail(self._jobs.get_nowait(), "the agent is stopping", count=False)
+            self._fail(self._jobs.get_nowait(), "the agent is stopping", abandoned=True)
         for stopper in self._stoppers:
             stopper.join(self.spec.drain_seconds + 15)
         return self.active.stop()
@@ -339,9 +339,12 @@ class VersionSwitcher:
     def _served(self, version: str) -> None:
         self.healthy = [v for v in self.healthy if v != version] + [version]
 
-    def _fail(self, job: Job | None, reason: str, *, count: bool = True) -> None:
+    def _fail(self, job: Job | None, reason: str, *, abandoned: bool = False) -> None:
+        """The switch did not happen. One `abandoned` because the agent stops did not fail: it is not counted,
+        and `current` keeps what an install set, for the next start to serve."""
         log.error("switch failed: %s; %s keeps serving", reason, self.active.version)
-        point_current_at_served(self.spec, self.active.version)
+        if not abandoned:
+            point_current_at_served(self.spec, self.active.version)
         if job is not None:
             self._finish(
                 job,
@@ -350,7 +353,7 @@ class VersionSwitcher:
                     hint="lmpack status shows the server that kept serving; "
                     "the agent's log has the new server's output",
                 ),
-                count=count,
+                count=not abandoned,
             )
 
     def _finish(

@@ -305,6 +305,25 @@ def test_rollback_targets_and_refused_requests(llama_variant, tmp_path):
         VersionSwitcher(load_agent_config(variant_only), Proxy("127.0.0.1", 0)).request(NAME, "1.1.0")
 
 
+def test_stopping_the_agent_with_a_switch_queued_leaves_current_as_installed(llama_variant, tmp_path):
+    """A switch the agent abandons because it stops has not failed: `current` keeps what `lmpack install` set, so
+    the next start serves the installed version."""
+    from lmpack.agent.config import load_agent_config
+    from lmpack.agent.proxy import Proxy
+    from lmpack.agent.switch import VersionSwitcher
+
+    prefix = make_prefix(tmp_path, llama_variant, ["1.0.0", "1.1.0"])
+    releases = VersionSwitcher(load_agent_config(switch_config(tmp_path, prefix)), Proxy("127.0.0.1", 0))
+    releases.active.version = "1.0.0"
+    set_current(prefix, NAME, "1.1.0")  # what the install of 1.1.0 did
+    queued = releases.request(NAME, "1.1.0")
+    releases.stop()
+    with pytest.raises(SwitchError, match="the agent is stopping"):
+        queued.result(timeout=0)
+    assert current_version(prefix / "releases" / NAME) == "1.1.0"
+    assert releases.failures_recent() == 0
+
+
 class OpenAILoad(Load):
     """The same load through the official `openai` client, which sends `model` with every request: the bundle's
     name, which every version answers to (a version's variant id would not survive the switch)."""
