@@ -35,6 +35,8 @@ from lmpack.agent.config import AgentConfig, ServerSpec
 from lmpack.agent.current import point_current_at_served, release_state
 from lmpack.agent.proxy import Proxy
 from lmpack.agent.supervisor import Supervisor
+from lmpack.bundle.install import is_installed, list_releases, set_current
+from lmpack.bundle.manifest import parse_version
 from lmpack.errors import LmpackError, SwitchError
 
 log = logging.getLogger("lmpack.agent")
@@ -213,13 +215,11 @@ class VersionSwitcher:
             self._fail(job, f"{self.spec.release} {job.target} did not become ready: {reason}")
 
     def _commit(self, candidate: Supervisor, job: Job, now: float) -> None:
-        from lmpack.bundle.install import set_current  # the same atomic pointer switch as `lmpack install`
-
         prefix, release = self._release_spec()
         target = job.target
         assert target is not None  # _begin set it before it started the candidate
         ready_seconds = now - job.started
-        try:
+        try:  # the same atomic pointer switch as `lmpack install`
             set_current(prefix, release, target)
         except LmpackError as exc:
             candidate.stop()
@@ -292,9 +292,6 @@ class VersionSwitcher:
         for version in reversed(self.healthy):
             if version != current and version not in self.bad:
                 return version
-        from lmpack.bundle.install import list_releases
-        from lmpack.bundle.manifest import parse_version
-
         prefix, _ = self._release_spec()
         older = [
             r.version
@@ -323,8 +320,6 @@ class VersionSwitcher:
         return replace(self.spec, host=BACKEND_HOST, port=free_port(), version=version)
 
     def _check_installed(self, version: str) -> None:
-        from lmpack.bundle.install import is_installed
-
         prefix, release = self._release_spec()
         try:
             installed = is_installed(prefix, release, version)
