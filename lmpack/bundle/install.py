@@ -26,7 +26,6 @@ from pathlib import Path
 from lmpack.bundle import releases as layout
 from lmpack.bundle import runtime_env
 from lmpack.bundle.manifest import MANIFEST, SIGNATURE, VERSION_RE, Manifest, check_name, parse_manifest, parse_version
-from lmpack.bundle.releases import current_version
 from lmpack.bundle.signing import check_trusted
 from lmpack.bundle.verify import Bundle, DirBundle, check_bundle, check_contents, open_bundle, raise_problems
 from lmpack.config.install_policy import load_install_policy
@@ -108,7 +107,7 @@ def _recover(prefix: Path) -> None:
     for name_dir in releases.iterdir():
         if name_dir.is_symlink() or not name_dir.is_dir():
             continue
-        current = current_version(name_dir)
+        current = layout.current_version(name_dir)
         if current is not None and not layout.marker(name_dir, current).is_file():
             _touch(layout.marker(name_dir, current))  # killed just after the commit: finish its last step
         for entry in name_dir.iterdir():
@@ -213,7 +212,7 @@ def _install_locked(
     python = options.python or runtime_env.default_python()
     name_dir = layout.name_dir(prefix, manifest.name)
     release = name_dir / manifest.version
-    previous = current_version(name_dir)
+    previous = layout.current_version(name_dir)
     installed = layout.is_installed(name_dir, manifest.version)
     if installed and (release / MANIFEST).read_bytes() != bundle.manifest_bytes:
         raise InstallError(
@@ -298,7 +297,7 @@ def set_current(prefix: Path, name: str, version: str) -> str | None:
         name_dir = layout.name_dir(prefix, name)
         if not layout.is_installed(name_dir, version):
             raise NotFoundError(f"{name} {version} is not installed in {prefix}", hint=f"lmpack list --prefix {prefix}")
-        previous = current_version(name_dir)
+        previous = layout.current_version(name_dir)
         if previous != version:
             _switch(name_dir, version, previous)
         return previous
@@ -324,7 +323,7 @@ def list_releases(prefix: Path) -> list[Release]:
     for name_dir in sorted(root.iterdir()) if root.is_dir() else []:
         if name_dir.is_symlink() or not name_dir.is_dir():
             continue
-        current = current_version(name_dir)
+        current = layout.current_version(name_dir)
         versions = [
             e.name for e in name_dir.iterdir() if VERSION_RE.match(e.name) and layout.is_installed(name_dir, e.name)
         ]
@@ -368,7 +367,7 @@ def uninstall(prefix: Path, name: str, version: str, *, force: bool = False) -> 
         name_dir = layout.name_dir(prefix, name)
         if not layout.is_installed(name_dir, version):
             raise NotFoundError(f"{name} {version} is not installed in {prefix}", hint=f"lmpack list --prefix {prefix}")
-        current = current_version(name_dir) == version
+        current = layout.current_version(name_dir) == version
         if current and not force:
             raise InstallError(
                 f"{name} {version} is the current release; refusing to remove it",
