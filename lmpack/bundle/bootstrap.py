@@ -117,18 +117,14 @@ def main() -> None:
         systemd_dir=Path(args.systemd_dir) if args.systemd_dir else None,
     )
     source = Path(HERE)
-    if args.archive:  # the unpacked copy ran the checks above and provides lmpack; the archive is what installs
-        from lmpack.bundle.verify import open_bundle
-
-        try:
-            with open_bundle(Path(args.archive)) as archive:
-                same = archive.manifest_bytes == (source / "manifest.json").read_bytes()
-        except LmpackError as exc:
-            _fail(exc.message + (f"\nhint: {exc.hint}" if exc.hint else ""), exc.exit_code)
-        if not same:
-            _fail(f"{args.archive} is not the bundle unpacked in {HERE} (their manifest.json differ)", 12)
-        source = Path(args.archive)
     try:
+        if args.archive:  # the unpacked copy ran the checks above and provides lmpack; the archive is what installs
+            from lmpack.bundle.verify import open_bundle
+
+            with open_bundle(Path(args.archive)) as archive:
+                if archive.manifest_bytes != (source / "manifest.json").read_bytes():
+                    _fail(f"{args.archive} is not the bundle unpacked in {HERE} (their manifest.json differ)", 12)
+            source = Path(args.archive)
         result = install(source, Path(args.prefix), options=options, on_phase=_phase_printer(args.quiet))
     except LmpackError as exc:
         _fail(exc.message + (f"\nhint: {exc.hint}" if exc.hint else ""), exc.exit_code)
