@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from lmpack.errors import LmpackError
-from lmpack.progress import PhaseReporter, no_progress
+from lmpack.progress import PhaseReporter, no_count, no_progress
 
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2  # Click's own code for bad options and arguments
@@ -105,11 +105,7 @@ class StderrReporter:
     @contextlib.contextmanager
     def progress(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
         if not self.enabled:
-            yield _no_progress
+            yield no_count
             return
         with click.progressbar(length=total, label=f"      {label}", file=sys.stderr) as bar:
             yield bar.update
-
-
-def _no_progress(n: int = 1) -> None:
-    return None

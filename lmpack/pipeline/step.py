@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from lmpack.config.profiles import Profile
 from lmpack.config.targets import Target
 from lmpack.pipeline.params import NoParams
+from lmpack.progress import no_count
 
 # Artifact kinds a step consumes and produces.
 SOURCE = "source"  # a model reference before pull: Hub repo, local directory or GGUF file
@@ -35,13 +36,9 @@ class Artifact:
 ProgressFactory = Callable[[str, int], contextlib.AbstractContextManager]
 
 
-def _no_progress(n: int = 1) -> None:
-    return None
-
-
 @contextlib.contextmanager
 def silent_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    yield _no_progress
+    yield no_count
 
 
 @dataclass
