@@ -10,7 +10,7 @@ import click
 
 from lmpack import api
 from lmpack.cli.common import emit_json, handle_errors, json_option
-from lmpack.config.serve import SettingInfo, serve_settings
+from lmpack.config.serve import SettingInfo, serve_setting, serve_settings
 
 _variant_arg = click.argument("variant_dir", metavar="PATH", type=click.Path(path_type=Path))
 
@@ -33,9 +33,6 @@ def setting_option(info: SettingInfo) -> Callable[[Callable], Callable]:
             info.flag, info.name, type=click.Path(path_type=Path), default=None, metavar="PATH", help=help_text
         )
     return click.option(info.flag, info.name, default=None, metavar="TEXT", help=help_text)
-
-
-_SETTINGS = {info.name: info for info in serve_settings()}
 
 
 def serve_setting_options(func: Callable) -> Callable:
@@ -85,8 +82,8 @@ def serve_command(path: Path, config_file: Path | None, **settings: Any) -> None
 @click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
 @click.option("--stop", multiple=True, help="Stop sequence (repeatable, at most 4).")
 @click.option("--chat", is_flag=True, help="Send PROMPT as a user message through the model's chat template.")
-@setting_option(_SETTINGS["variant"])
-@setting_option(_SETTINGS["threads"])
+@setting_option(serve_setting("variant"))
+@setting_option(serve_setting("threads"))
 @json_option
 @handle_errors
 def generate_command(

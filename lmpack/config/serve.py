@@ -158,6 +158,16 @@ def serve_settings() -> tuple[SettingInfo, ...]:
     return tuple(infos)
 
 
+def serve_setting(name: str) -> SettingInfo:
+    """One setting by its field name."""
+    return _settings_by_name()[name]
+
+
+@functools.cache
+def _settings_by_name() -> dict[str, SettingInfo]:
+    return {info.name: info for info in serve_settings()}
+
+
 def _field_docs(cls: type) -> dict[str, str]:
     """The string literal after each field of `cls`, joined into one line (vLLM's get_attr_docs)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
@@ -236,10 +246,9 @@ def _read_field(reader: TableReader, info: SettingInfo) -> Any:
 
 def read_serve_env() -> dict[str, Any]:
     """LMPACK_SERVE_<NAME> values, converted and checked; an error names the variable."""
-    infos = {info.name: info for info in serve_settings()}
     values: dict[str, Any] = {}
-    for name, raw in paths.serve_env(tuple(infos)).items():
-        info = infos[name]
+    for name, raw in paths.serve_env(tuple(info.name for info in serve_settings())).items():
+        info = serve_setting(name)
         values[name] = _from_text(raw, info, where=info.env)
     return values
 
