@@ -137,6 +137,7 @@ def build(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     allow_quality_loss: bool = False,
+    strict: bool = False,
     cache_dir: Path | None = None,
     on_event: EventHandler | None = None,
     progress: ProgressFactory = silent_progress,
@@ -156,7 +157,7 @@ def build(
         target=build_plan.target,
         profile=build_plan.profile,
         progress=progress,
-        options={"allow_quality_loss": allow_quality_loss, "trust_remote_code": trust_remote_code},
+        options={"allow_quality_loss": allow_quality_loss, "strict": strict, "trust_remote_code": trust_remote_code},
     )
     source = resolve_source(model, revision=revision, params=pull_params)
     result = run_plan(build_plan, ctx, source, _cache(cache_dir), on_event=on_event or ignore_events)

@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tiny_onnx import CHAT_TEMPLATE, eval_text, train_bpe, train_wordpiece, write_decoder_variant, write_encoder_variant
+from tiny_onnx import CHAT_TEMPLATE, train_bpe, train_wordpiece, write_decoder_variant, write_encoder_variant
+
+from lmpack.data import all_eval_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,7 +64,7 @@ def _train(model, tokenizer, steps: int = 120) -> None:
     """Memorise the evaluation text a little: peaked predictions make quantization effects realistic."""
     import torch
 
-    ids = torch.tensor(tokenizer.encode(eval_text()).ids)
+    ids = torch.tensor(tokenizer.encode(all_eval_text()).ids)
     windows = ids[: len(ids) // 128 * 128].reshape(-1, 128)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lmpack"
 MAY_IMPORT = {
     "errors": set(),
     "progress": set(),  # the phase-line callback type: as low as errors
-    "data": set(),  # eval_text.txt, read as a resource
+    "data": set(),  # the evaluation texts, read as resources
     "fsio": {"errors", "progress"},
     "nvml": {"errors", "progress"},
     "config": {"errors", "progress", "fsio"},
@@ -22,9 +22,12 @@ MAY_IMPORT = {
     "pipeline": {"errors", "progress", "fsio", "config", "bundle"},
     "runtime": {"errors", "progress", "fsio", "nvml", "config", "bundle"},
     "agent": {"errors", "progress", "fsio", "nvml", "config", "bundle"},
-    "steps": {"errors", "progress", "fsio", "nvml", "config", "bundle", "pipeline", "runtime"},
-    "api": {"errors", "progress", "fsio", "nvml", "config", "bundle", "pipeline", "runtime", "agent", "steps"},
-    "cli": {"errors", "progress", "fsio", "nvml", "config", "bundle", "pipeline", "runtime", "agent", "steps", "api"},
+    "steps": {"errors", "progress", "data", "fsio", "nvml", "config", "bundle", "pipeline", "runtime"},
+    "api": {"errors", "progress", "data", "fsio", "nvml", "config", "bundle", "pipeline", "runtime", "agent", "steps"},
+    "cli": {
+        *("errors", "progress", "data", "fsio", "nvml", "config", "bundle", "pipeline", "runtime", "agent", "steps"),
+        "api",
+    },
     "__main__": {"cli"},
 }
 # The bundle's build side: the serving half (runtime, agent) must install and run without it.

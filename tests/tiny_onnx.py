@@ -15,10 +15,11 @@ trained on lmpack's shipped evaluation text.
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from lmpack.data import all_eval_text
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: pad, bos, eos
 CHAT_TEMPLATE = (
@@ -27,10 +28,6 @@ CHAT_TEMPLATE = (
 )
 CONTEXT = 512
 _HIDDEN, _HEADS, _KV_HEADS = 64, 4, 2
-
-
-def eval_text() -> str:
-    return resources.files("lmpack.data").joinpath("eval_text.txt").read_text(encoding="utf-8")
 
 
 def train_bpe(vocab_size: int):
@@ -43,7 +40,7 @@ def train_bpe(vocab_size: int):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tokenizer.train_from_iterator([eval_text()], trainer=trainer)
+    tokenizer.train_from_iterator([all_eval_text()], trainer=trainer)
     return tokenizer
 
 
@@ -58,7 +55,7 @@ def train_wordpiece(vocab_size: int):
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     )
-    tokenizer.train_from_iterator([eval_text()], trainer=trainer)
+    tokenizer.train_from_iterator([all_eval_text()], trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B [SEP]",

@@ -93,6 +93,12 @@ def pull_command(model, revision, allow_pickle, trust_remote_code, cache_dir, ou
     help="Keep the result even when it fails the profile's quality gate (recorded in the report).",
 )
 @click.option(
+    "--strict",
+    is_flag=True,
+    help="Fail when the source model itself looks broken (plain English read at perplexity over 100), "
+    "instead of warning in the report.",
+)
+@click.option(
     "--bundle",
     "bundle_spec",
     default=None,
@@ -117,6 +123,7 @@ def build_command(
     output,
     name,
     allow_quality_loss,
+    strict,
     bundle_spec,
     wheels,
     wheel_source,
@@ -138,6 +145,7 @@ def build_command(
       lmpack build sentence-transformers/all-MiniLM-L6-v2 --target cpu-x86 --profile int8
       lmpack build ./my-model --target a100            # the target's default profile
       lmpack build ./model.gguf --target cpu-x86 --bundle smollm2:1.0.0 --wheels
+      lmpack build ./model.gguf --target cpu-x86 --strict   # a broken source fails, not warns
     """
     bundle = api.BundleRequest.parse(bundle_spec, wheels=wheels, wheel_source=wheel_source) if bundle_spec else None
     reporter = StderrReporter(enabled=not (as_json or quiet))
@@ -151,6 +159,7 @@ def build_command(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         allow_quality_loss=allow_quality_loss,
+        strict=strict,
         cache_dir=cache_dir,
         on_event=reporter.event,
         progress=reporter.progress,

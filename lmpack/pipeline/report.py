@@ -44,6 +44,10 @@ def build_report(plan: BuildPlan, result: PlanResult, ctx: StepContext, *, start
             "onnx_bytes": final_onnx,
             "onnx_ratio": round(final_onnx / reference_onnx, 4),
         },
+        "fidelity": {
+            "tokenizer": pulled.metrics.get("tokenizer") if pulled else None,
+            "export_parity": exported.metrics.get("parity") if exported else None,
+        },
         "quality": validated.metrics if validated else {},
         "quality_gate": asdict(plan.profile.quality),
         "tools": tools,
@@ -77,13 +81,27 @@ def render_report(report: dict[str, Any]) -> str:
         f"({sizes['reference_onnx_bytes'] / 1e6:.1f} MB); with tokenizer and side files "
         f"{sizes['model_bytes'] / 1e6:.1f} MB"
     )
+    lines.extend(_fidelity_lines(report.get("fidelity", {})))
     quality = report["quality"]
     if "perplexity" in quality:
         lines.append(
             f"quality:   perplexity {quality['perplexity']:.3f} vs {quality['perplexity_reference']:.3f} "
             f"({quality['perplexity_increase']:+.2%}), top-1 agreement {quality['top1_agreement']:.3f}, "
-            f"gate {quality.get('gate')}"
+            f"KL mean {quality['kl_mean']:.4f} (p99 {quality['kl_p99']:.4f}), gate {quality.get('gate')}"
         )
+        for domain, numbers in quality.get("domains", {}).items():
+            lines.append(
+                f"  {domain:<13} {numbers['tokens']:5d} tokens  perplexity {numbers['perplexity']:9.3f} "
+                f"({numbers['perplexity_increase']:+.2%})  top-1 {numbers['top1_agreement']:.3f}  "
+                f"KL {numbers['kl_mean']:.4f}"
+            )
+        sanity = quality.get("sanity")
+        if sanity and not sanity["ok"]:
+            lines.append(
+                f"WARNING:   the source model reads plain English at perplexity {sanity['perplexity_reference']:.1f} "
+                f"(a working language model stays under {sanity['limit']:.0f}): its weights or tokenizer are "
+                "likely broken; --strict makes this fail the build"
+            )
     elif "cosine_similarity_mean" in quality:
         lines.append(
             f"quality:   cosine similarity mean {quality['cosine_similarity_mean']:.4f}, "
@@ -91,3 +109,18 @@ def render_report(report: dict[str, Any]) -> str:
         )
     lines.append(f"total:     {report['seconds']:.1f} s")
     return "\n".join(lines) + "\n"
+
+
+def _fidelity_lines(fidelity: dict[str, Any]) -> list[str]:
+    lines = []
+    tokenizer, parity = fidelity.get("tokenizer"), fidelity.get("export_parity")
+    if tokenizer and "tokens" in tokenizer:
+        lines.append(f"tokenizer: the source's own ids on {tokenizer['tokens']} tokens ({tokenizer['reference']})")
+    elif tokenizer:
+        lines.append(f"tokenizer: checked against {tokenizer['reference']}")
+    if parity:
+        lines.append(
+            f"export:    fp32 ONNX vs {parity['reference']}: largest difference {parity['max_abs_diff']:.2g} over "
+            f"{parity['tokens']} tokens (tolerance {parity['tolerance']:g})"
+        )
+    return lines

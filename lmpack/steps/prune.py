@@ -95,13 +95,13 @@ def _layer_stack(model):
 
 
 def _calibration_ids(model_dir: Path, tokens: int):
-    """The first `tokens` tokens of lmpack's evaluation text, encoded with the model's own tokenizer."""
+    """The first `tokens` tokens of lmpack's evaluation texts, encoded with the model's own tokenizer."""
     import torch
     from tokenizers import Tokenizer
 
-    from lmpack.steps.validate import eval_text
+    from lmpack.data import all_eval_text
 
-    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(eval_text()).ids[:tokens]
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(all_eval_text()).ids[:tokens]
     return torch.tensor([ids])
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -12,26 +11,27 @@ import numpy as np
 
 from lmpack.bundle.variant_dir import EMBEDDING
 from lmpack.config.profiles import QualityGate
+from lmpack.data import ENGLISH_PROSE, all_eval_text, eval_texts
 from lmpack.errors import QualityGateError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
 from lmpack.steps.export import onnx_model_path, read_model_info
 from lmpack.steps.onnx_eval import DecoderRunner, EncoderRunner, log_softmax, windows
 
+# A language model that reads plain English prose at a perplexity above this is broken (its weights or its tokenizer),
+# whatever the optimized copy's agreement with it: docs/build.md, "The quality gate".
+SANE_PROSE_PERPLEXITY = 100.0
+
 
 @dataclasses.dataclass(frozen=True)
 class ValidateParams:
-    max_tokens: int = 2048
+    tokens_per_domain: int = 1024  # of each evaluation text (lmpack.data.DOMAINS)
     window: int = 256
     threads: int = 0  # 0: onnxruntime's default
 
     def validate(self) -> str | None:
-        if self.max_tokens < 16 or self.window < 8:
-            return "max_tokens must be at least 16 and window at least 8"
+        if self.tokens_per_domain < 16 or self.window < 8:
+            return "tokens_per_domain must be at least 16 and window at least 8"
         return None
-
-
-def eval_text() -> str:
-    return resources.files("lmpack.data").joinpath("eval_text.txt").read_text(encoding="utf-8")
 
 
 def _tokenizer(model_dir: Path):
@@ -49,7 +49,7 @@ class ValidateStep(Step):
     tools = ("onnxruntime", "tokenizers")
 
     def cache_extra(self, ctx: StepContext) -> dict[str, Any]:
-        return {"reference": ctx.reference().digest, "text": len(eval_text())}
+        return {"reference": ctx.reference().digest, "texts": {d: len(t) for d, t in eval_texts().items()}}
 
     def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
         reference = ctx.reference()
@@ -62,6 +62,14 @@ class ValidateStep(Step):
     def finish(self, ctx: StepContext, source: Artifact, metrics: dict[str, Any]) -> None:
         profile = ctx.profile
         assert profile is not None  # a build's steps run with its profile
+        sanity = metrics.get("sanity")
+        if sanity and not sanity["ok"] and ctx.options.get("strict"):
+            raise QualityGateError(
+                f"the source model reads plain English at perplexity {sanity['perplexity_reference']:.1f} (a working "
+                f"language model stays under {sanity['limit']:.0f}): its weights or its tokenizer are broken",
+                hint="check the model file; without --strict the build goes on with a warning in its report",
+                measured=metrics,
+            )
         checks = gate_checks(profile.quality, metrics)
         failed = not all(ok for _, ok in checks)
         metrics["gate"] = "failed" if failed else "passed"
@@ -103,35 +111,80 @@ def gate_checks(gate: QualityGate, metrics: dict[str, Any]) -> list[tuple[str, b
 
 
 def _compare_decoders(ref_dir: Path, opt_dir: Path, params: ValidateParams, *, threads, progress) -> dict[str, Any]:
-    ids = _tokenizer(opt_dir).encode(eval_text()).ids[: params.max_tokens]
-    chunks = windows(ids, params.window)
-    totals = {}
-    predictions = {}
-    for label, directory in (("reference", ref_dir), ("optimized", opt_dir)):
-        runner = DecoderRunner(onnx_model_path(directory), threads=threads)
-        nll, count, preds = 0.0, 0, []
-        with progress(f"perplexity ({label})", len(chunks)) as advance:
-            for chunk in chunks:
-                logits = runner.logits(chunk)
-                logp = log_softmax(logits[:-1])
-                nll -= float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
-                count += len(chunk) - 1
-                preds.append(logits.argmax(axis=-1))
+    """Both models on every domain's text, position by position: perplexity, top-1 agreement and the KL divergence
+    of the optimized model's next-token distribution from the reference's, per domain and over all of them."""
+    tokenizer = _tokenizer(opt_dir)
+    chunks = {
+        domain: windows(tokenizer.encode(text).ids[: params.tokens_per_domain], params.window)
+        for domain, text in eval_texts().items()
+    }
+    reference = DecoderRunner(onnx_model_path(ref_dir), threads=threads)
+    optimized = DecoderRunner(onnx_model_path(opt_dir), threads=threads)
+    found: dict[str, _Positions] = {}
+    with progress("comparing with the reference", sum(map(len, chunks.values()))) as advance:
+        for domain, domain_chunks in chunks.items():
+            positions = found[domain] = _Positions()
+            for chunk in domain_chunks:
+                positions.add(
+                    log_softmax(reference.logits(chunk)[:-1]), log_softmax(optimized.logits(chunk)[:-1]), chunk
+                )
                 advance(1)
-        totals[label] = float(np.exp(nll / count))
-        predictions[label] = np.concatenate(preds)
-    agreement = float(np.mean(predictions["reference"] == predictions["optimized"]))
+    everything = _Positions.joined(found.values())
+    sanity = found[ENGLISH_PROSE].summary()["perplexity_reference"]
     return {
-        "tokens": sum(len(c) for c in chunks),
-        "perplexity_reference": round(totals["reference"], 4),
-        "perplexity": round(totals["optimized"], 4),
-        "perplexity_increase": round(totals["optimized"] / totals["reference"] - 1.0, 5),
-        "top1_agreement": round(agreement, 5),
+        **everything.summary(),
+        "domains": {domain: positions.summary() for domain, positions in found.items()},
+        "sanity": {
+            "text": ENGLISH_PROSE,
+            "perplexity_reference": sanity,
+            "limit": SANE_PROSE_PERPLEXITY,
+            "ok": sanity <= SANE_PROSE_PERPLEXITY,
+        },
     }
 
 
+@dataclasses.dataclass
+class _Positions:
+    """Per predicted position: the true next token's log-probability under each model, both top-1 choices, and the
+    KL divergence KL(reference || optimized)."""
+
+    nll_reference: list[np.ndarray] = dataclasses.field(default_factory=list)
+    nll: list[np.ndarray] = dataclasses.field(default_factory=list)
+    agree: list[np.ndarray] = dataclasses.field(default_factory=list)
+    kl: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    def add(self, logp_reference: np.ndarray, logp: np.ndarray, chunk: np.ndarray) -> None:
+        rows, following = np.arange(len(chunk) - 1), chunk[1:]
+        self.nll_reference.append(-logp_reference[rows, following])
+        self.nll.append(-logp[rows, following])
+        self.agree.append(logp_reference.argmax(axis=-1) == logp.argmax(axis=-1))
+        self.kl.append((np.exp(logp_reference) * (logp_reference - logp)).sum(axis=-1))
+
+    @classmethod
+    def joined(cls, parts) -> _Positions:
+        whole = cls()
+        for part in parts:
+            for name in ("nll_reference", "nll", "agree", "kl"):
+                getattr(whole, name).extend(getattr(part, name))
+        return whole
+
+    def summary(self) -> dict[str, Any]:
+        nll_reference, nll = np.concatenate(self.nll_reference), np.concatenate(self.nll)
+        kl = np.maximum(np.concatenate(self.kl), 0.0)  # rounding can make a near-zero divergence negative
+        perplexity_reference, perplexity = float(np.exp(nll_reference.mean())), float(np.exp(nll.mean()))
+        return {
+            "tokens": int(len(nll)),
+            "perplexity_reference": round(perplexity_reference, 4),
+            "perplexity": round(perplexity, 4),
+            "perplexity_increase": round(perplexity / perplexity_reference - 1.0, 5),
+            "top1_agreement": round(float(np.concatenate(self.agree).mean()), 5),
+            "kl_mean": round(float(kl.mean()), 6),
+            "kl_p99": round(float(np.percentile(kl, 99)), 6),
+        }
+
+
 def _compare_encoders(ref_dir: Path, opt_dir: Path, *, threads, progress) -> dict[str, Any]:
-    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", eval_text()) if len(s.split()) >= 4][:64]
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", all_eval_text()) if len(s.split()) >= 4][:64]
     tokenizer = _tokenizer(opt_dir)
     tokenizer.enable_truncation(128)
     tokenizer.enable_padding()
