@@ -69,6 +69,13 @@ class SourceError(LmpackError):
     exit_code = 10
 
 
+class FidelityError(LmpackError):
+    """The build does not reproduce the source model: its tokenizer splits text differently from the source's own,
+    or the fp32 export's logits are further from the source's than the tolerance."""
+
+    exit_code = 22
+
+
 class StepError(LmpackError):
     """A build step failed for a reason that is not the user's input (a tool crashed)."""
 

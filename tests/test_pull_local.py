@@ -120,7 +120,7 @@ def test_a_ggufs_own_sampling_settings_become_the_generation_configs(tmp_path):
     takes as the model's sampling defaults."""
     import gguf
 
-    from lmpack.steps.pull import gguf_metadata, gguf_sampling
+    from lmpack.steps.gguf_file import gguf_metadata, gguf_sampling
 
     path = tmp_path / "meta.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")

@@ -15,6 +15,7 @@ from lmpack.errors import NotFoundError, SourceError, UnsafeModelError, Unsuppor
 from lmpack.fsio import file_sha256
 from lmpack.pipeline.digest import json_sha256
 from lmpack.pipeline.step import HF_MODEL, SOURCE, Artifact, Step, StepContext
+from lmpack.steps.gguf_file import is_gguf, to_hf_directory
 from lmpack.steps.model_files import (
     CONVERTIBLE_PATTERNS,
     REMOTE_CODE_PATTERNS,
@@ -26,7 +27,6 @@ from lmpack.steps.model_files import (
     read_license,
 )
 
-GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "lmpack-source.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -56,9 +56,7 @@ def resolve_source(model: str, *, revision: str | None = None, params: PullParam
             info={"kind": "directory", "ref": str(path.resolve())},
         )
     if path.is_file():
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-        if magic != GGUF_MAGIC:
+        if not is_gguf(path):
             raise UnsupportedModelError(
                 f"{path}: not a GGUF file (detected by content) and not a model directory",
                 hint="pass a Hugging Face directory, a .gguf file or a Hub repo id",
@@ -143,13 +141,13 @@ class PullStep(Step):
     consumes = SOURCE
     produces = HF_MODEL
     Params = PullParams
-    tools = ("transformers", "gguf")
+    tools = ("transformers", "gguf", "sentencepiece")
 
     def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
         info = dict(source.info)
         trust_remote_code = self.params.trust_remote_code
         if info["kind"] == "gguf":
-            info.update(_dequantize_gguf(source.path, out_dir))
+            info.update(to_hf_directory(source.path, out_dir))
         else:
             _copy_wanted(
                 source.path, out_dir, allow_pickle=self.params.allow_pickle, trust_remote_code=trust_remote_code
@@ -235,64 +233,3 @@ def _model_class(config: dict) -> Any:
     if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
         return model_class
     return transformers.AutoModel
-
-
-def _dequantize_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Load a GGUF with transformers (dequantized to fp32) and save it as a standard HF directory; the GGUF's own
-    sampling settings (general.sampling.*) become generation_config.json's, where the server reads its defaults."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        raise UnsupportedModelError(
-            f"{gguf_path}: transformers cannot load this GGUF ({exc})",
-            hint="GGUF loading supports the architectures listed in transformers' gguf docs",
-        ) from None
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    metadata = gguf_metadata(gguf_path)
-    sampling = gguf_sampling(metadata)
-    if sampling:
-        config_path = out_dir / "generation_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        config_path.write_text(json.dumps({**config, **sampling}, indent=2, sort_keys=True))
-    return {"license": metadata.get("general.license"), "name": metadata.get("general.name")}
-
-
-# GGUF's sampling keys (llama.cpp's gguf constants) and generation_config.json's names for them
-_GGUF_SAMPLING = {
-    "general.sampling.temp": "temperature",
-    "general.sampling.top_p": "top_p",
-    "general.sampling.top_k": "top_k",
-    "general.sampling.penalty_repeat": "repetition_penalty",
-}
-
-
-def gguf_sampling(metadata: dict[str, Any]) -> dict[str, Any]:
-    """The GGUF's own sampling settings under generation_config.json's names (empty when it sets none)."""
-    return {ours: metadata[theirs] for theirs, ours in _GGUF_SAMPLING.items() if theirs in metadata}
-
-
-def gguf_metadata(path: Path) -> dict[str, Any]:
-    """The GGUF header's general.* strings and numbers; informational, so an odd header gives what it can."""
-    try:
-        from gguf import GGUFReader, GGUFValueType
-
-        fields = GGUFReader(path).fields
-    except Exception:  # an odd header must not fail the build: transformers already read the model itself
-        return {}
-    found: dict[str, Any] = {}
-    for key, field in fields.items():
-        if not key.startswith("general.") or len(field.data) != 1:
-            continue
-        value = field.parts[field.data[0]]
-        kind = field.types[0] if field.types else None
-        if kind == GGUFValueType.STRING:
-            found[key] = bytes(value).decode("utf-8", errors="replace")
-        elif kind in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64):
-            found[key] = round(float(value[0]), 6)
-        elif kind is not None and kind not in (GGUFValueType.ARRAY, GGUFValueType.BOOL):
-            found[key] = int(value[0])
-    return found
