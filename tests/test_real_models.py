@@ -41,7 +41,7 @@ def real_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("real-cache")
 
 
-def _build(model: Path, profile: str, out: Path, cache: Path) -> dict:
+def _build(model: Path, profile: str, out: Path, cache: Path, *flags: str) -> dict:
     result = CliRunner().invoke(
         cli,
         [
@@ -56,6 +56,7 @@ def _build(model: Path, profile: str, out: Path, cache: Path) -> dict:
             "--cache-dir",
             str(cache),
             "--json",
+            *flags,
         ],
     )
     assert result.exit_code == 0, result.output[-2000:]
@@ -63,7 +64,11 @@ def _build(model: Path, profile: str, out: Path, cache: Path) -> dict:
 
 
 def test_smollm2_gguf_int8_meets_the_size_and_quality_targets(smollm2_gguf, real_cache, tmp_path):
-    report = _build(smollm2_gguf, "int8", tmp_path, real_cache)
+    """Also faithful to its source: --strict holds (plain English read at a sane perplexity), the tokenizer's
+    ids are the GGUF's, and the fp32 export computes what PyTorch computes."""
+    report = _build(smollm2_gguf, "int8", tmp_path, real_cache, "--strict")
+    assert report["quality"]["sanity"]["ok"] and report["quality"]["sanity"]["perplexity_reference"] < 50
+    assert report["fidelity"]["tokenizer"]["reference"] and report["fidelity"]["export_parity"]["max_abs_diff"] < 1e-3
     assert report["source"]["kind"] == "gguf" and report["source"]["license"] == "apache-2.0"
     assert report["source"]["architecture"] == "LlamaForCausalLM"
     assert report["quality"]["perplexity_increase"] <= 0.02

@@ -21,12 +21,15 @@ from typing import Any, Literal
 from lmpack.bundle.variant_dir import EMBEDDING, MODEL_INFO, TEXT_GENERATION
 from lmpack.errors import StepError, UnsupportedModelError
 from lmpack.pipeline.step import HF_MODEL, ONNX_MODEL, Artifact, Step, StepContext
+from lmpack.steps.export_parity import check_export
 from lmpack.steps.model_files import copy_side_files
 from lmpack.steps.onnx_graph import keep_last_logits, load_model, save_model
 
 ONNX_FILE = "model.onnx"
 OPTIMUM, GENAI = "optimum", "onnxruntime-genai"
-# Decoders onnxruntime-genai 0.12's builder makes fused graphs for (its create_model list, text-only ones).
+# Decoders onnxruntime-genai 0.12's builder makes fused graphs for (its create_model list, text-only ones), less
+# Gemma 2: its builder puts the sliding window on the odd layers where Gemma 2 has it on the even ones (measured
+# with the export parity check; docs/build.md, "Faithful to the source"), so Gemma 2 goes through optimum.
 GENAI_ARCHITECTURES = frozenset(
     {
         "LlamaForCausalLM",
@@ -35,7 +38,6 @@ GENAI_ARCHITECTURES = frozenset(
         "Qwen3ForCausalLM",
         "Phi3ForCausalLM",
         "GemmaForCausalLM",
-        "Gemma2ForCausalLM",
         "GraniteForCausalLM",
         "OlmoForCausalLM",
         "SmolLM3ForCausalLM",
@@ -54,6 +56,10 @@ class ExportParams:
     validate_export: bool = True
     # "auto": onnxruntime-genai's builder for GENAI_ARCHITECTURES, optimum otherwise.
     exporter: Literal["auto", "optimum", "onnxruntime-genai"] = "auto"
+    # The export against PyTorch (steps/export_parity.py) on this many tokens of prose; 0 skips it. The tolerance
+    # is on log-probabilities (embedding components for encoders): docs/build.md, "Faithful to the source".
+    parity_tokens: int = 128
+    parity_tolerance: float = 0.01
 
 
 def model_task(config: dict) -> str:
@@ -109,7 +115,19 @@ class ExportStep(Step):
         copy_side_files(source.path, out_dir)
         info = _model_info(config, task, exporter)
         (out_dir / MODEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
-        return {"task": task, "model_type": model_type, "exporter": exporter}
+        measured: dict[str, Any] = {"task": task, "model_type": model_type, "exporter": exporter}
+        if self.params.parity_tokens:
+            with ctx.progress("export parity with PyTorch", 1) as advance:
+                measured["parity"] = check_export(
+                    source.path,
+                    out_dir / ONNX_FILE,
+                    task,
+                    tokens=self.params.parity_tokens,
+                    tolerance=self.params.parity_tolerance,
+                    trust_remote_code=trust_remote_code,
+                )
+                advance(1)
+        return measured
 
 
 def choose_exporter(config: dict, task: str, wanted: str) -> str:
@@ -169,6 +187,7 @@ def _export_genai(src: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
 
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".genai-") as scratch:
         built, cache = Path(scratch) / "out", Path(scratch) / "cache"
+        src = _builder_view(src, Path(scratch) / "model")
         chatter = io.StringIO()  # a line per layer and a progress bar per tensor: kept for the error, not shown
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
@@ -190,6 +209,23 @@ def _export_genai(src: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
     graph = onnx.load(str(out_dir / ONNX_FILE), load_external_data=False)
     if keep_last_logits(graph):
         onnx.save_model(graph, str(out_dir / ONNX_FILE))
+
+
+def _builder_view(src: Path, view: Path) -> Path:
+    """`src` as the builder must see it. The builder reads a rotary scaling's original context length only from the
+    config's top level (rope_scaling is a dict, its hasattr() test never finds the key there), and otherwise takes
+    the whole context: Llama 3.1-3.3's frequencies (rope_type "llama3") and YaRN's came out rescaled at the wrong
+    wavelengths. The view links every file of `src` and writes config.json with that length at the top level too."""
+    config = json.loads((src / "config.json").read_text())
+    original = (config.get("rope_scaling") or {}).get("original_max_position_embeddings")
+    if original is None or "original_max_position_embeddings" in config:
+        return src
+    view.mkdir()
+    for item in src.iterdir():
+        if item.name != "config.json":
+            (view / item.name).symlink_to(item.resolve())
+    (view / "config.json").write_text(json.dumps({**config, "original_max_position_embeddings": original}, indent=2))
+    return view
 
 
 def _model_info(config: dict, task: str, exporter: str) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""Tiny random-weight stand-ins of the model families users bring, as Hugging Face directories.
+
+Each keeps what sets its family apart in the real config (named below: Qwen2's q/k/v biases, Qwen3's and Gemma 3's
+q/k norms and wide heads, Gemma 2's soft-capping and sliding window, Phi-3's fused projections, Llama 3's rotary
+scaling) and its real tokenizer kind (byte-level BPE with merges, or SentencePiece BPE with byte fallback), and
+shrinks the sizes to a few layers of width 64 so a build takes seconds.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from gguf_models import train_spm
+from tiny_onnx import CHAT_TEMPLATE, train_bpe
+
+_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+# family: (config class, the real config's distinguishing values at tiny sizes, tokenizer kind)
+FAMILIES = {
+    # meta-llama/Llama-3.2-1B: rotary scaling "llama3", rope_theta 500000, tied embeddings
+    "llama3": (
+        "LlamaConfig",
+        {
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 32.0,
+                "high_freq_factor": 4.0,
+                "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 128,
+            },
+            "tie_word_embeddings": True,
+            "rms_norm_eps": 1e-5,
+        },
+        "bpe",
+    ),
+    # Qwen/Qwen2.5-0.5B-Instruct: biases on q, k, v; rope_theta 1e6; tied embeddings
+    "qwen2": ("Qwen2Config", {"rope_theta": 1000000.0, "tie_word_embeddings": True, "rms_norm_eps": 1e-6}, "bpe"),
+    # Qwen/Qwen3-0.6B: q and k RMS norms, head_dim wider than hidden/heads
+    "qwen3": (
+        "Qwen3Config",
+        {"head_dim": 32, "rope_theta": 1000000.0, "tie_word_embeddings": True, "rms_norm_eps": 1e-6},
+        "bpe",
+    ),
+    # google/gemma-2-2b-it: soft-capping of attention and final logits, sliding window, wide heads, GeGLU
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "sliding_window": 16,
+            "hidden_activation": "gelu_pytorch_tanh",
+        },
+        "gemma-spm",
+    ),
+    # google/gemma-3-1b-it: q and k norms, local layers with their own rotary base, one global layer
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_local_base_freq": 10000.0,
+            "rope_theta": 1000000.0,
+        },
+        "gemma-spm",
+    ),
+    # microsoft/Phi-3-mini-4k-instruct: fused qkv_proj and gate_up_proj, untied head
+    "phi3": (
+        "Phi3Config",
+        {
+            "tie_word_embeddings": False,
+            "rms_norm_eps": 1e-5,
+            "pad_token_id": 0,  # its default (32000) is past a tiny vocabulary
+            "original_max_position_embeddings": 512,  # Phi-3-mini-4k: the same as the context (no LongRoPE)
+        },
+        "spm",
+    ),
+    # mistralai/Mistral-7B-Instruct-v0.3: rope_theta 1e6, untied head, SentencePiece
+    "mistral": ("MistralConfig", {"rope_theta": 1000000.0, "tie_word_embeddings": False}, "spm"),
+}
+_MODEL_CLASS = {
+    "LlamaConfig": "LlamaForCausalLM",
+    "Qwen2Config": "Qwen2ForCausalLM",
+    "Qwen3Config": "Qwen3ForCausalLM",
+    "Gemma2Config": "Gemma2ForCausalLM",
+    "Gemma3TextConfig": "Gemma3ForCausalLM",
+    "Phi3Config": "Phi3ForCausalLM",
+    "MistralConfig": "MistralForCausalLM",
+}
+
+
+def _tokenizer(kind: str):
+    """A transformers fast tokenizer of `kind`, with its special tokens and a chat template."""
+    import transformers
+
+    if kind == "bpe":
+        fast = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=train_bpe(512), bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        )
+    else:
+        family = "gemma2" if kind == "gemma-spm" else "llama"
+        with tempfile.TemporaryDirectory() as scratch:
+            model_file = Path(scratch) / "tokenizer.model"
+            model_file.write_bytes(train_spm(family))
+            if kind == "gemma-spm":
+                fast = transformers.GemmaTokenizerFast(vocab_file=str(model_file), from_slow=True)
+            else:
+                fast = transformers.LlamaTokenizerFast(vocab_file=str(model_file), from_slow=True, legacy=True)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_family_model(family: str, directory: Path, *, seed: int = 0) -> Path:
+    """`family`'s tiny stand-in saved as a Hugging Face directory (safetensors, config, tokenizer)."""
+    import torch
+    import transformers
+
+    config_class, distinct, kind = FAMILIES[family]
+    tokenizer = _tokenizer(kind)
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(
+        **_SHAPE,
+        **distinct,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = getattr(transformers, _MODEL_CLASS[config_class])(config).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    (directory / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# tiny {family} for lmpack tests\n")
+    return directory
