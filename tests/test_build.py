@@ -215,6 +215,37 @@ def test_int4_embedding_reads_the_tied_8bit_head(tiny_llama, session_cache, tmp_
     assert np.all(np.abs(rows - table) <= np.abs(step) / 2 + 1e-6)  # the quantizer may store negative scales
 
 
+def test_int4_keeps_llama_cpps_sensitive_projections_at_8_bits(tiny_llama, session_cache, tmp_path):
+    """The int4 profile's mixed recipe (llama.cpp's use_more_bits): the value (packed QKV) and down projections of
+    the first and last eighth of the layers and every third between are 8-bit, the rest 4-bit. Of the tiny
+    Llama's 4 layers (an eighth is none, in llama.cpp's integer arithmetic) that is 2 and 3."""
+    from lmpack.steps.quantize import sensitive_matmuls
+
+    result = build(
+        str(tiny_llama), "--target", "cpu-x86", "--profile", "int4", "-o", str(tmp_path), "--json", cache=session_cache
+    )
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(Path(json.loads(result.stdout)["variant_dir"]) / "model" / "model.onnx"))
+    bits = {n.name: {a.name: a.i for a in n.attribute}["bits"] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    eight = sorted(name.removesuffix("/MatMul_Q8") for name, width in bits.items() if width == 8)
+    layers = [f"/model/layers.{i}/{part}" for i in (2, 3) for part in ("attn/qkv_proj", "mlp/down_proj")]
+    assert eight == sorted([*layers, "/lm_head"]), eight
+    assert set(bits.values()) == {4, 8}
+
+    # the rule on a 32-layer model, as llama.cpp's llama-quant.cpp writes it
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("MatMul", ["a", "b"], ["c"], name=f"/model/layers.{i}/mlp/down_proj/MatMul")
+            for i in range(32)
+        ],
+        "g",
+        [],
+        [],
+    )
+    chosen = [int(name.split(".")[1].split("/")[0]) for name in sensitive_matmuls(onnx.helper.make_model(graph))]
+    assert chosen == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+
+
 def test_optimum_exports_what_the_builder_does_not(llama_variant_optimum, tiny_bert, session_cache, tmp_path):
     info = json.loads((llama_variant_optimum / "model" / "lmpack-model.json").read_text())
     assert (info["exporter"], info["kv_padding"]) == ("optimum", "left")

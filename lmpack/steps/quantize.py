@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +45,10 @@ class QuantizeParams:
     # then applies only to untied models): a smaller file and an 8-bit embedding (docs/build.md, "Shared
     # embedding"); the runtime hands the head's mapped pages back after loading (runtime.heap).
     share_tied_embedding: bool = False
+    # llama.cpp's mixed recipe (its Q4_K_M's use_more_bits): each layer's value projection
+    # (in a packed QKV too) and MLP down projection, in the first and last eighth of the layers and every third
+    # layer between, at this width; 0 = same as `bits`. docs/build.md, "The int4 profile", has the measurements.
+    sensitive_bits: Literal[0, 8] = 0
 
 
 class QuantizeStep(Step):
@@ -86,6 +91,7 @@ class QuantizeStep(Step):
                     "block_size": self.params.block_size,
                     "embedding_bits": self.params.embedding_bits,
                     "head_bits": self.params.head_bits or self.params.bits,
+                    "sensitive_bits": self.params.sensitive_bits or self.params.bits,
                 }
                 if method == "matmul_nbits"
                 else {}
@@ -112,11 +118,19 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
         if params.share_tied_embedding and head and head_bits == 8 and params.symmetric
         else None
     )
-    # nodes_to_include widens rather than narrows the quantizer's selection, so the head pass excludes the rest.
-    passes = [(params.bits, op_types, ([head] if head and params.head_bits else []) + ([shared] if shared else []))]
-    if head and params.head_bits:
-        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name != head]
-        passes.insert(0, (params.head_bits, ("MatMul",), others))
+    # MatMuls at another width than `bits`, by width: the head (head_bits), the sensitive ones (sensitive_bits).
+    wider: dict[int, set[str]] = {}
+    if head and params.head_bits and params.head_bits != params.bits:
+        wider.setdefault(params.head_bits, set()).add(head)
+    if params.sensitive_bits and params.sensitive_bits != params.bits:
+        wider.setdefault(params.sensitive_bits, set()).update(sensitive_matmuls(model))
+    # nodes_to_include widens rather than narrows the quantizer's selection, so each pass excludes the rest.
+    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    passes: list[tuple[int, tuple[str, ...], list[str]]] = [
+        (bits, ("MatMul",), [m for m in matmuls if m not in names]) for bits, names in sorted(wider.items())
+    ]
+    set_aside = set().union(*wider.values()) | ({shared} if shared else set())
+    passes.append((params.bits, op_types, sorted(set_aside)))
     quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # one INFO line per node, and warnings about the opset it raises itself
@@ -144,12 +158,31 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
     ops = [n.op_type for n in model.graph.node]
     return {
         "matmul_nbits_nodes": ops.count("MatMulNBits"),
+        "wider_matmuls": {str(bits): len(names) for bits, names in sorted(wider.items())},
         "gather_block_quantized_nodes": ops.count("GatherBlockQuantized"),
         "int8_embeddings": embeddings,
         "folded_transposes": folded,
         "embedding_shares_head": bool(shared),
         "fused_matmuls": fused,
     }
+
+
+_LAYER_MATMUL = re.compile(r"layers\.(\d+)/.*\b(qkv_proj|v_proj|down_proj)/MatMul$")
+
+
+def sensitive_matmuls(model) -> list[str]:
+    """The MatMuls llama.cpp's mixed recipes keep wider (llama-quant.cpp's use_more_bits, in its integer
+    arithmetic): value projections (a packed QKV included) and MLP down projections of the layers in the first
+    and last eighth, and of every third layer between. Names of both exporters' graphs match."""
+    found = [(int(m.group(1)), n.name) for n in model.graph.node if (m := _LAYER_MATMUL.search(n.name))]
+    if not found:
+        return []
+    layers = max(index for index, _ in found) + 1
+    return [
+        name
+        for index, name in found
+        if index < layers // 8 or index >= 7 * layers // 8 or (index - layers // 8) % 3 == 2
+    ]
 
 
 def _dynamic_int8(src: Path, dst: Path) -> dict[str, Any]:
