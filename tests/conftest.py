@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+from families import write_sentence_modules
 from tiny_onnx import CHAT_TEMPLATE, train_bpe, train_wordpiece, write_decoder_variant, write_encoder_variant
 
 from lmpack.data import all_eval_text
@@ -101,9 +101,7 @@ def make_tiny_bert(directory: Path, *, seed: int = 0) -> Path:
     )
     BertModel(config).eval().save_pretrained(directory, safe_serialization=True)
     fast.save_pretrained(directory)
-    (directory / "modules.json").write_text(
-        json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}])
-    )
+    write_sentence_modules(directory, pooling="mean", normalize=True, dimension=64)  # all-MiniLM-L6-v2's pipeline
     return directory
 
 

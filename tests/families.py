@@ -8,6 +8,7 @@ shrinks the sizes to a few layers of width 64 so a build takes seconds.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -140,4 +141,72 @@ def make_family_model(family: str, directory: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     (directory / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# tiny {family} for lmpack tests\n")
+    return directory
+
+
+# Encoders: (config class, model class, distinguishing values, tokenizer kind, sentence-transformers pooling)
+ENCODERS = {
+    # sentence-transformers/all-MiniLM-L6-v2, intfloat/e5-small-v2: BERT, WordPiece, mean pooling, normalised
+    "bert": ("BertConfig", "BertModel", {}, "wordpiece", "mean"),
+    # BAAI/bge-small-en-v1.5: BERT, WordPiece, the [CLS] vector, normalised
+    "bge": ("BertConfig", "BertModel", {}, "wordpiece", "cls"),
+    # intfloat/multilingual-e5-small: XLM-RoBERTa (positions offset past the padding id), SentencePiece unigram
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel", {"pad_token_id": 1}, "unigram-spm", "mean"),
+}
+
+
+def write_sentence_modules(directory: Path, *, pooling: str, normalize: bool, dimension: int) -> None:
+    """modules.json and 1_Pooling/config.json as sentence-transformers saves them (a Normalize module if asked)."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (directory / "modules.json").write_text(json.dumps(modules, indent=2))
+    modes = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "last": "pooling_mode_lasttoken"}
+    settings = {"word_embedding_dimension": dimension, **{key: mode == pooling for mode, key in modes.items()}}
+    (directory / "1_Pooling").mkdir(exist_ok=True)
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(settings, indent=2))
+
+
+def _encoder_tokenizer(kind: str):
+    import transformers
+    from tiny_onnx import train_wordpiece
+
+    if kind == "wordpiece":
+        return transformers.BertTokenizerFast(
+            tokenizer_object=train_wordpiece(600),
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
+    with tempfile.TemporaryDirectory() as scratch:
+        model_file = Path(scratch) / "sentencepiece.bpe.model"
+        model_file.write_bytes(train_spm("unigram"))
+        return transformers.XLMRobertaTokenizerFast(vocab_file=str(model_file), from_slow=True)
+
+
+def make_encoder_model(family: str, directory: Path, *, seed: int = 0) -> Path:
+    """`family`'s tiny encoder saved with its tokenizer and sentence-transformers pipeline."""
+    import torch
+    import transformers
+
+    config_class, model_class, distinct, kind, pooling = ENCODERS[family]
+    tokenizer = _encoder_tokenizer(kind)
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        **distinct,
+    )
+    getattr(transformers, model_class)(config).eval().save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    write_sentence_modules(directory, pooling=pooling, normalize=True, dimension=64)
     return directory

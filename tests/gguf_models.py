@@ -19,6 +19,17 @@ from lmpack.data import all_eval_text
 # Gemma's (no dummy prefix, whitespace runs as pieces, <pad> <eos> <bos> <unk> first).
 _SPM_STYLE = {
     "llama": {"add_dummy_prefix": True, "unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": -1},
+    # XLM-RoBERTa's sentencepiece.bpe.model is a unigram model with NFKC normalisation
+    "unigram": {
+        "model_type": "unigram",
+        "byte_fallback": False,
+        "normalization_rule_name": "nmt_nfkc",
+        "remove_extra_whitespaces": True,
+        "unk_id": 3,
+        "bos_id": 0,
+        "eos_id": 2,
+        "pad_id": 1,
+    },
     "gemma2": {
         "add_dummy_prefix": False,
         "pad_id": 0,
@@ -33,20 +44,25 @@ _SPM_STYLE = {
 
 
 def train_spm(family: str, vocab_size: int = 700) -> bytes:
-    """A byte-fallback BPE SentencePiece model (the kind Llama 2, Mistral and Gemma ship) in `family`'s style."""
+    """A SentencePiece model in `family`'s style: byte-fallback BPE (the kind Llama 2, Mistral and Gemma ship), or
+    XLM-RoBERTa's unigram model ("unigram")."""
     import sentencepiece
 
     model = io.BytesIO()
+    settings = {
+        "model_type": "bpe",
+        "byte_fallback": True,
+        "normalization_rule_name": "identity",
+        "remove_extra_whitespaces": False,
+        **_SPM_STYLE[family],
+    }
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(line for line in all_eval_text().split("\n") if line.strip()),
         model_writer=model,
         vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
         character_coverage=1.0,
-        normalization_rule_name="identity",
         minloglevel=2,
-        **{"remove_extra_whitespaces": False, **_SPM_STYLE[family]},
+        **settings,
     )
     return model.getvalue()
 

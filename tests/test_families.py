@@ -1,14 +1,16 @@
 """The supported families, each proven against its own source: a tiny stand-in per family (tests/families.py) is
 built from a Hugging Face directory, its fp32 export computes what PyTorch computes, its greedy tokens are
-PyTorch's for 32 tokens through the serving runtime's model calls (KV cache included), and int8 and int4 build."""
+PyTorch's for 32 tokens through the serving runtime's model calls (KV cache included), and int8 and int4 build
+and serve. Encoders embed as their own sentence-transformers pipeline does."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
-from families import FAMILIES, make_family_model
+from families import ENCODERS, FAMILIES, make_encoder_model, make_family_model
 
 from lmpack import api
 
@@ -91,3 +93,69 @@ def test_each_family_builds_quantized_and_serves(family_model, profile, session_
         )
     assert answer.choices[0].finish_reason in ("stop", "length"), family
     assert answer.usage.completion_tokens >= 1 or answer.choices[0].finish_reason == "stop", family
+
+
+@pytest.fixture(scope="module", params=sorted(ENCODERS))
+def encoder_model(request, tmp_path_factory) -> tuple[str, Path]:
+    family = request.param
+    return family, make_encoder_model(family, tmp_path_factory.mktemp(family))
+
+
+def _reference_embeddings(model_dir: Path, texts: list[str]):
+    """What the model's sentence-transformers pipeline computes, in transformers: pooled per its Pooling config
+    over a padded batch, then normalised."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    modes = json.loads((model_dir / "1_Pooling" / "config.json").read_text())
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = hidden[:, 0] if modes["pooling_mode_cls_token"] else (hidden * mask).sum(1) / mask.sum(1)
+    pooled = pooled.numpy()
+    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+
+def test_each_encoder_family_embeds_as_its_own_pipeline_does(encoder_model, session_cache, tmp_path):
+    """fp32 through the runtime within float noise of the sentence-transformers recipe (its pooling: mean, or
+    BGE's [CLS] vector), and int8 served by `lmpack serve` to the official client close to it."""
+    import numpy as np
+    import openai
+    from runtime_servers import run_server
+
+    from lmpack.runtime.engine import EncoderEngine
+    from lmpack.runtime.select import prepare_variant
+
+    family, model_dir = encoder_model
+    texts = ["The railway reached the town in 1850.", "Le serveur redémarre seul.", "def verify(self): pass"]
+    expected = _reference_embeddings(model_dir, texts)
+    fp32 = _build(model_dir, "fp32", tmp_path / "fp32", session_cache)
+    got = EncoderEngine(prepare_variant(fp32.variant_dir)).embed(texts).vectors
+    np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=family)
+
+    int8 = _build(model_dir, "int8", tmp_path / "int8", session_cache)
+    with run_server(int8.variant_dir, tmp=tmp_path) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        answer = client.embeddings.create(model=int8.variant_dir.name, input=texts)
+    served = np.array([item.embedding for item in answer.data])
+    assert ((served * expected).sum(axis=1) > 0.99).all(), (family, (served * expected).sum(axis=1))
+
+
+def test_pooling_is_read_from_the_sentence_transformers_pipeline(tmp_path):
+    from families import write_sentence_modules
+
+    from lmpack.errors import UnsupportedModelError
+    from lmpack.steps.model_files import sentence_pooling
+
+    assert sentence_pooling(tmp_path) == ("mean", True)  # no modules.json: mean pooling, normalised
+    write_sentence_modules(tmp_path, pooling="cls", normalize=False, dimension=8)
+    assert sentence_pooling(tmp_path) == ("cls", False)
+    write_sentence_modules(tmp_path, pooling="last", normalize=True, dimension=8)
+    assert sentence_pooling(tmp_path) == ("last", True)
+    settings = tmp_path / "1_Pooling" / "config.json"
+    settings.write_text(json.dumps({"pooling_mode_max_tokens": True, "pooling_mode_mean_tokens": False}))
+    with pytest.raises(UnsupportedModelError, match="pooling_mode_max_tokens"):
+        sentence_pooling(tmp_path)

@@ -33,6 +33,8 @@ VARIANT_SCHEMA_VERSION = 1
 TEXT_GENERATION = "text-generation"
 EMBEDDING = "feature-extraction"
 TASKS = (TEXT_GENERATION, EMBEDDING)
+# lmpack-model.json `pooling` of an encoder: how its sentence-transformers pipeline makes one vector of a text
+POOLINGS = ("mean", "cls", "last")
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # TensorRT engines: tied to the GPU they were built on
 _MIB = 1 << 20

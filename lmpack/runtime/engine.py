@@ -179,7 +179,7 @@ class Embeddings:
 
 
 class EncoderEngine:
-    """An embedding variant: batches of texts in, mean-pooled normalised vectors out."""
+    """An embedding variant: batches of texts in, vectors pooled (and normalised) as the model's own pipeline does."""
 
     batch_size = 16  # bounds the activation memory of one call, whatever the request holds
 
@@ -188,7 +188,14 @@ class EncoderEngine:
             raise RequestError(f"{variant.name} is not an embedding model (task {variant.task})")
         self.variant = variant
         self.tokenizer, self.runner = _load(
-            variant, lambda: EncoderRunner(variant.onnx_path, threads=threads, providers=variant.providers)
+            variant,
+            lambda: EncoderRunner(
+                variant.onnx_path,
+                threads=threads,
+                providers=variant.providers,
+                pooling=variant.info.get("pooling", "mean"),
+                normalize=variant.info.get("normalize", True),
+            ),
         )
         self.max_input_tokens = _encoder_length(variant)
         self.tokenizer.enable_truncation(self.max_input_tokens)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from lmpack.bundle.variant_dir import POOLINGS
 from lmpack.runtime.heap import mapped_zeros
 from lmpack.runtime.trt_plan import CUDA_EP, TENSORRT_EP
 
@@ -475,9 +476,22 @@ class InPlaceBinding:
 
 
 class EncoderRunner:
-    """Mean-pooled, L2-normalised sentence embeddings (the sentence-transformers recipe)."""
+    """Sentence embeddings pooled as the model's sentence-transformers pipeline pools them (lmpack-model.json's
+    `pooling`: "mean" over the tokens, the first ("cls") or the last real token ("last"); batches are right-padded),
+    L2-normalised when it normalises."""
 
-    def __init__(self, model_path: Path, *, threads: int | None = None, providers: Sequence[Any] | None = None):
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        threads: int | None = None,
+        providers: Sequence[Any] | None = None,
+        pooling: str = "mean",
+        normalize: bool = True,
+    ):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+        self.pooling, self.normalize = pooling, normalize
         self.session = create_session(model_path, threads=threads, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
@@ -486,6 +500,13 @@ class EncoderRunner:
         if "token_type_ids" in self.input_names:
             feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
         hidden = self.session.run(None, feed, run_options(ids.size))[0].astype(np.float32)
-        weights = mask[..., None].astype(np.float32)
-        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        elif self.pooling == "last":
+            pooled = hidden[np.arange(len(hidden)), np.maximum(mask.sum(axis=1) - 1, 0)]
+        else:
+            weights = mask[..., None].astype(np.float32)
+            pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        if not self.normalize:
+            return pooled
         return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)

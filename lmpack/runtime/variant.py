@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmpack.bundle.variant_dir import MODEL_INFO, TASKS, VARIANT_FILE, is_model_dir, is_variant_dir
+from lmpack.bundle.variant_dir import EMBEDDING, MODEL_INFO, POOLINGS, TASKS, VARIANT_FILE, is_model_dir, is_variant_dir
 from lmpack.bundle.variant_dir import model_dir as model_dir_of
 from lmpack.errors import NotFoundError, VariantError
 
@@ -123,6 +123,8 @@ def load_variant(path: Path | str) -> Variant:
     task = info.get("task")
     if task not in TASKS:
         raise VariantError(f"{model_dir / MODEL_INFO}: task {task!r} is not one of {', '.join(TASKS)}")
+    if task == EMBEDDING and info.get("pooling", "mean") not in POOLINGS:
+        raise VariantError(f"{model_dir / MODEL_INFO}: pooling {info['pooling']!r} is not one of {', '.join(POOLINGS)}")
     onnx_path = model_dir / str(info.get("onnx", "model.onnx"))
     if not onnx_path.is_file():
         raise VariantError(f"{onnx_path} is missing")

@@ -22,7 +22,7 @@ from lmpack.bundle.variant_dir import EMBEDDING, MODEL_INFO, TEXT_GENERATION
 from lmpack.errors import StepError, UnsupportedModelError
 from lmpack.pipeline.step import HF_MODEL, ONNX_MODEL, Artifact, Step, StepContext
 from lmpack.steps.export_parity import check_export
-from lmpack.steps.model_files import copy_side_files
+from lmpack.steps.model_files import copy_side_files, sentence_pooling
 from lmpack.steps.onnx_graph import keep_last_logits, load_model, save_model
 
 ONNX_FILE = "model.onnx"
@@ -113,7 +113,7 @@ class ExportStep(Step):
         except Exception as exc:  # the exporters raise many types; the user needs the architecture and the cause
             raise StepError(f"ONNX export of {model_type} with {exporter} failed: {type(exc).__name__}: {exc}") from exc
         copy_side_files(source.path, out_dir)
-        info = _model_info(config, task, exporter)
+        info = _model_info(config, task, exporter, source.path)
         (out_dir / MODEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
         measured: dict[str, Any] = {"task": task, "model_type": model_type, "exporter": exporter}
         if self.params.parity_tokens:
@@ -121,7 +121,7 @@ class ExportStep(Step):
                 measured["parity"] = check_export(
                     source.path,
                     out_dir / ONNX_FILE,
-                    task,
+                    info,
                     tokens=self.params.parity_tokens,
                     tolerance=self.params.parity_tolerance,
                     trust_remote_code=trust_remote_code,
@@ -228,7 +228,7 @@ def _builder_view(src: Path, view: Path) -> Path:
     return view
 
 
-def _model_info(config: dict, task: str, exporter: str) -> dict[str, Any]:
+def _model_info(config: dict, task: str, exporter: str, source: Path) -> dict[str, Any]:
     info: dict[str, Any] = {
         "schema_version": 1,
         "task": task,
@@ -250,7 +250,8 @@ def _model_info(config: dict, task: str, exporter: str) -> dict[str, Any]:
             }
         )
     else:
-        info.update({"pooling": "mean", "normalize": True, "hidden_size": config.get("hidden_size")})
+        pooling, normalize = sentence_pooling(source)
+        info.update({"pooling": pooling, "normalize": normalize, "hidden_size": config.get("hidden_size")})
     return info
 
 

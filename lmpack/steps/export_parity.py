@@ -21,18 +21,20 @@ from lmpack.steps.onnx_eval import DecoderRunner, EncoderRunner, log_softmax
 
 
 def check_export(
-    source_dir: Path, onnx_path: Path, task: str, *, tokens: int, tolerance: float, trust_remote_code: bool
+    source_dir: Path, onnx_path: Path, info: dict[str, Any], *, tokens: int, tolerance: float, trust_remote_code: bool
 ) -> dict[str, Any]:
-    """Compare the export at `onnx_path` with the model in `source_dir` on the first `tokens` tokens of English prose;
-    outside `tolerance` (the largest difference of a log-probability, or of an embedding component) raise
-    FidelityError naming the worst position."""
+    """Compare the export at `onnx_path` (described by its lmpack-model.json `info`) with the model in `source_dir`
+    on the first `tokens` tokens of English prose; outside `tolerance` (the largest difference of a log-probability,
+    or of an embedding component) raise FidelityError naming the worst position."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(source_dir / "tokenizer.json"))
     ids = np.array(tokenizer.encode(eval_texts()[ENGLISH_PROSE]).ids[:tokens], dtype=np.int64)
-    if task == EMBEDDING:
-        expected = _torch_embeddings(source_dir, ids, trust_remote_code=trust_remote_code)
-        got = EncoderRunner(onnx_path).embed(ids[None, :], np.ones((1, len(ids)), dtype=np.int64))[0]
+    if info["task"] == EMBEDDING:
+        pooling, normalize = info["pooling"], info["normalize"]
+        expected = _torch_embeddings(source_dir, ids, pooling, normalize, trust_remote_code=trust_remote_code)
+        runner = EncoderRunner(onnx_path, pooling=pooling, normalize=normalize)
+        got = runner.embed(ids[None, :], np.ones((1, len(ids)), dtype=np.int64))[0]
         difference = np.abs(got - expected)
         worst = int(difference.argmax())
         measured = {"max_abs_diff": float(difference.max()), "worst_component": worst}
@@ -53,7 +55,7 @@ def check_export(
         "reference": "transformers (PyTorch, fp32)",
         "tokens": len(ids),
         "tolerance": tolerance,
-        **{k: round(v, 6) if isinstance(v, float) else v for k, v in measured.items()},
+        **{k: float(f"{v:.3g}") if isinstance(v, float) else v for k, v in measured.items()},
     }
     if measured["max_abs_diff"] > tolerance:
         raise FidelityError(
@@ -80,8 +82,10 @@ def _torch_logits(source_dir: Path, ids: np.ndarray, *, trust_remote_code: bool)
         gc.collect()
 
 
-def _torch_embeddings(source_dir: Path, ids: np.ndarray, *, trust_remote_code: bool) -> np.ndarray:
-    """Mean-pooled, L2-normalised, as the runtime's EncoderRunner pools the export's hidden states."""
+def _torch_embeddings(
+    source_dir: Path, ids: np.ndarray, pooling: str, normalize: bool, *, trust_remote_code: bool
+) -> np.ndarray:
+    """One unpadded text's vector, pooled as sentence-transformers pools it for this model."""
     import torch
     from transformers import AutoModel
 
@@ -92,5 +96,5 @@ def _torch_embeddings(source_dir: Path, ids: np.ndarray, *, trust_remote_code: b
     finally:
         del model
         gc.collect()
-    pooled = hidden.mean(axis=0)
-    return pooled / max(float(np.linalg.norm(pooled)), 1e-12)
+    pooled = {"cls": hidden[0], "last": hidden[-1]}.get(pooling, hidden.mean(axis=0))
+    return pooled / max(float(np.linalg.norm(pooled)), 1e-12) if normalize else pooled

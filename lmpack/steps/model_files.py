@@ -135,3 +135,29 @@ def read_license(directory: Path) -> str | None:
         if line.startswith("license:"):
             return line.split(":", 1)[1].strip().strip("'\"") or None
     return None
+
+
+# sentence-transformers' Pooling config keys and lmpack-model.json's names for the modes the runtime computes
+_POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_lasttoken": "last"}
+
+
+def sentence_pooling(directory: Path) -> tuple[str, bool]:
+    """How the model's own sentence-transformers pipeline (modules.json) makes one vector of a text: the pooling
+    ("mean", "cls" or "last") and whether it L2-normalises. Without modules.json: mean pooling, normalised."""
+    modules_file = directory / "modules.json"
+    if not modules_file.is_file():
+        return "mean", True
+    modules = json.loads(modules_file.read_text())
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    pooling = next((m for m, kind in zip(modules, kinds, strict=True) if kind == "Pooling"), None)
+    mode = "mean"
+    if pooling is not None:
+        settings = json.loads((directory / pooling.get("path", "") / "config.json").read_text())
+        chosen = [key for key, value in settings.items() if key.startswith("pooling_mode_") and value is True]
+        if len(chosen) != 1 or chosen[0] not in _POOLING_MODES:
+            raise UnsupportedModelError(
+                f"the model's sentence-transformers pooling ({', '.join(chosen) or 'none'}) is not one lmpack "
+                f"computes: it pools with one of {', '.join(sorted(_POOLING_MODES))}"
+            )
+        mode = _POOLING_MODES[chosen[0]]
+    return mode, "Normalize" in kinds

@@ -193,7 +193,10 @@ def _compare_encoders(ref_dir: Path, opt_dir: Path, *, threads, progress) -> dic
     mask = np.array([e.attention_mask for e in encoded])
     embeddings = {}
     for label, directory in (("reference", ref_dir), ("optimized", opt_dir)):
-        runner = EncoderRunner(onnx_model_path(directory), threads=threads)
+        info = read_model_info(directory)
+        runner = EncoderRunner(
+            onnx_model_path(directory), threads=threads, pooling=info["pooling"], normalize=info["normalize"]
+        )
         with progress(f"embeddings ({label})", 1) as advance:
             embeddings[label] = np.concatenate(
                 [runner.embed(ids[i : i + 16], mask[i : i + 16]) for i in range(0, len(ids), 16)]

@@ -76,6 +76,15 @@ def test_variant_problems_name_the_file(llama_variant, tmp_path):
     assert load_variant(llama_variant / "model").name == "model"  # a bare model directory loads too
 
 
+def test_an_encoders_pooling_must_be_one_the_runtime_computes(bert_variant, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(bert_variant, broken)
+    info = broken / "model" / "lmpack-model.json"
+    info.write_text(json.dumps({**json.loads(info.read_text()), "pooling": "max"}))
+    with pytest.raises(VariantError, match="pooling 'max' is not one of mean, cls, last"):
+        load_variant(broken)
+
+
 def test_the_chat_template_may_live_in_tokenizer_config(llama_variant, tmp_path):
     copy = tmp_path / "v"
     shutil.copytree(llama_variant, copy)
