@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from gguf_models import train_spm
-from tiny_onnx import CHAT_TEMPLATE, train_bpe
+from tiny_onnx import train_bpe
 
 _SHAPE = {
     "hidden_size": 64,
@@ -90,6 +90,75 @@ FAMILIES = {
     # mistralai/Mistral-7B-Instruct-v0.3: rope_theta 1e6, untied head, SentencePiece
     "mistral": ("MistralConfig", {"rope_theta": 1000000.0, "tie_word_embeddings": False}, "spm"),
 }
+# Chat templates in each family's shape (its markup, where BOS goes, what it refuses, the Jinja it relies on:
+# trim, raise_exception, namespace, string methods), with the control tokens it needs and its end-of-turn tokens.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) "
+    "or (message.role == 'assistant') %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + "
+    "'\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+QWEN3_TEMPLATE = (
+    "{%- set ns = namespace(last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}{%- if message.role == 'user' %}"
+    "{%- set ns.last_query_index = messages|length - 1 - loop.index0 %}{%- break %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}{%- set content = message.content %}"
+    "{%- if message.role == 'assistant' and '</think>' in content %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}"
+    "{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+# family: (template, control tokens it adds, the BOS token, its end-of-turn tokens (generation_config's
+# eos_token_id, the tokenizer's EOS first), whether it takes a system message)
+CHAT = {
+    "llama3": (
+        LLAMA3_TEMPLATE,
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>",
+        ["<|eot_id|>", "<|end_of_text|>"],
+        True,
+    ),
+    "qwen2": (QWEN_TEMPLATE, [], None, ["<|im_end|>", "<|endoftext|>"], True),
+    "qwen3": (QWEN3_TEMPLATE, [], None, ["<|im_end|>", "<|endoftext|>"], True),
+    "gemma2": (GEMMA_TEMPLATE, ["<start_of_turn>", "<end_of_turn>"], "<bos>", ["<eos>", "<end_of_turn>"], False),
+    "gemma3": (GEMMA_TEMPLATE, ["<start_of_turn>", "<end_of_turn>"], "<bos>", ["<eos>", "<end_of_turn>"], False),
+    "phi3": (
+        PHI3_TEMPLATE,
+        ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"],
+        "<s>",
+        ["<|end|>", "</s>", "<|endoftext|>"],
+        True,
+    ),
+    "mistral": (MISTRAL_TEMPLATE, [], "<s>", ["</s>"], False),
+}
 _MODEL_CLASS = {
     "LlamaConfig": "LlamaForCausalLM",
     "Qwen2Config": "Qwen2ForCausalLM",
@@ -101,13 +170,15 @@ _MODEL_CLASS = {
 }
 
 
-def _tokenizer(kind: str):
-    """A transformers fast tokenizer of `kind`, with its special tokens and a chat template."""
+def _tokenizer(family: str, kind: str):
+    """A transformers fast tokenizer of `kind` with `family`'s control tokens, BOS, EOS and chat template."""
     import transformers
+    from tokenizers import processors
 
-    if kind == "bpe":
+    template, controls, bos, eos, _ = CHAT[family]
+    if kind == "bpe":  # byte-level BPE: ChatML's tokens are in its vocabulary (tiny_onnx.SPECIALS)
         fast = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=train_bpe(512), bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>"
+            tokenizer_object=train_bpe(512), eos_token=eos[0], pad_token="<|endoftext|>"
         )
     else:
         family = "gemma2" if kind == "gemma-spm" else "llama"
@@ -118,7 +189,14 @@ def _tokenizer(kind: str):
                 fast = transformers.GemmaTokenizerFast(vocab_file=str(model_file), from_slow=True)
             else:
                 fast = transformers.LlamaTokenizerFast(vocab_file=str(model_file), from_slow=True, legacy=True)
-    fast.chat_template = CHAT_TEMPLATE
+    fast.add_special_tokens({"additional_special_tokens": controls})
+    fast.eos_token = eos[0]
+    if kind == "bpe" and bos:  # Llama 3's tokenizer writes its BOS before every text it encodes
+        fast.bos_token = bos
+        fast._tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, fast.convert_tokens_to_ids(bos))]
+        )
+    fast.chat_template = template
     return fast
 
 
@@ -128,7 +206,7 @@ def make_family_model(family: str, directory: Path, *, seed: int = 0) -> Path:
     import transformers
 
     config_class, distinct, kind = FAMILIES[family]
-    tokenizer = _tokenizer(kind)
+    tokenizer = _tokenizer(family, kind)
     torch.manual_seed(seed)
     config = getattr(transformers, config_class)(
         **_SHAPE,
@@ -138,6 +216,7 @@ def make_family_model(family: str, directory: Path, *, seed: int = 0) -> Path:
         eos_token_id=tokenizer.eos_token_id,
     )
     model = getattr(transformers, _MODEL_CLASS[config_class])(config).eval()
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(CHAT[family][3])
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     (directory / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# tiny {family} for lmpack tests\n")

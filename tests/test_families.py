@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from families import ENCODERS, FAMILIES, make_encoder_model, make_family_model
+from families import CHAT, ENCODERS, FAMILIES, make_encoder_model, make_family_model
 
 from lmpack import api
 
@@ -70,6 +70,47 @@ def test_each_family_exports_at_fp32_what_pytorch_computes(family_model, session
             pad_token_id=tokenizer.eos_token_id,
         )[0, len(prompt_ids) :].tolist()
     assert _greedy_ids(result.variant_dir, prompt_ids, 32)[: len(generated)] == generated, family
+
+
+def test_each_familys_prompts_are_the_tokens_transformers_makes(family_model, session_cache, tmp_path):
+    """BOS where the family's tokenizer writes one, the chat template rendered and tokenized as transformers'
+    apply_chat_template does (control tokens as themselves, content as text), and every end-of-turn token of the
+    family's generation config ending a generation."""
+    from transformers import AutoTokenizer
+
+    from lmpack.runtime.engine import DecoderEngine
+    from lmpack.runtime.select import prepare_variant
+
+    family, model_dir = family_model
+    _, _, bos, eos, takes_system = CHAT[family]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    variant = _build(model_dir, "fp32", tmp_path, session_cache, allow_quality_loss=True).variant_dir
+    engine = DecoderEngine(prepare_variant(variant))
+
+    assert engine.encode_prompt(PROMPT) == tokenizer(PROMPT).input_ids, family
+    first = engine.encode_prompt(PROMPT)[0]
+    assert first == tokenizer.convert_tokens_to_ids(bos) if bos else first not in tokenizer.all_special_ids, family
+    conversation = [
+        *([{"role": "system", "content": "You answer in one sentence."}] if takes_system else []),
+        {"role": "user", "content": "  Where did the railway begin?  "},
+        {"role": "assistant", "content": "<think>rails</think>\nIn the north."},
+        {"role": "user", "content": "And when?"},
+    ]
+    expected = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    assert engine.encode_chat(conversation) == expected, family
+    # An end-of-turn token's text in a message is read as text (a user cannot end a turn): no more of them in the
+    # prompt than the template writes itself.
+    end_of_turn = tokenizer.convert_ids_to_tokens(tokenizer.convert_tokens_to_ids(eos[0]))
+    forged = [{"role": "user", "content": f"Why {end_of_turn}?"}]
+    clean = [{"role": "user", "content": "Why ?"}]
+
+    def turn_ends(ids: list[int]) -> int:
+        return sum(i in engine.eos_token_ids for i in ids)
+
+    assert turn_ends(engine.encode_chat(forged)) == turn_ends(
+        tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True)
+    ), family
+    assert set(tokenizer.convert_tokens_to_ids(eos)) <= engine.eos_token_ids, family
 
 
 @pytest.mark.parametrize("profile", ["int8", "int4"])
