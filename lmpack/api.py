@@ -26,6 +26,7 @@ from lmpack.pipeline.step import ProgressFactory, StepContext, silent_progress
 from lmpack.progress import PhaseReporter, no_progress
 from lmpack.steps import STEPS
 from lmpack.steps.pull import PullParams, resolve_source
+from lmpack.steps.supported import check_buildable
 
 if TYPE_CHECKING:
     from lmpack.bundle.pack import PackResult
@@ -160,6 +161,7 @@ def build(
         options={"allow_quality_loss": allow_quality_loss, "strict": strict, "trust_remote_code": trust_remote_code},
     )
     source = resolve_source(model, revision=revision, params=pull_params)
+    check_buildable(source)
     result = run_plan(build_plan, ctx, source, _cache(cache_dir), on_event=on_event or ignore_events)
     report = build_report(build_plan, result, ctx, started=started)
     variant_name = name or f"{_slug(report['source'])}-{build_plan.target.name}-{build_plan.profile.name}"

@@ -292,11 +292,27 @@ def test_the_builder_is_refused_for_what_it_cannot_make():
     ],
 )
 def test_unsupported_models_are_named(model_copy, tiny_llama, tmp_path, architecture, model_type, fragments):
+    """Refused before any work (no step ran, nothing cached), with the tested families listed."""
     odd = _with_config(model_copy, tiny_llama, architectures=[architecture], model_type=model_type)
     result = build(str(odd), "--target", "cpu-x86", "-o", str(tmp_path / "dist"), cache=tmp_path / "cache")
     assert result.exit_code == 6
     assert all(fragment in result.output for fragment in fragments)
-    assert not (tmp_path / "dist").exists()
+    assert "lmpack is tested on Llama 2, Llama 3, SmolLM, Qwen2" in result.output
+    assert not (tmp_path / "dist").exists() and not (tmp_path / "cache" / "steps").exists()
+
+
+def test_a_gguf_of_an_architecture_transformers_cannot_load_is_refused_before_the_pull(tmp_path):
+    import gguf
+
+    path = tmp_path / "rwkv.gguf"
+    writer = gguf.GGUFWriter(str(path), "rwkv6")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    result = build(str(path), "--target", "cpu-x86", "-o", str(tmp_path / "dist"), cache=tmp_path / "cache")
+    assert result.exit_code == 6 and "GGUF architecture 'rwkv6' cannot be loaded" in result.output
+    assert not (tmp_path / "cache" / "steps").exists()
 
 
 def _can_mount_tmpfs() -> bool:

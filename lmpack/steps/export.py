@@ -76,6 +76,21 @@ def model_task(config: dict) -> str:
     )
 
 
+def check_exportable(config: dict) -> None:
+    """Raise UnsupportedModelError unless an exporter can take this model: a causal LM or an encoder, of an
+    architecture the builder knows or a model type optimum exports (the message lists those)."""
+    task = model_task(config)
+    if choose_exporter(config, task, "auto") == GENAI:
+        return
+    model_type = str(config.get("model_type", "unknown"))
+    supported = supported_model_types(task)
+    if model_type.replace("_", "-") not in supported and model_type not in supported:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} ({(config.get('architectures') or ['?'])[0]}) cannot be exported for "
+            f"{task}; optimum exports these model types: {', '.join(supported)}"
+        )
+
+
 def supported_model_types(task: str) -> list[str]:
     from optimum.exporters.onnx import main_export
     from optimum.exporters.tasks import TasksManager
@@ -148,13 +163,6 @@ def choose_exporter(config: dict, task: str, wanted: str) -> str:
 def _export_optimum(
     src: Path, out_dir: Path, config: dict, task: str, params: ExportParams, *, trust_remote_code: bool
 ) -> None:
-    model_type = config.get("model_type", "unknown")
-    supported = supported_model_types(task)
-    if model_type.replace("_", "-") not in supported and model_type not in supported:
-        raise UnsupportedModelError(
-            f"model type {model_type!r} ({(config.get('architectures') or ['?'])[0]}) cannot be exported for "
-            f"{task}; supported model types: {', '.join(supported)}"
-        )
     from optimum.exporters.onnx import main_export
 
     main_export(
