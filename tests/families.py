@@ -50,12 +50,13 @@ FAMILIES = {
         {"head_dim": 32, "rope_theta": 1000000.0, "tie_word_embeddings": True, "rms_norm_eps": 1e-6},
         "bpe",
     ),
-    # google/gemma-2-2b-it: soft-capping of attention and final logits, sliding window, wide heads, GeGLU
+    # google/gemma-2-2b-it: soft-capping of attention and final logits, sliding window, wide heads, GeGLU; the
+    # attention scale's 256 is the 2B's and 9B's (and what a GGUF, which does not store it, loads with)
     "gemma2": (
         "Gemma2Config",
         {
             "head_dim": 32,
-            "query_pre_attn_scalar": 32,
+            "query_pre_attn_scalar": 256,
             "attn_logit_softcapping": 50.0,
             "final_logit_softcapping": 30.0,
             "sliding_window": 16,
@@ -63,14 +64,14 @@ FAMILIES = {
         },
         "gemma-spm",
     ),
-    # google/gemma-3-1b-it: q and k norms, local layers with their own rotary base, one global layer
+    # google/gemma-3-1b-it: q and k norms, five local layers with their own rotary base to one global layer
     "gemma3": (
         "Gemma3TextConfig",
         {
+            "num_hidden_layers": 6,
             "head_dim": 32,
-            "query_pre_attn_scalar": 32,
+            "query_pre_attn_scalar": 256,
             "sliding_window": 16,
-            "layer_types": ["sliding_attention", "full_attention"],
             "rope_local_base_freq": 10000.0,
             "rope_theta": 1000000.0,
         },
@@ -82,8 +83,9 @@ FAMILIES = {
         {
             "tie_word_embeddings": False,
             "rms_norm_eps": 1e-5,
-            "pad_token_id": 0,  # its default (32000) is past a tiny vocabulary
-            "original_max_position_embeddings": 512,  # Phi-3-mini-4k: the same as the context (no LongRoPE)
+            # Phi-3-mini-4k: 4k context, the same as the original (no LongRoPE), which a GGUF's config defaults to
+            "max_position_embeddings": 4096,
+            "original_max_position_embeddings": 4096,
         },
         "spm",
     ),
@@ -159,6 +161,14 @@ CHAT = {
     ),
     "mistral": (MISTRAL_TEMPLATE, [], "<s>", ["</s>"], False),
 }
+# The pre-tokenizer regexes of the real tokenizer.json files (as the Hub ships them, not llama.cpp's adaptation)
+_SPLIT = {
+    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+_SPLIT["qwen3"] = _SPLIT["qwen2"]
 _MODEL_CLASS = {
     "LlamaConfig": "LlamaForCausalLM",
     "Qwen2Config": "Qwen2ForCausalLM",
@@ -171,33 +181,39 @@ _MODEL_CLASS = {
 
 
 def _tokenizer(family: str, kind: str):
-    """A transformers fast tokenizer of `kind` with `family`'s control tokens, BOS, EOS and chat template."""
+    """A transformers fast tokenizer of `kind` with `family`'s control tokens, BOS, EOS and chat template, and the
+    SentencePiece model it was converted from (None for BPE)."""
     import transformers
     from tokenizers import processors
 
     template, controls, bos, eos, _ = CHAT[family]
+    spm_model = None
     if kind == "bpe":  # byte-level BPE: ChatML's tokens are in its vocabulary (tiny_onnx.SPECIALS)
         fast = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=train_bpe(512), eos_token=eos[0], pad_token="<|endoftext|>"
+            tokenizer_object=train_bpe(512, _SPLIT.get(family)), eos_token=eos[0], pad_token="<|endoftext|>"
         )
     else:
-        family = "gemma2" if kind == "gemma-spm" else "llama"
+        spm_model = train_spm("gemma2" if kind == "gemma-spm" else "llama")
         with tempfile.TemporaryDirectory() as scratch:
             model_file = Path(scratch) / "tokenizer.model"
-            model_file.write_bytes(train_spm(family))
+            model_file.write_bytes(spm_model)
             if kind == "gemma-spm":
                 fast = transformers.GemmaTokenizerFast(vocab_file=str(model_file), from_slow=True)
             else:
-                fast = transformers.LlamaTokenizerFast(vocab_file=str(model_file), from_slow=True, legacy=True)
+                fast = transformers.LlamaTokenizerFast(
+                    vocab_file=str(model_file), from_slow=True, legacy=True, add_prefix_space=True
+                )
     fast.add_special_tokens({"additional_special_tokens": controls})
     fast.eos_token = eos[0]
+    if fast.pad_token is None and "<|endoftext|>" in controls:  # Phi-3 pads with it
+        fast.pad_token = "<|endoftext|>"
     if kind == "bpe" and bos:  # Llama 3's tokenizer writes its BOS before every text it encodes
         fast.bos_token = bos
         fast._tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, fast.convert_tokens_to_ids(bos))]
         )
     fast.chat_template = template
-    return fast
+    return fast, spm_model
 
 
 def make_family_model(family: str, directory: Path, *, seed: int = 0) -> Path:
@@ -206,19 +222,21 @@ def make_family_model(family: str, directory: Path, *, seed: int = 0) -> Path:
     import transformers
 
     config_class, distinct, kind = FAMILIES[family]
-    tokenizer = _tokenizer(family, kind)
+    tokenizer, spm_model = _tokenizer(family, kind)
     torch.manual_seed(seed)
     config = getattr(transformers, config_class)(
-        **_SHAPE,
-        **distinct,
+        **{**_SHAPE, **distinct},
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = getattr(transformers, _MODEL_CLASS[config_class])(config).eval()
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(CHAT[family][3])
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    if spm_model is not None:  # as a Hub repository ships it beside tokenizer.json
+        (directory / "tokenizer.model").write_bytes(spm_model)
     (directory / "README.md").write_text(f"---\nlicense: apache-2.0\n---\n# tiny {family} for lmpack tests\n")
     return directory
 

@@ -136,6 +136,41 @@ def test_each_family_builds_quantized_and_serves(family_model, profile, session_
     assert answer.usage.completion_tokens >= 1 or answer.choices[0].finish_reason == "stop", family
 
 
+def test_each_family_builds_from_its_gguf_and_answers_as_its_source(family_model, session_cache, tmp_path):
+    """The GGUF llama.cpp's converter would write of the stand-in (tests/gguf_models.py) builds at fp32 with the
+    source's own tokenizer ids and greedy tokens, and at int4, which answers through the serving engine."""
+    import torch
+    from gguf_models import write_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    family, model_dir = family_model
+    gguf_path = write_gguf(model_dir, tmp_path / f"{family}.gguf", family)
+    result = _build(gguf_path, "fp32", tmp_path / "fp32", session_cache, allow_quality_loss=True)
+    assert result.report["source"]["kind"] == "gguf" and result.report["fidelity"]["tokenizer"], family
+    assert result.report["fidelity"]["export_parity"]["max_abs_diff"] <= TINY_PARITY, family
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = tokenizer(PROMPT).input_ids
+    with torch.no_grad():
+        generated = (
+            AutoModelForCausalLM.from_pretrained(model_dir)
+            .eval()
+            .generate(
+                torch.tensor([prompt_ids]),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                max_new_tokens=32,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )[0, len(prompt_ids) :]
+            .tolist()
+        )
+    assert _greedy_ids(result.variant_dir, prompt_ids, 32)[: len(generated)] == generated, family
+
+    int4 = _build(gguf_path, "int4", tmp_path / "int4", session_cache, allow_quality_loss=True)
+    completion = api.generate(int4.variant_dir, PROMPT, max_tokens=8)
+    assert completion.completion_tokens >= 1 or completion.finish_reason == "stop", family
+
+
 @pytest.fixture(scope="module", params=sorted(ENCODERS))
 def encoder_model(request, tmp_path_factory) -> tuple[str, Path]:
     family = request.param

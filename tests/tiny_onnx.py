@@ -30,12 +30,22 @@ CONTEXT = 512
 _HIDDEN, _HEADS, _KV_HEADS = 64, 4, 2
 
 
-def train_bpe(vocab_size: int):
-    """A byte-level BPE tokenizer (SmolLM2's kind) trained on lmpack's text, with the ChatML special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_bpe(vocab_size: int, split: str | None = None):
+    """A byte-level BPE tokenizer (SmolLM2's kind) trained on lmpack's text, with the ChatML special tokens. With
+    `split`, text is first split by that regex (as Llama 3's and Qwen2's tokenizer.json do), not GPT-2's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        if split
+        else pre_tokenizers.ByteLevel(add_prefix_space=False)
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
