@@ -26,7 +26,7 @@ from lmpack.pipeline.step import ProgressFactory, StepContext, silent_progress
 from lmpack.progress import PhaseReporter, no_progress
 from lmpack.steps import STEPS
 from lmpack.steps.pull import PullParams, resolve_source
-from lmpack.steps.supported import check_buildable
+from lmpack.steps.supported import check_buildable, check_memory
 
 if TYPE_CHECKING:
     from lmpack.bundle.pack import PackResult
@@ -139,6 +139,7 @@ def build(
     trust_remote_code: bool = False,
     allow_quality_loss: bool = False,
     strict: bool = False,
+    memory_check: bool = True,
     cache_dir: Path | None = None,
     on_event: EventHandler | None = None,
     progress: ProgressFactory = silent_progress,
@@ -162,6 +163,8 @@ def build(
     )
     source = resolve_source(model, revision=revision, params=pull_params)
     check_buildable(source)
+    if memory_check:
+        check_memory(source)
     result = run_plan(build_plan, ctx, source, _cache(cache_dir), on_event=on_event or ignore_events)
     report = build_report(build_plan, result, ctx, started=started)
     variant_name = name or f"{_slug(report['source'])}-{build_plan.target.name}-{build_plan.profile.name}"

@@ -76,6 +76,12 @@ class FidelityError(LmpackError):
     exit_code = 22
 
 
+class InsufficientMemoryError(LmpackError):
+    """A build would need more memory than the machine has available; refused before it starts."""
+
+    exit_code = 23
+
+
 class StepError(LmpackError):
     """A build step failed for a reason that is not the user's input (a tool crashed)."""
 

@@ -216,17 +216,19 @@ def _tokenizer(family: str, kind: str):
     return fast, spm_model
 
 
-def make_family_model(family: str, directory: Path, *, seed: int = 0) -> Path:
-    """`family`'s tiny stand-in saved as a Hugging Face directory (safetensors, config, tokenizer)."""
+def make_family_model(family: str, directory: Path, *, seed: int = 0, shape: dict | None = None) -> Path:
+    """`family`'s tiny stand-in saved as a Hugging Face directory (safetensors, config, tokenizer); `shape` sets
+    other sizes (bench/models.py's 1B), its vocab_size at least the tokenizer's."""
     import torch
     import transformers
 
     config_class, distinct, kind = FAMILIES[family]
     tokenizer, spm_model = _tokenizer(family, kind)
     torch.manual_seed(seed)
+    sizes = {**_SHAPE, **distinct, **(shape or {})}
+    sizes["vocab_size"] = max(sizes.get("vocab_size", 0), len(tokenizer))
     config = getattr(transformers, config_class)(
-        **{**_SHAPE, **distinct},
-        vocab_size=len(tokenizer),
+        **sizes,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -231,6 +231,10 @@ def test_int4_keeps_llama_cpps_sensitive_projections_at_8_bits(tiny_llama, sessi
     layers = [f"/model/layers.{i}/{part}" for i in (2, 3) for part in ("attn/qkv_proj", "mlp/down_proj")]
     assert eight == sorted([*layers, "/lm_head"]), eight
     assert set(bits.values()) == {4, 8}
+    steps = {s["step"]: s for s in json.loads(result.stdout)["report"]["steps"]}
+    wider = steps["quantize"]["metrics"]["wider_matmuls"]["8"]
+    assert wider["head_bits: the LM head"] == ["/lm_head/MatMul"]
+    assert len(wider["sensitive_bits: llama.cpp's use_more_bits"]) == 4  # the report says which and why
 
     # the rule on a 32-layer model, as llama.cpp's llama-quant.cpp writes it
     graph = onnx.helper.make_graph(
@@ -299,6 +303,22 @@ def test_unsupported_models_are_named(model_copy, tiny_llama, tmp_path, architec
     assert all(fragment in result.output for fragment in fragments)
     assert "lmpack is tested on Llama 2, Llama 3, SmolLM, Qwen2" in result.output
     assert not (tmp_path / "dist").exists() and not (tmp_path / "cache" / "steps").exists()
+
+
+def test_a_build_that_cannot_fit_in_memory_is_refused_before_it_starts(model_copy, session_cache, tmp_path):
+    """The weights are counted from the safetensors headers: one that claims 10 billion weights needs far more
+    memory than any test machine has; --no-memory-check starts anyway."""
+    import struct
+
+    header = json.dumps({"huge.weight": {"dtype": "F32", "shape": [100000, 100000], "data_offsets": [0, 0]}}).encode()
+    big = model_copy("big", files={"extra.safetensors": struct.pack("<Q", len(header)) + header})
+    args = [str(big), "--target", "cpu-x86", "--profile", "fp32", "-o", str(tmp_path / "dist")]
+    refused = build(*args, cache=tmp_path / "cache")
+    assert refused.exit_code == 23, refused.output
+    assert "10.00 billion weights" in refused.output and "GiB are available" in refused.output
+    assert not (tmp_path / "cache" / "steps").exists()
+    started = build(*args, "--no-memory-check", cache=session_cache)
+    assert started.exit_code != 23 and "GiB are available" not in started.output
 
 
 def test_a_gguf_of_an_architecture_transformers_cannot_load_is_refused_before_the_pull(tmp_path):

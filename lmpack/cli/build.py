@@ -99,6 +99,14 @@ def pull_command(model, revision, allow_pickle, trust_remote_code, cache_dir, ou
     "instead of warning in the report.",
 )
 @click.option(
+    "--no-memory-check",
+    "memory_check",
+    flag_value=False,
+    default=True,
+    help="Start even when the build looks to need more memory than is available (the estimate is refused "
+    "with both numbers otherwise).",
+)
+@click.option(
     "--bundle",
     "bundle_spec",
     default=None,
@@ -124,6 +132,7 @@ def build_command(
     name,
     allow_quality_loss,
     strict,
+    memory_check,
     bundle_spec,
     wheels,
     wheel_source,
@@ -160,6 +169,7 @@ def build_command(
         trust_remote_code=trust_remote_code,
         allow_quality_loss=allow_quality_loss,
         strict=strict,
+        memory_check=memory_check,
         cache_dir=cache_dir,
         on_event=reporter.event,
         progress=reporter.progress,

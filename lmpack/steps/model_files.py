@@ -52,8 +52,9 @@ def is_convertible(relpath: str) -> bool:
     return any(fnmatch.fnmatch(relpath, pattern) for pattern in CONVERTIBLE_PATTERNS)
 
 
-def check_safetensors(path: Path, *, shown: str | None = None) -> None:
-    """Check by content that a .safetensors file really is one: bounded header length, JSON header.
+def check_safetensors(path: Path, *, shown: str | None = None) -> dict:
+    """Check by content that a .safetensors file really is one: bounded header length, JSON header; return the
+    header (tensor name -> dtype, shape, offsets).
 
     Messages name the file as `shown` when given (where the user knows it from).
     """
@@ -67,9 +68,25 @@ def check_safetensors(path: Path, *, shown: str | None = None) -> None:
         if header_len > MAX_SAFETENSORS_HEADER or header_len > size - 8:
             raise UnsafeModelError(f"{name}: not a safetensors file (header length {header_len} out of bounds)")
         try:
-            json.loads(handle.read(header_len))
+            header = json.loads(handle.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise UnsafeModelError(f"{name}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UnsafeModelError(f"{name}: not a safetensors file (header is not a JSON object)")
+    return header
+
+
+def parameter_count(directory: Path) -> int:
+    """How many weights the directory's safetensors files hold, from their headers (nothing else is read)."""
+    total = 0
+    for weights in sorted(directory.rglob("*.safetensors")):
+        for key, tensor in check_safetensors(weights).items():
+            if key != "__metadata__" and isinstance(tensor, dict):
+                count = 1
+                for dimension in tensor.get("shape", []):
+                    count *= int(dimension)
+                total += count
+    return total
 
 
 def read_config(directory: Path, *, trust_remote_code: bool, shown: str | None = None) -> dict:

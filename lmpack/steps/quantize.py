@@ -158,13 +158,23 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
     ops = [n.op_type for n in model.graph.node]
     return {
         "matmul_nbits_nodes": ops.count("MatMulNBits"),
-        "wider_matmuls": {str(bits): len(names) for bits, names in sorted(wider.items())},
+        "wider_matmuls": _wider_by_reason(wider, head),
         "gather_block_quantized_nodes": ops.count("GatherBlockQuantized"),
         "int8_embeddings": embeddings,
         "folded_transposes": folded,
         "embedding_shares_head": bool(shared),
         "fused_matmuls": fused,
     }
+
+
+def _wider_by_reason(wider: dict[int, set[str]], head: str | None) -> dict[str, dict[str, list[str]]]:
+    """Which MatMuls got another width than `bits`, and why: the report's "which layers, which precision"."""
+    found: dict[str, dict[str, list[str]]] = {}
+    for bits, names in sorted(wider.items()):
+        for name in sorted(names):
+            reason = "head_bits: the LM head" if name == head else "sensitive_bits: llama.cpp's use_more_bits"
+            found.setdefault(str(bits), {}).setdefault(reason, []).append(name)
+    return found
 
 
 _LAYER_MATMUL = re.compile(r"layers\.(\d+)/.*\b(qkv_proj|v_proj|down_proj)/MatMul$")

@@ -1,15 +1,17 @@
-"""Which models lmpack builds: the families it is tested on, and the check that refuses any other model before
-the build does any work (a pull can copy gigabytes, a GGUF's dequantization takes minutes)."""
+"""Which models lmpack builds, and on what: the families it is tested on, and the checks that refuse a model it
+cannot build, or a build that cannot fit in memory, before the build does any work (a pull can copy gigabytes,
+a GGUF's dequantization takes minutes)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from lmpack.errors import UnsupportedModelError
+from lmpack.errors import InsufficientMemoryError, UnsupportedModelError
 from lmpack.pipeline.step import Artifact
 from lmpack.steps.export import check_exportable
 from lmpack.steps.gguf_file import read_fields
+from lmpack.steps.model_files import parameter_count
 
 # The matrix every release is tested on (tests/test_families.py; docs/build.md, "Supported models"), by the
 # name users know and the transformers architecture it loads as.
@@ -59,3 +61,32 @@ def _check_gguf(path: Path) -> None:
             f"lmpack is tested on {tested_families()}",
             hint="build from the model's Hugging Face repository instead of its GGUF",
         )
+
+
+# A build's peak memory, as a multiple of the model's weights at fp32, plus the libraries' own: the pull, the
+# export and the parity check each hold one fp32 copy at a time, the exporter's graph another (docs/build.md,
+# "Measurements": the peak build RSS column).
+_PEAK_OVER_FP32 = 3.0
+_LIBRARIES_BYTES = 1 << 30
+
+
+def check_memory(source: Artifact) -> dict[str, int]:
+    """Refuse a build that cannot fit before it starts, with the memory it needs against what is available."""
+    import psutil
+
+    parameters = _gguf_parameters(source.path) if source.info.get("kind") == "gguf" else parameter_count(source.path)
+    needed = int(parameters * 4 * _PEAK_OVER_FP32) + _LIBRARIES_BYTES
+    available = int(psutil.virtual_memory().available)
+    if needed > available:
+        raise InsufficientMemoryError(
+            f"building this model ({parameters / 1e9:.2f} billion weights) needs about {needed / 2**30:.1f} GiB of "
+            f"memory; {available / 2**30:.1f} GiB are available",
+            hint="build on a machine with more memory, or pass --no-memory-check to try anyway",
+        )
+    return {"parameters": parameters, "needed_bytes": needed, "available_bytes": available}
+
+
+def _gguf_parameters(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(tensor.n_elements) for tensor in GGUFReader(path).tensors)
