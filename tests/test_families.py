@@ -49,26 +49,33 @@ def _greedy_ids(variant: Path, prompt_ids: list[int], count: int) -> list[int]:
     return chosen
 
 
-def test_each_family_exports_at_fp32_what_pytorch_computes(family_model, session_cache, tmp_path):
+def _torch_greedy(model_dir: Path, count: int) -> tuple[list[int], list[int]]:
+    """PROMPT's ids by the source's tokenizer, and PyTorch's `count` greedy tokens after them (fewer at EOS)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt_ids = tokenizer(PROMPT).input_ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        generated = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=count,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )[0, len(prompt_ids) :].tolist()
+    return prompt_ids, generated
+
+
+def test_each_family_exports_at_fp32_what_pytorch_computes(family_model, session_cache, tmp_path):
 
     family, model_dir = family_model
     result = _build(model_dir, "fp32", tmp_path, session_cache, allow_quality_loss=True)
     parity = result.report["fidelity"]["export_parity"]
     assert parity["max_abs_diff"] <= TINY_PARITY and parity["top1_agreement"] == 1.0, (family, parity)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_ids = tokenizer(PROMPT).input_ids
-    torch_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    with torch.no_grad():
-        generated = torch_model.generate(
-            torch.tensor([prompt_ids]),
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            max_new_tokens=32,
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
-        )[0, len(prompt_ids) :].tolist()
+    prompt_ids, generated = _torch_greedy(model_dir, 32)
     assert _greedy_ids(result.variant_dir, prompt_ids, 32)[: len(generated)] == generated, family
 
 
@@ -139,9 +146,7 @@ def test_each_family_builds_quantized_and_serves(family_model, profile, session_
 def test_each_family_builds_from_its_gguf_and_answers_as_its_source(family_model, session_cache, tmp_path):
     """The GGUF llama.cpp's converter would write of the stand-in (tests/gguf_models.py) builds at fp32 with the
     source's own tokenizer ids and greedy tokens, and at int4, which answers through the serving engine."""
-    import torch
     from gguf_models import write_gguf
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     family, model_dir = family_model
     gguf_path = write_gguf(model_dir, tmp_path / f"{family}.gguf", family)
@@ -149,21 +154,7 @@ def test_each_family_builds_from_its_gguf_and_answers_as_its_source(family_model
     assert result.report["source"]["kind"] == "gguf" and result.report["fidelity"]["tokenizer"], family
     assert result.report["fidelity"]["export_parity"]["max_abs_diff"] <= TINY_PARITY, family
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_ids = tokenizer(PROMPT).input_ids
-    with torch.no_grad():
-        generated = (
-            AutoModelForCausalLM.from_pretrained(model_dir)
-            .eval()
-            .generate(
-                torch.tensor([prompt_ids]),
-                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                max_new_tokens=32,
-                do_sample=False,
-                pad_token_id=tokenizer.eos_token_id,
-            )[0, len(prompt_ids) :]
-            .tolist()
-        )
+    prompt_ids, generated = _torch_greedy(model_dir, 32)
     assert _greedy_ids(result.variant_dir, prompt_ids, 32)[: len(generated)] == generated, family
 
     int4 = _build(gguf_path, "int4", tmp_path / "int4", session_cache, allow_quality_loss=True)
