@@ -51,6 +51,22 @@ class SwitchPolicy:
     backend_wait_seconds: float = 30.0  # the proxy holds a request this long while no backend is ready
 
 
+UPDATE_POLICIES = ("switch", "install-only")
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """Updates from an inbox ([updates]): where signed bundles arrive and what the agent does with them."""
+
+    inbox: Path
+    public_key: Path
+    policy: str = "switch"  # or "install-only": install, alert, wait for `lmpack switch`
+    window: tuple[int, int] | None = None  # local minutes since midnight [start, end): switch only inside
+    allow_downgrade: bool = False
+    settle_seconds: float = 10.0  # a file whose size and time stay the same this long is complete
+    poll_seconds: float = 2.0
+
+
 @dataclass(frozen=True)
 class NotifierSpec:
     type: str
@@ -72,6 +88,7 @@ class AgentConfig:
     disk_path: Path = Path("/")
     rules: tuple[Rule, ...] = ()
     notifiers: tuple[NotifierSpec, ...] = field(default_factory=lambda: (NotifierSpec("log"),))
+    updates: UpdateSettings | None = None
 
     @property
     def server_url(self) -> str:
@@ -97,6 +114,8 @@ def load_agent_config(path: Path) -> AgentConfig:
         agent.finish()
     rules = _rules(top.tables("alerts"), defaults=defaults)
     notifiers = tuple(_notifier(reader) for reader in top.tables("notifiers")) or (NotifierSpec("log"),)
+    updates_table = top.table("updates")
+    updates = _updates(updates_table, server, base=path.parent) if updates_table is not None else None
     top.finish()
     disk_path = Path(disk) if disk else (server.prefix or Path("/"))
     return AgentConfig(
@@ -110,6 +129,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         disk_path=disk_path,
         rules=rules,
         notifiers=notifiers,
+        updates=updates,
     )
 
 
@@ -205,3 +225,39 @@ def _notifier(reader: TableReader) -> NotifierSpec:
     if spec.url is not None and not spec.url.startswith(("http://", "https://")):
         raise ConfigError(f"{reader.source}: field '{reader.prefix}url' must be an http:// or https:// URL")
     return spec
+
+
+def _updates(reader: TableReader, server: ServerSpec, *, base: Path) -> UpdateSettings:
+    if server.prefix is None:
+        raise ConfigError(f"{reader.source}: [updates] needs [server] prefix and release: updates are installed there")
+    window = reader.str("window")
+    settings = UpdateSettings(
+        inbox=base / reader.str("inbox", required=True),
+        public_key=base / reader.str("public_key", required=True),
+        policy=reader.str("policy", "switch", choices=UPDATE_POLICIES),
+        window=_window(window, reader.source) if window is not None else None,
+        allow_downgrade=reader.bool("allow_downgrade", False),
+        settle_seconds=reader.float("settle_seconds", 10.0, minimum=0),
+        poll_seconds=reader.float("poll_seconds", 2.0, minimum=0.05),
+    )
+    reader.finish()
+    return settings
+
+
+def _window(text: str, source: str) -> tuple[int, int]:
+    """ "HH:MM-HH:MM" (local time; it may run past midnight) as minutes since midnight."""
+    try:
+        start, end = (_minutes(part) for part in text.split("-"))
+    except ValueError:
+        raise ConfigError(f"{source}: field 'updates.window' must look like \"02:00-05:00\", not {text!r}") from None
+    if start == end:
+        raise ConfigError(f"{source}: field 'updates.window' is empty ({text!r})")
+    return start, end
+
+
+def _minutes(part: str) -> int:
+    hours, minutes = part.strip().split(":")
+    value = int(hours) * 60 + int(minutes)
+    if not (0 <= int(hours) < 24 and 0 <= int(minutes) < 60):
+        raise ValueError(part)
+    return value

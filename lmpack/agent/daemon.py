@@ -22,6 +22,7 @@ from typing import Any
 
 from lmpack.agent.alerts import AlertEngine
 from lmpack.agent.config import AgentConfig
+from lmpack.agent.inbox import Inbox
 from lmpack.agent.metrics import HostSampler, ServerScrape, gpu_sample, render_prometheus
 from lmpack.agent.notifiers import Dispatcher, Notifier, make_notifier
 from lmpack.agent.proxy import Proxy
@@ -108,6 +109,7 @@ class Agent:
         self.alerts = AlertEngine(config.rules)
         self.snapshot = Snapshot()
         self.started = time.monotonic()
+        self.inbox: Inbox | None = None  # made in run(), once the notifiers exist
 
     def control(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """POST /switch {"name", "version", "prefix"?} or /rollback {"name", "prefix"?}: wait for the outcome."""
@@ -157,6 +159,7 @@ class Agent:
             "metrics": values,
             "gpu": {k: v for k, v in gpu.items() if not k.startswith("gpu_")},
             "alerts": self.alerts.snapshot(),
+            "updates": self.inbox.status() if self.inbox is not None else None,
         }
         self.snapshot.set(status, values)
 
@@ -198,6 +201,7 @@ class Agent:
             self.proxy.port,
             self.switcher.active.url,
         )
+        self._start_inbox(dispatcher)
         systemd = SystemdNotifier()
         systemd.ready()
         next_metrics = 0.0
@@ -230,6 +234,30 @@ class Agent:
             http.shutdown()
             http.server_close()
         return 0
+
+    def _start_inbox(self, dispatcher: Dispatcher) -> None:
+        """[updates]: a thread that takes bundles from the inbox (inbox.py) until the agent stops."""
+        settings = self.config.updates
+        if settings is None:
+            return
+        switcher = self.switcher
+        inbox = self.inbox = Inbox(
+            settings,
+            self.config.server,
+            request_switch=switcher.request,
+            serving=lambda: {"version": switcher.active.version, "rolled_back": sorted(switcher.bad)},
+            publish=dispatcher.publish,
+            switch_timeout=self.config.supervision.startup_timeout + self.config.server.drain_seconds + 60,
+        )
+
+        def run() -> None:
+            while not self.stopping.wait(settings.poll_seconds):
+                try:
+                    inbox.poll()
+                except Exception:  # one bad round must not end the updates: said, and the next round runs
+                    log.exception("update: the inbox round failed")
+
+        threading.Thread(target=run, name="lmpack-agent-inbox", daemon=True).start()
 
     def snapshot_values(self) -> tuple[dict[str, Any], dict[str, Any]]:
         status, values = self.snapshot.get()

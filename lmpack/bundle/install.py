@@ -173,6 +173,10 @@ class InstallOptions:
     allow_downgrade: bool = False
     python: str | None = None
     systemd_dir: Path | None = None
+    # The agent's inbox: install without moving `current` (its switch moves it once the new version serves),
+    # and only bundles of the release it serves.
+    make_current: bool = True
+    expect_name: str | None = None
 
 
 def install(
@@ -209,6 +213,8 @@ def _install_locked(
         bundle.manifest_bytes, bundle.signature_bytes, list(options.public_keys), required=options.require_signature
     )
     manifest = bundle.manifest
+    if options.expect_name is not None and manifest.name != options.expect_name:
+        raise InstallError(f"the bundle holds release {manifest.name!r}; this host takes {options.expect_name!r}")
     python = options.python or runtime_env.default_python()
     name_dir = layout.name_dir(prefix, manifest.name)
     release = name_dir / manifest.version
@@ -242,7 +248,7 @@ def _install_locked(
     if installed:  # its files are already here, but a damaged bundle is still reported as damaged
         on_phase(f"{manifest.name} {manifest.version} is installed already: checking the bundle ({size})")
         raise_problems(check_contents(bundle), bundle)
-        if previous == manifest.version:
+        if previous == manifest.version or not options.make_current:
             return result("unchanged")
         on_phase(f"checking the installed files of {manifest.version} ({size})")
         with DirBundle(release) as kept:  # files on disk can rot or be edited: check before use
@@ -271,6 +277,9 @@ def _install_locked(
             finally:
                 (prefix / layout.CHILDREN).unlink(missing_ok=True)
             os.sync()  # pip does not fsync what it writes
+    if not options.make_current:
+        _touch(layout.marker(name_dir, manifest.version))  # installed and listed; `current` stays where it is
+        return result("installed")
     on_phase(f"pointing current at {manifest.version}" + (f" (was {previous})" if previous else ""))
     _switch(name_dir, manifest.version, previous)
     return result("installed")

@@ -30,12 +30,15 @@ def agent_command(config_path: Path, strict: bool) -> None:
     """Start `lmpack serve` for the configured variant and keep it healthy until SIGTERM.
 
     Probes liveness and readiness, restarts after repeated liveness misses, measures the host, the
-    server and the GPU, raises alerts, and answers /status and /metrics on its own loopback port.
+    server and the GPU, raises alerts, and answers /status and /metrics on its own loopback port. With
+    [updates], takes signed bundles copied into an inbox: verified, installed, switched to (by policy and
+    time window), rolled back if they keep failing.
 
     \b
     Examples:
       lmpack agent --config /etc/lmpack/agent.toml
       lmpack status --json
+      cp smollm2-1.1.0.lmpack /srv/lmpack/inbox/   # with [updates] inbox = "/srv/lmpack/inbox"
     """
     sys.exit(api.run_agent(config_path, strict=strict))
 
@@ -152,6 +155,20 @@ def status_command(agent_url: str, as_json: bool) -> None:
         )
     if switch.get("candidate"):
         click.echo(f"switching to {switch['candidate'].get('version')}: {switch['candidate'].get('phase')}")
+    updates = status.get("updates")
+    if updates:
+        window = f", window {updates['window']}" + ("" if updates["in_window"] else " (closed)")
+        click.echo(
+            f"updates  {updates['inbox']}: policy {updates['policy']}{window if updates['window'] else ''}"
+            + (f"; {len(updates['pending'])} arriving" if updates["pending"] else "")
+            + (f"; {updates['waiting_for_window']} waits for the window" if updates["waiting_for_window"] else "")
+        )
+        for event in updates["recent"][-3:]:
+            detail = event.get("version") or event.get("file")
+            click.echo(
+                f"update   {event['time']} {event['alert']} {detail}"
+                + (f": {event['reason']}" if event.get("reason") else "")
+            )
     click.echo(
         f"restarts {server.get('restarts_total')} total, {server.get('restarts_15m')} in 15 min"
         + (f"; last: {server['last_restart_reason']}" if server.get("last_restart_reason") else "")
