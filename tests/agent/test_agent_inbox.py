@@ -72,7 +72,7 @@ class Rounds:
         self.now, self.minutes, self.events, self.switches = 0.0, 3 * 60, [], []
         self.serving = {"version": "1.0.0", "rolled_back": []}
         self.inbox_dir = tmp / "inbox"
-        self.inbox_dir.mkdir(parents=True)
+        self.inbox_dir.mkdir(parents=True, exist_ok=True)
         server = ServerSpec(None, prefix, NAME, "127.0.0.1", 8000, (), 5)
         options = {"settle_seconds": 1.0, **settings}
         self.inbox = Inbox(
@@ -187,6 +187,56 @@ def test_a_bad_bundle_is_rejected_with_its_reason_and_the_next_good_one_is_taken
     assert rounds.settle() == ["update-received", "update-installed", "update-switching", "update-switched"]
 
 
+def test_a_full_disk_rejects_the_bundle_and_the_next_one_is_taken(bundles, keys, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from lmpack.bundle import install as installing
+
+    prefix = make_prefix(tmp_path, bundles, keys)
+    rounds = Rounds(tmp_path, prefix, keys)
+    usage, real = namedtuple("usage", "total used free"), installing.shutil.disk_usage
+    monkeypatch.setattr(installing.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    rounds.drop(bundles["1.1.0"])
+    assert rounds.settle() == ["update-received", "update-rejected"]
+    assert "MB free" in rounds.reason("rejected", bundles["1.1.0"].name) and not is_installed(prefix, NAME, "1.1.0")
+    monkeypatch.setattr(installing.shutil, "disk_usage", real)
+    rounds.drop(bundles["1.2.0"])
+    assert rounds.settle()[-1] == "update-switched" and rounds.switches == ["1.2.0"]
+
+
+def test_a_bundle_whose_install_was_killed_is_taken_again_by_the_next_agent(bundles, keys, tmp_path, monkeypatch):
+    """The kill is an exception out of the extraction, which nothing in the inbox catches, as nothing catches a
+    SIGKILL (tests/bundle/test_bundle_crash.py kills real installer processes): the bundle stays in the inbox,
+    the prefix keeps 1.0.0 current, and the next agent's first rounds finish the update."""
+    from lmpack.bundle import verify
+
+    prefix = make_prefix(tmp_path, bundles, keys)
+    rounds = Rounds(tmp_path, prefix, keys)
+    real_drain, calls = verify.drain, []
+
+    class Killed(BaseException):
+        pass
+
+    def dying_drain(stream, entry, fd=None):
+        calls.append(entry.path)
+        if len(calls) == 3:
+            raise Killed
+        return real_drain(stream, entry, fd)
+
+    monkeypatch.setattr(verify, "drain", dying_drain)
+    rounds.drop(bundles["1.1.0"])
+    rounds.inbox.poll()
+    rounds.now += 1.5
+    with pytest.raises(Killed):
+        rounds.inbox.poll()
+    monkeypatch.setattr(verify, "drain", real_drain)
+    assert (rounds.inbox_dir / bundles["1.1.0"].name).is_file() and not is_installed(prefix, NAME, "1.1.0")
+    assert current_version(prefix / "releases" / NAME) == "1.0.0"
+    steps = Rounds(tmp_path, prefix, keys).settle()  # a new agent on the same inbox and prefix
+    assert steps == ["update-received", "update-installed", "update-switching", "update-switched"], steps
+    assert is_installed(prefix, NAME, "1.1.0") and not (prefix / ".staging").exists()
+
+
 def test_install_only_waits_for_the_operator_and_a_window_holds_the_switch(bundles, keys, tmp_path):
     prefix = make_prefix(tmp_path, bundles, keys)
     rounds = Rounds(tmp_path, prefix, keys, policy="install-only")
@@ -256,7 +306,9 @@ retries = 1
     )
 
 
-def test_an_update_copied_slowly_is_switched_to_under_load_with_no_failed_request(bundles, keys, tmp_path, capsys):
+def test_an_update_copied_slowly_is_switched_to_under_load_with_no_failed_request(
+    bundles, keys, tmp_path, capsys, lmpack_cli
+):
     prefix = make_prefix(tmp_path, bundles, keys)
     (tmp_path / "inbox").mkdir()
     with WebhookReceiver() as hook, run_agent(inbox_config(tmp_path, prefix, keys, hook.url), tmp=tmp_path) as agent:
@@ -278,6 +330,8 @@ def test_an_update_copied_slowly_is_switched_to_under_load_with_no_failed_reques
         assert steps == ["update-received", "update-installed", "update-switching", "update-switched"], steps
         assert (tmp_path / "inbox" / "done" / target.name).is_file()
         assert agent.status()["updates"]["recent"][-1]["alert"] == "update-switched"
+        shown = lmpack_cli("status", "--agent", agent.url).stdout
+        assert f"updates  {tmp_path / 'inbox'}: policy switch" in shown and "update-switched 1.1.0" in shown
     with capsys.disabled():
         print(
             f"\n[switch timing] update from the inbox: copied in 5 chunks, serving {took:.1f} s after the copy "
