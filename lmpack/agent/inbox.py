@@ -25,6 +25,7 @@ from typing import Any
 
 from lmpack.agent.config import ServerSpec, UpdateSettings
 from lmpack.bundle.install import InstallOptions, install
+from lmpack.bundle.manifest import parse_version
 from lmpack.errors import LmpackError
 
 log = logging.getLogger("lmpack.agent")
@@ -152,9 +153,10 @@ class Inbox:
             )
         elif self.in_window():
             self._switch(version)
-        else:
-            self.waiting = version
-            self._event("waiting-for-window", "info", version=version, window=_window_text(self.settings.window))
+        else:  # the newest of the versions that arrive while the window is closed is the one switched to
+            if self.waiting is None or parse_version(version) > parse_version(self.waiting):
+                self.waiting = version
+            self._event("waiting-for-window", "info", version=self.waiting, window=_window_text(self.settings.window))
 
     def _switch(self, version: str) -> None:
         self._event("switching", "info", version=version)

@@ -249,6 +249,8 @@ def test_install_only_waits_for_the_operator_and_a_window_holds_the_switch(bundl
     night.drop(bundles["1.2.0"])
     assert night.settle() == ["update-received", "update-installed", "update-waiting-for-window"]
     assert night.inbox.status()["waiting_for_window"] == "1.2.0" and night.switches == []
+    night.drop(bundles["1.1.0"])  # an older one arriving later does not replace it
+    assert night.settle()[-1] == "update-waiting-for-window" and night.inbox.status()["waiting_for_window"] == "1.2.0"
     night.minutes = 23 * 60 + 30
     night.inbox.poll()
     assert night.switches == ["1.2.0"] and night.inbox.status()["waiting_for_window"] is None
