@@ -26,7 +26,7 @@ def test_a_gguf_is_pulled_with_the_tokenizer_its_source_ships(family_gguf, tmp_p
     """Gemma's and Mistral's GGUFs keep pieces and scores, no merges (transformers' Gemma converter made words fall
     into letters); Llama 3's keeps merges and names its pre-tokenizer (transformers gave it GPT-2's, which splits
     numbers otherwise). The pulled tokenizer.json gives the ids the source's own tokenizer.json gives, on every
-    evaluation text (scripts, digits, indentation, byte fallback)."""
+    evaluation text, whole and by paragraph (scripts, digits, blank lines, indentation, byte fallback)."""
     from tokenizers import Tokenizer
 
     from lmpack.steps.gguf_file import to_hf_directory
@@ -37,9 +37,9 @@ def test_a_gguf_is_pulled_with_the_tokenizer_its_source_ships(family_gguf, tmp_p
     source = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     pulled = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     for domain, text in eval_texts().items():
-        for paragraph in filter(str.strip, text.split("\n\n")):
-            wanted = source.encode(paragraph, add_special_tokens=False).ids
-            assert pulled.encode(paragraph, add_special_tokens=False).ids == wanted, (family, domain, paragraph[:40])
+        for passage in [text, *filter(str.strip, text.split("\n\n"))]:  # whole, and paragraph by paragraph
+            wanted = source.encode(passage, add_special_tokens=False).ids
+            assert pulled.encode(passage, add_special_tokens=False).ids == wanted, (family, domain, passage[:40])
 
 
 def test_a_tokenizer_that_splits_words_apart_fails_the_pull_with_an_example(family_gguf, tmp_path):

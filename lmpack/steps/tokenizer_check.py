@@ -89,8 +89,11 @@ def _same_piece(got: str | None, wanted: str) -> bool:
 
 
 def _passages() -> Iterator[tuple[str, str]]:
-    """Each evaluation text's paragraphs: text starts (the dummy prefix), newlines, indentation, digits, scripts."""
+    """Each evaluation text whole (what the gate tokenizes: the blank lines between paragraphs too, where
+    SmolLM2's GGUF as transformers converted it split "\n\n2." unlike llama.cpp), then each of its paragraphs
+    (text starts: the dummy prefix), covering newlines, indentation, digits and scripts."""
     for domain, text in eval_texts().items():
+        yield domain, text
         for paragraph in text.split("\n\n"):
             if paragraph.strip():
                 yield domain, paragraph
