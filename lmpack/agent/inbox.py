@@ -17,6 +17,7 @@ import collections
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -60,7 +61,11 @@ class Inbox:
         self._request_switch, self._serving, self._publish = request_switch, serving, publish
         self._switch_timeout, self._clock = switch_timeout, clock
         self._local_minutes = local_minutes or _local_minutes
+        # Read by status() on the agent's loop thread while the inbox thread works: `_pending` is replaced whole,
+        # `history` is only touched under the lock.
+        self._lock = threading.Lock()
         self._seen: dict[str, tuple[int, int, float]] = {}  # file name -> (size, mtime_ns, unchanged since)
+        self._pending: tuple[str, ...] = ()
         self.waiting: str | None = None  # installed, to be switched to when the window opens
         self._switched: set[str] = set()  # versions this inbox switched to: a rollback of one is announced
         self._rolled_back: set[str] = set()
@@ -84,14 +89,16 @@ class Inbox:
         return start <= now < end if start < end else (now >= start or now < end)
 
     def status(self) -> dict[str, Any]:
+        with self._lock:
+            recent = list(self.history)
         return {
             "inbox": str(self.settings.inbox),
             "policy": self.settings.policy,
             "window": _window_text(self.settings.window),
             "in_window": self.in_window(),
-            "pending": sorted(self._seen),
+            "pending": list(self._pending),
             "waiting_for_window": self.waiting,
-            "recent": list(self.history),
+            "recent": recent,
         }
 
     # --- the steps ------------------------------------------------------------------------------------------
@@ -118,10 +125,12 @@ class Inbox:
             elif now - since >= self.settings.settle_seconds:
                 ready.append((info.st_mtime_ns, Path(entry.path)))
         self._seen = {name: state for name, state in self._seen.items() if name in present}
+        self._pending = tuple(sorted(self._seen))
         return [path for _, path in sorted(ready)]
 
     def _take(self, path: Path) -> None:
         self._seen.pop(path.name, None)
+        self._pending = tuple(sorted(self._seen))
         self._event("received", "info", file=path.name)
         options = InstallOptions(
             public_keys=(self.settings.public_key,),
@@ -199,7 +208,8 @@ class Inbox:
             **detail,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        self.history.append(event)
+        with self._lock:
+            self.history.append(event)
         log.info("update: %s %s", step, " ".join(f"{k}={v}" for k, v in detail.items()))
         self._publish(event)
 
