@@ -20,6 +20,7 @@ from lmpack.config.serve import ServeSettings
 from lmpack.errors import RequestError
 from lmpack.runtime.chat import ChatTemplate, normalize_messages
 from lmpack.runtime.generation import Generation, GenerationLoop, SoloLoop
+from lmpack.runtime.grammar import Grammars
 from lmpack.runtime.heap import release_file_pages, release_freed_heap
 from lmpack.runtime.sampling import SamplingParams
 from lmpack.runtime.sessions import DecoderRunner, EncoderRunner
@@ -63,6 +64,7 @@ class DecoderEngine:
             eos.add(self.tokenizer.token_to_id(variant.special_token("eos_token")))
         self.eos_token_ids = frozenset(i for i in eos if i is not None)
         self.context_length = variant.context_length or 2048
+        self.grammars = Grammars(self.tokenizer, self.eos_token_ids)
         self.max_tokens_limit = min(max_tokens_limit, self.context_length)
         self.chat_template = (
             ChatTemplate(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from lmpack.runtime.grammar import Constraint, Grammars
 from lmpack.runtime.sampling import Sampler, SamplingParams
 from lmpack.runtime.sessions import KVCache
 from lmpack.runtime.textstream import IncrementalDecoder, StopMatcher
@@ -30,6 +31,7 @@ class TokenModel(Protocol):
     tokenizer: Any
     eos_token_ids: frozenset[int]
     context_length: int
+    grammars: Grammars
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class Decoding:
 
     def __init__(self, model: TokenModel, prompt_ids: list[int], params: SamplingParams):
         self.sampler = Sampler(params, prompt_ids)
+        # a response_format's grammar: the tokens it does not allow are masked before the sampler sees them
+        self.constraint: Constraint | None = model.grammars.constraint(params.grammar) if params.grammar else None
         self.decoder = IncrementalDecoder(model.tokenizer, prompt_ids)
         self.stops = StopMatcher(params.stop)
         self.eos_token_ids = model.eos_token_ids
@@ -73,13 +77,17 @@ class Decoding:
         Sets `finish_reason` once the sequence is done (and then returns the held-back tail too);
         otherwise `token` is what the next model step must be fed.
         """
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
         token = self.sampler(logits)
         if token in self.eos_token_ids:
             return self._finish("stop")
         self.sampler.accept(token)
         self.completion_tokens += 1
         text = self.stops.push(self.decoder.push(token))
-        if self.stops.stopped:
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        if self.stops.stopped or self.constraint is not None and self.constraint.finished:
             return text + self._finish("stop")
         if self.completion_tokens >= self.max_tokens or cache_length + 1 >= self.context_length:
             return text + self._finish("length")

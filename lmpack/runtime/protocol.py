@@ -2,9 +2,9 @@
 
 Every check raises ApiError, or the RequestError the sampling bounds and the engine raise, naming the field
 (`param`); the server turns either into a 400 in OpenAI's error shape, so a bad request never reaches the
-engine as a 500. Fields that OpenAI clients send by default
-(`user`, `stream_options`, a text `response_format`) are accepted; features this server does not have
-(n > 1, logprobs, tools, ...) are refused by name rather than silently ignored.
+engine as a 500. Fields that OpenAI clients send by default (`user`, `stream_options`) are accepted, a JSON
+`response_format` is enforced (grammar.py); features this server does not have (n > 1, logprobs, tools, ...)
+are refused by name rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 
 from lmpack.errors import RequestError
 from lmpack.runtime.chat import normalize_messages
+from lmpack.runtime.grammar import RESPONSE_FORMAT, grammar_for
 from lmpack.runtime.sampling import SamplingParams, check_choices, check_max_tokens
 
 MAX_EMBEDDING_INPUTS = 256
@@ -123,9 +124,6 @@ def _refuse_unsupported(body: dict) -> None:
         value = body.get(name)
         if value not in (None, False, {}, [], "", "none"):  # 0 == False: logprobs=0 asks for nothing
             raise bad(f"{name} is not supported by this server", name, "unsupported_parameter")
-    response_format = body.get("response_format")
-    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-        raise bad('only response_format {"type": "text"} is supported', "response_format", "unsupported_value")
 
 
 def _stop(body: dict) -> tuple[str, ...]:
@@ -154,7 +152,7 @@ def _choices(body: dict, defaults: dict[str, Any]) -> dict[str, Any]:
     }
     if values["top_k"] == -1:  # vLLM's spelling of "off"
         values["top_k"] = 0
-    return {**values, "stop": _stop(body)}
+    return {**values, "stop": _stop(body), "grammar": grammar_for(body.get(RESPONSE_FORMAT))}
 
 
 def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_tokens_limit: int) -> GenerationRequest:
@@ -169,7 +167,7 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
     choices = _choices(body, defaults)
     if max_tokens is not None:
         check_max_tokens(max_name, max_tokens, max_tokens_limit)
-    check_choices(**choices)
+    check_choices(**{name: value for name, value in choices.items() if name != "grammar"})
     stream = _field(body, "stream", (bool,), False, what="true or false")
     options = _field(body, "stream_options", (dict,), {}, what="an object")
     unknown = sorted(set(options) - {"include_usage"})

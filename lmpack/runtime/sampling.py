@@ -34,6 +34,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from tokens already generated
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the completion
     stop: tuple[str, ...] = ()
+    grammar: str | None = None  # llguidance's grammar of the request's response_format (grammar.py); None: free text
 
     def check(self, *, max_tokens_limit: int) -> SamplingParams:
         """Raise RequestError naming the first field out of bounds; return self so calls chain."""
