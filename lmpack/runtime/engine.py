@@ -64,7 +64,11 @@ class DecoderEngine:
             eos.add(self.tokenizer.token_to_id(variant.special_token("eos_token")))
         self.eos_token_ids = frozenset(i for i in eos if i is not None)
         self.context_length = variant.context_length or 2048
-        self.grammars = Grammars(self.tokenizer, self.eos_token_ids)
+        eos_token = variant.special_token("eos_token")
+        primary_eos = self.tokenizer.token_to_id(eos_token) if eos_token else None
+        self.grammars = Grammars(
+            self.tokenizer, primary_eos if primary_eos in self.eos_token_ids else min(self.eos_token_ids, default=None)
+        )
         self.max_tokens_limit = min(max_tokens_limit, self.context_length)
         self.chat_template = (
             ChatTemplate(

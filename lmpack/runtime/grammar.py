@@ -100,9 +100,11 @@ class Grammars:
     """One model's side of constrained decoding: its vocabulary as llguidance reads it, made at the first
     constrained request (it takes a fraction of a second and some memory a plain server never needs)."""
 
-    def __init__(self, tokenizer: Any, eos_token_ids: frozenset[int]):
+    def __init__(self, tokenizer: Any, eos_token_id: int | None):
         self._tokenizer = tokenizer
-        self._eos = sorted(eos_token_ids)
+        # llguidance before 1.7 (the last with wheels for glibc 2.28, what targets' bundles carry) takes one EOS:
+        # the grammar lets it through once the document may end, and masks the model's other EOS ids
+        self._eos = eos_token_id
         self._vocabulary: Any = None
         self._lock = threading.Lock()
 
@@ -114,7 +116,7 @@ class Grammars:
                     self._vocabulary = llguidance.LLTokenizer(
                         _tokenizer_json(self._tokenizer),
                         n_vocab=self._tokenizer.get_vocab_size(with_added_tokens=True),
-                        eos_token=self._eos or None,
+                        eos_token=self._eos,
                     )
                 except Exception as exc:  # llguidance reads byte-level BPE and SentencePiece vocabularies
                     raise RequestError(
