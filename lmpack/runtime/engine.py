@@ -103,14 +103,15 @@ class DecoderEngine:
             if isinstance(generation.get(k), (int, float)) and not isinstance(generation.get(k), bool)
         }
 
-    def encode_prompt(self, prompt: str, *, parse_special: bool = False) -> list[int]:
-        """Tokens of a raw prompt, with the tokenizer's own special tokens (a BOS where the model wants one).
+    def encode_prompt(self, prompt: str, *, parse_special: bool = False, add_special: bool = True) -> list[int]:
+        """Tokens of a raw prompt, with the tokenizer's own special tokens (a BOS where the model wants one) unless
+        not `add_special` (/tokenize in llama.cpp's shape).
 
         Control tokens written in the text ("<|im_end|>") are read as the text they are, unless `parse_special`
         (a caller that builds its own prompt format and asks for it)."""
         self._check_length(prompt, "prompt")
         tokenizer = self.tokenizer if parse_special else self.text_tokenizer
-        return tokenizer.encode(prompt, add_special_tokens=True).ids
+        return tokenizer.encode(prompt, add_special_tokens=add_special).ids
 
     def _check_length(self, text: str, param: str) -> None:
         """Refuse a text that cannot fit the context before tokenizing it: no token covers more than

@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from lmpack.config.serve import ServeSettings
 from lmpack.errors import RequestError
+from lmpack.runtime import token_api
 from lmpack.runtime.admission import Admission, Overloaded, Slot
 from lmpack.runtime.auth import bearer_ok
 from lmpack.runtime.batcher import Batcher
@@ -220,6 +221,8 @@ def _model_card(state: ServerState, name: str) -> dict[str, Any]:
         "owned_by": "lmpack",
         "root": engine.variant.name,  # the variant behind every name
         "task": engine.variant.task,
+        # vLLM's name for the context length; for an embedding model, the longest input it reads
+        "max_model_len": engine.context_length if isinstance(engine, DecoderEngine) else engine.max_input_tokens,
         **({"sampling_defaults": engine.defaults()} if isinstance(engine, DecoderEngine) else {}),
     }
 
@@ -348,6 +351,27 @@ async def embeddings(request: Request) -> Response:
     )
 
 
+async def tokenize(request: Request) -> Response:
+    return await _token_route(request, token_api.tokenize)
+
+
+async def detokenize(request: Request) -> Response:
+    return await _token_route(request, token_api.detokenize)
+
+
+async def _token_route(request: Request, answer: Callable[[DecoderEngine, dict], dict]) -> Response:
+    state = _state(request)
+    state.authorize(request)
+    state.require_ready()
+    engine = state.engine
+    if not isinstance(engine, DecoderEngine):
+        raise ApiError(400, f"{state.model_id} is an embedding model", param="model", code="wrong_model_task")
+    body = await read_json(request, limit=state.settings.max_body_bytes)
+    check_model(body, state.model_names)
+    result = await asyncio.get_running_loop().run_in_executor(None, answer, engine, body)
+    return JSONResponse(result)
+
+
 # The app ---------------------------------------------------------------------------------------------------
 
 ROUTES = [
@@ -356,6 +380,8 @@ ROUTES = [
     Route("/v1/completions", completions, methods=["POST"]),
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/embeddings", embeddings, methods=["POST"]),
+    Route("/tokenize", tokenize, methods=["POST"]),  # vLLM's and llama.cpp's paths
+    Route("/detokenize", detokenize, methods=["POST"]),
     Route("/health/live", live, methods=["GET"]),
     Route("/health/ready", ready, methods=["GET"]),
     Route("/v2/health/live", live, methods=["GET"]),  # KServe's open inference protocol names
