@@ -47,8 +47,8 @@ def usage_counts(done: Any) -> tuple[int, int]:
 
 
 def cacheable(params: SamplingParams) -> bool:
-    """Only requests whose answer is fixed: greedy, or sampled with a seed."""
-    return params.greedy or params.seed is not None
+    """Only requests whose answer is fixed (greedy, or sampled with a seed) and is text alone (no logprobs)."""
+    return (params.greedy or params.seed is not None) and params.logprobs is None
 
 
 def cache_key(*, model_version: str, chat: bool, prompt: Any, params: SamplingParams) -> str:

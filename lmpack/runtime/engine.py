@@ -155,6 +155,15 @@ class DecoderEngine:
             ids += tokenizer.encode(text, add_special_tokens=False).ids
         return ids
 
+    def check_token_ids(self, ids: list[int], param: str) -> list[int]:
+        """Token ids a request gives (a prompt, logit_bias' keys): RequestError naming `param` unless each is in the
+        vocabulary."""
+        vocabulary = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        outside = [i for i in ids if not 0 <= i < vocabulary]
+        if outside:
+            raise RequestError(f"token id {outside[0]} is not in the vocabulary (0 to {vocabulary - 1})", param=param)
+        return ids
+
     def generate(
         self,
         prompt_ids: list[int],
@@ -167,6 +176,7 @@ class DecoderEngine:
         """Check the request against the model's limits, then return its (not yet started) Generation, run by
         `loop` (the server's batcher) or else alone."""
         params.check(max_tokens_limit=self.max_tokens_limit)
+        self.check_token_ids([token for token, _ in params.logit_bias], "logit_bias")
         if not prompt_ids:
             raise RequestError("the prompt is empty", param=prompt_param)
         if len(prompt_ids) + params.max_tokens > self.context_length:

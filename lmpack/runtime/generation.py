@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from lmpack.runtime.grammar import Constraint, Grammars
+from lmpack.runtime.logprobs import TokenLogprob, token_logprob
 from lmpack.runtime.sampling import Sampler, SamplingParams
 from lmpack.runtime.sessions import KVCache
 from lmpack.runtime.textstream import IncrementalDecoder, StopMatcher
@@ -70,6 +71,8 @@ class Decoding:
         self.token: int | None = None  # the token to feed next, while not finished
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        self.logprobs_top = params.logprobs
+        self.logprobs: list[TokenLogprob] = []  # the chosen tokens', when the request asks (params.logprobs)
 
     def advance(self, logits: np.ndarray, cache_length: int) -> str:
         """Choose the next token from `logits` (the cache then holds `cache_length` positions); return new text.
@@ -77,6 +80,7 @@ class Decoding:
         Sets `finish_reason` once the sequence is done (and then returns the held-back tail too);
         otherwise `token` is what the next model step must be fed.
         """
+        raw = logits
         if self.constraint is not None:
             logits = self.constraint.mask(logits)
         token = self.sampler(logits)
@@ -84,6 +88,8 @@ class Decoding:
             return self._finish("stop")
         self.sampler.accept(token)
         self.completion_tokens += 1
+        if self.logprobs_top is not None:
+            self.logprobs.append(token_logprob(raw, token, self.logprobs_top))
         text = self.stops.push(self.decoder.push(token))
         if self.constraint is not None:
             self.constraint.accept(token)

@@ -3,8 +3,8 @@
 Every check raises ApiError, or the RequestError the sampling bounds and the engine raise, naming the field
 (`param`); the server turns either into a 400 in OpenAI's error shape, so a bad request never reaches the
 engine as a 500. Fields that OpenAI clients send by default (`user`, `stream_options`) are accepted, a JSON
-`response_format` is enforced (grammar.py); features this server does not have (n > 1, logprobs, tools, ...)
-are refused by name rather than silently ignored.
+`response_format` is enforced (grammar.py); features this server does not have (n > 1, tools, ...) are refused
+by name rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from lmpack.errors import RequestError
 from lmpack.runtime.chat import normalize_messages
 from lmpack.runtime.grammar import RESPONSE_FORMAT, grammar_for
+from lmpack.runtime.logprobs import MAX_TOP_LOGPROBS
 from lmpack.runtime.sampling import SamplingParams, check_choices, check_max_tokens
 
 MAX_EMBEDDING_INPUTS = 256
@@ -70,6 +71,8 @@ class GenerationRequest:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     parse_special: bool = False  # a completion's control tokens written in the prompt act as such (opt-in)
+    prompt_ids: list[int] | None = None  # a completion's prompt given as token ids instead of `prompt`
+    echo: bool = False  # a completion's text (and logprobs) start with the prompt's
 
     def params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, **self.choices)
@@ -111,18 +114,14 @@ def _refuse_unsupported(body: dict) -> None:
     if best_of is not None and (isinstance(best_of, bool) or best_of != 1):
         raise bad("best_of is not supported", "best_of", "unsupported_value")
     for name in (
-        "logprobs",
-        "top_logprobs",
-        "echo",
         "suffix",
-        "logit_bias",
         "tools",
         "functions",
         "tool_choice",
         "function_call",
     ):
         value = body.get(name)
-        if value not in (None, False, {}, [], "", "none"):  # 0 == False: logprobs=0 asks for nothing
+        if value not in (None, False, {}, [], "", "none"):
             raise bad(f"{name} is not supported by this server", name, "unsupported_parameter")
 
 
@@ -152,7 +151,52 @@ def _choices(body: dict, defaults: dict[str, Any]) -> dict[str, Any]:
     }
     if values["top_k"] == -1:  # vLLM's spelling of "off"
         values["top_k"] = 0
-    return {**values, "stop": _stop(body), "grammar": grammar_for(body.get(RESPONSE_FORMAT))}
+    return {
+        **values,
+        "stop": _stop(body),
+        "grammar": grammar_for(body.get(RESPONSE_FORMAT)),
+        "logit_bias": _logit_bias(body),
+    }
+
+
+MAX_LOGIT_BIAS = 300  # OpenAI's bound on the tokens one request may bias
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias from -100 to 100}; the ids are checked against the vocabulary by the engine."""
+    bias = _field(body, "logit_bias", (dict,), {}, what="an object mapping token ids to numbers")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise bad(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}", "logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise bad(f"logit_bias keys must be token ids, got {key!r}", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise bad(f"logit_bias values must be numbers from -100 to 100, got {value!r}", "logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(sorted(pairs))
+
+
+def _logprobs(body: dict, *, chat: bool) -> int | None:
+    """How many likeliest tokens to list beside each chosen one's logprob; None: no logprobs. Chat asks with
+    `logprobs: true` and `top_logprobs`, completions with `logprobs: N` (OpenAI's two shapes)."""
+    if chat:
+        wanted = _field(body, "logprobs", (bool,), False, what="true or false")
+        top = _field(body, "top_logprobs", (int,), None, what="an integer")
+        if top is not None and not wanted:
+            raise bad("top_logprobs needs logprobs set to true", "top_logprobs")
+        name = "top_logprobs"
+    else:
+        if body.get("top_logprobs") is not None:
+            raise bad("completions take logprobs: N (the likeliest N tokens), not top_logprobs", "top_logprobs")
+        top = _field(body, "logprobs", (int,), None, what="an integer")
+        wanted, name = top is not None, "logprobs"
+    if not wanted:
+        return None
+    top = top or 0
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise bad(f"{name} must be between 0 and {MAX_TOP_LOGPROBS}, got {top}", name)
+    return top
 
 
 def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_tokens_limit: int) -> GenerationRequest:
@@ -167,7 +211,8 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
     choices = _choices(body, defaults)
     if max_tokens is not None:
         check_max_tokens(max_name, max_tokens, max_tokens_limit)
-    check_choices(**{name: value for name, value in choices.items() if name != "grammar"})
+    check_choices(**{name: value for name, value in choices.items() if name not in ("grammar", "logit_bias")})
+    choices["logprobs"] = _logprobs(body, chat=chat)
     stream = _field(body, "stream", (bool,), False, what="true or false")
     options = _field(body, "stream_options", (dict,), {}, what="an object")
     unknown = sorted(set(options) - {"include_usage"})
@@ -176,6 +221,10 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
     if "include_usage" in options and not isinstance(options["include_usage"], bool):
         raise bad("stream_options.include_usage must be true or false", "stream_options.include_usage", "invalid_type")
     include_usage = bool(options.get("include_usage")) if stream else False
+    if chat and body.get("echo"):
+        raise bad("echo is for /v1/completions", "echo", "unsupported_parameter")
+    if stream and body.get("echo"):
+        raise bad("echo is not supported with stream", "echo", "unsupported_value")
     if chat and body.get(PARSE_SPECIAL) is not None:
         raise bad(
             f"{PARSE_SPECIAL} is for /v1/completions: chat messages are always read as text",
@@ -189,13 +238,7 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
         return GenerationRequest(
             choices=choices, max_tokens=max_tokens, stream=stream, include_usage=include_usage, messages=messages
         )
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if prompt is None:
-        raise bad("prompt is required", "prompt", "missing_required_parameter")
-    if not isinstance(prompt, str):
-        raise bad("prompt must be a string (or an array of one string)", "prompt", "invalid_type")
+    prompt, prompt_ids = _prompt(body.get("prompt"))
     parse_special = _field(body, PARSE_SPECIAL, (bool,), False, what="true or false")
     return GenerationRequest(
         choices=choices,
@@ -203,7 +246,33 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
         stream=stream,
         include_usage=include_usage,
         prompt=prompt,
+        prompt_ids=prompt_ids,
         parse_special=parse_special,
+        echo=_field(body, "echo", (bool,), False, what="true or false"),
+    )
+
+
+def _is_ids(value: object) -> bool:
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
+
+
+def _prompt(prompt: object) -> tuple[str | None, list[int] | None]:
+    """A completion's prompt: text, or token ids (what evaluation harnesses send); an array of one of either."""
+    if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _is_ids(prompt[0])):
+        prompt = prompt[0]
+    if prompt is None:
+        raise bad("prompt is required", "prompt", "missing_required_parameter")
+    if isinstance(prompt, str):
+        return prompt, None
+    if _is_ids(prompt):
+        assert isinstance(prompt, list)
+        return None, prompt
+    raise bad(
+        "prompt must be a string or an array of token ids (or an array of one of them: one prompt per request)",
+        "prompt",
+        "invalid_type",
     )
 
 
@@ -246,16 +315,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_body(*, id: str, model: str, chat: bool, text: str, finish_reason: str, usage: dict) -> dict:
+def completion_body(
+    *, id: str, model: str, chat: bool, text: str, finish_reason: str, usage: dict, logprobs: dict | None = None
+) -> dict:
     if chat:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text},
             "finish_reason": finish_reason,
-            "logprobs": None,
+            "logprobs": logprobs,
         }
     else:
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
     return {
         "id": id,
         "object": "chat.completion" if chat else "text_completion",
@@ -275,6 +346,7 @@ def chunk_body(
     role: bool = False,
     finish_reason: str | None = None,
     usage: dict | None = None,
+    logprobs: dict | None = None,
 ) -> dict:
     """One server-sent event's payload; usage-only chunks have no choices, as OpenAI's include_usage does."""
     body: dict[str, Any] = {
@@ -290,9 +362,9 @@ def chunk_body(
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if text:
             delta["content"] = text
-        body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
     else:
-        body["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}]
+        body["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}]
     return body
 
 

@@ -35,6 +35,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the completion
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # llguidance's grammar of the request's response_format (grammar.py); None: free text
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, -100..100) added to that token's logit
+    logprobs: int | None = None  # the chosen tokens' logprobs with this many likeliest beside them; None: none
 
     def check(self, *, max_tokens_limit: int) -> SamplingParams:
         """Raise RequestError naming the first field out of bounds; return self so calls chain."""
@@ -148,9 +150,11 @@ class Sampler:
         p = self.params
         repetition = p.repetition_penalty != 1.0 and self.seen
         occurrence = (p.presence_penalty or p.frequency_penalty) and self.counts
-        if not (repetition or occurrence):
+        if not (repetition or occurrence or p.logit_bias):
             return logits
         logits = logits.copy()
+        for token, bias in p.logit_bias:
+            logits[token] += bias
         if repetition:
             ids = np.fromiter(self.seen, dtype=np.int64)
             ids = ids[ids < logits.shape[0]]

@@ -31,6 +31,7 @@ from lmpack.config.serve import ServeSettings
 from lmpack.errors import RequestError
 from lmpack.runtime import token_api
 from lmpack.runtime.admission import Admission, Overloaded, Slot
+from lmpack.runtime.answer import Answer
 from lmpack.runtime.auth import bearer_ok
 from lmpack.runtime.batcher import Batcher
 from lmpack.runtime.cache import CachedAnswer, ResponseCache, cache_key, cacheable, usage_counts
@@ -266,6 +267,8 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     if chat:
         assert req.messages is not None  # parse_generation: a chat request has its messages
         ids = await loop.run_in_executor(None, engine.encode_chat, req.messages)
+    elif req.prompt_ids is not None:
+        ids = engine.check_token_ids(req.prompt_ids, "prompt")
     else:
         assert req.prompt is not None  # parse_generation: a completion request has its prompt
         ids = await loop.run_in_executor(
@@ -273,8 +276,8 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         )
     params = req.params(state.max_tokens(req.max_tokens, chat=chat, prompt_tokens=len(ids)))
     # a prompt's control tokens read as text or as tokens are two prompts (parse_special_tokens)
-    prompt_key = req.messages if chat else [req.prompt, req.parse_special]
-    key, cached = state.cached(chat=chat, prompt=prompt_key, params=params)
+    prompt_key = req.messages if chat else [req.prompt, req.parse_special, req.prompt_ids]
+    key, cached = (None, None) if req.echo else state.cached(chat=chat, prompt=prompt_key, params=params)
     if cached is not None:  # a replay needs no generation slot
         return cached_response(
             cached, model=state.model_id, chat=chat, stream=req.stream, include_usage=req.include_usage
@@ -282,6 +285,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     cancel = threading.Event()
     generation = engine.generate(ids, params, cancel=cancel, prompt_param=prompt_param, loop=state.loop)
     slot = await state.admit()
+    answer = Answer(engine, generation, chat=chat, echo=req.echo, prompt=req.prompt)
     if req.stream:
         return live_stream(
             generation,
@@ -290,8 +294,9 @@ async def _generate(request: Request, *, chat: bool) -> Response:
             model=state.model_id,
             chat=chat,
             include_usage=req.include_usage,
+            logprobs=answer.piece,
         )
-    job = state.run_in_worker(slot, generation.result)
+    job = state.run_in_worker(slot, answer.run)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
     try:
         result = await asyncio.wrap_future(job)
@@ -307,9 +312,10 @@ async def _generate(request: Request, *, chat: bool) -> Response:
             id=new_id("chatcmpl" if chat else "cmpl"),
             model=state.model_id,
             chat=chat,
-            text=result.text,
+            text=answer.text(result),
             finish_reason=result.finish_reason,
             usage=usage(result.prompt_tokens, result.completion_tokens),
+            logprobs=answer.logprobs(),
         )
     )
 

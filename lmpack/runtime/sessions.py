@@ -346,8 +346,13 @@ class DecoderRunner:
 
     def step(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
         """Run `token_ids` after what `cache` holds; return the last position's logits and advance the cache."""
+        return self.step_window(token_ids, cache, keep=1)[-1]
+
+    def step_window(self, token_ids: Sequence[int], cache: KVCache, *, keep: int | None = None) -> np.ndarray:
+        """`step`, returning the logits of the last `keep` positions (all of `token_ids` when None): [keep, vocab]."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(1, -1)
-        feed = self._feed(ids, cache.length)
+        keep = ids.shape[1] if keep is None else keep
+        feed = self._feed(ids, cache.length, keep=keep)
         if self.in_place:
             cache.values = _fit(
                 cache.values, self._past_layout, 1, max(cache.length + ids.shape[1], cache.room), (1, cache.length)
@@ -359,7 +364,7 @@ class DecoderRunner:
             }
             logits, cache.values = self._run(feed, pasts)
         cache.length += ids.shape[1]
-        return logits[0, -1].astype(np.float32)
+        return logits[0, -keep:].astype(np.float32)
 
     def new_batch(self, max_rows: int = 1) -> BatchKV:
         """An empty batch laid out the way this graph wants its pasts (right padding: buffers for `max_rows`)."""

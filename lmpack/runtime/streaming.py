@@ -21,11 +21,13 @@ from starlette.responses import JSONResponse, Response
 from lmpack.runtime.cache import CachedAnswer, usage_counts
 from lmpack.runtime.generation import Generation
 from lmpack.runtime.http import GuardedStream, sse
+from lmpack.runtime.logprobs import TokenLogprob
 from lmpack.runtime.protocol import ApiError, chunk_body, completion_body, new_id, usage
 
 log = logging.getLogger("lmpack.serve")
 
-# Items a source yields: ("text", delta), ("error", exception), ("end", (finish_reason, prompt, completion)).
+# Items a source yields: ("text", (delta, logprobs or None)), ("error", exception),
+# ("end", (finish_reason, prompt, completion)).
 Item = tuple[str, Any]
 
 
@@ -46,7 +48,8 @@ async def sse_events(
             if first and on_first_text is not None:
                 on_first_text()
             first = False
-            yield sse(chunk_body(id=ident, model=model, chat=chat, text=value))
+            text, logprobs = value
+            yield sse(chunk_body(id=ident, model=model, chat=chat, text=text, logprobs=logprobs))
         elif kind == "error":
             yield sse(
                 ApiError(
@@ -75,7 +78,7 @@ async def queue_items(queue: asyncio.Queue[Item]) -> AsyncIterator[Item]:
 async def replay_items(answer: CachedAnswer) -> AsyncIterator[Item]:
     """A cached answer as the items its generation produced: the same pieces, the same finish."""
     for chunk in answer.chunks:
-        yield "text", chunk
+        yield "text", (chunk, None)
     yield "end", (answer.finish_reason, answer.prompt_tokens, answer.completion_tokens)
 
 
@@ -110,9 +113,19 @@ class StreamHooks:
 
 
 def live_stream(
-    generation: Generation, cancel: threading.Event, hooks: StreamHooks, *, model: str, chat: bool, include_usage: bool
+    generation: Generation,
+    cancel: threading.Event,
+    hooks: StreamHooks,
+    *,
+    model: str,
+    chat: bool,
+    include_usage: bool,
+    logprobs: Callable[[list[TokenLogprob]], dict | None] = lambda entries: None,
 ) -> Response:
-    """A generation streamed as it runs: a worker pushes its deltas onto the loop; a client that leaves cancels it."""
+    """A generation streamed as it runs: a worker pushes its deltas onto the loop; a client that leaves cancels it.
+
+    `logprobs` renders a chunk's logprobs from the tokens chosen since the chunk before (the batcher may have
+    chosen a token whose text the decoder still holds back, so a chunk can carry a token its text has not shown)."""
     started, loop = time.perf_counter(), asyncio.get_running_loop()
     queue: asyncio.Queue[Item] = asyncio.Queue()
 
@@ -124,10 +137,15 @@ def live_stream(
 
     def work() -> None:
         pieces: list[str] = []
+        chosen, sent = generation.decoding.logprobs, 0
         try:
             for delta in generation:
                 pieces.append(delta)
-                push(("text", delta))
+                count = len(chosen)
+                push(("text", (delta, logprobs(chosen[sent:count]))))
+                sent = count
+            if sent < len(chosen):  # tokens whose text came with the last delta, or had none (a stop sequence's)
+                push(("text", ("", logprobs(chosen[sent:]))))
             push(("end", (generation.finish_reason, *usage_counts(generation))))
             if hooks.on_answer is not None:  # the cache refuses a cancelled generation: it is not the whole answer
                 hooks.on_answer(CachedAnswer(tuple(pieces), generation.finish_reason or "", *usage_counts(generation)))
