@@ -72,6 +72,10 @@ class Decoding:
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.logprobs_top = params.logprobs
+        # when the first token was chosen, and the gaps between the next ones (the serving metrics)
+        self.first_token_at: float | None = None
+        self.token_gaps: list[float] = []
+        self._last_token_at = 0.0
         self.logprobs: list[TokenLogprob] = []  # the chosen tokens', when the request asks (params.logprobs)
 
     def advance(self, logits: np.ndarray, cache_length: int) -> str:
@@ -80,6 +84,9 @@ class Decoding:
         Sets `finish_reason` once the sequence is done (and then returns the held-back tail too);
         otherwise `token` is what the next model step must be fed.
         """
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
         raw = logits
         if self.constraint is not None:
             logits = self.constraint.mask(logits)
@@ -87,6 +94,9 @@ class Decoding:
         if token in self.eos_token_ids:
             return self._finish("stop")
         self.sampler.accept(token)
+        if self.completion_tokens:
+            self.token_gaps.append(now - self._last_token_at)
+        self._last_token_at = now
         self.completion_tokens += 1
         if self.logprobs_top is not None:
             self.logprobs.append(token_logprob(raw, token, self.logprobs_top))
@@ -136,6 +146,7 @@ class Generation:
         self.params = params
         self.loop = loop
         self.cancel = cancel or threading.Event()
+        self.created = time.perf_counter()  # the time to its first token counts from here, waiting included
         self.decoding = Decoding(model, prompt_ids, params)
         self.context_length = model.context_length
         self.finish_reason: str | None = None

@@ -36,7 +36,7 @@ from lmpack.runtime.auth import bearer_ok
 from lmpack.runtime.batcher import Batcher
 from lmpack.runtime.cache import CachedAnswer, ResponseCache, cache_key, cacheable, usage_counts
 from lmpack.runtime.engine import DecoderEngine, EncoderEngine, load_engine
-from lmpack.runtime.generation import GenerationLoop
+from lmpack.runtime.generation import Generation, GenerationLoop
 from lmpack.runtime.http import ObserveRequests, error_response, read_json
 from lmpack.runtime.metrics import Metrics
 from lmpack.runtime.protocol import (
@@ -76,7 +76,11 @@ class ServerState:
             else None
         )
         self.metrics = Metrics(
-            queue_depth=lambda: self.admission.waiting, active=lambda: self.admission.active, cache=cache
+            queue_depth=lambda: self.admission.waiting,
+            active=lambda: self.admission.active,
+            cache=cache,
+            model_name=self.model_id,
+            kv_usage=lambda: self.admission.active / self.admission.max_active,
         )
         self.loop = self._generation_loop(engine, settings)
         self.executor = concurrent.futures.ThreadPoolExecutor(
@@ -143,8 +147,20 @@ class ServerState:
         return StreamHooks(
             submit=lambda work: self.run_in_worker(slot, work),
             on_first_text=self.metrics.time_to_first_token,
-            on_tokens=self.metrics.tokens,
+            on_end=self.record,
             on_answer=(lambda answer: cache.put(key, answer)) if cache is not None and key else None,
+        )
+
+    def record(self, generation: Generation) -> None:
+        """A generation's end in the metrics, however it ended."""
+        decoding, created = generation.decoding, generation.created
+        self.metrics.generation(
+            reason=generation.finish_reason,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
+            first_token_seconds=None if decoding.first_token_at is None else decoding.first_token_at - created,
+            token_gaps=decoding.token_gaps,
+            seconds=time.perf_counter() - created,
         )
 
     def max_tokens(self, requested: int | None, *, chat: bool, prompt_tokens: int) -> int:
@@ -304,7 +320,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         watcher.cancel()
         if not job.done():
             cancel.set()
-    state.metrics.tokens(result.prompt_tokens, result.completion_tokens)
+    state.record(generation)
     if key is not None and state.cache is not None:
         state.cache.put(key, CachedAnswer((result.text,), result.finish_reason, *usage_counts(result)))
     return JSONResponse(
@@ -346,7 +362,7 @@ async def embeddings(request: Request) -> Response:
     req = parse_embeddings(body)
     slot = await state.admit()
     result = await asyncio.wrap_future(state.run_in_worker(slot, engine.embed, req.inputs))
-    state.metrics.tokens(result.prompt_tokens, 0)
+    state.metrics.embedded(result.prompt_tokens)
     return JSONResponse(
         embeddings_body(
             model=state.model_id,

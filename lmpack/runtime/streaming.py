@@ -108,7 +108,7 @@ class StreamHooks:
 
     submit: Callable[[Callable[[], None]], concurrent.futures.Future]  # run in a worker that holds the request's slot
     on_first_text: Callable[[float], None]  # seconds from the request's admission to its first text
-    on_tokens: Callable[[int, int], None]  # prompt and completion tokens, however the stream ended
+    on_end: Callable[[Generation], None]  # the generation, however the stream ended (the metrics)
     on_answer: Callable[[CachedAnswer], object] | None = None  # the whole answer of a finished generation (the cache)
 
 
@@ -153,7 +153,7 @@ def live_stream(
             log.exception("generation failed")
             push(("error", exc))
         finally:  # counted here so cancelled streams count what they did generate
-            hooks.on_tokens(generation.prompt_tokens, generation.completion_tokens)
+            hooks.on_end(generation)
 
     hooks.submit(work)
     events = sse_events(

@@ -326,12 +326,17 @@ def test_a_disconnecting_client_leaves_the_batch_alone(batch_server, engine):
     def kept():
         return httpx.post(f"{batch_server.url}/v1/completions", json=body, timeout=120).json()
 
-    before = _metric(httpx.get(f"{batch_server.url}/metrics").text, "lmpack_generated_tokens_total")
+    abort = 'vllm:request_success_total{finished_reason="abort",model_name="%s"}'
+    before = httpx.get(f"{batch_server.url}/metrics").text
+    name = httpx.get(f"{batch_server.url}/v1/models").json()["data"][0]["id"]
     first, answer = _together([dropped, kept])
     assert first
     assert answer["choices"][0]["text"] == expected.text and answer["usage"]["completion_tokens"] == 400
-    after = _metric(httpx.get(f"{batch_server.url}/metrics").text, "lmpack_generated_tokens_total")
-    assert 400 < after - before < 700
+    after = httpx.get(f"{batch_server.url}/metrics").text
+    generated = _metric(after, "lmpack_generated_tokens_total") - _metric(before, "lmpack_generated_tokens_total")
+    assert 400 < generated < 700
+    assert _metric(after, "lmpack_cancelled_requests_total") - _metric(before, "lmpack_cancelled_requests_total") == 1
+    assert _metric(after, abort % name) - _metric(before, abort % name) == 1
 
 
 def test_in_place_cache_gives_the_copied_caches_logits_across_growth(llama_variant):
