@@ -309,3 +309,8 @@ def make_encoder_model(family: str, directory: Path, *, seed: int = 0) -> Path:
     tokenizer.save_pretrained(directory)
     write_sentence_modules(directory, pooling=pooling, normalize=True, dimension=64)
     return directory
+
+
+# Qwen2.5-Instruct's chat template with tools (Hermes-style <tool_call> blocks, tool results as <tool_response>
+# in a user turn), as its tokenizer_config.json ships it, for the tool-calling tests.
+QWEN25_TOOLS_TEMPLATE = (Path(__file__).parent / "templates" / "qwen2.5-instruct-tools.jinja").read_text()

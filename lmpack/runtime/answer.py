@@ -1,4 +1,5 @@
-"""What a completion's answer holds beyond the generated text: the echoed prompt (`echo`) and the logprobs.
+"""What a completion's answer holds beyond the generated text: the echoed prompt (`echo`), the logprobs, the tool
+calls.
 
 Runs in the request's worker thread (the prompt's logprobs are a model pass of their own), and renders the
 parts in OpenAI's shapes for a whole answer or, piece by piece, for a stream.
@@ -12,12 +13,26 @@ from typing import Any
 from lmpack.runtime.engine import DecoderEngine
 from lmpack.runtime.generation import Completion, Generation
 from lmpack.runtime.logprobs import Renderer, TokenLogprob, prompt_logprobs
+from lmpack.runtime.tools import ToolRequest, ToolStream, parse_calls, syntax_of
 
 
 class Answer:
-    def __init__(self, engine: DecoderEngine, generation: Generation, *, chat: bool, echo: bool, prompt: str | None):
+    def __init__(
+        self,
+        engine: DecoderEngine,
+        generation: Generation,
+        *,
+        chat: bool,
+        echo: bool,
+        prompt: str | None,
+        tools: ToolRequest | None = None,
+    ):
         self.engine, self.generation = engine, generation
         self.chat, self.echo, self.prompt = chat, echo, prompt
+        # the calls are read from the answer when the model may make them
+        self.tools = tools if tools is not None and tools.choice != "none" else None
+        template = engine.chat_template
+        self.syntax = syntax_of(template.source) if template is not None else "json"
         self.top = generation.params.logprobs  # None: the request asked for no logprobs
         self.renderer = Renderer(engine.tokenizer)
         self.prompt_entries: list[TokenLogprob | None] = []
@@ -35,6 +50,18 @@ class Answer:
         if prompt is None:  # given as token ids
             prompt = self.engine.tokenizer.decode(self.generation.prompt_ids, skip_special_tokens=False)
         return prompt + result.text
+
+    def message(self, result: Completion) -> tuple[str | None, list[dict[str, Any]] | None, str]:
+        """A chat answer's content, tool calls (OpenAI's shape) and finish reason."""
+        if self.tools is None:
+            return result.text, None, result.finish_reason
+        content, calls = parse_calls(result.text, self.syntax, self.tools.names)
+        if not calls:
+            return result.text, None, result.finish_reason
+        return content, [call.wire() for call in calls], "tool_calls"
+
+    def tool_stream(self) -> ToolStream | None:
+        return ToolStream(self.syntax, self.tools.names) if self.tools is not None else None
 
     def logprobs(self) -> dict[str, Any] | None:
         """The whole answer's `logprobs` (the prompt's first, with `echo`), or None when not asked for."""

@@ -38,7 +38,7 @@ class ChatTemplate:
     """One compiled template; `render` turns OpenAI-style messages into the prompt text the model was tuned on."""
 
     def __init__(self, source: str, *, bos_token: str | None = None, eos_token: str | None = None):
-        from jinja2 import TemplateError
+        from jinja2 import TemplateError, meta
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -51,22 +51,27 @@ class ChatTemplate:
         except TemplateError as exc:
             raise VariantError(f"the model's chat template does not compile: {exc}") from exc
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
+        # Hugging Face templates that can show tools to the model read a `tools` variable (tools.py: the syntax)
+        self.supports_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
+        self.source = source
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, tools: list | None = None
+    ) -> str:
         from jinja2 import TemplateError
 
         try:
             return self.template.render(
                 messages=normalize_messages(messages),
                 add_generation_prompt=add_generation_prompt,
-                tools=None,
+                tools=tools or None,
                 documents=None,
                 **self.special,
             )
         except TemplateError as exc:
             raise RequestError(f"the model's chat template rejected the messages: {exc}", param="messages") from exc
 
-    def segments(self, messages: list[dict[str, Any]]) -> list[tuple[str, bool]] | None:
+    def segments(self, messages: list[dict[str, Any]], tools: list | None = None) -> list[tuple[str, bool]] | None:
         """The rendered prompt as (text, from_content) pieces: the template's own markup, and each message's
         content as the template placed it, so the caller can tokenize content as plain text (a user who writes
         "<|im_end|>" must not end their turn). None when the pieces cannot be told apart (the template changes
@@ -75,8 +80,10 @@ class ChatTemplate:
         How: render once with each content replaced by a marker wrapped in whitespace. The marker shows where
         the content goes, and whether the padding survived shows whether the template trims content."""
         normalized = normalize_messages(messages)
-        real = self.render(normalized)
-        marked = self.render([{**m, "content": _PAD + _marker(i) + _PAD} for i, m in enumerate(normalized)])
+        real = self.render(normalized, tools=tools)
+        marked = self.render(
+            [{**m, "content": _PAD + _marker(i) + _PAD} for i, m in enumerate(normalized)], tools=tools
+        )
         pieces: list[tuple[str, bool]] = []
         rest = marked
         for index, message in enumerate(normalized):
@@ -97,8 +104,10 @@ class ChatTemplate:
         return [(text, from_content) for text, from_content in pieces if text]
 
 
-def normalize_messages(messages: Any) -> list[dict[str, str]]:
-    """Check the shape of `messages` and flatten content parts to text; RequestError names the bad field."""
+def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check the shape of `messages` and flatten content parts to text; RequestError names the bad field. An
+    assistant's `tool_calls` (arguments as objects, which templates write with `tojson`) and a tool message's
+    `tool_call_id` and `name` are kept for the template."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty array of {role, content} objects", param="messages")
     out = []
@@ -109,7 +118,41 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
         role = message.get("role")
         if role not in ROLES:
             raise RequestError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", param=f"{where}.role")
-        out.append({"role": role, "content": _text(message.get("content"), f"{where}.content")})
+        normalized: dict[str, Any] = {"role": role, "content": _text(message.get("content"), f"{where}.content")}
+        if role == "assistant" and message.get("tool_calls"):
+            normalized["tool_calls"] = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+        for key in ("tool_call_id", "name"):
+            if isinstance(message.get(key), str):
+                normalized[key] = message[key]
+        out.append(normalized)
+    return out
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise RequestError(f"{where} must be an array of tool calls", param=where)
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(
+                f'{where}[{i}] must be {{"type": "function", "function": {{name, arguments}}}}', param=where
+            )
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                raise RequestError(
+                    f"{where}[{i}].function.arguments is not JSON", param=f"{where}[{i}].function.arguments"
+                ) from None
+        out.append(
+            {
+                "id": call.get("id", ""),
+                "type": "function",
+                "function": {"name": function["name"], "arguments": arguments},
+            }
+        )
     return out
 
 

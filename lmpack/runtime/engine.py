@@ -125,7 +125,7 @@ class DecoderEngine:
                 code="context_length_exceeded",
             )
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Tokens of a conversation: the template writes the control tokens; the messages' text never does.
 
         A content that holds a control token's text is tokenized as plain text, piece by piece with the
@@ -140,9 +140,15 @@ class DecoderEngine:
         contents = [m["content"] for m in normalize_messages(messages)]
         self._check_length("".join(contents), "messages")
         forged = [token for token in self.control_tokens if any(token in content for content in contents)]
+        if tools and not template.supports_tools:
+            raise RequestError(
+                f"{self.variant.name}'s chat template cannot show tools to the model, so it cannot call them",
+                param="tools",
+                code="tools_not_supported",
+            )
         if not forged:
-            return self.tokenizer.encode(template.render(messages), add_special_tokens=False).ids
-        segments = template.segments(messages)
+            return self.tokenizer.encode(template.render(messages, tools=tools), add_special_tokens=False).ids
+        segments = template.segments(messages, tools=tools)
         if segments is None:
             raise RequestError(
                 f"the messages hold the model's control token {forged[0]!r}, which this model's chat template "

@@ -27,7 +27,7 @@ log = logging.getLogger("lmpack.grammar")
 RESPONSE_FORMAT = "response_format"
 # JSON written without free whitespace, with the separators Python's json.dumps writes: free whitespace let a
 # small model pad its answer with newlines until its token budget ran out (docs/serving.md, "Structured outputs").
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def _llguidance() -> Any:
@@ -61,14 +61,27 @@ def grammar_for(response_format: object) -> str | None:
             f'response_format type must be "text", "json_object" or "json_schema", got {kind!r}',
             param=f"{RESPONSE_FORMAT}.type",
         )
-    matcher = _llguidance().LLMatcher
     try:
-        grammar = matcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+        grammar = _llguidance().LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     except (ValueError, TypeError) as exc:
         raise RequestError(f"the JSON schema cannot be used: {exc}", param=_SCHEMA) from None
-    is_error, messages = matcher.validate_grammar_with_warnings(grammar)
+    return _validated(grammar, _SCHEMA)
+
+
+def check_lark(lark: str, param: str) -> str:
+    """An llguidance grammar from Lark (tools.py's call syntaxes); RequestError naming `param` when it cannot be
+    enforced (a JSON schema inside it that llguidance refuses)."""
+    try:
+        grammar = _llguidance().LLMatcher.grammar_from_lark(lark)
+    except (ValueError, TypeError) as exc:
+        raise RequestError(f"the JSON schema cannot be used: {exc}", param=param) from None
+    return _validated(grammar, param)
+
+
+def _validated(grammar: str, param: str) -> str:
+    is_error, messages = _llguidance().LLMatcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise RequestError(f"the JSON schema cannot be enforced: {_first_line(messages)}", param=_SCHEMA)
+        raise RequestError(f"the JSON schema cannot be enforced: {_first_line(messages)}", param=param)
     return grammar
 
 

@@ -23,6 +23,7 @@ from lmpack.runtime.chat import normalize_messages
 from lmpack.runtime.grammar import RESPONSE_FORMAT, grammar_for
 from lmpack.runtime.logprobs import MAX_TOP_LOGPROBS
 from lmpack.runtime.sampling import SamplingParams, check_choices, check_max_tokens
+from lmpack.runtime.tools import ToolRequest, parse_tools
 
 MAX_EMBEDDING_INPUTS = 256
 # lmpack's opt-in on /v1/completions: control tokens written in the prompt ("<|im_end|>") act as such, for
@@ -73,6 +74,7 @@ class GenerationRequest:
     parse_special: bool = False  # a completion's control tokens written in the prompt act as such (opt-in)
     prompt_ids: list[int] | None = None  # a completion's prompt given as token ids instead of `prompt`
     echo: bool = False  # a completion's text (and logprobs) start with the prompt's
+    tools: ToolRequest | None = None  # a chat request's tools and tool_choice
 
     def params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, **self.choices)
@@ -113,13 +115,7 @@ def _refuse_unsupported(body: dict) -> None:
     best_of = body.get("best_of", 1)
     if best_of is not None and (isinstance(best_of, bool) or best_of != 1):
         raise bad("best_of is not supported", "best_of", "unsupported_value")
-    for name in (
-        "suffix",
-        "tools",
-        "functions",
-        "tool_choice",
-        "function_call",
-    ):
+    for name in ("suffix", "functions", "function_call"):  # functions: OpenAI's deprecated spelling of tools
         value = body.get(name)
         if value not in (None, False, {}, [], "", "none"):
             raise bad(f"{name} is not supported by this server", name, "unsupported_parameter")
@@ -235,9 +231,20 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
         if "messages" not in body:
             raise bad("messages is required", "messages", "missing_required_parameter")
         messages = normalize_messages(body["messages"])
+        tools = parse_tools(body)
+        if tools is not None and tools.choice in ("required", "function") and choices["grammar"] is not None:
+            raise bad("a response_format cannot be enforced together with a required tool call", "tool_choice")
         return GenerationRequest(
-            choices=choices, max_tokens=max_tokens, stream=stream, include_usage=include_usage, messages=messages
+            choices=choices,
+            max_tokens=max_tokens,
+            stream=stream,
+            include_usage=include_usage,
+            messages=messages,
+            tools=tools,
         )
+    for name in ("tools", "tool_choice"):
+        if body.get(name) not in (None, [], "none"):
+            raise bad(f"{name} is for /v1/chat/completions", name, "unsupported_parameter")
     prompt, prompt_ids = _prompt(body.get("prompt"))
     parse_special = _field(body, PARSE_SPECIAL, (bool,), False, what="true or false")
     return GenerationRequest(
@@ -316,15 +323,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_body(
-    *, id: str, model: str, chat: bool, text: str, finish_reason: str, usage: dict, logprobs: dict | None = None
+    *,
+    id: str,
+    model: str,
+    chat: bool,
+    text: str | None,
+    finish_reason: str,
+    usage: dict,
+    logprobs: dict | None = None,
+    tool_calls: list[dict] | None = None,
 ) -> dict:
     if chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish_reason,
-            "logprobs": logprobs,
-        }
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
     return {
@@ -347,6 +360,7 @@ def chunk_body(
     finish_reason: str | None = None,
     usage: dict | None = None,
     logprobs: dict | None = None,
+    tool_calls: list[dict] | None = None,
 ) -> dict:
     """One server-sent event's payload; usage-only chunks have no choices, as OpenAI's include_usage does."""
     body: dict[str, Any] = {
@@ -362,6 +376,8 @@ def chunk_body(
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if text:
             delta["content"] = text
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
     else:
         body["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}]

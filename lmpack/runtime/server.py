@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import logging
 import threading
@@ -37,6 +38,7 @@ from lmpack.runtime.batcher import Batcher
 from lmpack.runtime.cache import CachedAnswer, ResponseCache, cache_key, cacheable, usage_counts
 from lmpack.runtime.engine import DecoderEngine, EncoderEngine, load_engine
 from lmpack.runtime.generation import Generation, GenerationLoop
+from lmpack.runtime.grammar import check_lark
 from lmpack.runtime.http import ObserveRequests, error_response, read_json
 from lmpack.runtime.metrics import Metrics
 from lmpack.runtime.protocol import (
@@ -51,6 +53,7 @@ from lmpack.runtime.protocol import (
 )
 from lmpack.runtime.sampling import COMPLETIONS_DEFAULT_MAX_TOKENS, SamplingParams, resolve_max_tokens
 from lmpack.runtime.streaming import StreamHooks, cached_response, live_stream
+from lmpack.runtime.tools import syntax_of, tool_grammar
 
 log = logging.getLogger("lmpack.serve")
 
@@ -280,9 +283,10 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     req = parse_generation(body, chat=chat, defaults=engine.defaults(), max_tokens_limit=engine.max_tokens_limit)
     prompt_param = "messages" if chat else "prompt"
     loop = asyncio.get_running_loop()
+    shown_tools = req.tools.tools if req.tools is not None and req.tools.choice != "none" else None
     if chat:
         assert req.messages is not None  # parse_generation: a chat request has its messages
-        ids = await loop.run_in_executor(None, engine.encode_chat, req.messages)
+        ids = await loop.run_in_executor(None, engine.encode_chat, req.messages, shown_tools)
     elif req.prompt_ids is not None:
         ids = engine.check_token_ids(req.prompt_ids, "prompt")
     else:
@@ -291,9 +295,14 @@ async def _generate(request: Request, *, chat: bool) -> Response:
             None, functools.partial(engine.encode_prompt, req.prompt, parse_special=req.parse_special)
         )
     params = req.params(state.max_tokens(req.max_tokens, chat=chat, prompt_tokens=len(ids)))
+    if req.tools is not None and engine.chat_template is not None:  # required or named: the answer is calls
+        lark = tool_grammar(req.tools, syntax_of(engine.chat_template.source))
+        if lark is not None:
+            params = dataclasses.replace(params, grammar=check_lark(lark, "tool_choice"))
     # a prompt's control tokens read as text or as tokens are two prompts (parse_special_tokens)
     prompt_key = req.messages if chat else [req.prompt, req.parse_special, req.prompt_ids]
-    key, cached = (None, None) if req.echo else state.cached(chat=chat, prompt=prompt_key, params=params)
+    replayable = not req.echo and req.tools is None  # a replay is the text alone: no prompt, no calls read
+    key, cached = state.cached(chat=chat, prompt=prompt_key, params=params) if replayable else (None, None)
     if cached is not None:  # a replay needs no generation slot
         return cached_response(
             cached, model=state.model_id, chat=chat, stream=req.stream, include_usage=req.include_usage
@@ -301,7 +310,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     cancel = threading.Event()
     generation = engine.generate(ids, params, cancel=cancel, prompt_param=prompt_param, loop=state.loop)
     slot = await state.admit()
-    answer = Answer(engine, generation, chat=chat, echo=req.echo, prompt=req.prompt)
+    answer = Answer(engine, generation, chat=chat, echo=req.echo, prompt=req.prompt, tools=req.tools)
     if req.stream:
         return live_stream(
             generation,
@@ -311,6 +320,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
             chat=chat,
             include_usage=req.include_usage,
             logprobs=answer.piece,
+            tool_stream=answer.tool_stream(),
         )
     job = state.run_in_worker(slot, answer.run)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
@@ -323,15 +333,19 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     state.record(generation)
     if key is not None and state.cache is not None:
         state.cache.put(key, CachedAnswer((result.text,), result.finish_reason, *usage_counts(result)))
+    text, tool_calls, finish_reason = (
+        answer.message(result) if chat else (answer.text(result), None, result.finish_reason)
+    )
     return JSONResponse(
         completion_body(
             id=new_id("chatcmpl" if chat else "cmpl"),
             model=state.model_id,
             chat=chat,
-            text=answer.text(result),
-            finish_reason=result.finish_reason,
+            text=text,
+            finish_reason=finish_reason,
             usage=usage(result.prompt_tokens, result.completion_tokens),
             logprobs=answer.logprobs(),
+            tool_calls=tool_calls,
         )
     )
 

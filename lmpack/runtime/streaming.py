@@ -23,10 +23,11 @@ from lmpack.runtime.generation import Generation
 from lmpack.runtime.http import GuardedStream, sse
 from lmpack.runtime.logprobs import TokenLogprob
 from lmpack.runtime.protocol import ApiError, chunk_body, completion_body, new_id, usage
+from lmpack.runtime.tools import ToolStream
 
 log = logging.getLogger("lmpack.serve")
 
-# Items a source yields: ("text", (delta, logprobs or None)), ("error", exception),
+# Items a source yields: ("text", (delta, logprobs or None)), ("tools", [tool call deltas]), ("error", exception),
 # ("end", (finish_reason, prompt, completion)).
 Item = tuple[str, Any]
 
@@ -50,6 +51,9 @@ async def sse_events(
             first = False
             text, logprobs = value
             yield sse(chunk_body(id=ident, model=model, chat=chat, text=text, logprobs=logprobs))
+        elif kind == "tools":
+            for call in value:
+                yield sse(chunk_body(id=ident, model=model, chat=chat, tool_calls=[call]))
         elif kind == "error":
             yield sse(
                 ApiError(
@@ -71,7 +75,7 @@ async def queue_items(queue: asyncio.Queue[Item]) -> AsyncIterator[Item]:
     while True:
         item = await queue.get()
         yield item
-        if item[0] != "text":
+        if item[0] in ("end", "error"):
             return
 
 
@@ -121,11 +125,14 @@ def live_stream(
     chat: bool,
     include_usage: bool,
     logprobs: Callable[[list[TokenLogprob]], dict | None] = lambda entries: None,
+    tool_stream: ToolStream | None = None,
 ) -> Response:
     """A generation streamed as it runs: a worker pushes its deltas onto the loop; a client that leaves cancels it.
 
     `logprobs` renders a chunk's logprobs from the tokens chosen since the chunk before (the batcher may have
-    chosen a token whose text the decoder still holds back, so a chunk can carry a token its text has not shown)."""
+    chosen a token whose text the decoder still holds back, so a chunk can carry a token its text has not shown).
+    With `tool_stream`, text that may be a tool call is held back, and the calls read from the whole answer come
+    as one `tool_calls` delta each, before the finish chunk (finish_reason "tool_calls")."""
     started, loop = time.perf_counter(), asyncio.get_running_loop()
     queue: asyncio.Queue[Item] = asyncio.Queue()
 
@@ -142,11 +149,16 @@ def live_stream(
             for delta in generation:
                 pieces.append(delta)
                 count = len(chosen)
-                push(("text", (delta, logprobs(chosen[sent:count]))))
+                shown = tool_stream.push(delta) if tool_stream is not None else delta
+                push(("text", (shown, logprobs(chosen[sent:count]))))
                 sent = count
-            if sent < len(chosen):  # tokens whose text came with the last delta, or had none (a stop sequence's)
-                push(("text", ("", logprobs(chosen[sent:]))))
-            push(("end", (generation.finish_reason, *usage_counts(generation))))
+            rest, calls = tool_stream.finish() if tool_stream is not None else ("", [])
+            if rest or sent < len(chosen):  # held-back text, tokens whose text had none (a stop sequence's)
+                push(("text", (rest, logprobs(chosen[sent:]))))
+            if calls:
+                push(("tools", [call.wire(index) for index, call in enumerate(calls)]))
+            reason = "tool_calls" if calls else generation.finish_reason
+            push(("end", (reason, *usage_counts(generation))))
             if hooks.on_answer is not None:  # the cache refuses a cancelled generation: it is not the whole answer
                 hooks.on_answer(CachedAnswer(tuple(pieces), generation.finish_reason or "", *usage_counts(generation)))
         except Exception as exc:  # an engine failure mid-stream: the client gets an error event
