@@ -1,0 +1,127 @@
+"""/v1/completions and /v1/chat/completions: a request read, its prompt tokenized, its generation run in a worker
+(or streamed), its answer written with what it asked for beyond text (logprobs, echo, tool calls)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import threading
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from lmpack.runtime.answer import Answer
+from lmpack.runtime.cache import CachedAnswer, usage_counts
+from lmpack.runtime.engine import DecoderEngine
+from lmpack.runtime.grammar import check_lark
+from lmpack.runtime.http import read_json
+from lmpack.runtime.protocol import ApiError, check_model, completion_body, new_id, parse_generation, usage
+from lmpack.runtime.streaming import cached_response, live_stream
+from lmpack.runtime.tools import syntax_of, tool_grammar
+
+if TYPE_CHECKING:
+    from lmpack.runtime.server import ServerState
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.lmpack
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, chat=False)
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, chat=True)
+
+
+async def _generate(request: Request, *, chat: bool) -> Response:
+    state = _state(request)
+    state.authorize(request)
+    state.require_ready()
+    engine = state.engine
+    if not isinstance(engine, DecoderEngine):
+        raise ApiError(
+            400, f"{state.model_id} is an embedding model: use /v1/embeddings", param="model", code="wrong_model_task"
+        )
+    body = await read_json(request, limit=state.settings.max_body_bytes)
+    check_model(body, state.model_names)
+    req = parse_generation(body, chat=chat, defaults=engine.defaults(), max_tokens_limit=engine.max_tokens_limit)
+    prompt_param = "messages" if chat else "prompt"
+    loop = asyncio.get_running_loop()
+    shown_tools = req.tools.tools if req.tools is not None and req.tools.choice != "none" else None
+    if chat:
+        assert req.messages is not None  # parse_generation: a chat request has its messages
+        ids = await loop.run_in_executor(None, engine.encode_chat, req.messages, shown_tools)
+    elif req.prompt_ids is not None:
+        ids = engine.check_token_ids(req.prompt_ids, "prompt")
+    else:
+        assert req.prompt is not None  # parse_generation: a completion request has its prompt
+        ids = await loop.run_in_executor(
+            None, functools.partial(engine.encode_prompt, req.prompt, parse_special=req.parse_special)
+        )
+    params = req.params(state.max_tokens(req.max_tokens, chat=chat, prompt_tokens=len(ids)))
+    if req.tools is not None and engine.chat_template is not None:  # required or named: the answer is calls
+        lark = tool_grammar(req.tools, syntax_of(engine.chat_template.source))
+        if lark is not None:
+            params = dataclasses.replace(params, grammar=check_lark(lark, "tool_choice"))
+    # a prompt's control tokens read as text or as tokens are two prompts (parse_special_tokens)
+    prompt_key = req.messages if chat else [req.prompt, req.parse_special, req.prompt_ids]
+    replayable = not req.echo and req.tools is None  # a replay is the text alone: no prompt, no calls read
+    key, cached = state.cached(chat=chat, prompt=prompt_key, params=params) if replayable else (None, None)
+    if cached is not None:  # a replay needs no generation slot
+        return cached_response(
+            cached, model=state.model_id, chat=chat, stream=req.stream, include_usage=req.include_usage
+        )
+    cancel = threading.Event()
+    generation = engine.generate(ids, params, cancel=cancel, prompt_param=prompt_param, loop=state.loop)
+    slot = await state.admit()
+    answer = Answer(engine, generation, chat=chat, echo=req.echo, prompt=req.prompt, tools=req.tools)
+    if req.stream:
+        return live_stream(
+            generation,
+            cancel,
+            state.stream_hooks(slot, key),
+            model=state.model_id,
+            chat=chat,
+            include_usage=req.include_usage,
+            logprobs=answer.piece,
+            tool_stream=answer.tool_stream(),
+        )
+    job = state.run_in_worker(slot, answer.run)
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
+    try:
+        result = await asyncio.wrap_future(job)
+    finally:
+        watcher.cancel()
+        if not job.done():
+            cancel.set()
+    state.record(generation)
+    if key is not None and state.cache is not None:
+        state.cache.put(key, CachedAnswer((result.text,), result.finish_reason, *usage_counts(result)))
+    text, tool_calls, finish_reason = (
+        answer.message(result) if chat else (answer.text(result), None, result.finish_reason)
+    )
+    return JSONResponse(
+        completion_body(
+            id=new_id("chatcmpl" if chat else "cmpl"),
+            model=state.model_id,
+            chat=chat,
+            text=text,
+            finish_reason=finish_reason,
+            usage=usage(result.prompt_tokens, result.completion_tokens),
+            logprobs=answer.logprobs(),
+            tool_calls=tool_calls,
+        )
+    )
+
+
+async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Wait for the client to hang up (the body is already read, so the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
