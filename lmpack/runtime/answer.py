@@ -36,10 +36,11 @@ class Answer:
         self.top = generation.params.logprobs  # None: the request asked for no logprobs
         self.renderer = Renderer(engine.tokenizer)
         self.prompt_entries: list[TokenLogprob | None] = []
+        self.echo_done = False  # the prompt's logprobs are in prompt_entries already (shared by n choices)
 
     def run(self) -> Completion:
         """Generate (after the prompt's own logprobs, for `echo` with logprobs); the worker's job."""
-        if self.echo and self.top is not None and not self.generation.cancel.is_set():
+        if self.echo and self.top is not None and not self.echo_done and not self.generation.cancel.is_set():
             self.prompt_entries = prompt_logprobs(self.engine.runner, self.generation.prompt_ids, self.top)
         return self.generation.result()
 
@@ -80,3 +81,37 @@ class Answer:
         if self.chat:
             return self.renderer.chat(entries)
         return self.renderer.completion(list(entries), [e.token for e in entries])
+
+
+def run_choices(engine: DecoderEngine, answers: list[Answer]) -> list[Completion]:
+    """n choices of one prompt (the worker's job): the prompt runs through the model once, each choice goes on from
+    a copy of its cache, and the choices decode side by side (in the server's batch, when it batches)."""
+    import threading
+
+    first = answers[0].generation
+    if first.cancel.is_set():
+        return [answer.generation.result() for answer in answers]  # each ends at once, cancelled
+    cache, logits = first.prefill(engine.runner)
+    for answer in answers:
+        answer.generation.prefilled = (cache.copy(), logits)
+    if first.params.logprobs is not None and answers[0].echo:
+        entries = prompt_logprobs(engine.runner, first.prompt_ids, first.params.logprobs)
+        for answer in answers:
+            answer.prompt_entries, answer.echo_done = entries, True
+    results: list[Completion | None] = [None] * len(answers)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = answers[index].run()
+        except BaseException as exc:  # re-raised below, in the worker, as a single choice's failure would be
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"lmpack-choice-{i}") for i in range(len(answers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [result for result in results if result is not None]

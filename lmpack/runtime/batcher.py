@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from lmpack.runtime.generation import Generation
-from lmpack.runtime.sessions import BatchKV, DecoderRunner, KVCache
+from lmpack.runtime.sessions import BatchKV, DecoderRunner
 
 log = logging.getLogger("lmpack.batcher")
 
@@ -169,10 +169,9 @@ class Batcher:
         generation = seq.generation
         if active and (len(generation.prompt_ids) - batch.lengths[0]) % self.align:
             return False
-        cache = KVCache(room=generation.positions)
         started = time.perf_counter()
         try:  # its prefill and its place in the batch are its own: a failure (no memory for its cache) ends it alone
-            logits = self.runner.step(generation.prompt_ids, cache)
+            cache, logits = generation.prefill(self.runner)
             seq.decode_started = time.perf_counter()
             generation.prefill_seconds = seq.decode_started - started
             if self._emit(seq, generation.decoding.advance(logits, cache.length)):

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from lmpack.runtime.answer import Answer
+from lmpack.runtime.answer import Answer, run_choices
 from lmpack.runtime.cache import CachedAnswer, usage_counts
 from lmpack.runtime.engine import DecoderEngine
 from lmpack.runtime.grammar import check_lark
 from lmpack.runtime.http import read_json
-from lmpack.runtime.protocol import ApiError, check_model, completion_body, new_id, parse_generation, usage
+from lmpack.runtime.protocol import ApiError, check_model, choice_body, completion_body, new_id, parse_generation, usage
+from lmpack.runtime.sampling import SamplingParams
 from lmpack.runtime.streaming import cached_response, live_stream
 from lmpack.runtime.tools import syntax_of, tool_grammar
 
@@ -69,53 +70,86 @@ async def _generate(request: Request, *, chat: bool) -> Response:
             params = dataclasses.replace(params, grammar=check_lark(lark, "tool_choice"))
     # a prompt's control tokens read as text or as tokens are two prompts (parse_special_tokens)
     prompt_key = req.messages if chat else [req.prompt, req.parse_special, req.prompt_ids]
-    replayable = not req.echo and req.tools is None  # a replay is the text alone: no prompt, no calls read
+    # a replay is one choice's text alone: no prompt, no calls read
+    replayable = not req.echo and req.tools is None and req.n == 1
     key, cached = state.cached(chat=chat, prompt=prompt_key, params=params) if replayable else (None, None)
     if cached is not None:  # a replay needs no generation slot
         return cached_response(
             cached, model=state.model_id, chat=chat, stream=req.stream, include_usage=req.include_usage
         )
+    if req.n > state.settings.max_batch:
+        raise ApiError(400, f"n may be at most the batch size, {state.settings.max_batch}", param="n")
     cancel = threading.Event()
-    generation = engine.generate(ids, params, cancel=cancel, prompt_param=prompt_param, loop=state.loop)
+    generations = [
+        engine.generate(ids, _choice_params(params, i), cancel=cancel, prompt_param=prompt_param, loop=state.loop)
+        for i in range(req.n)
+    ]
     slot = await state.admit()
-    answer = Answer(engine, generation, chat=chat, echo=req.echo, prompt=req.prompt, tools=req.tools)
+    answers = [
+        Answer(engine, generation, chat=chat, echo=req.echo, prompt=req.prompt, tools=req.tools)
+        for generation in generations
+    ]
     if req.stream:
         return live_stream(
-            generation,
+            generations[0],
             cancel,
             state.stream_hooks(slot, key),
             model=state.model_id,
             chat=chat,
             include_usage=req.include_usage,
-            logprobs=answer.piece,
-            tool_stream=answer.tool_stream(),
+            logprobs=answers[0].piece,
+            tool_stream=answers[0].tool_stream(),
         )
-    job = state.run_in_worker(slot, answer.run)
+    job = (
+        state.run_in_worker(slot, answers[0].run)
+        if req.n == 1
+        else state.run_in_worker(slot, run_choices, engine, answers)
+    )
     watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
     try:
-        result = await asyncio.wrap_future(job)
+        done = await asyncio.wrap_future(job)
     finally:
         watcher.cancel()
         if not job.done():
             cancel.set()
-    state.record(generation)
-    if key is not None and state.cache is not None:
-        state.cache.put(key, CachedAnswer((result.text,), result.finish_reason, *usage_counts(result)))
-    text, tool_calls, finish_reason = (
-        answer.message(result) if chat else (answer.text(result), None, result.finish_reason)
-    )
+    results = [done] if req.n == 1 else done
+    for generation in generations:
+        state.record(generation)
+    if key is not None and state.cache is not None and req.n == 1:
+        state.cache.put(key, CachedAnswer((results[0].text,), results[0].finish_reason, *usage_counts(results[0])))
+    choices = []
+    for index, (answer, result) in enumerate(zip(answers, results, strict=True)):
+        text, tool_calls, finish_reason = (
+            answer.message(result) if chat else (answer.text(result), None, result.finish_reason)
+        )
+        choices.append(
+            choice_body(
+                index=index,
+                chat=chat,
+                text=text,
+                finish_reason=finish_reason,
+                logprobs=answer.logprobs(),
+                tool_calls=tool_calls,
+            )
+        )
+    completion_tokens = sum(result.completion_tokens for result in results)
     return JSONResponse(
         completion_body(
             id=new_id("chatcmpl" if chat else "cmpl"),
             model=state.model_id,
             chat=chat,
-            text=text,
-            finish_reason=finish_reason,
-            usage=usage(result.prompt_tokens, result.completion_tokens),
-            logprobs=answer.logprobs(),
-            tool_calls=tool_calls,
+            choices=choices,
+            usage=usage(results[0].prompt_tokens, completion_tokens),
         )
     )
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index`'s sampling: a request's seed gives each choice its own (seed + index), so they differ and each
+    is reproducible."""
+    if index == 0 or params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=params.seed + index)
 
 
 async def _cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:

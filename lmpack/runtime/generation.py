@@ -152,6 +152,16 @@ class Generation:
         self.finish_reason: str | None = None
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
+        # the prompt's cache and last logits when another generation already ran it (n choices of one prompt)
+        self.prefilled: tuple[KVCache, np.ndarray] | None = None
+
+    def prefill(self, runner: DecoderRunner) -> tuple[KVCache, np.ndarray]:
+        """The prompt run through the model: its cache, with room for this generation, and the next token's logits."""
+        if self.prefilled is not None:
+            done, self.prefilled = self.prefilled, None
+            return done
+        cache = KVCache(room=self.positions)
+        return cache, runner.step(self.prompt_ids, cache)
 
     @property
     def positions(self) -> int:
@@ -194,12 +204,11 @@ class SoloLoop:
 
     def run(self, generation: Generation) -> Iterator[str]:
         decoding = generation.decoding
-        cache = KVCache(room=generation.positions)
         if generation.cancel.is_set():  # cancelled while it waited for a worker
             generation.finish_reason = "cancelled"
             return
         started = time.perf_counter()
-        logits = self.runner.step(generation.prompt_ids, cache)
+        cache, logits = generation.prefill(self.runner)
         generation.prefill_seconds = time.perf_counter() - started
         started = time.perf_counter()
         while True:

@@ -75,6 +75,7 @@ class GenerationRequest:
     prompt_ids: list[int] | None = None  # a completion's prompt given as token ids instead of `prompt`
     echo: bool = False  # a completion's text (and logprobs) start with the prompt's
     tools: ToolRequest | None = None  # a chat request's tools and tool_choice
+    n: int = 1  # choices, sharing one prefill (checked against the batch size by the route)
 
     def params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, **self.choices)
@@ -110,8 +111,10 @@ def check_model(body: dict, names: tuple[str, ...]) -> None:
 
 def _refuse_unsupported(body: dict) -> None:
     n = body.get("n", 1)
-    if n is not None and (isinstance(n, bool) or n != 1):  # true == 1 in Python, not in JSON
-        raise bad("only n=1 is supported: one completion per request", "n", "unsupported_value")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):  # true == 1 in Python, not JSON
+        raise bad("n must be a positive integer", "n", "invalid_value")
+    if n not in (None, 1) and body.get("stream"):
+        raise bad("n > 1 is not supported with stream", "n", "unsupported_value")
     best_of = body.get("best_of", 1)
     if best_of is not None and (isinstance(best_of, bool) or best_of != 1):
         raise bad("best_of is not supported", "best_of", "unsupported_value")
@@ -241,6 +244,7 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
             include_usage=include_usage,
             messages=messages,
             tools=tools,
+            n=body.get("n") or 1,
         )
     for name in ("tools", "tool_choice"):
         if body.get(name) not in (None, [], "none"):
@@ -256,6 +260,7 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
         prompt_ids=prompt_ids,
         parse_special=parse_special,
         echo=_field(body, "echo", (bool,), False, what="true or false"),
+        n=body.get("n") or 1,
     )
 
 
@@ -322,30 +327,30 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_body(
+def choice_body(
     *,
-    id: str,
-    model: str,
+    index: int = 0,
     chat: bool,
     text: str | None,
     finish_reason: str,
-    usage: dict,
     logprobs: dict | None = None,
     tool_calls: list[dict] | None = None,
 ) -> dict:
-    if chat:
-        message: dict[str, Any] = {"role": "assistant", "content": text}
-        if tool_calls:
-            message["tool_calls"] = tool_calls
-        choice = {"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+    if not chat:
+        return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def completion_body(*, id: str, model: str, chat: bool, choices: list[dict], usage: dict) -> dict:
     return {
         "id": id,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": usage,
     }
 

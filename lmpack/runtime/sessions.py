@@ -76,6 +76,14 @@ class KVCache:
     # while the old and new buffers are both resident; positions not yet written take no memory (mapped_zeros).
     room: int = 0
 
+    def copy(self) -> KVCache:
+        """An independent cache holding the same past (n choices of one prompt each go on from its prefill)."""
+        values = {
+            name: np.array(value if isinstance(value, np.ndarray) else value.numpy(), copy=True)
+            for name, value in self.values.items()
+        }
+        return KVCache(length=self.length, values=values, room=self.room)
+
 
 @dataclass
 class BatchKV:

@@ -22,7 +22,7 @@ from lmpack.runtime.cache import CachedAnswer, usage_counts
 from lmpack.runtime.generation import Generation
 from lmpack.runtime.http import GuardedStream, sse
 from lmpack.runtime.logprobs import TokenLogprob
-from lmpack.runtime.protocol import ApiError, chunk_body, completion_body, new_id, usage
+from lmpack.runtime.protocol import ApiError, choice_body, chunk_body, completion_body, new_id, usage
 from lmpack.runtime.tools import ToolStream
 
 log = logging.getLogger("lmpack.serve")
@@ -99,8 +99,7 @@ def cached_response(answer: CachedAnswer, *, model: str, chat: bool, stream: boo
             id=ident,
             model=model,
             chat=chat,
-            text=answer.text,
-            finish_reason=answer.finish_reason,
+            choices=[choice_body(chat=chat, text=answer.text, finish_reason=answer.finish_reason)],
             usage=usage(answer.prompt_tokens, answer.completion_tokens),
         )
     )

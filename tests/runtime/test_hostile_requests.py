@@ -27,7 +27,7 @@ CASES = [
         "invalid_value",
         "messages[0].content",
     ),
-    ("n: true", CHAT, json.dumps({"messages": USER, "n": True}), 400, "unsupported_value", "n"),
+    ("n: true", CHAT, json.dumps({"messages": USER, "n": True}), 400, "invalid_value", "n"),
     ("best_of: true", COMPLETIONS, json.dumps({"prompt": "a", "best_of": True}), 400, "unsupported_value", "best_of"),
     (
         "an unknown stream option",

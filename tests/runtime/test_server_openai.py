@@ -96,7 +96,7 @@ def test_seeded_sampling_is_reproducible_and_stop_cuts(client, llama_variant):
 
 def test_bad_requests_raise_the_clients_typed_errors(client, llama_variant):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=llama_variant.name, messages=[{"role": "user", "content": "x"}], n=2)
+        client.chat.completions.create(model=llama_variant.name, messages=[{"role": "user", "content": "x"}], n=100)
     assert info.value.body["param"] == "n"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
