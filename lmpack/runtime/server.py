@@ -25,9 +25,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lmpack import __version__
 from lmpack.config.serve import ServeSettings
 from lmpack.errors import RequestError
-from lmpack.runtime import token_api
+from lmpack.runtime import openapi, token_api
 from lmpack.runtime.admission import Admission, Overloaded, Slot
 from lmpack.runtime.auth import bearer_ok
 from lmpack.runtime.batcher import Batcher
@@ -238,6 +239,11 @@ def _model_card(state: ServerState, name: str) -> dict[str, Any]:
     }
 
 
+async def openapi_document(request: Request) -> Response:
+    """Open, as the health probes are: it describes the API, and holds nothing of the model's."""
+    return JSONResponse(openapi.document(__version__))
+
+
 async def list_models(request: Request) -> Response:
     state = _state(request)
     state.authorize(request)
@@ -316,6 +322,7 @@ ROUTES = [
     Route("/v2/health/live", live, methods=["GET"]),  # KServe's open inference protocol names
     Route("/v2/health/ready", ready, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi_document, methods=["GET"]),
 ]
 
 
