@@ -314,3 +314,19 @@ def make_encoder_model(family: str, directory: Path, *, seed: int = 0) -> Path:
 # Qwen2.5-Instruct's chat template with tools (Hermes-style <tool_call> blocks, tool results as <tool_response>
 # in a user turn), as its tokenizer_config.json ships it, for the tool-calling tests.
 QWEN25_TOOLS_TEMPLATE = (Path(__file__).parent / "templates" / "qwen2.5-instruct-tools.jinja").read_text()
+
+
+# Qwen2.5's syntax with a shorter preamble (tool names only): the tiny model's context is 512 positions, which
+# Qwen2.5's own preamble with two tools' schemas nearly fills at its 512-token vocabulary. Qwen2.5's own template is
+# checked against transformers' rendering below.
+SHORT_TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools:{% for tool in tools %} {{ tool.function.name }}{% endfor %}."
+    " Call one as <tool_call>{...}</tool_call><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}{%- if message.role == 'tool' %}"
+    "{{- '<|im_start|>user\n<tool_response>\n' + message.content + '\n</tool_response><|im_end|>\n' }}"
+    "{%- elif message.tool_calls %}{{- '<|im_start|>assistant' }}{%- for call in message.tool_calls %}"
+    '{{- \'\n<tool_call>\n{"name": "\' + call.function.name + \'", "arguments": \' }}'
+    "{{- call.function.arguments | tojson }}{{- '}\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)

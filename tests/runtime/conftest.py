@@ -31,3 +31,22 @@ def llama_server(llama_variant, tmp_path_factory) -> Iterator[Server]:
         llama_variant, "--max-concurrency", "2", "--queue", "4", tmp=tmp_path_factory.mktemp("serve")
     ) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def tool_variant(llama_variant, tmp_path_factory) -> Path:
+    """The tiny model with a chat template in Qwen2.5's tool syntax (families.SHORT_TOOLS_TEMPLATE)."""
+    from families import SHORT_TOOLS_TEMPLATE
+
+    variant = tmp_path_factory.mktemp("tools") / llama_variant.name
+    shutil.copytree(llama_variant, variant)
+    (variant / "model" / "chat_template.jinja").write_text(SHORT_TOOLS_TEMPLATE)
+    return variant
+
+
+@pytest.fixture(scope="module")
+def tool_server(tool_variant, tmp_path_factory) -> Iterator[Server]:
+    with run_server(
+        tool_variant, "--max-concurrency", "2", "--max-batch", "2", tmp=tmp_path_factory.mktemp("tool-serve")
+    ) as server:
+        yield server

@@ -4,13 +4,11 @@ calls enforced, a round trip with the tool's result, streamed call deltas, and t
 from __future__ import annotations
 
 import json
-import shutil
 
 import jsonschema
 import openai
 import pytest
-from families import QWEN25_TOOLS_TEMPLATE
-from runtime_servers import run_server
+from families import QWEN25_TOOLS_TEMPLATE, SHORT_TOOLS_TEMPLATE
 
 from lmpack.runtime.chat import ChatTemplate
 from lmpack.runtime.tools import ToolStream, parse_calls, syntax_of
@@ -43,35 +41,11 @@ CLOCK = {
     },
 }
 QUESTION = [{"role": "user", "content": "What is the weather in Lisbon?"}]
-# Qwen2.5's syntax with a shorter preamble (tool names only): the tiny model's context is 512 positions, which
-# Qwen2.5's own preamble with two tools' schemas nearly fills at its 512-token vocabulary. Qwen2.5's own template is
-# checked against transformers' rendering below.
-SHORT_TOOLS_TEMPLATE = (
-    "{%- if tools %}<|im_start|>system\nTools:{% for tool in tools %} {{ tool.function.name }}{% endfor %}."
-    " Call one as <tool_call>{...}</tool_call><|im_end|>\n{% endif %}"
-    "{%- for message in messages %}{%- if message.role == 'tool' %}"
-    "{{- '<|im_start|>user\n<tool_response>\n' + message.content + '\n</tool_response><|im_end|>\n' }}"
-    "{%- elif message.tool_calls %}{{- '<|im_start|>assistant' }}{%- for call in message.tool_calls %}"
-    '{{- \'\n<tool_call>\n{"name": "\' + call.function.name + \'", "arguments": \' }}'
-    "{{- call.function.arguments | tojson }}{{- '}\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\n' }}"
-    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
 
 
 @pytest.fixture(scope="module")
-def tool_variant(llama_variant, tmp_path_factory):
-    """The tiny model with a template in Qwen2.5's syntax, which shows tools to the model."""
-    variant = tmp_path_factory.mktemp("tools") / llama_variant.name
-    shutil.copytree(llama_variant, variant)
-    (variant / "model" / "chat_template.jinja").write_text(SHORT_TOOLS_TEMPLATE)
-    return variant
-
-
-@pytest.fixture(scope="module")
-def client(tool_variant, tmp_path_factory):
-    with run_server(tool_variant, "--max-concurrency", "2", "--max-batch", "2", tmp=tmp_path_factory.mktemp("s")) as s:
-        yield openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(tool_server):
+    return openai.OpenAI(base_url=f"{tool_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def _arguments(call, tool) -> dict:
