@@ -97,6 +97,9 @@ class ServeSettings:
     """Most answers the response cache keeps."""
     cache_max_bytes: int = _setting(64 * MIB, table="cache", key="max_bytes", bounds=(1024, 64 * 1024 * MIB))
     """Most bytes of answer text the response cache keeps, least recently used out first."""
+    prefix_cache_bytes: int = _setting(128 * MIB, bounds=(0, 1024 * 1024 * MIB))
+    """Bytes of KV rows kept for prompts' shared leading blocks (a system prompt, earlier turns), reused by later
+    prompts that start the same way, least recently used out first; 0 turns prefix caching off."""
     strict: bool = _setting(False)
     """Refuse to start rather than serve a variant whose TensorRT engine does not fit this host (and cannot be
     rebuilt) on the CUDA provider or the CPU."""

@@ -22,6 +22,7 @@ from lmpack.runtime.chat import ChatTemplate, normalize_messages
 from lmpack.runtime.generation import Generation, GenerationLoop, SoloLoop
 from lmpack.runtime.grammar import Grammars
 from lmpack.runtime.heap import release_file_pages, release_freed_heap
+from lmpack.runtime.prefix_cache import PrefixCache
 from lmpack.runtime.sampling import SamplingParams
 from lmpack.runtime.sessions import DecoderRunner, EncoderRunner
 from lmpack.runtime.variant import Variant
@@ -178,6 +179,7 @@ class DecoderEngine:
         cancel: threading.Event | None = None,
         prompt_param: str = "prompt",
         loop: GenerationLoop | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> Generation:
         """Check the request against the model's limits, then return its (not yet started) Generation, run by
         `loop` (the server's batcher) or else alone."""
@@ -192,7 +194,7 @@ class DecoderEngine:
                 param=prompt_param if len(prompt_ids) >= self.context_length else "max_tokens",
                 code="context_length_exceeded",
             )
-        return Generation(self, prompt_ids, params, loop or self.solo, cancel)
+        return Generation(self, prompt_ids, params, loop or self.solo, cancel, prefix_cache)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,14 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         raise ApiError(400, f"n may be at most the batch size, {state.settings.max_batch}", param="n")
     cancel = threading.Event()
     generations = [
-        engine.generate(ids, _choice_params(params, i), cancel=cancel, prompt_param=prompt_param, loop=state.loop)
+        engine.generate(
+            ids,
+            _choice_params(params, i),
+            cancel=cancel,
+            prompt_param=prompt_param,
+            loop=state.loop,
+            prefix_cache=state.prefix_cache,
+        )
         for i in range(req.n)
     ]
     slot = await state.admit()

@@ -18,6 +18,7 @@ import numpy as np
 
 from lmpack.runtime.grammar import Constraint, Grammars
 from lmpack.runtime.logprobs import TokenLogprob, token_logprob
+from lmpack.runtime.prefix_cache import PrefixCache
 from lmpack.runtime.sampling import Sampler, SamplingParams
 from lmpack.runtime.sessions import KVCache
 from lmpack.runtime.textstream import IncrementalDecoder, StopMatcher
@@ -141,6 +142,7 @@ class Generation:
         params: SamplingParams,
         loop: GenerationLoop,
         cancel: threading.Event | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.prompt_ids = prompt_ids
         self.params = params
@@ -154,14 +156,23 @@ class Generation:
         self.decode_seconds = 0.0
         # the prompt's cache and last logits when another generation already ran it (n choices of one prompt)
         self.prefilled: tuple[KVCache, np.ndarray] | None = None
+        self.prefix_cache = prefix_cache
+        self.cached_tokens = 0  # prompt tokens whose KV rows came from the prefix cache
 
     def prefill(self, runner: DecoderRunner) -> tuple[KVCache, np.ndarray]:
-        """The prompt run through the model: its cache, with room for this generation, and the next token's logits."""
+        """The prompt run through the model: its cache, with room for this generation, and the next token's logits.
+        With a prefix cache, the longest cached prefix's rows are copied in and only the rest of the prompt runs."""
         if self.prefilled is not None:
             done, self.prefilled = self.prefilled, None
             return done
         cache = KVCache(room=self.positions)
-        return cache, runner.step(self.prompt_ids, cache)
+        hit = self.prefix_cache.lookup(self.prompt_ids) if self.prefix_cache is not None else None
+        if hit is not None:
+            cache.length, cache.values, self.cached_tokens = hit.length, hit.values, hit.length
+        logits = runner.step(self.prompt_ids[cache.length :], cache)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(self.prompt_ids, cache.values, known=self.cached_tokens)
+        return cache, logits
 
     @property
     def positions(self) -> int:

@@ -31,6 +31,7 @@ class Metrics:
         cache: Any = None,
         model_name: str = "",
         kv_usage: Callable[[], float] = lambda: 0.0,
+        prefix_cache: Any = None,
     ):
         """`cache`, a ResponseCache or None, is read by the size gauges at each scrape; `kv_usage` is the share
         of the server's generation slots in use (lmpack has no paged KV pool whose blocks it could count)."""
@@ -78,6 +79,8 @@ class Metrics:
             "lmpack_cancelled_requests", "Generations ended because the client went away", registry=r
         )
         self._vllm(prom, r, model_name, queue_depth=queue_depth, active=active, kv_usage=kv_usage)
+        if prefix_cache is not None:
+            r.register(_PrefixCacheCollector(prefix_cache, model_name))
         if cache is not None:
             prom.Gauge("lmpack_response_cache_entries", "Answers held by the response cache", registry=r).set_function(
                 lambda: cache.entries
@@ -175,3 +178,31 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         assert self.registry is not None  # only called when enabled (/metrics answers 404 otherwise)
         return self._prom.generate_latest(self.registry), self._prom.CONTENT_TYPE_LATEST
+
+
+class _PrefixCacheCollector:
+    """The prefix cache's counts as Prometheus reads them at each scrape (the cache keeps the numbers itself)."""
+
+    def __init__(self, cache: Any, model: str):
+        self.cache, self.model = cache, model
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        cache = self.cache
+        counters = (
+            ("lmpack_prefix_cache_hits", "Prompts that found a cached prefix", cache.hits, None),
+            ("lmpack_prefix_cache_misses", "Prompts that found none", cache.misses, None),
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", cache.queried_tokens, True),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", cache.hit_tokens, True),
+        )
+        for name, what, value, labelled in counters:
+            family = CounterMetricFamily(name, what, labels=["model_name"] if labelled else None)
+            family.add_metric([self.model] if labelled else [], value)
+            yield family
+        yield GaugeMetricFamily(
+            "lmpack_prefix_cache_bytes", "Bytes of KV rows the prefix cache holds", value=cache.bytes
+        )
+        yield GaugeMetricFamily(
+            "lmpack_prefix_cache_entries", "Prompts' prefixes the prefix cache holds", value=cache.entries
+        )

@@ -38,6 +38,7 @@ from lmpack.runtime.generate_route import chat_completions, completions
 from lmpack.runtime.generation import Generation, GenerationLoop
 from lmpack.runtime.http import ObserveRequests, error_response, read_json
 from lmpack.runtime.metrics import Metrics
+from lmpack.runtime.prefix_cache import PrefixCache
 from lmpack.runtime.protocol import (
     ApiError,
     check_model,
@@ -70,12 +71,18 @@ class ServerState:
             if settings.cache
             else None
         )
+        self.prefix_cache = (
+            PrefixCache(max_bytes=settings.prefix_cache_bytes)
+            if settings.prefix_cache_bytes and isinstance(engine, DecoderEngine)
+            else None
+        )
         self.metrics = Metrics(
             queue_depth=lambda: self.admission.waiting,
             active=lambda: self.admission.active,
             cache=cache,
             model_name=self.model_id,
             kv_usage=lambda: self.admission.active / self.admission.max_active,
+            prefix_cache=self.prefix_cache,
         )
         self.loop = self._generation_loop(engine, settings)
         self.executor = concurrent.futures.ThreadPoolExecutor(
