@@ -67,6 +67,9 @@ class ServeSettings:
     batch_align: int = _setting(4, bounds=(1, 64))
     """A sequence joins the batch when its prompt length agrees with the batch's lengths modulo this, which keeps
     answers identical to unbatched ones; 1 joins at once, but int8 answers may then differ."""
+    prefill_chunk: int = _setting(256, bounds=(0, 1_000_000))
+    """With batching, a new prompt runs this many tokens at a time between the running sequences' decode steps, so
+    a long prompt delays their next token by one chunk rather than its whole length; 0 runs each prompt whole."""
     queue: int = _setting(8, bounds=(0, 100_000))
     """Requests that may wait for a slot; beyond that the server answers 429."""
     drain_seconds: int = _setting(30, bounds=(0, 86_400))

@@ -23,8 +23,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from lmpack.runtime.generation import Generation
-from lmpack.runtime.sessions import BatchKV, DecoderRunner
+from lmpack.runtime.sessions import BatchKV, DecoderRunner, KVCache
 
 log = logging.getLogger("lmpack.batcher")
 
@@ -49,6 +51,8 @@ class _Sequence:
     generation: Generation  # its Decoding makes the token choices
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     decode_started: float = 0.0
+    prefill: Iterator[tuple[KVCache, np.ndarray] | None] | None = None  # its prompt's chunks, once begun
+    prefill_started: float = 0.0
 
 
 class Batcher:
@@ -62,13 +66,22 @@ class Batcher:
     """
 
     def __init__(
-        self, runner: DecoderRunner, *, max_batch: int, align: int = 1, on_step: Callable[[int], None] | None = None
+        self,
+        runner: DecoderRunner,
+        *,
+        max_batch: int,
+        align: int = 1,
+        on_step: Callable[[int], None] | None = None,
+        prefill_chunk: int = 0,
     ):
-        if max_batch < 1 or align < 1:
-            raise ValueError("max_batch and align must be at least 1")
+        if max_batch < 1 or align < 1 or prefill_chunk < 0:
+            raise ValueError("max_batch and align must be at least 1, prefill_chunk at least 0")
         self.runner = runner
         self.max_batch = max_batch
         self.align = align if runner.kv_padding == "left" else 1
+        # Right-padded batches (the builder's graphs) take a long prompt in chunks between decode steps; left-padded
+        # ones join on an aligned length, which a prompt's length alone decides, so they prefill whole.
+        self.prefill_chunk = prefill_chunk if runner.kv_padding == "right" else 0
         self.on_step = on_step or (lambda size: None)
         self._pending: list[_Sequence] = []
         self._wake = threading.Condition()
@@ -127,7 +140,7 @@ class Batcher:
             try:
                 self._retain(active, batch, [not self._cancelled(seq) for seq in active])
                 waiting = [seq for seq in waiting if not self._cancelled(seq)]
-                waiting = [seq for seq in waiting if not self._admit(seq, active, batch)]
+                waiting = self._admit_waiting(waiting, active, batch)
                 if active:
                     self._decode(active, batch)
             except Exception as exc:  # a failed run fails every sequence that was in it, not the worker
@@ -163,17 +176,35 @@ class Batcher:
             active[:] = [active[row] for row in rows]
             batch.keep(rows, align=self.align)
 
+    def _admit_waiting(self, waiting: list[_Sequence], active: list[_Sequence], batch: BatchKV) -> list[_Sequence]:
+        """Prefill the waiting sequences that suit the batch and add them to it; those left waiting. With chunked
+        prefill, one chunk (or one short prompt) runs before each decode step, so the running sequences' next tokens
+        wait for at most one chunk, not for every newcomer's whole prompt."""
+        if not self.prefill_chunk:
+            return [seq for seq in waiting if not self._admit(seq, active, batch)]
+        for index, seq in enumerate(waiting):
+            if active and seq.prefill is None and (len(seq.generation.prompt_ids) - batch.lengths[0]) % self.align:
+                continue
+            return waiting[:index] + waiting[index + 1 :] if self._admit(seq, active, batch) else waiting
+        return waiting
+
     def _admit(self, seq: _Sequence, active: list[_Sequence], batch: BatchKV) -> bool:
-        """Prefill `seq` and add it to the batch if its prompt length suits the batch's now (True: it is
-        no longer waiting). The batch's lengths grow by one a step, so no sequence waits `align` steps."""
+        """Prefill `seq` (or its next chunk) and add it to the batch once its prompt has run and its length suits the
+        batch's (True: it is no longer waiting). The batch's lengths grow by one a step, so no sequence waits `align`
+        steps."""
         generation = seq.generation
-        if active and (len(generation.prompt_ids) - batch.lengths[0]) % self.align:
+        if active and seq.prefill is None and (len(generation.prompt_ids) - batch.lengths[0]) % self.align:
             return False
-        started = time.perf_counter()
         try:  # its prefill and its place in the batch are its own: a failure (no memory for its cache) ends it alone
-            cache, logits = generation.prefill(self.runner)
+            if seq.prefill is None:
+                seq.prefill_started = time.perf_counter()
+                seq.prefill = generation.prefill_steps(self.runner, self.prefill_chunk)
+            step = next(seq.prefill)
+            if step is None:  # more of the prompt to run, after the next decode step
+                return False
+            cache, logits = step
             seq.decode_started = time.perf_counter()
-            generation.prefill_seconds = seq.decode_started - started
+            generation.prefill_seconds = seq.decode_started - seq.prefill_started
             if self._emit(seq, generation.decoding.advance(logits, cache.length)):
                 batch.join(cache)  # grows the batch's buffers, if at all, before it changes anything else
                 active.append(seq)

@@ -160,19 +160,33 @@ class Generation:
         self.cached_tokens = 0  # prompt tokens whose KV rows came from the prefix cache
 
     def prefill(self, runner: DecoderRunner) -> tuple[KVCache, np.ndarray]:
-        """The prompt run through the model: its cache, with room for this generation, and the next token's logits.
-        With a prefix cache, the longest cached prefix's rows are copied in and only the rest of the prompt runs."""
+        """The prompt run through the model: its cache, with room for this generation, and the next token's logits."""
+        for step in self.prefill_steps(runner):
+            if step is not None:
+                return step
+        raise AssertionError("prefill_steps ends with its result")
+
+    def prefill_steps(self, runner: DecoderRunner, chunk: int = 0) -> Iterator[tuple[KVCache, np.ndarray] | None]:
+        """The prompt run `chunk` tokens at a time (all at once with 0): None after each chunk but the last, then the
+        cache and the next token's logits, so a batcher can run decode steps between the chunks. With a prefix
+        cache, the longest cached prefix's rows are copied in and only the rest of the prompt runs."""
         if self.prefilled is not None:
             done, self.prefilled = self.prefilled, None
-            return done
+            yield done
+            return
         cache = KVCache(room=self.positions)
         hit = self.prefix_cache.lookup(self.prompt_ids) if self.prefix_cache is not None else None
         if hit is not None:
             cache.length, cache.values, self.cached_tokens = hit.length, hit.values, hit.length
-        logits = runner.step(self.prompt_ids[cache.length :], cache)
+        rest = self.prompt_ids[cache.length :]
+        size = chunk if chunk > 0 else len(rest)
+        for start in range(0, len(rest) - size, size):  # every chunk but the last
+            runner.step(rest[start : start + size], cache)
+            yield None
+        logits = runner.step(rest[(len(rest) - 1) // size * size :], cache)
         if self.prefix_cache is not None:
             self.prefix_cache.store(self.prompt_ids, cache.values, known=self.cached_tokens)
-        return cache, logits
+        yield cache, logits
 
     @property
     def positions(self) -> int:

@@ -98,7 +98,13 @@ class ServerState:
             return None
         width = min(settings.max_batch, settings.max_concurrency)
         if width > 1:
-            return Batcher(engine.runner, max_batch=width, align=settings.batch_align, on_step=self.metrics.batch_step)
+            return Batcher(
+                engine.runner,
+                max_batch=width,
+                align=settings.batch_align,
+                on_step=self.metrics.batch_step,
+                prefill_chunk=settings.prefill_chunk,
+            )
         return engine.solo
 
     def authorize(self, request: Request) -> None:

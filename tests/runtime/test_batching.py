@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from runtime_servers import REPO, run_server
 
-from lmpack.runtime.batcher import EXACT_ALIGN
+from lmpack.runtime.batcher import EXACT_ALIGN, Batcher
 from lmpack.runtime.engine import DecoderEngine
 from lmpack.runtime.sampling import SamplingParams
 from lmpack.runtime.sessions import BatchKV, KVCache
@@ -179,7 +179,6 @@ def test_a_sequence_whose_cache_cannot_be_made_fails_alone(llama_variant, monkey
     overcommit would refuse a large one) fails that request only: the running sequence goes on in the batch
     and still gives its unbatched answer."""
     from lmpack.runtime import sessions
-    from lmpack.runtime.batcher import Batcher
 
     engine = DecoderEngine(load_variant(llama_variant), threads=1)
     ids, params = engine.encode_prompt(PROMPTS[1]), SamplingParams(max_tokens=60, temperature=0.0)
@@ -420,3 +419,20 @@ def test_prompt_sized_runs_shrink_the_arena_and_token_steps_do_not():
 
     assert run_options(1) is None and run_options(64) is None
     assert run_options(65).get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+
+
+def test_chunked_prefill_gives_the_whole_prompts_answers(engine):
+    """Prompts run 8 tokens at a time between decode steps answer exactly as when each runs whole and alone."""
+    prompts = [engine.encode_prompt(PROMPTS[3] * 3), engine.encode_prompt(PROMPTS[1] * 2), engine.encode_prompt("Hi")]
+    params = SamplingParams(max_tokens=30, temperature=0)
+    expected = [engine.generate(ids, params).result().text for ids in prompts]
+    steps = list(engine.generate(prompts[0], params).prefill_steps(engine.runner, 8))
+    assert steps.count(None) == (len(prompts[0]) - 1) // 8 and steps[-1] is not None  # it did run in chunks
+    batcher = Batcher(engine.runner, max_batch=4, prefill_chunk=8)
+    try:
+        answers = _together(
+            [lambda ids=ids: engine.generate(ids, params, loop=batcher).result().text for ids in prompts]
+        )
+    finally:
+        batcher.stop()
+    assert answers == expected
