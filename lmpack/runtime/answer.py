@@ -83,18 +83,24 @@ class Answer:
         return self.renderer.completion(list(entries), [e.token for e in entries])
 
 
-def run_choices(engine: DecoderEngine, answers: list[Answer]) -> list[Completion]:
-    """n choices of one prompt (the worker's job): the prompt runs through the model once, each choice goes on from
-    a copy of its cache, and the choices decode side by side (in the server's batch, when it batches)."""
-    import threading
-
+def share_prefill(engine: DecoderEngine, answers: list[Answer]) -> None:
+    """Run the prompt of n choices once; each choice goes on from a copy of its cache (a cancelled request: none)."""
     first = answers[0].generation
-    if first.cancel.is_set():
-        return [answer.generation.result() for answer in answers]  # each ends at once, cancelled
+    if len(answers) < 2 or first.cancel.is_set():
+        return
     cache, logits = first.prefill(engine.runner)
     for answer in answers:
         answer.generation.prefilled = (cache.copy(), logits)
-    if first.params.logprobs is not None and answers[0].echo:
+
+
+def run_choices(engine: DecoderEngine, answers: list[Answer]) -> list[Completion]:
+    """n choices of one prompt (the worker's job): one prefill (share_prefill), and the choices decode side by side
+    (in the server's batch, when it batches)."""
+    import threading
+
+    first = answers[0].generation
+    share_prefill(engine, answers)
+    if first.params.logprobs is not None and answers[0].echo and not first.cancel.is_set():
         entries = prompt_logprobs(engine.runner, first.prompt_ids, first.params.logprobs)
         for answer in answers:
             answer.prompt_entries, answer.echo_done = entries, True

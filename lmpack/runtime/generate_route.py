@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from lmpack.runtime.answer import Answer, run_choices
+from lmpack.runtime.answer import Answer, run_choices, share_prefill
 from lmpack.runtime.cache import CachedAnswer, usage_counts
 from lmpack.runtime.engine import DecoderEngine
 from lmpack.runtime.grammar import check_lark
 from lmpack.runtime.http import read_json
 from lmpack.runtime.protocol import ApiError, check_model, choice_body, completion_body, new_id, parse_generation, usage
 from lmpack.runtime.sampling import SamplingParams
-from lmpack.runtime.streaming import cached_response, live_stream
+from lmpack.runtime.streaming import StreamedChoice, cached_response, live_stream
 from lmpack.runtime.tools import syntax_of, tool_grammar
 
 if TYPE_CHECKING:
@@ -98,14 +98,13 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     ]
     if req.stream:
         return live_stream(
-            generations[0],
+            [StreamedChoice(a.generation, a.piece, a.tool_stream()) for a in answers],
             cancel,
             state.stream_hooks(slot, key),
             model=state.model_id,
             chat=chat,
             include_usage=req.include_usage,
-            logprobs=answers[0].piece,
-            tool_stream=answers[0].tool_stream(),
+            prepare=lambda: share_prefill(engine, answers),
         )
     job = (
         state.run_in_worker(slot, answers[0].run)

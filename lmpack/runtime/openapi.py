@@ -41,7 +41,7 @@ _SAMPLING: dict[str, Any] = {
     "presence_penalty": {**_NUMBER, "minimum": -2, "maximum": 2},
     "frequency_penalty": {**_NUMBER, "minimum": -2, "maximum": 2},
     "repetition_penalty": {**_NUMBER, "exclusiveMinimum": 0, "maximum": 2},
-    "n": {"type": "integer", "minimum": 1, "description": "at most max_batch; not with stream"},
+    "n": {"type": "integer", "minimum": 1, "description": "at most max_batch"},
     "best_of": {"type": "integer", "const": 1},
     "stream": {"type": "boolean"},
     "stream_options": {

@@ -113,8 +113,6 @@ def _refuse_unsupported(body: dict) -> None:
     n = body.get("n", 1)
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):  # true == 1 in Python, not JSON
         raise bad("n must be a positive integer", "n", "invalid_value")
-    if n not in (None, 1) and body.get("stream"):
-        raise bad("n > 1 is not supported with stream", "n", "unsupported_value")
     best_of = body.get("best_of", 1)
     if best_of is not None and (isinstance(best_of, bool) or best_of != 1):
         raise bad("best_of is not supported", "best_of", "unsupported_value")
@@ -361,6 +359,7 @@ def chunk_body(
     model: str,
     chat: bool,
     text: str | None = None,
+    index: int = 0,
     role: bool = False,
     finish_reason: str | None = None,
     usage: dict | None = None,
@@ -383,9 +382,9 @@ def chunk_body(
             delta["content"] = text
         if tool_calls:
             delta["tool_calls"] = tool_calls
-        body["choices"] = [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
+        body["choices"] = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
     else:
-        body["choices"] = [{"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}]
+        body["choices"] = [{"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}]
     return body
 
 

@@ -27,8 +27,8 @@ from lmpack.runtime.tools import ToolStream
 
 log = logging.getLogger("lmpack.serve")
 
-# Items a source yields: ("text", (delta, logprobs or None)), ("tools", [tool call deltas]), ("error", exception),
-# ("end", (finish_reason, prompt, completion)).
+# Items a source yields: ("text", (choice, delta, logprobs or None)), ("tools", (choice, [tool call deltas])),
+# ("finish", (choice, finish_reason)), ("error", exception), ("end", (prompt tokens, completion tokens)).
 Item = tuple[str, Any]
 
 
@@ -39,21 +39,27 @@ async def sse_events(
     model: str,
     chat: bool,
     include_usage: bool,
+    choices: int = 1,
     on_first_text: Callable[[], None] | None = None,
 ) -> AsyncIterator[str]:
     if chat:
-        yield sse(chunk_body(id=ident, model=model, chat=True, role=True))
+        for index in range(choices):
+            yield sse(chunk_body(id=ident, model=model, chat=True, index=index, role=True))
     first = True
     async for kind, value in items:
         if kind == "text":
             if first and on_first_text is not None:
                 on_first_text()
             first = False
-            text, logprobs = value
-            yield sse(chunk_body(id=ident, model=model, chat=chat, text=text, logprobs=logprobs))
+            index, text, logprobs = value
+            yield sse(chunk_body(id=ident, model=model, chat=chat, index=index, text=text, logprobs=logprobs))
         elif kind == "tools":
-            for call in value:
-                yield sse(chunk_body(id=ident, model=model, chat=chat, tool_calls=[call]))
+            index, calls = value
+            for call in calls:
+                yield sse(chunk_body(id=ident, model=model, chat=chat, index=index, tool_calls=[call]))
+        elif kind == "finish":
+            index, finish_reason = value
+            yield sse(chunk_body(id=ident, model=model, chat=chat, index=index, finish_reason=finish_reason))
         elif kind == "error":
             yield sse(
                 ApiError(
@@ -62,8 +68,7 @@ async def sse_events(
             )
             break
         else:
-            finish_reason, prompt_tokens, completion_tokens = value
-            yield sse(chunk_body(id=ident, model=model, chat=chat, finish_reason=finish_reason))
+            prompt_tokens, completion_tokens = value
             if include_usage:
                 yield sse(chunk_body(id=ident, model=model, chat=chat, usage=usage(prompt_tokens, completion_tokens)))
             break
@@ -82,8 +87,9 @@ async def queue_items(queue: asyncio.Queue[Item]) -> AsyncIterator[Item]:
 async def replay_items(answer: CachedAnswer) -> AsyncIterator[Item]:
     """A cached answer as the items its generation produced: the same pieces, the same finish."""
     for chunk in answer.chunks:
-        yield "text", (chunk, None)
-    yield "end", (answer.finish_reason, answer.prompt_tokens, answer.completion_tokens)
+        yield "text", (0, chunk, None)
+    yield "finish", (0, answer.finish_reason)
+    yield "end", (answer.prompt_tokens, answer.completion_tokens)
 
 
 def cached_response(answer: CachedAnswer, *, model: str, chat: bool, stream: bool, include_usage: bool) -> Response:
@@ -115,23 +121,31 @@ class StreamHooks:
     on_answer: Callable[[CachedAnswer], object] | None = None  # the whole answer of a finished generation (the cache)
 
 
+@dataclass(frozen=True)
+class StreamedChoice:
+    """One choice of a streamed answer: its generation and how its pieces beyond text are written."""
+
+    generation: Generation
+    # renders a chunk's logprobs from the tokens chosen since the chunk before (the batcher may have chosen a
+    # token whose text the decoder still holds back, so a chunk can carry a token its text has not shown)
+    logprobs: Callable[[list[TokenLogprob]], dict | None] = lambda entries: None
+    tool_stream: ToolStream | None = None  # holds back what may be a tool call; the calls come at the end
+
+
 def live_stream(
-    generation: Generation,
+    choices: list[StreamedChoice],
     cancel: threading.Event,
     hooks: StreamHooks,
     *,
     model: str,
     chat: bool,
     include_usage: bool,
-    logprobs: Callable[[list[TokenLogprob]], dict | None] = lambda entries: None,
-    tool_stream: ToolStream | None = None,
+    prepare: Callable[[], None] = lambda: None,
 ) -> Response:
-    """A generation streamed as it runs: a worker pushes its deltas onto the loop; a client that leaves cancels it.
-
-    `logprobs` renders a chunk's logprobs from the tokens chosen since the chunk before (the batcher may have
-    chosen a token whose text the decoder still holds back, so a chunk can carry a token its text has not shown).
-    With `tool_stream`, text that may be a tool call is held back, and the calls read from the whole answer come
-    as one `tool_calls` delta each, before the finish chunk (finish_reason "tool_calls")."""
+    """Generations streamed as they run: a worker pushes their deltas onto the loop; a client that leaves cancels
+    them. Several choices (n > 1) decode side by side, each in a thread of its own after `prepare` (their shared
+    prefill), and their chunks interleave, told apart by `index`. With a choice's tool_stream, its calls come as one
+    `tool_calls` delta each, before its finish chunk (finish_reason "tool_calls")."""
     started, loop = time.perf_counter(), asyncio.get_running_loop()
     queue: asyncio.Queue[Item] = asyncio.Queue()
 
@@ -141,30 +155,54 @@ def live_stream(
         except RuntimeError:  # the loop is gone: nobody to tell
             pass
 
-    def work() -> None:
-        pieces: list[str] = []
+    def run(index: int) -> None:
+        choice = choices[index]
+        generation, tool_stream, pieces = choice.generation, choice.tool_stream, []
         chosen, sent = generation.decoding.logprobs, 0
         try:
             for delta in generation:
                 pieces.append(delta)
                 count = len(chosen)
                 shown = tool_stream.push(delta) if tool_stream is not None else delta
-                push(("text", (shown, logprobs(chosen[sent:count]))))
+                push(("text", (index, shown, choice.logprobs(chosen[sent:count]))))
                 sent = count
             rest, calls = tool_stream.finish() if tool_stream is not None else ("", [])
             if rest or sent < len(chosen):  # held-back text, tokens whose text had none (a stop sequence's)
-                push(("text", (rest, logprobs(chosen[sent:]))))
+                push(("text", (index, rest, choice.logprobs(chosen[sent:]))))
             if calls:
-                push(("tools", [call.wire(index) for index, call in enumerate(calls)]))
-            reason = "tool_calls" if calls else generation.finish_reason
-            push(("end", (reason, *usage_counts(generation))))
-            if hooks.on_answer is not None:  # the cache refuses a cancelled generation: it is not the whole answer
+                push(("tools", (index, [call.wire(i) for i, call in enumerate(calls)])))
+            push(("finish", (index, "tool_calls" if calls else generation.finish_reason)))
+            if hooks.on_answer is not None and len(choices) == 1:  # the cache refuses a cancelled generation
                 hooks.on_answer(CachedAnswer(tuple(pieces), generation.finish_reason or "", *usage_counts(generation)))
+        finally:  # counted here so cancelled streams count what they did generate
+            hooks.on_end(generation)
+
+    def work() -> None:
+        try:
+            prepare()
+            if len(choices) == 1:
+                run(0)
+            else:
+                failures: list[BaseException] = []
+
+                def guarded(index: int) -> None:
+                    try:
+                        run(index)
+                    except BaseException as exc:  # pushed once, below, as the stream's one error
+                        failures.append(exc)
+
+                threads = [threading.Thread(target=guarded, args=(i,)) for i in range(len(choices))]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                if failures:
+                    raise failures[0]
+            prompt_tokens = choices[0].generation.prompt_tokens
+            push(("end", (prompt_tokens, sum(choice.generation.completion_tokens for choice in choices))))
         except Exception as exc:  # an engine failure mid-stream: the client gets an error event
             log.exception("generation failed")
             push(("error", exc))
-        finally:  # counted here so cancelled streams count what they did generate
-            hooks.on_end(generation)
 
     hooks.submit(work)
     events = sse_events(
@@ -173,6 +211,7 @@ def live_stream(
         model=model,
         chat=chat,
         include_usage=include_usage,
+        choices=len(choices),
         on_first_text=lambda: hooks.on_first_text(time.perf_counter() - started),
     )
     return GuardedStream(events, on_close=cancel.set)
