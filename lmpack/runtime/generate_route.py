@@ -14,7 +14,6 @@ from starlette.responses import JSONResponse, Response
 
 from lmpack.runtime.answer import Answer, run_choices, share_prefill
 from lmpack.runtime.cache import CachedAnswer, usage_counts
-from lmpack.runtime.engine import DecoderEngine
 from lmpack.runtime.grammar import check_lark
 from lmpack.runtime.http import read_json
 from lmpack.runtime.protocol import ApiError, check_model, choice_body, completion_body, new_id, parse_generation, usage
@@ -42,11 +41,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
     state = _state(request)
     state.authorize(request)
     state.require_ready()
-    engine = state.engine
-    if not isinstance(engine, DecoderEngine):
-        raise ApiError(
-            400, f"{state.model_id} is an embedding model: use /v1/embeddings", param="model", code="wrong_model_task"
-        )
+    engine = state.decoder()
     body = await read_json(request, limit=state.settings.max_body_bytes)
     check_model(body, state.model_names)
     req = parse_generation(body, chat=chat, defaults=engine.defaults(), max_tokens_limit=engine.max_tokens_limit)

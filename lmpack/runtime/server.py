@@ -126,6 +126,17 @@ class ServerState:
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
 
+    def decoder(self) -> DecoderEngine:
+        """The engine, for the routes of text-generation models; an embedding model gets a 400 naming the model."""
+        if not isinstance(self.engine, DecoderEngine):
+            raise ApiError(
+                400,
+                f"{self.model_id} is an embedding model: use /v1/embeddings",
+                param="model",
+                code="wrong_model_task",
+            )
+        return self.engine
+
     async def admit(self) -> Slot:
         try:
             return await self.admission.acquire()
@@ -311,9 +322,7 @@ async def _token_route(request: Request, answer: Callable[[DecoderEngine, dict],
     state = _state(request)
     state.authorize(request)
     state.require_ready()
-    engine = state.engine
-    if not isinstance(engine, DecoderEngine):
-        raise ApiError(400, f"{state.model_id} is an embedding model", param="model", code="wrong_model_task")
+    engine = state.decoder()
     body = await read_json(request, limit=state.settings.max_body_bytes)
     check_model(body, state.model_names)
     result = await asyncio.get_running_loop().run_in_executor(None, answer, engine, body)

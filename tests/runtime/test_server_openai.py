@@ -111,8 +111,12 @@ def test_embeddings_from_an_encoder_variant(bert_variant, tmp_path):
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         response = client.embeddings.create(model=bert_variant.name, input=texts)  # base64 on the wire
         as_floats = server.client().post("/v1/embeddings", json={"input": texts, "encoding_format": "float"}).json()
-        with pytest.raises(openai.BadRequestError):
+        with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=bert_variant.name, messages=[{"role": "user", "content": "x"}])
+        assert refused.value.body["code"] == "wrong_model_task"
+        tokenize = server.client().post("/tokenize", json={"prompt": "x"})
+        assert tokenize.status_code == 400 and tokenize.json()["error"]["code"] == "wrong_model_task"
+        assert server.client().get("/v1/models").json()["data"][0]["max_model_len"] > 0
     vectors = np.array([d.embedding for d in response.data])
     expected = EncoderEngine(load_variant(bert_variant), threads=1).embed(texts).vectors
     assert vectors.shape == (2, 64)
