@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from lmpack.runtime.engine import DecoderEngine
-from lmpack.runtime.generation import Completion, Generation
+from lmpack.runtime.generation import Completion, Generation, side_by_side
 from lmpack.runtime.logprobs import Renderer, TokenLogprob, prompt_logprobs
-from lmpack.runtime.tools import ToolRequest, ToolStream, parse_calls, syntax_of
+from lmpack.runtime.tools import ToolRequest, ToolStream, parse_calls
 
 
 class Answer:
@@ -30,19 +30,10 @@ class Answer:
         self.engine, self.generation = engine, generation
         self.chat, self.echo, self.prompt = chat, echo, prompt
         # the calls are read from the answer when the model may make them
-        self.tools = tools if tools is not None and tools.choice != "none" else None
-        template = engine.chat_template
-        self.syntax = syntax_of(template.source) if template is not None else "json"
+        self.tools = tools if tools is not None and tools.offered else None
         self.top = generation.params.logprobs  # None: the request asked for no logprobs
         self.renderer = Renderer(engine.tokenizer)
-        self.prompt_entries: list[TokenLogprob | None] = []
-        self.echo_done = False  # the prompt's logprobs are in prompt_entries already (shared by n choices)
-
-    def run(self) -> Completion:
-        """Generate (after the prompt's own logprobs, for `echo` with logprobs); the worker's job."""
-        if self.echo and self.top is not None and not self.echo_done and not self.generation.cancel.is_set():
-            self.prompt_entries = prompt_logprobs(self.engine.runner, self.generation.prompt_ids, self.top)
-        return self.generation.result()
+        self.prompt_entries: list[TokenLogprob | None] = []  # with `echo` and logprobs: run_choices fills it
 
     def text(self, result: Completion) -> str:
         if not self.echo:
@@ -56,13 +47,13 @@ class Answer:
         """A chat answer's content, tool calls (OpenAI's shape) and finish reason."""
         if self.tools is None:
             return result.text, None, result.finish_reason
-        content, calls = parse_calls(result.text, self.syntax, self.tools.names)
+        content, calls = parse_calls(result.text, self.engine.tool_syntax, self.tools.names)
         if not calls:
             return result.text, None, result.finish_reason
         return content, [call.wire() for call in calls], "tool_calls"
 
     def tool_stream(self) -> ToolStream | None:
-        return ToolStream(self.syntax, self.tools.names) if self.tools is not None else None
+        return ToolStream(self.engine.tool_syntax, self.tools.names) if self.tools is not None else None
 
     def logprobs(self) -> dict[str, Any] | None:
         """The whole answer's `logprobs` (the prompt's first, with `echo`), or None when not asked for."""
@@ -94,30 +85,12 @@ def share_prefill(engine: DecoderEngine, answers: list[Answer]) -> None:
 
 
 def run_choices(engine: DecoderEngine, answers: list[Answer]) -> list[Completion]:
-    """n choices of one prompt (the worker's job): one prefill (share_prefill), and the choices decode side by side
-    (in the server's batch, when it batches)."""
-    import threading
-
-    first = answers[0].generation
+    """A request's choices (the worker's job): one prefill for all (share_prefill), the prompt's own logprobs once
+    (`echo` with logprobs), and the choices decoded side by side (in the server's batch, when it batches)."""
+    first = answers[0]
     share_prefill(engine, answers)
-    if first.params.logprobs is not None and answers[0].echo and not first.cancel.is_set():
-        entries = prompt_logprobs(engine.runner, first.prompt_ids, first.params.logprobs)
+    if first.echo and first.top is not None and not first.generation.cancel.is_set():
+        entries = prompt_logprobs(engine.runner, first.generation.prompt_ids, first.top)
         for answer in answers:
-            answer.prompt_entries, answer.echo_done = entries, True
-    results: list[Completion | None] = [None] * len(answers)
-    errors: list[BaseException] = []
-
-    def run(index: int) -> None:
-        try:
-            results[index] = answers[index].run()
-        except BaseException as exc:  # re-raised below, in the worker, as a single choice's failure would be
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,), name=f"lmpack-choice-{i}") for i in range(len(answers))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return [result for result in results if result is not None]
+            answer.prompt_entries = entries
+    return side_by_side([answer.generation.result for answer in answers])

@@ -182,10 +182,9 @@ class Batcher:
         wait for at most one chunk, not for every newcomer's whole prompt."""
         if not self.prefill_chunk:
             return [seq for seq in waiting if not self._admit(seq, active, batch)]
-        for index, seq in enumerate(waiting):
-            if active and seq.prefill is None and (len(seq.generation.prompt_ids) - batch.lengths[0]) % self.align:
-                continue
-            return waiting[:index] + waiting[index + 1 :] if self._admit(seq, active, batch) else waiting
+        # chunked batches are right-padded, so align is 1: the first waiting sequence always suits the batch
+        if waiting and self._admit(waiting[0], active, batch):
+            return waiting[1:]
         return waiting
 
     def _admit(self, seq: _Sequence, active: list[_Sequence], batch: BatchKV) -> bool:

@@ -53,7 +53,6 @@ class ChatTemplate:
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
         # Hugging Face templates that can show tools to the model read a `tools` variable (tools.py: the syntax)
         self.supports_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
-        self.source = source
 
     def render(
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True, tools: list | None = None

@@ -25,6 +25,7 @@ from lmpack.runtime.heap import release_file_pages, release_freed_heap
 from lmpack.runtime.prefix_cache import PrefixCache
 from lmpack.runtime.sampling import SamplingParams
 from lmpack.runtime.sessions import DecoderRunner, EncoderRunner
+from lmpack.runtime.tools import syntax_of
 from lmpack.runtime.variant import Variant
 
 _GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
@@ -80,6 +81,8 @@ class DecoderEngine:
             if variant.chat_template
             else None
         )
+        # how this model writes a tool call, read from its template once (tools.py)
+        self.tool_syntax = syntax_of(variant.chat_template) if variant.chat_template else "json"
 
     @property
     def solo(self) -> SoloLoop:

@@ -15,11 +15,10 @@ from starlette.responses import JSONResponse, Response
 from lmpack.runtime.answer import Answer, run_choices, share_prefill
 from lmpack.runtime.cache import CachedAnswer, usage_counts
 from lmpack.runtime.grammar import check_lark
-from lmpack.runtime.http import read_json
-from lmpack.runtime.protocol import ApiError, check_model, choice_body, completion_body, new_id, parse_generation, usage
+from lmpack.runtime.protocol import ApiError, choice_body, completion_body, new_id, parse_generation, usage
 from lmpack.runtime.sampling import SamplingParams
 from lmpack.runtime.streaming import StreamedChoice, cached_response, live_stream
-from lmpack.runtime.tools import syntax_of, tool_grammar
+from lmpack.runtime.tools import tool_grammar
 
 if TYPE_CHECKING:
     from lmpack.runtime.server import ServerState
@@ -39,15 +38,11 @@ async def chat_completions(request: Request) -> Response:
 
 async def _generate(request: Request, *, chat: bool) -> Response:
     state = _state(request)
-    state.authorize(request)
-    state.require_ready()
-    engine = state.decoder()
-    body = await read_json(request, limit=state.settings.max_body_bytes)
-    check_model(body, state.model_names)
+    engine, body = await state.decoder_request(request)
     req = parse_generation(body, chat=chat, defaults=engine.defaults(), max_tokens_limit=engine.max_tokens_limit)
     prompt_param = "messages" if chat else "prompt"
     loop = asyncio.get_running_loop()
-    shown_tools = req.tools.tools if req.tools is not None and req.tools.choice != "none" else None
+    shown_tools = req.tools.tools if req.tools is not None and req.tools.offered else None
     if chat:
         assert req.messages is not None  # parse_generation: a chat request has its messages
         ids = await loop.run_in_executor(None, engine.encode_chat, req.messages, shown_tools)
@@ -60,7 +55,7 @@ async def _generate(request: Request, *, chat: bool) -> Response:
         )
     params = req.params(state.max_tokens(req.max_tokens, chat=chat, prompt_tokens=len(ids)))
     if req.tools is not None and engine.chat_template is not None:  # required or named: the answer is calls
-        lark = tool_grammar(req.tools, syntax_of(engine.chat_template.source))
+        lark = tool_grammar(req.tools, engine.tool_syntax)
         if lark is not None:
             params = dataclasses.replace(params, grammar=check_lark(lark, "tool_choice"))
     # a prompt's control tokens read as text or as tokens are two prompts (parse_special_tokens)
@@ -101,22 +96,17 @@ async def _generate(request: Request, *, chat: bool) -> Response:
             include_usage=req.include_usage,
             prepare=lambda: share_prefill(engine, answers),
         )
-    job = (
-        state.run_in_worker(slot, answers[0].run)
-        if req.n == 1
-        else state.run_in_worker(slot, run_choices, engine, answers)
-    )
+    job = state.run_in_worker(slot, run_choices, engine, answers)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, cancel))
     try:
-        done = await asyncio.wrap_future(job)
+        results = await asyncio.wrap_future(job)
     finally:
         watcher.cancel()
         if not job.done():
             cancel.set()
-    results = [done] if req.n == 1 else done
     for generation in generations:
         state.record(generation)
-    if key is not None and state.cache is not None and req.n == 1:
+    if key is not None and state.cache is not None:  # replayable: one choice
         state.cache.put(key, CachedAnswer((results[0].text,), results[0].finish_reason, *usage_counts(results[0])))
     choices = []
     for index, (answer, result) in enumerate(zip(answers, results, strict=True)):

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -25,6 +25,8 @@ from lmpack.runtime.textstream import IncrementalDecoder, StopMatcher
 
 if TYPE_CHECKING:
     from lmpack.runtime.sessions import DecoderRunner
+
+T = TypeVar("T")
 
 
 class TokenModel(Protocol):
@@ -124,6 +126,31 @@ class Decoding:
         return tail
 
 
+def side_by_side(jobs: list[Callable[[], T]]) -> list[T]:
+    """Run `jobs` at once, each in a thread of its own (one alone runs on this thread), and return their results
+    in order; the first failure is raised here once all have ended. n choices of one request decode this way, so
+    the batcher (or the solo loop) gets them together."""
+    if len(jobs) == 1:
+        return [jobs[0]()]
+    results: list[Any] = [None] * len(jobs)
+    failures: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = jobs[index]()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"lmpack-choice-{i}") for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return results
+
+
 class GenerationLoop(Protocol):
     """Runs generations: `run` yields one generation's text deltas and sets its finish_reason and timings."""
 
@@ -185,7 +212,7 @@ class Generation:
             yield None
         logits = runner.step(rest[(len(rest) - 1) // size * size :], cache)
         if self.prefix_cache is not None:
-            self.prefix_cache.store(self.prompt_ids, cache.values, known=self.cached_tokens)
+            self.prefix_cache.store(self.prompt_ids, cache, known=self.cached_tokens)
         yield cache, logits
 
     @property

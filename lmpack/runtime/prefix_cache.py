@@ -16,9 +16,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
+
+from lmpack.runtime.sessions import KVCache
 
 # Tokens a reused prefix is counted in. Smaller blocks find longer prefixes but keep more keys; vLLM's default is
 # 16 on a GPU, where a block is a page of its KV pool; here a block is only a unit of lookup, so 64 keeps the
@@ -83,14 +84,14 @@ class PrefixCache:
             self.misses += 1
             return None
 
-    def store(self, ids: Sequence[int], values: dict[str, Any], *, known: int = 0) -> None:
-        """Keep the rows of `ids`' whole blocks from `values` (a prefilled cache's pasts, numpy or OrtValues), unless
-        no more than `known` of them (already found in the cache) would be new."""
+    def store(self, ids: Sequence[int], cache: KVCache, *, known: int = 0) -> None:
+        """Keep the rows of `ids`' whole blocks from `cache` (just prefilled with them), unless no more than `known`
+        of them (already found in the cache) would be new."""
         boundaries = self._boundaries(ids)
         if not boundaries or boundaries[-1][0] <= known:
             return
         length = boundaries[-1][0]
-        rows = {name: _host(value)[:, :, :length].copy() for name, value in values.items()}
+        rows = {name: array.copy() for name, array in cache.past(length).items()}
         nbytes = sum(array.nbytes for array in rows.values())
         if nbytes > self.max_bytes:
             return
@@ -107,7 +108,3 @@ class PrefixCache:
                 for key in dropped.keys:
                     if self._index.get(key, (None,))[0] not in self._entries:
                         self._index.pop(key, None)
-
-
-def _host(value: Any) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else value.numpy()

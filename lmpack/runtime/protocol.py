@@ -199,6 +199,7 @@ def _logprobs(body: dict, *, chat: bool) -> int | None:
 def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_tokens_limit: int) -> GenerationRequest:
     """Check a completions (chat=False) or chat completions body; the sampling bounds are checked here too."""
     _refuse_unsupported(body)
+    n = body.get("n") or 1  # checked there: a positive integer, or absent
     names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     max_tokens, max_name = None, "max_tokens"
     for name in names:
@@ -242,7 +243,7 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
             include_usage=include_usage,
             messages=messages,
             tools=tools,
-            n=body.get("n") or 1,
+            n=n,
         )
     for name in ("tools", "tool_choice"):
         if body.get(name) not in (None, [], "none"):
@@ -258,7 +259,7 @@ def parse_generation(body: dict, *, chat: bool, defaults: dict[str, Any], max_to
         prompt_ids=prompt_ids,
         parse_special=parse_special,
         echo=_field(body, "echo", (bool,), False, what="true or false"),
-        n=body.get("n") or 1,
+        n=n,
     )
 
 

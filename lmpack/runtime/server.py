@@ -137,6 +137,15 @@ class ServerState:
             )
         return self.engine
 
+    async def decoder_request(self, request: Request) -> tuple[DecoderEngine, dict[str, Any]]:
+        """What every text-generation route does first: the key, readiness, the model's task, the body, its model."""
+        self.authorize(request)
+        self.require_ready()
+        engine = self.decoder()
+        body = await read_json(request, limit=self.settings.max_body_bytes)
+        check_model(body, self.model_names)
+        return engine, body
+
     async def admit(self) -> Slot:
         try:
             return await self.admission.acquire()
@@ -320,11 +329,7 @@ async def detokenize(request: Request) -> Response:
 
 async def _token_route(request: Request, answer: Callable[[DecoderEngine, dict], dict]) -> Response:
     state = _state(request)
-    state.authorize(request)
-    state.require_ready()
-    engine = state.decoder()
-    body = await read_json(request, limit=state.settings.max_body_bytes)
-    check_model(body, state.model_names)
+    engine, body = await state.decoder_request(request)
     result = await asyncio.get_running_loop().run_in_executor(None, answer, engine, body)
     return JSONResponse(result)
 

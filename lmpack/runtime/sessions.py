@@ -76,12 +76,14 @@ class KVCache:
     # while the old and new buffers are both resident; positions not yet written take no memory (mapped_zeros).
     room: int = 0
 
+    def past(self, length: int | None = None) -> dict[str, np.ndarray]:
+        """The first `length` positions (all it holds when None) of each past, as arrays: views, not copies."""
+        end = self.length if length is None else length
+        return {name: _as_array(value)[:, :, :end] for name, value in self.values.items()}
+
     def copy(self) -> KVCache:
         """An independent cache holding the same past (n choices of one prompt each go on from its prefill)."""
-        values = {
-            name: np.array(value if isinstance(value, np.ndarray) else value.numpy(), copy=True)
-            for name, value in self.values.items()
-        }
+        values = {name: array.copy() for name, array in self.past().items()}
         return KVCache(length=self.length, values=values, room=self.room)
 
 
@@ -150,7 +152,7 @@ class BatchKV:
 
     def join(self, cache: KVCache) -> None:
         """Add one prefilled sequence as the last row; the narrower side is padded with masked zeros."""
-        new = {name: _as_array(value)[:, :, : cache.length] for name, value in cache.values.items()}
+        new = cache.past()
         if self.padding == "right":
             width = max(self.width if self.lengths else 0, cache.length)
             self._reserve(self.size + 1, max(width + 1, cache.room), new)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any
 from starlette.responses import JSONResponse, Response
 
 from lmpack.runtime.cache import CachedAnswer, usage_counts
-from lmpack.runtime.generation import Generation
+from lmpack.runtime.generation import Generation, side_by_side
 from lmpack.runtime.http import GuardedStream, sse
 from lmpack.runtime.logprobs import TokenLogprob
 from lmpack.runtime.protocol import ApiError, choice_body, chunk_body, completion_body, new_id, usage
@@ -143,7 +144,7 @@ def live_stream(
     prepare: Callable[[], None] = lambda: None,
 ) -> Response:
     """Generations streamed as they run: a worker pushes their deltas onto the loop; a client that leaves cancels
-    them. Several choices (n > 1) decode side by side, each in a thread of its own after `prepare` (their shared
+    them. Several choices (n > 1) decode side by side (generation.side_by_side) after `prepare` (their shared
     prefill), and their chunks interleave, told apart by `index`. With a choice's tool_stream, its calls come as one
     `tool_calls` delta each, before its finish chunk (finish_reason "tool_calls")."""
     started, loop = time.perf_counter(), asyncio.get_running_loop()
@@ -180,24 +181,7 @@ def live_stream(
     def work() -> None:
         try:
             prepare()
-            if len(choices) == 1:
-                run(0)
-            else:
-                failures: list[BaseException] = []
-
-                def guarded(index: int) -> None:
-                    try:
-                        run(index)
-                    except BaseException as exc:  # pushed once, below, as the stream's one error
-                        failures.append(exc)
-
-                threads = [threading.Thread(target=guarded, args=(i,)) for i in range(len(choices))]
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
-                if failures:
-                    raise failures[0]
+            side_by_side([functools.partial(run, index) for index in range(len(choices))])
             prompt_tokens = choices[0].generation.prompt_tokens
             push(("end", (prompt_tokens, sum(choice.generation.completion_tokens for choice in choices))))
         except Exception as exc:  # an engine failure mid-stream: the client gets an error event

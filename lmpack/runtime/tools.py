@@ -40,6 +40,11 @@ class ToolRequest:
     parallel: bool = True  # OpenAI's parallel_tool_calls: false allows one call per answer
 
     @property
+    def offered(self) -> bool:
+        """Whether the model is shown the tools and its answer read for calls (not with tool_choice "none")."""
+        return self.choice != "none"
+
+    @property
     def names(self) -> list[str]:
         return [tool["function"]["name"] for tool in self.tools]
 

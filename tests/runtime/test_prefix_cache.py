@@ -10,6 +10,7 @@ import pytest
 from lmpack.runtime.engine import DecoderEngine
 from lmpack.runtime.prefix_cache import PrefixCache
 from lmpack.runtime.sampling import SamplingParams
+from lmpack.runtime.sessions import KVCache
 from lmpack.runtime.variant import load_variant
 
 SYSTEM = "You are a railway historian. " * 12  # a system prompt of a few blocks at the tiny model's vocabulary
@@ -19,10 +20,14 @@ def _values(length: int, fill: float = 1.0) -> dict[str, np.ndarray]:
     return {"past.0.key": np.full((1, 2, length, 4), fill, dtype=np.float32)}
 
 
+def _prefilled(length: int) -> KVCache:
+    return KVCache(length=length, values=_values(length))
+
+
 def test_the_longest_cached_prefix_is_found_by_whole_blocks():
     cache = PrefixCache(max_bytes=1 << 20, block=8)
     first = list(range(30))
-    cache.store(first, _values(30))  # blocks of 8 before the last token: 24 tokens kept
+    cache.store(first, _prefilled(30))  # blocks of 8 before the last token: 24 tokens kept
     hit = cache.lookup(first)
     assert hit is not None and hit.length == 24 and hit.values["past.0.key"].shape == (1, 2, 24, 4)
     shares_two_blocks = list(range(19)) + [999] * 10
@@ -38,10 +43,10 @@ def test_least_recently_used_prefixes_leave_first_within_the_budget():
     entry_bytes = _values(16)["past.0.key"].nbytes
     cache = PrefixCache(max_bytes=2 * entry_bytes, block=8)
     prompts = [[p] * 20 for p in range(3)]
-    cache.store(prompts[0], _values(20))
-    cache.store(prompts[1], _values(20))
+    cache.store(prompts[0], _prefilled(20))
+    cache.store(prompts[1], _prefilled(20))
     assert cache.lookup(prompts[0]) is not None  # used: now the most recent
-    cache.store(prompts[2], _values(20))  # over budget: prompts[1] goes
+    cache.store(prompts[2], _prefilled(20))  # over budget: prompts[1] goes
     assert cache.bytes <= cache.max_bytes and cache.entries == 2
     assert cache.lookup(prompts[1]) is None and cache.lookup(prompts[0]) and cache.lookup(prompts[2])
 
