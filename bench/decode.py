@@ -1,7 +1,7 @@
 """Single-stream decode speed of lmpack's runtime against its peers, side by side in one run.
 
     python bench/decode.py lmpack:dist/VARIANT_INT8 lmpack:dist/VARIANT_INT4 \
-        transformers:HF_DIR genai:GENAI_MODEL_DIR llamacpp:FILE.gguf [--tokens 128] [--repeat 3]
+        transformers:HF_DIR genai:GENAI_MODEL_DIR llamacpp:FILE.gguf openvino:OV_MODEL_DIR [--tokens 128] [--repeat 3]
 
 Each engine runs in its own process (so peak RSS and cold start are its own) and loads its model once,
 then generates --repeat times with 2 threads, greedy decoding, the same prompt and the same number of
@@ -130,9 +130,40 @@ def _llamacpp(path: str, tokens: int, threads: int):
     return run
 
 
+def _openvino(path: str, tokens: int, threads: int):
+    """OpenVINO GenAI's LLMPipeline on a model exported by optimum-intel (bench/README.md says how). Its own
+    performance counters split the time: time to first token is the prefill (with the first token, as for the
+    other engines), the rest is decode."""
+    import openvino_genai as ov_genai
+
+    pipe = ov_genai.LLMPipeline(path, "CPU", INFERENCE_NUM_THREADS=threads)
+    config = ov_genai.GenerationConfig()
+    config.max_new_tokens = config.min_new_tokens = tokens
+    config.do_sample = False
+    config.apply_chat_template = False  # the same raw prompt as every other engine
+
+    def run() -> dict:
+        metrics = pipe.generate([PROMPT], config).perf_metrics
+        prefill = metrics.get_ttft().mean / 1000
+        return {
+            "new_tokens": metrics.get_num_generated_tokens(),
+            "prompt_tokens": metrics.get_num_input_tokens(),
+            "prefill_s": prefill,
+            "decode_s": metrics.get_generate_duration().mean / 1000 - prefill,
+        }
+
+    return run
+
+
 # Each loads its model once and returns a function that runs one generation, so --repeat measures the
 # same loaded engine again (and peak RSS is one engine's, not two overlapping while the first is freed).
-ENGINES = {"lmpack": _lmpack, "transformers": _transformers, "genai": _genai, "llamacpp": _llamacpp}
+ENGINES = {
+    "lmpack": _lmpack,
+    "transformers": _transformers,
+    "genai": _genai,
+    "llamacpp": _llamacpp,
+    "openvino": _openvino,
+}
 
 
 def _child(engine: str, path: str, tokens: int, threads: int, repeat: int) -> None:
@@ -186,7 +217,9 @@ def weights_bytes(path: str) -> int:
     return sum(
         f.stat().st_size
         for f in p.rglob("*")
-        if f.suffix in (".onnx", ".data", ".safetensors") or f.name.endswith((".onnx.data", ".onnx_data"))
+        if f.suffix in (".onnx", ".data", ".safetensors")
+        or f.name.endswith((".onnx.data", ".onnx_data"))
+        or f.name == "openvino_model.bin"  # not the tokenizer's openvino_tokenizer.bin beside it
     )
 
 
