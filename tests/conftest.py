@@ -170,6 +170,19 @@ def llama_variant_optimum(request, tmp_path_factory) -> Path:
     return _build(request, "tiny_llama", out, profile=str(out / "int8-optimum.toml"))
 
 
+@pytest.fixture(scope="session")
+def llama_variant_fp16_kv(request, tmp_path_factory) -> Path:
+    """The tiny Llama's int8 variant with its KV cache in fp16 (the quantize step's kv_cache = "fp16")."""
+    out = tmp_path_factory.mktemp("variants-fp16-kv")
+    if RUNTIME_ONLY:
+        return write_decoder_variant(out / "tiny-llama-int8-fp16-kv", layout="right", kv_cache="fp16")
+    profile = (REPO / "profiles" / "int8.toml").read_text().replace('name = "int8"', 'name = "int8-fp16-kv"')
+    profile = profile.replace("embedding_bits = 8\n", 'embedding_bits = 8\nkv_cache = "fp16"\n')
+    assert 'kv_cache = "fp16"' in profile
+    (out / "int8-fp16-kv.toml").write_text(profile)
+    return _build(request, "tiny_llama", out, profile=str(out / "int8-fp16-kv.toml"))
+
+
 @pytest.fixture
 def model_copy(tiny_llama, tmp_path):
     """An editable copy of tiny_llama: model_copy("name", files={"onnx/model.onnx": b"..."}, drop=("config.json",))."""

@@ -390,6 +390,49 @@ def test_fp16_path_runs_where_the_target_allows_it(tiny_llama, session_cache, tm
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in initializers)
 
 
+def test_an_fp16_kv_cache_halves_the_caches_and_keeps_the_answers(
+    llama_variant, llama_variant_fp16_kv, tiny_llama, session_cache, tmp_path
+):
+    """kv_cache = "fp16": every attention's past and present are fp16 in the graph and in the runtime's caches, the
+    report counts the layers, and the model still agrees with its fp32 reference as the fp32-cache variant does."""
+    from lmpack import api
+
+    model = onnx.load(str(llama_variant_fp16_kv / "model" / "model.onnx"), load_external_data=False)
+    caches = [v for v in [*model.graph.input, *model.graph.output] if v.name.startswith(("past_", "present."))]
+    assert caches and {v.type.tensor_type.elem_type for v in caches} == {onnx.TensorProto.FLOAT16}
+    report = json.loads((llama_variant_fp16_kv / "report.json").read_text())
+    steps = {s["step"]: s for s in report["steps"]}
+    assert steps["quantize"]["metrics"]["fp16_kv_cache_layers"] == 4  # the tiny Llama's layers
+    halved, full = report["quality"], json.loads((llama_variant / "report.json").read_text())["quality"]
+    assert halved["gate"] == "passed"
+    assert (
+        abs(halved["kl_mean"] - full["kl_mean"]) < 0.01
+        and abs(halved["top1_agreement"] - full["top1_agreement"]) < 0.05
+    )
+    prompt = "What is the capital of France?"
+    assert (
+        api.generate(llama_variant_fp16_kv, prompt, max_tokens=16).text
+        == api.generate(llama_variant, prompt, max_tokens=16).text
+    )
+
+    # an optimum graph has no GroupQueryAttention to give an fp16 cache: the build says so and names the exporter
+    profile = (Path(__file__).parents[1] / "profiles" / "int8.toml").read_text()
+    profile = profile.replace('name = "export"\n', 'name = "export"\nexporter = "optimum"\n')
+    profile = profile.replace("embedding_bits = 8\n", 'embedding_bits = 8\nkv_cache = "fp16"\n')
+    (tmp_path / "optimum-fp16-kv.toml").write_text(profile)
+    result = build(
+        str(tiny_llama),
+        "--target",
+        "cpu-x86",
+        "--profile",
+        str(tmp_path / "optimum-fp16-kv.toml"),
+        "-o",
+        str(tmp_path),
+        cache=session_cache,
+    )
+    assert result.exit_code != 0 and "GroupQueryAttention (onnxruntime-genai's exporter)" in result.output
+
+
 def test_build_can_emit_a_bundle(tiny_llama, session_cache, tmp_path):
     result = build(
         str(tiny_llama),

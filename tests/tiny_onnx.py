@@ -185,6 +185,18 @@ def _decoder(path: Path, *, vocab: int, layers: int, layout: str, banned: list[i
     g.save(path, "tiny-decoder", inputs, outputs, contrib=layout == "right")
 
 
+def _halve_kv_cache(path: Path) -> None:
+    import onnx
+
+    from lmpack.steps.kv_cache import kv_cache_fp16
+
+    model = onnx.load(str(path))
+    kv_cache_fp16(model)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data"
+    )
+
+
 def _left_mask(g: _Graph, one: str) -> str:
     """[batch, 1, new, total] additive mask: 0 where a new position may attend (causal, not padding), else -1e9."""
     from onnx import TensorProto
@@ -294,8 +306,11 @@ def _finish_variant(root: Path, model: Path, *, task: str) -> Path:
     return root
 
 
-def write_decoder_variant(root: Path, *, layout: str = "right", layers: int = 2, seed: int = 0) -> Path:
-    """A text-generation variant directory at `root` (which must not exist) with the given KV layout."""
+def write_decoder_variant(
+    root: Path, *, layout: str = "right", layers: int = 2, seed: int = 0, kv_cache: str = "fp32"
+) -> Path:
+    """A text-generation variant directory at `root` (which must not exist) with the given KV layout; kv_cache
+    "fp16" rewrites the right-padded graph as the quantize step does (lmpack.steps.kv_cache)."""
     tokenizer = train_bpe(512)
     vocab = tokenizer.get_vocab_size()
     # special tokens, and byte tokens that are not printable ASCII on their own, are never generated
@@ -303,6 +318,8 @@ def write_decoder_variant(root: Path, *, layout: str = "right", layers: int = 2,
     model = root.parent / f".{root.name}-model"
     model.mkdir(parents=True)
     _decoder(model / "model.onnx", vocab=vocab, layers=layers, layout=layout, banned=banned, seed=seed)
+    if kv_cache == "fp16":
+        _halve_kv_cache(model / "model.onnx")
     tokenizer.save(str(model / "tokenizer.json"))
     _write_json(
         model / "tokenizer_config.json",

@@ -14,6 +14,7 @@ from lmpack.bundle.variant_dir import MODEL_INFO
 from lmpack.errors import PlanError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
 from lmpack.steps.export import onnx_model_path, read_model_info
+from lmpack.steps.kv_cache import kv_cache_fp16
 from lmpack.steps.onnx_graph import (
     fold_transposed_weights,
     fuse_sibling_matmul_nbits,
@@ -49,6 +50,14 @@ class QuantizeParams:
     # (in a packed QKV too) and MLP down projection, in the first and last eighth of the layers and every third
     # layer between, at this width; 0 = same as `bits`. docs/build.md, "The int4 profile", has the measurements.
     sensitive_bits: Literal[0, 8] = 0
+    # The KV cache's element type: fp16 halves each sequence's cache (steps/kv_cache.py; GroupQueryAttention graphs,
+    # that is onnxruntime-genai's export, with the matmul_nbits method; docs/serving.md, "KV cache precision").
+    kv_cache: Literal["fp32", "fp16"] = "fp32"
+
+    def validate(self) -> str | None:
+        if self.kv_cache == "fp16" and self.method != "matmul_nbits":
+            return f'kv_cache = "fp16" goes with method = "matmul_nbits", not {self.method!r}'
+        return None
 
 
 class QuantizeStep(Step):
@@ -92,6 +101,7 @@ class QuantizeStep(Step):
                     "embedding_bits": self.params.embedding_bits,
                     "head_bits": self.params.head_bits or self.params.bits,
                     "sensitive_bits": self.params.sensitive_bits or self.params.bits,
+                    "kv_cache": self.params.kv_cache,
                 }
                 if method == "matmul_nbits"
                 else {}
@@ -154,6 +164,7 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
         share_head_with_embedding(model, shared)
     embeddings = quantize_embeddings_int8(model) if params.embedding_bits == 8 else 0
     fused = fuse_sibling_matmul_nbits(model)
+    fp16_caches = kv_cache_fp16(model) if params.kv_cache == "fp16" else 0
     save_model(model, dst)
     ops = [n.op_type for n in model.graph.node]
     return {
@@ -164,6 +175,7 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
         "folded_transposes": folded,
         "embedding_shares_head": bool(shared),
         "fused_matmuls": fused,
+        "fp16_kv_cache_layers": fp16_caches,
     }
 
 

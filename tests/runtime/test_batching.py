@@ -58,14 +58,14 @@ def _unbatched(engine: DecoderEngine, prompt: str, steps: int) -> tuple[list[int
     return tokens, logits
 
 
-@pytest.mark.parametrize("variant_fixture", ["llama_variant", "llama_variant_optimum"])
+@pytest.mark.parametrize("variant_fixture", ["llama_variant", "llama_variant_optimum", "llama_variant_fp16_kv"])
 def test_padded_batch_steps_give_the_unbatched_logits(variant_fixture, request):
     """Rows of different lengths, padded and masked, fed the unbatched tokens: same logits, same argmax;
     rows leaving mid-way do not disturb the rest. onnxruntime-genai's graph (right-padded rows, each
-    attending to its own length only) is bit for bit; optimum's (left-padded, attending over the padded
-    window) is bit for bit where the padding is a multiple of EXACT_ALIGN."""
+    attending to its own length only) is bit for bit, with its KV cache in fp16 too; optimum's (left-padded,
+    attending over the padded window) is bit for bit where the padding is a multiple of EXACT_ALIGN."""
     engine = DecoderEngine(load_variant(request.getfixturevalue(variant_fixture)), threads=1)
-    expected_padding = "right" if variant_fixture == "llama_variant" else "left"
+    expected_padding = "left" if variant_fixture == "llama_variant_optimum" else "right"
     assert engine.runner.kv_padding == expected_padding
     lengths = [len(engine.encode_prompt(p)) for p in PROMPTS]
     assert len(set(lengths)) > 1 and len({n % EXACT_ALIGN for n in lengths}) > 1, lengths
@@ -76,6 +76,8 @@ def test_padded_batch_steps_give_the_unbatched_logits(variant_fixture, request):
         engine.runner.step(engine.encode_prompt(prompt), cache)
         batch.join(cache)
     assert batch.width == max(lengths) and batch.mask.sum() == sum(lengths)
+    expected_kv = np.float16 if variant_fixture == "llama_variant_fp16_kv" else np.float32
+    assert {past.dtype for past in batch.values.values()} == {np.dtype(expected_kv)}
     for step in range(11):
         if step == 5:  # the longest prompt's row leaves: the batch narrows (left: by a multiple of EXACT_ALIGN)
             rows = [0, 1, 2]
