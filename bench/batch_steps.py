@@ -1,8 +1,10 @@
 """What a batched decode step costs against a one-row step, in one process: the ceiling of batching.
 
-    python bench/batch_steps.py dist/smollm2-135m-8k-lc100k-mix1-ep2-cpu-x86-int8 [--rows 1 2 4 8] [--rounds 3]
+    python bench/batch_steps.py dist/smollm2-135m-8k-lc100k-mix1-ep2-cpu-x86-int8 [--rows 1 2 4 8] [--rounds 3] \
+        [--prompt-tokens 40]
 
-For each row count it prefills that many random prompts (40, 43, 46, ... tokens), joins them into one
+For each row count it prefills that many random prompts (40, 43, 46, ... tokens; --prompt-tokens sets the
+first, so long pasts show what attention and the KV cache's precision cost), joins them into one
 batch and times 30 batched steps; the best of --rounds rounds (the row counts taking turns) is kept.
 Prints ms a step, tokens/s, and tokens/s against one row: what 8 concurrent clients could reach at
 best, before prefills, HTTP and the clients' own work.
@@ -20,11 +22,11 @@ from lmpack.runtime.select import prepare_variant
 from lmpack.runtime.sessions import DecoderRunner, KVCache
 
 
-def step_ms(runner: DecoderRunner, rows: int, rng: np.random.Generator, steps: int = 30) -> float:
+def step_ms(runner: DecoderRunner, rows: int, rng: np.random.Generator, prompt: int, steps: int = 30) -> float:
     batch = runner.new_batch()
     for i in range(rows):
         cache = KVCache()
-        runner.step(rng.integers(100, 2000, 40 + 3 * i).tolist(), cache)
+        runner.step(rng.integers(100, 2000, prompt + 3 * i).tolist(), cache)
         batch.join(cache)
     tokens = [5] * rows
     runner.step_batch(tokens, batch)
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=40)
     args = parser.parse_args()
     variant = prepare_variant(args.variant)
     runner = DecoderRunner(variant.onnx_path, threads=args.threads, kv_padding=variant.info.get("kv_padding", "left"))
@@ -47,7 +50,7 @@ def main() -> None:
     best = {rows: float("inf") for rows in args.rows}
     for _ in range(args.rounds):
         for rows in args.rows:
-            best[rows] = min(best[rows], step_ms(runner, rows, rng))
+            best[rows] = min(best[rows], step_ms(runner, rows, rng, args.prompt_tokens))
     one = best[min(args.rows)] / min(args.rows)
     print("| rows | ms a step | tokens/s | against one row |")
     print("|---|---|---|---|")

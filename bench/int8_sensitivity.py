@@ -2,6 +2,7 @@
 alone (fp32 compute), and llama.cpp's own q8_0 against its f32 on the same tokens, for scale.
 
     python bench/int8_sensitivity.py FP32_VARIANT_DIR [--llamacpp F32.gguf Q8_0.gguf] [--tokens-per-domain 1024]
+    python bench/int8_sensitivity.py --llamacpp F32.gguf Q4_K_M.gguf     # llama.cpp's row alone, any quantization
 
 FP32_VARIANT_DIR is an fp32 build (`lmpack build MODEL --target cpu-x86 --profile fp32`): the reference, and the
 graph each row quantizes as the int8 profile does (MatMulNBits, 8 bits, blocks of 32 with zero points, int8
@@ -139,17 +140,19 @@ def row(label: str, r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variant", type=Path, help="an fp32 variant directory (the reference)")
-    parser.add_argument("--llamacpp", nargs=2, type=Path, metavar=("REFERENCE_GGUF", "Q8_0_GGUF"))
+    parser.add_argument("variant", type=Path, nargs="?", help="an fp32 variant directory (the reference)")
+    parser.add_argument("--llamacpp", nargs=2, type=Path, metavar=("REFERENCE_GGUF", "QUANTIZED_GGUF"))
     parser.add_argument("--tokens-per-domain", type=int, default=1024)
     args = parser.parse_args()
+    if not args.variant and not args.llamacpp:
+        parser.error("name an fp32 variant, --llamacpp, or both")
     print("| variant | tokens | top-1 | KL mean / p99 | perplexity |\n|---|---|---|---|---|")
-    lmpack_rows(args.variant, args.tokens_per_domain)
+    if args.variant:
+        lmpack_rows(args.variant, args.tokens_per_domain)
     if args.llamacpp:
-        reference, q8 = args.llamacpp
-        print(
-            row(f"llama.cpp: {q8.name} against {reference.name}", llamacpp_row(reference, q8, args.tokens_per_domain))
-        )
+        reference, quantized = args.llamacpp
+        measured = llamacpp_row(reference, quantized, args.tokens_per_domain)
+        print(row(f"llama.cpp: {quantized.name} against {reference.name}", measured))
 
 
 if __name__ == "__main__":
