@@ -223,25 +223,11 @@ def weights_bytes(path: str) -> int:
     )
 
 
-def measure(engine: str, path: str, *, tokens: int, threads: int, repeat: int) -> dict:
-    """One engine in its own process: its best run, or {"skipped": why} / {"failed": why}."""
-    if engine not in ENGINES:
-        raise SystemExit(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+def run_child(args: list[str], threads: int) -> dict:
+    """`python ARGS` in a process of its own with `threads` threads: the last JSON line it prints, or
+    {"failed": its last line of stderr}."""
     child = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--child",
-            engine,
-            path,
-            "--tokens",
-            str(tokens),
-            "--threads",
-            str(threads),
-            "--repeat",
-            str(repeat),
-            "x",
-        ],
+        [sys.executable, *args],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": str(threads)},
@@ -249,7 +235,17 @@ def measure(engine: str, path: str, *, tokens: int, threads: int, repeat: int) -
     lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
     if child.returncode != 0 or not lines:
         return {"failed": (child.stderr.strip().splitlines() or ["no output"])[-1]}
-    result = json.loads(lines[-1])
+    return json.loads(lines[-1])
+
+
+def measure(engine: str, path: str, *, tokens: int, threads: int, repeat: int) -> dict:
+    """One engine in its own process: its best run, or {"skipped": why} / {"failed": why}."""
+    if engine not in ENGINES:
+        raise SystemExit(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    options = ["--tokens", str(tokens), "--threads", str(threads), "--repeat", str(repeat)]
+    result = run_child([__file__, "--child", engine, path, *options, "x"], threads)
+    if "failed" in result:
+        return result
     if "skipped" not in result:
         result["weights_bytes"] = weights_bytes(path)
         result["decode_tok_s"] = (result["new_tokens"] - 1) / result["decode_s"]

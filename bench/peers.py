@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from concurrency import CLIENT, PROMPTS, at_once, server  # noqa: E402
-from decode import bandwidth_gbs, measure, peak_rss_mb, weights_bytes  # noqa: E402
+from decode import bandwidth_gbs, measure, peak_rss_mb, run_child, weights_bytes  # noqa: E402
 
 GOAL_PEER_RATIO, GOAL_SCALING, GOAL_COLD_START_S = 1.25, 3.0, 3.0
 # Peak RSS over the model file: 1.5x at 135M, where onnxruntime's fixed memory weighs; 1.3x at 1B+ (--rss-goal).
@@ -193,17 +193,8 @@ print(json.dumps({"clients": [{"clients": count, "tokens_per_s": rate} for count
 
 def openvino_batch(path: str, *, clients: list[int], tokens: int, threads: int, rounds: int) -> dict:
     """OpenVINO GenAI's in-process continuous batching on the same prompts: total tokens/s by batch size."""
-    done = subprocess.run(
-        [sys.executable, "-c", _OPENVINO_BATCH, path, str(threads), str(tokens), str(rounds)]
-        + [json.dumps(clients), json.dumps(PROMPTS)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        return {"failed": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1])
+    arguments = [str(threads), str(tokens), str(rounds), json.dumps(clients), json.dumps(PROMPTS)]
+    return run_child(["-c", _OPENVINO_BATCH, path, *arguments], threads)
 
 
 def goals(
