@@ -50,7 +50,7 @@ def kv_cache_fp16(model) -> int:
                     graph.initializer.append(numpy_helper.from_array(table, f"{name}_fp16"))
                     halved[name] = f"{name}_fp16"
                 node.input[index] = halved[name]
-        caches.update(node.input[index] for index in _PAST if node.input[index])
+        caches.update(node.input[index] for index in _PAST if index < len(node.input) and node.input[index])
         caches.update(name for name in node.output[1:3] if name)
         output = node.output[0]
         node.output[0] = f"{output}/lmpack_fp16"
