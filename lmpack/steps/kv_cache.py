@@ -25,9 +25,10 @@ def kv_cache_fp16(model) -> int:
     A graph without GroupQueryAttention (optimum's export) cannot take it: StepError names the exporter that can."""
     from onnx import TensorProto, helper, numpy_helper
 
+    from lmpack.steps.onnx_graph import drop_unused_initializers
+
     graph = model.graph
-    attention = [node for node in graph.node if node.op_type == GQA]
-    if not attention:
+    if not any(node.op_type == GQA for node in graph.node):
         raise StepError(
             "an fp16 KV cache needs a graph with GroupQueryAttention (onnxruntime-genai's exporter); this "
             "graph has none",
@@ -35,43 +36,38 @@ def kv_cache_fp16(model) -> int:
     initializers = {init.name: init for init in graph.initializer}
     halved: dict[str, str] = {}  # an fp32 rotary table -> its fp16 copy, shared by every layer that reads it
     caches: set[str] = set()
-    added = []
-    for node in attention:
-        for index in _ACTIVATIONS:
-            if index < len(node.input) and node.input[index]:
-                cast = f"{node.input[index]}/lmpack_fp16"
-                added.append((node, helper.make_node("Cast", [node.input[index]], [cast], to=TensorProto.FLOAT16)))
-                node.input[index] = cast
-        for index in _ROTARY:
-            name = node.input[index] if index < len(node.input) else ""
-            if name and name in initializers:
+    order, rewritten = [], 0  # the node list with each attention's casts around it, in topological order
+    for node in graph.node:
+        if node.op_type != GQA:
+            order.append(node)
+            continue
+        rewritten += 1
+        for index in _given(node, _ACTIVATIONS):
+            cast = f"{node.input[index]}/lmpack_fp16"
+            order.append(helper.make_node("Cast", [node.input[index]], [cast], to=TensorProto.FLOAT16))
+            node.input[index] = cast
+        for index in _given(node, _ROTARY):
+            name = node.input[index]
+            if name in initializers:
                 if name not in halved:
                     table = numpy_helper.to_array(initializers[name]).astype(np.float16)
                     graph.initializer.append(numpy_helper.from_array(table, f"{name}_fp16"))
                     halved[name] = f"{name}_fp16"
                 node.input[index] = halved[name]
-        caches.update(node.input[index] for index in _PAST if index < len(node.input) and node.input[index])
+        caches.update(node.input[index] for index in _given(node, _PAST))
         caches.update(name for name in node.output[1:3] if name)
         output = node.output[0]
         node.output[0] = f"{output}/lmpack_fp16"
-        added.append((node, helper.make_node("Cast", [node.output[0]], [output], to=TensorProto.FLOAT)))
+        order += [node, helper.make_node("Cast", [node.output[0]], [output], to=TensorProto.FLOAT)]
+    del graph.node[:]
+    graph.node.extend(order)
     for value in [*graph.input, *graph.output]:
         if value.name in caches:
             value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    _insert_casts(graph, added)
-    still_used = {name for node in graph.node for name in node.input}
-    for name in halved:
-        if name not in still_used:
-            graph.initializer.remove(initializers[name])
-    return len(attention)
+    drop_unused_initializers(model)  # the fp32 rotary tables, now that every layer reads the fp16 copies
+    return rewritten
 
 
-def _insert_casts(graph, added) -> None:
-    """Each Cast beside its attention node: the input casts before it, the output cast after, so the node list
-    stays in topological order."""
-    order = list(graph.node)
-    for attention, cast in added:
-        at = order.index(attention)
-        order.insert(at if cast.output[0] in attention.input else at + 1, cast)
-    del graph.node[:]
-    graph.node.extend(order)
+def _given(node, indices: tuple[int, ...]) -> list[int]:
+    """Those of `indices` where `node` has an input (an optional one left out is missing or empty)."""
+    return [index for index in indices if index < len(node.input) and node.input[index]]
