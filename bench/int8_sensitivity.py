@@ -59,38 +59,40 @@ def quantized(model, keep_fp32: str | None, level: int):
 
 
 def scores(reference: list[np.ndarray], candidate: list[np.ndarray], chunks: list[np.ndarray]) -> dict:
-    agree, kl, nll_reference, nll = [], [], [], []
+    """The quality gate's numbers (its Positions: top1_agreement, kl_mean, kl_p99, perplexity_increase) for
+    `candidate`'s log-probabilities against `reference`'s over the same windows."""
+    from lmpack.steps.validate import Positions
+
+    positions = Positions()
     for ref, cand, chunk in zip(reference, candidate, chunks, strict=True):
-        rows, following = np.arange(len(chunk) - 1), chunk[1:]
-        agree.append(ref.argmax(-1) == cand.argmax(-1))
-        kl.append(np.maximum((np.exp(ref) * (ref - cand)).sum(-1), 0.0))
-        nll_reference.append(-ref[rows, following])
-        nll.append(-cand[rows, following])
-    kl_all = np.concatenate(kl)
-    return {
-        "tokens": int(sum(len(a) for a in agree)),
-        "top1": float(np.concatenate(agree).mean()),
-        "kl_mean": float(kl_all.mean()),
-        "kl_p99": float(np.percentile(kl_all, 99)),
-        "perplexity_change": float(np.exp(np.concatenate(nll).mean() - np.concatenate(nll_reference).mean()) - 1),
-    }
+        positions.add(ref, cand, chunk)
+    return positions.summary()
 
 
-def lmpack_rows(variant: Path, tokens_per_domain: int) -> dict[str, dict]:
+def eval_windows(tokenizer_json: Path, tokens_per_domain: int) -> list[np.ndarray]:
+    """The gate's evaluation texts as windows of 256 tokens, `tokens_per_domain` of each text."""
     from tokenizers import Tokenizer
 
     from lmpack.data import eval_texts
-    from lmpack.steps.onnx_eval import DecoderRunner, log_softmax, windows
+    from lmpack.steps.onnx_eval import windows
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    return [c for t in eval_texts().values() for c in windows(tokenizer.encode(t).ids[:tokens_per_domain], 256)]
+
+
+def logprobs(graph: Path, chunks: list[np.ndarray]) -> list[np.ndarray]:
+    """Each window's next-token log-probabilities under the ONNX graph at `graph`."""
+    from lmpack.steps.onnx_eval import DecoderRunner, log_softmax
+
+    runner = DecoderRunner(graph)
+    return [log_softmax(runner.logits(c)[:-1]) for c in chunks]
+
+
+def lmpack_rows(variant: Path, tokens_per_domain: int) -> dict[str, dict]:
     from lmpack.steps.onnx_graph import load_model, save_model
 
-    tokenizer = Tokenizer.from_file(str(variant / "tokenizer.json"))
-    chunks = [c for t in eval_texts().values() for c in windows(tokenizer.encode(t).ids[:tokens_per_domain], 256)]
-
-    def logprobs(graph: Path) -> list[np.ndarray]:
-        runner = DecoderRunner(graph)
-        return [log_softmax(runner.logits(c)[:-1]) for c in chunks]
-
-    reference = logprobs(variant / "model.onnx")
+    chunks = eval_windows(variant / "tokenizer.json", tokens_per_domain)
+    reference = logprobs(variant / "model.onnx", chunks)
     base = load_model(variant / "model.onnx")
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
     found = {}
@@ -98,20 +100,20 @@ def lmpack_rows(variant: Path, tokens_per_domain: int) -> dict[str, dict]:
         scratch = Path(tempfile.mkdtemp(prefix="lmpack-int8-sensitivity-"))
         try:
             save_model(quantized(base, keep, int(level.split()[1])), scratch / "model.onnx")
-            found[label] = scores(reference, logprobs(scratch / "model.onnx"), chunks)
+            found[label] = scores(reference, logprobs(scratch / "model.onnx", chunks), chunks)
         finally:
             shutil.rmtree(scratch)
         print(row(f"lmpack: {label}", found[label]), flush=True)
     return found
 
 
-def llamacpp_row(reference_gguf: Path, q8_gguf: Path, tokens_per_domain: int) -> dict:
+def llamacpp_row(reference_gguf: Path, quantized_gguf: Path, tokens_per_domain: int) -> dict:
     from llama_cpp import Llama
 
     from lmpack.data import eval_texts
     from lmpack.steps.onnx_eval import log_softmax, windows
 
-    def logprobs(path: Path, chunks=None):
+    def llamacpp_logprobs(path: Path, chunks=None):  # llama.cpp's own tokens of the texts, unless given
         llm = Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, n_threads=2, verbose=False)
         if chunks is None:
             ids = [
@@ -126,15 +128,15 @@ def llamacpp_row(reference_gguf: Path, q8_gguf: Path, tokens_per_domain: int) ->
             out.append(log_softmax(np.array(llm.scores[: len(chunk) - 1], dtype=np.float32)))
         return out, chunks
 
-    reference, chunks = logprobs(reference_gguf)
-    candidate, _ = logprobs(q8_gguf, chunks)
+    reference, chunks = llamacpp_logprobs(reference_gguf)
+    candidate, _ = llamacpp_logprobs(quantized_gguf, chunks)
     return scores(reference, candidate, chunks)
 
 
 def row(label: str, r: dict) -> str:
     return (
-        f"| {label} | {r['tokens']} | {r['top1']:.4f} | {r['kl_mean']:.5f} / {r['kl_p99']:.4f} | "
-        f"{r['perplexity_change']:+.2%} |"
+        f"| {label} | {r['tokens']} | {r['top1_agreement']:.4f} | {r['kl_mean']:.5f} / {r['kl_p99']:.4f} | "
+        f"{r['perplexity_increase']:+.2%} |"
     )
 
 

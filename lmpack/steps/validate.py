@@ -120,16 +120,16 @@ def _compare_decoders(ref_dir: Path, opt_dir: Path, params: ValidateParams, *, t
     }
     reference = DecoderRunner(onnx_model_path(ref_dir), threads=threads)
     optimized = DecoderRunner(onnx_model_path(opt_dir), threads=threads)
-    found: dict[str, _Positions] = {}
+    found: dict[str, Positions] = {}
     with progress("comparing with the reference", sum(map(len, chunks.values()))) as advance:
         for domain, domain_chunks in chunks.items():
-            positions = found[domain] = _Positions()
+            positions = found[domain] = Positions()
             for chunk in domain_chunks:
                 positions.add(
                     log_softmax(reference.logits(chunk)[:-1]), log_softmax(optimized.logits(chunk)[:-1]), chunk
                 )
                 advance(1)
-    everything = _Positions.joined(found.values())
+    everything = Positions.joined(found.values())
     sanity = found[ENGLISH_PROSE].summary()["perplexity_reference"]
     return {
         **everything.summary(),
@@ -144,7 +144,7 @@ def _compare_decoders(ref_dir: Path, opt_dir: Path, params: ValidateParams, *, t
 
 
 @dataclasses.dataclass
-class _Positions:
+class Positions:
     """Per predicted position: the true next token's log-probability under each model, both top-1 choices, and the
     KL divergence KL(reference || optimized)."""
 
@@ -161,7 +161,7 @@ class _Positions:
         self.kl.append((np.exp(logp_reference) * (logp_reference - logp)).sum(axis=-1))
 
     @classmethod
-    def joined(cls, parts) -> _Positions:
+    def joined(cls, parts) -> Positions:
         whole = cls()
         for part in parts:
             for name in ("nll_reference", "nll", "agree", "kl"):
