@@ -136,6 +136,15 @@ def _build(request, model_fixture: str, out: Path, profile: str = "int8") -> Pat
     return api.build(str(model), target="cpu-x86", profile=profile, output_dir=out, cache_dir=cache).variant_dir
 
 
+def _build_int8_with(request, out: Path, name: str, after: str, line: str) -> Path:
+    """The tiny Llama built with a copy of the int8 profile named `name`, with `line` added after `after`."""
+    profile = (REPO / "profiles" / "int8.toml").read_text()
+    assert after in profile, after
+    profile = profile.replace('name = "int8"', f'name = "{name}"').replace(after, after + line)
+    (out / f"{name}.toml").write_text(profile)
+    return _build(request, "tiny_llama", out, profile=str(out / f"{name}.toml"))
+
+
 @pytest.fixture(scope="session")
 def llama_variant(request, tmp_path_factory) -> Path:
     """The tiny Llama built for cpu-x86 int8 (onnxruntime-genai's graph, right-padded batches): what the runtime,
@@ -161,13 +170,7 @@ def llama_variant_optimum(request, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("variants-optimum")
     if RUNTIME_ONLY:
         return write_decoder_variant(out / "tiny-llama-int8-optimum", layout="left")
-    profile = (REPO / "profiles" / "int8.toml").read_text()
-    profile = profile.replace('name = "int8"', 'name = "int8-optimum"').replace(
-        '[[steps]]\nname = "export"\n', '[[steps]]\nname = "export"\nexporter = "optimum"\n'
-    )
-    assert 'exporter = "optimum"' in profile
-    (out / "int8-optimum.toml").write_text(profile)
-    return _build(request, "tiny_llama", out, profile=str(out / "int8-optimum.toml"))
+    return _build_int8_with(request, out, "int8-optimum", '[[steps]]\nname = "export"\n', 'exporter = "optimum"\n')
 
 
 @pytest.fixture(scope="session")
@@ -176,11 +179,7 @@ def llama_variant_fp16_kv(request, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("variants-fp16-kv")
     if RUNTIME_ONLY:
         return write_decoder_variant(out / "tiny-llama-int8-fp16-kv", layout="right", kv_cache="fp16")
-    profile = (REPO / "profiles" / "int8.toml").read_text().replace('name = "int8"', 'name = "int8-fp16-kv"')
-    profile = profile.replace("embedding_bits = 8\n", 'embedding_bits = 8\nkv_cache = "fp16"\n')
-    assert 'kv_cache = "fp16"' in profile
-    (out / "int8-fp16-kv.toml").write_text(profile)
-    return _build(request, "tiny_llama", out, profile=str(out / "int8-fp16-kv.toml"))
+    return _build_int8_with(request, out, "int8-fp16-kv", "embedding_bits = 8\n", 'kv_cache = "fp16"\n')
 
 
 @pytest.fixture
