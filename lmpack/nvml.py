@@ -7,7 +7,7 @@ the driver or a GPU gets NvmlUnavailable with the reason instead.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -37,6 +37,18 @@ def nvml() -> Iterator[Any]:
             pynvml.nvmlShutdown()
         except Exception:
             pass
+
+
+def nvml_value(call: Callable[..., Any], *args: Any) -> Any:
+    """One NVML query, or None where this device does not answer it.
+
+    Facts are read one at a time because devices differ in what they answer: Jetson's integrated GPU
+    raises NVMLError_NotSupported for memory and utilisation queries while naming itself and its compute
+    capability, and consumer GPUs have no ECC counters. One failing query must not hide the others."""
+    try:
+        return call(*args)
+    except Exception:  # pynvml.NVMLError and its NotSupported / Unknown subclasses
+        return None
 
 
 def nvml_text(value: Any) -> str:

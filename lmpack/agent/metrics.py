@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from lmpack.nvml import NvmlUnavailable, nvml, nvml_text
+from lmpack.nvml import NvmlUnavailable, nvml, nvml_text, nvml_value
 
 # Every name an alert rule may use, with the help text shown on the agent's /metrics.
 METRICS: dict[str, str] = {
@@ -186,30 +186,34 @@ class HostSampler:
 
 
 def gpu_sample() -> dict[str, Any]:
-    """GPU 0 through NVML: {"available": False, "reason": ...} where there is no driver, GPU or nvidia-ml-py."""
+    """GPU 0 through NVML: {"available": False, "reason": ...} where there is no driver, GPU or nvidia-ml-py.
+
+    Each value is read on its own (nvml_value): a query the device does not answer is left out, the rest
+    still reported. On a unified-memory GPU (Jetson) NVML has no memory figures; memory is then the host's,
+    which the CPU metrics already carry."""
     try:
         with nvml() as pynvml:
             if pynvml.nvmlDeviceGetCount() < 1:
                 return {"available": False, "reason": "NVML sees no GPU"}
             handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            values = {
+            name = nvml_value(pynvml.nvmlDeviceGetName, handle)
+            memory = nvml_value(pynvml.nvmlDeviceGetMemoryInfo, handle)
+            utilization = nvml_value(pynvml.nvmlDeviceGetUtilizationRates, handle)
+            temperature = nvml_value(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU)
+            ecc = nvml_value(
+                pynvml.nvmlDeviceGetTotalEccErrors,
+                handle,
+                pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+                pynvml.NVML_VOLATILE_ECC,
+            )
+            return {
                 "available": True,
-                "name": nvml_text(pynvml.nvmlDeviceGetName(handle)),
-                "gpu_utilization_percent": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
-                "gpu_memory_percent": 100.0 * memory.used / memory.total if memory.total else None,
-                "gpu_temperature_celsius": float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)),
-                "gpu_ecc_errors": None,
+                "name": nvml_text(name) if name is not None else "GPU 0",
+                "gpu_utilization_percent": None if utilization is None else float(utilization.gpu),
+                "gpu_memory_percent": 100.0 * memory.used / memory.total if memory and memory.total else None,
+                "gpu_temperature_celsius": None if temperature is None else float(temperature),
+                "gpu_ecc_errors": None if ecc is None else float(ecc),
             }
-            try:
-                values["gpu_ecc_errors"] = float(
-                    pynvml.nvmlDeviceGetTotalEccErrors(
-                        handle, pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC
-                    )
-                )
-            except Exception:  # consumer GPUs have no ECC
-                pass
-            return values
     except NvmlUnavailable as exc:
         reason = "nvidia-ml-py (pynvml) is not installed" if exc.missing_package else f"NVML could not start: {exc}"
         return {"available": False, "reason": reason}

@@ -10,6 +10,7 @@ import click
 from lmpack import api
 from lmpack.cli.common import emit_json, handle_errors, json_option
 from lmpack.errors import NoCompatibleVariantError
+from lmpack.runtime.host import onnxruntime_conflict
 
 _GIB = 1 << 30
 
@@ -18,7 +19,8 @@ def render(report: dict[str, Any]) -> str:
     host = report["host"]
     gpus = (
         ", ".join(
-            f"{g['name']} (compute capability {g['compute_capability']}, {g['memory_bytes'] / _GIB:.1f} GiB)"
+            f"{g['name']} (compute capability {g['compute_capability']}, {g['memory_bytes'] / _GIB:.1f} GiB"
+            f"{' shared with the CPU' if g.get('unified_memory') else ''})"
             for g in host["gpus"]
         )
         or f"none ({host['gpu_note'] or 'none found'})"
@@ -29,9 +31,10 @@ def render(report: dict[str, Any]) -> str:
         f"isa:     {_needed_isa(report)}",
         f"gpu:     {gpus}",
         f"runtime: {_software(software)}",
-        f"{report['kind']}: {report['source']}",
-        "",
     ]
+    if (conflict := onnxruntime_conflict(tuple(software.get("onnxruntime_packages") or ()))) is not None:
+        lines.append(f"warning: {conflict}")
+    lines += [f"{report['kind']}: {report['source']}", ""]
     for variant in report["variants"]:
         status = "ok" if variant["ok"] else "no: " + "; ".join(variant["reasons"])
         kind = "gpu" if variant["gpu"] else "cpu"

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmpack.nvml import NvmlUnavailable, nvml, nvml_text
+from lmpack.nvml import NvmlUnavailable, nvml, nvml_text, nvml_value
+from lmpack.runtime.elf import read_dynamic
 
 log = logging.getLogger("lmpack.host")
 
@@ -31,6 +32,7 @@ class GpuFacts:
     memory_bytes: int
     vendor: str = "nvidia"
     free_memory_bytes: int | None = None  # at probe time; None when NVML did not say
+    unified_memory: bool = False  # shares the host's memory (Jetson): the memory figures are the host's
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -39,6 +41,7 @@ class GpuFacts:
             "compute_capability": self.compute_capability,
             "memory_bytes": self.memory_bytes,
             "free_memory_bytes": self.free_memory_bytes,
+            "unified_memory": self.unified_memory,
         }
 
 
@@ -56,9 +59,11 @@ class GpuSoftware:
     onnxruntime_cuda_version: str | None = None
     tensorrt_version: str | None = None
     providers: tuple[str, ...] = ()
+    onnxruntime_packages: tuple[str, ...] = ()  # the distributions installing the module: one, or a conflict
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "onnxruntime_packages": list(self.onnxruntime_packages),
             "driver_version": self.driver_version,
             "cuda_driver_version": self.cuda_driver_version,
             "onnxruntime_version": self.onnxruntime_version,
@@ -124,25 +129,55 @@ def probe_memory() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def probe_gpus() -> tuple[tuple[GpuFacts, ...], str]:
+def read_meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
+    """/proc/meminfo's fields in bytes ("MemTotal", "MemAvailable", ...); empty where it cannot be read."""
+    fields = {}
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[0].isdigit():
+            fields[key.strip()] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    return fields
+
+
+def _gpu(pynvml: Any, index: int, meminfo: Path) -> GpuFacts | None:
+    """One GPU's facts, each read on its own (nvml_value); None when even its compute capability is unknown.
+
+    A GPU without NVML memory figures shares the host's memory (Jetson Orin's integrated GPU, where the
+    query is "not supported"): its memory is MemTotal and its free memory MemAvailable."""
+    handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+    capability = nvml_value(pynvml.nvmlDeviceGetCudaComputeCapability, handle)
+    if capability is None:
+        log.warning("NVML does not tell GPU %d's compute capability; it is left out", index)
+        return None
+    name = nvml_value(pynvml.nvmlDeviceGetName, handle)
+    memory = nvml_value(pynvml.nvmlDeviceGetMemoryInfo, handle)
+    unified = memory is None or not getattr(memory, "total", 0)
+    if unified:
+        host = read_meminfo(meminfo)
+        total, free = host.get("MemTotal", 0), host.get("MemAvailable")
+    else:
+        total, free = int(memory.total), getattr(memory, "free", None)
+    return GpuFacts(
+        name=nvml_text(name) if name is not None else f"NVIDIA GPU {index}",
+        compute_capability=f"{capability[0]}.{capability[1]}",
+        memory_bytes=int(total),
+        free_memory_bytes=None if free is None else int(free),
+        unified_memory=unified,
+    )
+
+
+def probe_gpus(meminfo: Path = Path("/proc/meminfo")) -> tuple[tuple[GpuFacts, ...], str]:
     """NVIDIA GPUs via NVML, or () and the reason there are none (no package, no driver, no device)."""
     try:
         with nvml() as pynvml:
-            gpus = []
-            for index in range(pynvml.nvmlDeviceGetCount()):
-                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-                memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-                free = getattr(memory, "free", None)
-                gpus.append(
-                    GpuFacts(
-                        name=nvml_text(pynvml.nvmlDeviceGetName(handle)),
-                        compute_capability=f"{major}.{minor}",
-                        memory_bytes=int(memory.total),
-                        free_memory_bytes=None if free is None else int(free),
-                    )
-                )
-            return tuple(gpus), "" if gpus else "NVML found no GPU"
+            found = (_gpu(pynvml, index, meminfo) for index in range(pynvml.nvmlDeviceGetCount()))
+            gpus = tuple(gpu for gpu in found if gpu is not None)
+            return gpus, "" if gpus else "NVML found no GPU"
     except NvmlUnavailable as exc:
         return (), str(exc) if exc.missing_package else f"NVML is not available: {exc}"
     except Exception as exc:
@@ -166,24 +201,43 @@ def decode_tensorrt_version(number: int) -> str:
     return f"{number // 1000}.{number % 1000 // 100}.{number % 100}"
 
 
-# The TensorRT provider loads libnvinfer itself, so TensorRT's Python package is often absent on a server
-# (JetPack installs the libraries system-wide); the library answers the version either way.
-_NVINFER = ("libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so")
+# onnxruntime-gpu's TensorRT provider, beside onnxruntime's own library; it links libnvinfer.so.MAJOR.
+TENSORRT_PROVIDER_LIBRARY = "libonnxruntime_providers_tensorrt.so"
 
 
-def probe_tensorrt_version() -> str | None:
-    """TensorRT's version from its Python package or, failing that, from libnvinfer; None without TensorRT."""
+def tensorrt_provider_library() -> Path | None:
+    """onnxruntime's TensorRT provider library where this onnxruntime has one (onnxruntime-gpu on Linux)."""
     try:
-        import tensorrt
+        import onnxruntime
+    except ImportError:
+        return None
+    path = Path(onnxruntime.__file__).parent / "capi" / TENSORRT_PROVIDER_LIBRARY
+    return path if path.is_file() else None
 
-        return str(tensorrt.__version__)
-    except Exception:  # ImportError, or a broken install that fails while loading its libraries
-        pass
+
+def probe_tensorrt_version(provider: Path | None = None) -> str | None:
+    """The version of the TensorRT that onnxruntime's TensorRT provider loads; None where it has none.
+
+    That TensorRT builds and runs the engines, so it is the one recorded and compared. It is found the way
+    the dynamic loader finds it: the libnvinfer.so.N the provider library names (DT_NEEDED), looked for on
+    the provider's RUNPATH and then the loader's own path. TensorRT's Python package, or another libnvinfer
+    on the host, may be a different version and is not asked."""
+    provider = provider or tensorrt_provider_library()
+    dynamic = read_dynamic(provider) if provider else None
+    if provider is None or dynamic is None:
+        return None
+    nvinfer = next((name for name in dynamic.needed if name.startswith("libnvinfer.so")), None)
+    if nvinfer is None:
+        return None
     import ctypes
 
-    for name in _NVINFER:
+    origin = str(provider.resolve().parent)
+    places = [
+        str(Path(d.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)) / nvinfer) for d in dynamic.search_path
+    ]
+    for place in [*places, nvinfer]:
         try:
-            library = ctypes.CDLL(name)
+            library = ctypes.CDLL(place)
             library.getInferLibVersion.restype = ctypes.c_int32
             return decode_tensorrt_version(int(library.getInferLibVersion()))
         except (OSError, AttributeError):
@@ -206,11 +260,41 @@ def probe_onnxruntime() -> tuple[str | None, str | None, tuple[str, ...]]:
     return str(ort.__version__), cuda, tuple(ort.get_available_providers())
 
 
+def onnxruntime_packages() -> tuple[str, ...]:
+    """The installed distributions that each install the `onnxruntime` module, by name, sorted.
+
+    onnxruntime and onnxruntime-gpu (and the other builds) write the same files, so with two installed the
+    module is whichever was installed last, often the CPU one: no CUDA or TensorRT provider then. The build
+    extra pulls the CPU onnxruntime, so a GPU build host that adds onnxruntime-gpu lands there easily."""
+    import importlib.metadata as md
+
+    names = set()
+    for dist in md.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name != "onnxruntime" and not name.startswith("onnxruntime-"):
+            continue
+        if any(str(f).replace("\\", "/") == "onnxruntime/__init__.py" for f in dist.files or ()):
+            names.add(name)
+    return tuple(sorted(names))
+
+
+def onnxruntime_conflict(packages: tuple[str, ...]) -> str | None:
+    """The message for more than one onnxruntime build installed side by side; None for one or none."""
+    if len(packages) < 2:
+        return None
+    return (
+        f"{' and '.join(packages)} are both installed and overwrite each other's `onnxruntime` module, so "
+        "the GPU providers may be missing; uninstall all of them and install onnxruntime-gpu alone "
+        '(docs/gpu-targets.md, "The GPU build host")'
+    )
+
+
 def probe_software() -> GpuSoftware:
     driver, cuda_driver = probe_driver()
     ort_version, ort_cuda, providers = probe_onnxruntime()
     tensorrt = probe_tensorrt_version()
     return GpuSoftware(
+        onnxruntime_packages=onnxruntime_packages(),
         driver_version=driver,
         cuda_driver_version=cuda_driver,
         onnxruntime_version=ort_version,

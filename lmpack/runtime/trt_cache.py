@@ -28,6 +28,7 @@ from lmpack.runtime.trt_plan import (
     CACHED,
     CPU,
     CUDA,
+    CUDA_EP,
     ENGINE,
     ENGINE_MODEL,
     REBUILD,
@@ -38,6 +39,7 @@ from lmpack.runtime.trt_plan import (
     EnginePolicy,
     decide,
     device,
+    plain_providers,
 )
 from lmpack.runtime.variant import Variant
 
@@ -234,15 +236,13 @@ def apply_plan(
     TensorRT would (or raises under --strict). Checks free GPU memory before any GPU work. `entry` is
     the cache entry for this host (select.Verdict.cache); None: beside the variant.
     """
-    if plan is None:  # no engine: loaded as built, with the memory check when it asks for a GPU
-        if (
-            need_bytes
-            and variant.providers
-            and any(p != "CPUExecutionProvider" for p in variant.providers)
-            and host.gpus
-        ):
+    if plan is None:  # no engine: the ONNX as built, on the providers this host really has
+        providers, note = plain_providers(variant.providers, host)
+        if note is not None:
+            log.warning("variant %s: %s", variant.name, note)
+        if need_bytes and CUDA_EP in providers:
             check_gpu_memory(need_bytes, free_gpu(), variant=variant.name)
-        return variant
+        return replace(variant, providers=providers)
     assert facts is not None  # a plan is only made from an engine's recorded facts (select.judge)
     for line in plan.mismatches:
         log.info("variant %s: shipped TensorRT engine: %s", variant.name, line)

@@ -27,7 +27,7 @@ from typing import Any
 
 from lmpack.bundle.variant_dir import MODEL_INFO
 from lmpack.errors import VariantError
-from lmpack.runtime.host import GpuFacts, HostFacts
+from lmpack.runtime.host import GpuFacts, HostFacts, onnxruntime_conflict
 from lmpack.runtime.host import parse_compute_capability as _cc
 
 ENGINE_MODEL = "model_ctx.onnx"
@@ -240,6 +240,8 @@ def gpu_runtime_problems(host: HostFacts, *, need_bytes: int = 0) -> list[str]:
     if gpu is None:
         return [f"no NVIDIA GPU here ({host.gpu_note or 'none found'})"]
     problems = []
+    if (conflict := onnxruntime_conflict(host.software.onnxruntime_packages)) is not None:
+        problems.append(conflict)
     if CUDA_EP not in host.software.providers:
         problems.append(
             "this host's onnxruntime has no CUDA execution provider (install onnxruntime-gpu, not onnxruntime)"
@@ -247,6 +249,22 @@ def gpu_runtime_problems(host: HostFacts, *, need_bytes: int = 0) -> list[str]:
     if (old := _driver_too_old(host.software.onnxruntime_cuda_version, host)) is not None:
         problems.append(f"onnxruntime-gpu here was built for CUDA {host.software.onnxruntime_cuda_version}; {old}")
     return problems + gpu_too_small(host, need_bytes)
+
+
+def plain_providers(listed: list[str] | tuple[str, ...], host: HostFacts) -> tuple[list[str], str | None]:
+    """The providers for a variant without a TensorRT engine, by what this host really has; and the one
+    warning line a fallback logs (None when it runs as built).
+
+    Never TensorRT: onnxruntime-gpu lists its TensorRT provider even where TensorRT's libraries are absent
+    (an "EP Error" and a retry at every start), and with them present a graph without optimization profiles
+    gets a new engine built whenever the KV cache outgrows the last one. CUDA when the variant was built for
+    a GPU and this host can run it; else the CPU."""
+    if not {TENSORRT_EP, CUDA_EP} & set(listed):
+        return [CPU_EP], None
+    problems = gpu_runtime_problems(host)
+    if not problems:
+        return [CUDA_EP, CPU_EP], None
+    return [CPU_EP], f"running on the CPU (much slower): the CUDA provider cannot run here ({'; '.join(problems)})"
 
 
 # --- deciding ----------------------------------------------------------------------------------------------

@@ -22,7 +22,14 @@ from typing import Any
 from lmpack.bundle.variant_dir import MODEL_INFO, TEXT_GENERATION
 from lmpack.errors import PlanError, StepError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
-from lmpack.runtime.host import probe_onnxruntime, probe_tensorrt_version
+from lmpack.runtime.host import (
+    onnxruntime_conflict,
+    onnxruntime_packages,
+    probe_driver,
+    probe_gpus,
+    probe_onnxruntime,
+    probe_tensorrt_version,
+)
 from lmpack.runtime.trt_build import build_engine, engine_options
 from lmpack.runtime.trt_plan import ENGINE_MODEL
 from lmpack.steps.export import onnx_model_path, read_model_info
@@ -67,6 +74,8 @@ class TensorrtStep(Step):
             raise PlanError(f"sparse_weights needs 2:4 sparse kernels, which target {target.name!r} lacks")
 
     def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
+        if (conflict := onnxruntime_conflict(onnxruntime_packages())) is not None:
+            raise StepError(f"cannot build a TensorRT engine here: {conflict}")
         gpu = gpu_facts()
         if gpu is None:
             raise StepError(
@@ -146,31 +155,17 @@ def provider_options(
 
 
 def gpu_facts() -> dict[str, Any] | None:
-    """The first NVIDIA GPU's name, compute capability and driver, through NVML; None without one."""
-    try:
-        import pynvml
-    except ImportError:
+    """GPU 0's name and compute capability and the driver, through the host probes; None without a GPU."""
+    gpus, _ = probe_gpus()
+    if not gpus:
         return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
-    try:
-        if pynvml.nvmlDeviceGetCount() == 0:
-            return None
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-        name = pynvml.nvmlDeviceGetName(handle)
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        cuda = pynvml.nvmlSystemGetCudaDriverVersion()
-        return {
-            "gpu_name": name.decode() if isinstance(name, bytes) else name,
-            "compute_capability": f"{major}.{minor}",
-            "driver_version": driver.decode() if isinstance(driver, bytes) else driver,
-            "cuda_driver_version": f"{cuda // 1000}.{cuda % 1000 // 10}",
-        }
-    finally:
-        pynvml.nvmlShutdown()
+    driver, cuda = probe_driver()
+    return {
+        "gpu_name": gpus[0].name,
+        "compute_capability": gpus[0].compute_capability,
+        "driver_version": driver,
+        "cuda_driver_version": cuda,
+    }
 
 
 def _runtime_versions() -> dict[str, str | None]:
