@@ -31,8 +31,17 @@ LOGITS_TO_KEEP = "num_logits_to_keep"
 KV_PADDINGS = ("left", "right")
 
 
-def create_session(model_path: Path, *, threads: int | None = None, providers: Sequence[Any] | None = None):
+def create_session(
+    model_path: Path | bytes,
+    *,
+    threads: int | None = None,
+    providers: Sequence[Any] | None = None,
+    weights_dir: Path | None = None,
+):
     """An InferenceSession on the first available of `providers` (CPU when none is available or given).
+
+    `model_path` may be a serialized graph instead, whose external weights are then read from `weights_dir`
+    (the build's fp16 range check runs an edited copy of a graph on the original's weights this way).
 
     A variant lists its target's providers in preference order, each a name or a (name, options) pair
     (a hardware-compatible TensorRT engine must be loaded with `trt_engine_hw_compatible` too); a server
@@ -49,13 +58,16 @@ def create_session(model_path: Path, *, threads: int | None = None, providers: S
     # balances the small matrices of one-token steps better: faster decode and batched steps, prefill the
     # same (docs/serving.md, "How the engine runs the model").
     options.add_session_config_entry("session.dynamic_block_base", "4")
+    if weights_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
     available = set(ort.get_available_providers())
     chosen = [p for p in (providers or []) if (p if isinstance(p, str) else p[0]) in available] or [
         "CPUExecutionProvider"
     ]
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
-    return ort.InferenceSession(str(model_path), options, providers=chosen)
+    model = model_path if isinstance(model_path, bytes) else str(model_path)
+    return ort.InferenceSession(model, options, providers=chosen)
 
 
 @dataclass
@@ -293,17 +305,18 @@ class DecoderRunner:
 
     def __init__(
         self,
-        model_path: Path,
+        model_path: Path | bytes,
         *,
         threads: int | None = None,
         providers: Sequence[Any] | None = None,
         kv_padding: str = "left",
         bind_kv: bool | None = None,
+        weights_dir: Path | None = None,
     ):
         if kv_padding not in KV_PADDINGS:
             raise ValueError(f"kv_padding must be one of {KV_PADDINGS}, not {kv_padding!r}")
         self.kv_padding = kv_padding  # how batched pasts are laid out: lmpack-model.json's kv_padding
-        self.session = create_session(model_path, threads=threads, providers=providers)
+        self.session = create_session(model_path, threads=threads, providers=providers, weights_dir=weights_dir)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [name for name in self.inputs if name.startswith(_PAST_PREFIX)]
         self.present_of = {name: _PRESENT_PREFIX + name[len(_PAST_PREFIX) :] for name in self.past_names}
@@ -350,9 +363,14 @@ class DecoderRunner:
 
     def logits(self, token_ids: np.ndarray) -> np.ndarray:
         """Logits for every position of one window, from an empty cache: [length, vocab]."""
+        return self.window_outputs(token_ids, ["logits"])[0][0].astype(np.float32)
+
+    def window_outputs(self, token_ids: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        """The graph's outputs `names` for one window from an empty cache (the build's fp16 range check reads
+        intermediate tensors this way, from a graph that outputs them)."""
         feed = self._feed(token_ids.reshape(1, -1), 0, keep=token_ids.size)
         feed.update({name: self._empty_past(name) for name in self.past_names})
-        return self.session.run(["logits"], feed, run_options(token_ids.size))[0][0].astype(np.float32)
+        return self.session.run(names, feed, run_options(token_ids.size))
 
     def step(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
         """Run `token_ids` after what `cache` holds; return the last position's logits and advance the cache."""
@@ -497,24 +515,29 @@ class EncoderRunner:
 
     def __init__(
         self,
-        model_path: Path,
+        model_path: Path | bytes,
         *,
         threads: int | None = None,
         providers: Sequence[Any] | None = None,
         pooling: str = "mean",
         normalize: bool = True,
+        weights_dir: Path | None = None,
     ):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
         self.pooling, self.normalize = pooling, normalize
-        self.session = create_session(model_path, threads=threads, providers=providers)
+        self.session = create_session(model_path, threads=threads, providers=providers, weights_dir=weights_dir)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def outputs(self, ids: np.ndarray, mask: np.ndarray, names: list[str] | None = None) -> list[np.ndarray]:
+        """The graph's outputs `names` (all when None) for a right-padded batch."""
         feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)}
         if "token_type_ids" in self.input_names:
             feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
-        hidden = self.session.run(None, feed, run_options(ids.size))[0].astype(np.float32)
+        return self.session.run(names, feed, run_options(ids.size))
+
+    def embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        hidden = self.outputs(ids, mask)[0].astype(np.float32)
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         elif self.pooling == "last":

@@ -216,8 +216,6 @@ def _dynamic_int8(src: Path, dst: Path) -> dict[str, Any]:
 
 
 def _fp16(src: Path, dst: Path) -> dict[str, Any]:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from lmpack.steps.fp16 import convert
 
-    model = convert_float_to_float16(load_model(src), keep_io_types=True)
-    save_model(model, dst)
-    return {}
+    return convert(src, dst)

@@ -14,7 +14,9 @@ from lmpack.config.profiles import QualityGate
 from lmpack.data import ENGLISH_PROSE, all_eval_text, eval_texts
 from lmpack.errors import QualityGateError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
+from lmpack.runtime.trt_plan import CPU_EP, CUDA_EP
 from lmpack.steps.export import onnx_model_path, read_model_info
+from lmpack.steps.fp16 import FP16_MAX, largest_magnitude, range_check
 from lmpack.steps.onnx_eval import DecoderRunner, EncoderRunner, log_softmax, windows
 
 # A language model that reads plain English prose at a perplexity above this is broken (its weights or its tokenizer),
@@ -56,8 +58,16 @@ class ValidateStep(Step):
         info = read_model_info(source.path)
         threads = self.params.threads or None
         if info["task"] == EMBEDDING:
-            return _compare_encoders(reference.path, source.path, threads=threads, progress=ctx.progress)
-        return _compare_decoders(reference.path, source.path, self.params, threads=threads, progress=ctx.progress)
+            metrics = _compare_encoders(reference.path, source.path, threads=threads, progress=ctx.progress)
+        else:
+            metrics = _compare_decoders(
+                reference.path, source.path, self.params, threads=threads, progress=ctx.progress
+            )
+        if (info.get("quantization") or {}).get("method") == "fp16":
+            with ctx.progress("fp16 range of every half-precision tensor", 1) as advance:
+                metrics["fp16_range"] = fp16_range(reference.path, source.path, info["task"], threads=threads)
+                advance(1)
+        return metrics
 
     def finish(self, ctx: StepContext, source: Artifact, metrics: dict[str, Any]) -> None:
         profile = ctx.profile
@@ -85,6 +95,17 @@ class ValidateStep(Step):
             metrics["gate"] = "overridden"
 
 
+def gate_providers(model_dir: Path) -> list[str] | None:
+    """Where the gate runs the optimized model: an fp16 graph on the CUDA provider when this onnxruntime has one,
+    so its arithmetic is really fp16 (the CPU provider computes the nodes it lacks fp16 kernels for in fp32);
+    None (the CPU) otherwise. Never yet run on a GPU (docs/gpu-targets.md)."""
+    if (read_model_info(model_dir).get("quantization") or {}).get("method") != "fp16":
+        return None
+    import onnxruntime as ort
+
+    return [CUDA_EP, CPU_EP] if CUDA_EP in ort.get_available_providers() else None
+
+
 def gate_checks(gate: QualityGate, metrics: dict[str, Any]) -> list[tuple[str, bool]]:
     """Each of the gate's checks that the measurements allow, as (what was measured against what, passed)."""
     checks = []
@@ -98,6 +119,15 @@ def gate_checks(gate: QualityGate, metrics: dict[str, Any]) -> list[tuple[str, b
         )
         checks.append(
             (f"top-1 agreement {top1:.3f} (needs {gate.min_top1_agreement:.3f})", top1 >= gate.min_top1_agreement)
+        )
+    if "fp16_range" in metrics:
+        found = metrics["fp16_range"]
+        checks.append(
+            (
+                f"fp16 range: largest magnitude {found['max_abs']:.4g} in {found['worst']} (fp16 holds {FP16_MAX:.0f}; "
+                f"{found['beyond_fp16_count']} tensors beyond)",
+                found["beyond_fp16_count"] == 0,
+            )
         )
     if "cosine_similarity_mean" in metrics:
         cosine = metrics["cosine_similarity_mean"]
@@ -119,7 +149,7 @@ def _compare_decoders(ref_dir: Path, opt_dir: Path, params: ValidateParams, *, t
         for domain, text in eval_texts().items()
     }
     reference = DecoderRunner(onnx_model_path(ref_dir), threads=threads)
-    optimized = DecoderRunner(onnx_model_path(opt_dir), threads=threads)
+    optimized = DecoderRunner(onnx_model_path(opt_dir), threads=threads, providers=gate_providers(opt_dir))
     found: dict[str, Positions] = {}
     with progress("comparing with the reference", sum(map(len, chunks.values()))) as advance:
         for domain, domain_chunks in chunks.items():
@@ -195,7 +225,11 @@ def _compare_encoders(ref_dir: Path, opt_dir: Path, *, threads, progress) -> dic
     for label, directory in (("reference", ref_dir), ("optimized", opt_dir)):
         info = read_model_info(directory)
         runner = EncoderRunner(
-            onnx_model_path(directory), threads=threads, pooling=info["pooling"], normalize=info["normalize"]
+            onnx_model_path(directory),
+            threads=threads,
+            pooling=info["pooling"],
+            normalize=info["normalize"],
+            providers=gate_providers(directory) if label == "optimized" else None,
         )
         with progress(f"embeddings ({label})", 1) as advance:
             embeddings[label] = np.concatenate(
@@ -208,3 +242,37 @@ def _compare_encoders(ref_dir: Path, opt_dir: Path, *, threads, progress) -> dic
         "cosine_similarity_mean": round(float(cosine.mean()), 6),
         "cosine_similarity_min": round(float(cosine.min()), 6),
     }
+
+
+# The first tokens of each evaluation text: enough for the activations' range, which the first positions already
+# show; short, because every intermediate tensor of the window is read.
+_RANGE_TOKENS = 128
+
+
+def fp16_range(ref_dir: Path, opt_dir: Path, task: str, *, threads) -> dict[str, Any]:
+    """steps/fp16.range_check on the evaluation text: the fp32 reference's values in every tensor the fp16 variant
+    computes in half precision."""
+    tokenizer = _tokenizer(opt_dir)
+    feeds: list[Any]
+    if task == EMBEDDING:
+        tokenizer.enable_truncation(_RANGE_TOKENS)
+        tokenizer.enable_padding()
+        encoded = tokenizer.encode_batch(list(eval_texts().values()))
+        feeds = [(np.array([e.ids]), np.array([e.attention_mask])) for e in encoded]
+
+        def run(graph: bytes, weights: Path, names: list[str], feeds: list[Any]) -> list[dict[str, float]]:
+            runner = EncoderRunner(graph, threads=threads, weights_dir=weights)
+            return [_largest(names, runner.outputs(ids, mask, names)) for ids, mask in feeds]
+
+    else:
+        feeds = [np.array(tokenizer.encode(text).ids[:_RANGE_TOKENS]) for text in eval_texts().values()]
+
+        def run(graph: bytes, weights: Path, names: list[str], feeds: list[Any]) -> list[dict[str, float]]:
+            runner = DecoderRunner(graph, threads=threads, weights_dir=weights)
+            return [_largest(names, runner.window_outputs(ids, names)) for ids in feeds]
+
+    return range_check(onnx_model_path(ref_dir), onnx_model_path(opt_dir), feeds, run)
+
+
+def _largest(names: list[str], values: list[np.ndarray]) -> dict[str, float]:
+    return {name: largest_magnitude(value) for name, value in zip(names, values, strict=True)}
