@@ -20,13 +20,33 @@ from lmpack.steps.tensorrt import TensorrtParams, gpu_facts, profile_shapes, pro
 DECODER = {"task": "text-generation", "num_layers": 2, "num_kv_heads": 3, "head_dim": 64}
 
 
-def _profile(tmp_path: Path, precision: str, tensorrt_params: str = "") -> str:
+def _profile(tmp_path: Path, precision: str, tensorrt_params: str = "", *, convert: bool = True) -> str:
+    """A TensorRT profile; an fp16 one converts the graph first (`convert`), as the engine takes its graph's types."""
+    quantize = '[[steps]]\nname = "quantize"\nmethod = "fp16"\n' if precision == "fp16" and convert else ""
     path = tmp_path / "trt.toml"
     path.write_text(
         f'schema_version = 1\nname = "trt"\nprecision = "{precision}"\n'
-        f'[[steps]]\nname = "export"\n[[steps]]\nname = "tensorrt"\n{tensorrt_params}'
+        f'[[steps]]\nname = "export"\n{quantize}[[steps]]\nname = "tensorrt"\n{tensorrt_params}'
     )
     return str(path)
+
+
+# The TensorRT provider options onnxruntime's Python binding accepts (onnxruntime_pybind_state.cc, the branch for
+# TensorrtExecutionProvider, read at onnxruntime 1.25.0 main, commit 735e69a): any other name makes it raise
+# "Invalid TensorRT EP option", which onnxruntime turns into an "EP Error" and a silent fall back to CUDA.
+DOCUMENTED_TENSORRT_OPTIONS = frozenset(
+    """device_id user_compute_stream trt_max_partition_iterations trt_min_subgraph_size trt_max_workspace_size
+    trt_fp16_enable trt_bf16_enable trt_int8_enable trt_int8_calibration_table_name
+    trt_int8_use_native_calibration_table trt_dla_enable trt_dla_core trt_dump_subgraphs trt_engine_cache_enable
+    trt_engine_cache_path trt_weight_stripped_engine_enable trt_onnx_model_folder_path trt_engine_cache_prefix
+    trt_engine_decryption_enable trt_engine_decryption_lib_path trt_force_sequential_engine_build
+    trt_context_memory_sharing_enable trt_layer_norm_fp32_fallback trt_timing_cache_enable trt_timing_cache_path
+    trt_force_timing_cache trt_detailed_build_log trt_build_heuristics_enable trt_sparsity_enable
+    trt_builder_optimization_level trt_auxiliary_streams trt_tactic_sources trt_extra_plugin_lib_paths
+    trt_profile_min_shapes trt_profile_max_shapes trt_profile_opt_shapes trt_cuda_graph_enable
+    trt_ep_context_embed_mode trt_ep_context_file_path trt_dump_ep_context_model trt_engine_hw_compatible
+    trt_op_types_to_exclude trt_preview_features""".split()
+)
 
 
 def test_tensorrt_on_a_cpu_target_is_refused(tmp_path):
@@ -49,30 +69,68 @@ def test_bad_shape_ranges_are_config_errors(tmp_path):
     assert result.exit_code == 3 and "max_batch" in result.output
 
 
-def test_decoder_profile_shapes_cover_prefill_and_decode():
-    shapes = profile_shapes(DECODER, TensorrtParams(max_batch=4, opt_sequence=128, max_sequence=2048))
-    minimum = dict(entry.split(":") for entry in shapes["trt_profile_min_shapes"].split(","))
-    maximum = dict(entry.split(":") for entry in shapes["trt_profile_max_shapes"].split(","))
-    assert len(minimum) == 3 + 2 * 2  # input_ids, position_ids, attention_mask, and key/value per layer
-    assert minimum["past_key_values.0.key"] == "1x3x0x64"  # prefill starts with an empty cache
-    assert maximum["past_key_values.1.value"] == "4x3x2047x64"
-    assert maximum["attention_mask"] == "4x2048" and maximum["input_ids"] == "4x1"
+def _shapes(option: str) -> dict[str, list[int]]:
+    return {name: [int(d) for d in dims.split("x")] for name, dims in (e.split(":") for e in option.split(","))}
+
+
+def test_one_decoder_profile_takes_a_whole_prompt_and_a_step_with_a_full_cache():
+    """onnxruntime's TensorRT provider runs its engines on their first profile only, so that one profile must
+    admit what serve sends: a prompt of many tokens with an empty cache and one token after a full one."""
+    shapes = profile_shapes(DECODER, TensorrtParams(max_batch=8, opt_sequence=128, max_sequence=2048))
+    low, opt, high = (_shapes(shapes[f"trt_profile_{level}_shapes"]) for level in ("min", "opt", "max"))
+    assert set(low) == set(opt) == set(high) and len(low) == 3 + 2 * 2  # and key/value per layer
+    for name in low:  # TensorRT refuses a profile where any axis has min > opt or opt > max
+        assert all(a <= b <= c for a, b, c in zip(low[name], opt[name], high[name], strict=True)), name
+    assert low["input_ids"] == [1, 1] and low["past_key_values.0.key"] == [1, 3, 0, 64]  # first token, empty cache
+    assert high["input_ids"] == [8, 2048]  # a whole prompt, for each of serve's 8 rows
+    assert high["past_key_values.1.value"] == [8, 3, 2047, 64] and high["attention_mask"] == [8, 2048]
+    assert opt["input_ids"] == [1, 1] and opt["attention_mask"] == [1, 128]  # tuned for a decode step
+
+
+def test_the_default_profile_takes_serves_default_batch():
+    from lmpack.config.serve import ServeSettings
+
+    assert TensorrtParams().max_batch == ServeSettings().max_batch
 
 
 def test_encoder_profile_shapes():
     shapes = profile_shapes({"task": "feature-extraction"}, TensorrtParams(max_batch=8, max_sequence=256))
     assert shapes["trt_profile_max_shapes"] == "input_ids:8x256,attention_mask:8x256,token_type_ids:8x256"
+    assert shapes["trt_profile_min_shapes"] == "input_ids:1x1,attention_mask:1x1,token_type_ids:1x1"
 
 
-@pytest.mark.parametrize("precision,flag", [("fp16", "trt_fp16_enable"), ("bf16", "trt_bf16_enable")])
-def test_provider_options_follow_target_and_precision(tmp_path, precision, flag):
+def test_every_provider_option_sent_is_one_onnxruntime_takes(tmp_path):
+    from lmpack.runtime.trt_build import BUILD_OPTIONS
+
     target = api.target("a100")
-    options = provider_options(target, precision, DECODER, TensorrtParams(), tmp_path)
-    assert options[flag] is True
-    assert options["trt_max_workspace_size"] == 8 * (1 << 30)
-    assert options["trt_builder_optimization_level"] == 3
-    assert options["trt_dump_ep_context_model"] and options["trt_ep_context_compute_capability_enable"]
+    options = provider_options(target, DECODER, TensorrtParams(), tmp_path)
+    assert set(options) == set(BUILD_OPTIONS) and set(BUILD_OPTIONS) <= DOCUMENTED_TENSORRT_OPTIONS
+    assert {"trt_engine_hw_compatible"} <= DOCUMENTED_TENSORRT_OPTIONS  # the load-time option (trt_cache.py)
+    # values the binding parses: its booleans are "True"/"False", which is what str() of a Python bool gives
+    assert all(isinstance(v, (bool, int, str)) for v in options.values())
+    assert options["trt_max_workspace_size"] == 8 * (1 << 30) and options["trt_builder_optimization_level"] == 3
     assert options["trt_engine_hw_compatible"] is False
+    assert not {"trt_fp16_enable", "trt_bf16_enable", "trt_int8_enable"} & set(options)  # the graph's own types
+
+
+def test_the_engine_cache_path_is_relative_so_the_ep_context_model_loads_anywhere(tmp_path):
+    """onnxruntime writes trt_engine_cache_path into the EP context model as given (under the context model's
+    folder) and refuses to load an absolute path or one with "..": the variant must be movable."""
+    options = provider_options(api.target("a100"), DECODER, TensorrtParams(), tmp_path / "out")
+    cache = Path(options["trt_engine_cache_path"])
+    assert not cache.is_absolute() and ".." not in cache.parts
+    assert Path(options["trt_ep_context_file_path"]).parent == tmp_path / "out"
+
+
+@pytest.mark.parametrize(
+    "precision,convert,message",
+    [("fp16", False, "an fp16 engine needs an fp16 graph"), ("bf16", True, "not 'bf16'"), ("int8", True, "not 'int8'")],
+)
+def test_an_engine_precision_without_a_graph_of_that_type_is_refused(tmp_path, precision, convert, message):
+    with pytest.raises(PlanError, match=message):
+        api.plan(target="a100", profile=_profile(tmp_path, precision, convert=convert))
+    assert api.plan(target="a100", profile=_profile(tmp_path, "fp16")).step("tensorrt")
+    assert api.plan(target="a100", profile="fp16-trt").step("tensorrt")
 
 
 @pytest.mark.skipif(gpu_facts() is not None, reason="this machine has an NVIDIA GPU")

@@ -25,6 +25,8 @@ from lmpack.config.toml_reader import TableReader, check_schema_version, load_to
 from lmpack.errors import ConfigError, NotFoundError
 
 MIB = 1024 * 1024
+# Sequences decoded together; also the default bound of a TensorRT engine's profile (steps/tensorrt.py).
+DEFAULT_MAX_BATCH = 8
 _META = "lmpack"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
@@ -62,7 +64,7 @@ class ServeSettings:
     """onnxruntime intra-op threads of the model's session."""
     max_concurrency: int = _setting(1, bounds=(1, 1024))
     """Generations (or embedding batches) running at once; with batching, the sequences in the batch."""
-    max_batch: int = _setting(8, bounds=(1, 256))
+    max_batch: int = _setting(DEFAULT_MAX_BATCH, bounds=(1, 256))
     """Most sequences one decode step runs together; 1 runs each generation alone."""
     batch_align: int = _setting(4, bounds=(1, 64))
     """A sequence joins the batch when its prompt length agrees with the batch's lengths modulo this, which keeps

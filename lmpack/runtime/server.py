@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from lmpack import __version__
 from lmpack.config.serve import ServeSettings
-from lmpack.errors import RequestError
+from lmpack.errors import ConfigError, RequestError
 from lmpack.runtime import openapi, token_api
 from lmpack.runtime.admission import Admission, Overloaded, Slot
 from lmpack.runtime.auth import bearer_ok
@@ -47,6 +47,7 @@ from lmpack.runtime.protocol import (
 )
 from lmpack.runtime.sampling import COMPLETIONS_DEFAULT_MAX_TOKENS, SamplingParams, resolve_max_tokens
 from lmpack.runtime.streaming import StreamHooks
+from lmpack.runtime.variant import Variant
 
 log = logging.getLogger("lmpack.serve")
 
@@ -432,6 +433,17 @@ def _startup_line(state: ServerState, sock: Any) -> str:
     return line
 
 
+def check_engine_bounds(variant: Variant, settings: ServeSettings) -> None:
+    """Refuse to serve a TensorRT engine with a batch wider than its profile (ConfigError, with the fix)."""
+    from lmpack.runtime.trt_plan import ENGINE_MODEL, beyond_engine, read_engine_facts
+
+    facts = read_engine_facts(variant.model_dir)
+    if facts is None or variant.onnx_path.name != ENGINE_MODEL:
+        return
+    if (why := beyond_engine(facts, batch=min(settings.max_batch, settings.max_concurrency))) is not None:
+        raise ConfigError(f"variant {variant.name}: {why}")
+
+
 def serve(
     path: Path | str, settings: ServeSettings = ServeSettings(), *, api_keys: frozenset[str] = frozenset()
 ) -> None:
@@ -455,6 +467,7 @@ def serve(
         engine_rebuild=settings.engine_rebuild,
         engine_cache_dir=settings.engine_cache_dir,
     )
+    check_engine_bounds(variant, settings)
     engine = load_engine(variant, threads=settings.threads, max_tokens_limit=settings.max_tokens_limit)
     app = create_app(engine, settings, api_keys=api_keys)
     state: ServerState = app.state.lmpack

@@ -17,13 +17,29 @@ from lmpack.errors import StepError
 from lmpack.runtime.trt_plan import CUDA_EP, ENGINE_MODEL, TENSORRT_EP
 
 ENGINES_DIR = "engines"
-# Precision flags of the TensorRT provider, by profile precision; fp32 and tf32 need none.
-PRECISION_FLAGS = {"fp16": "trt_fp16_enable", "bf16": "trt_bf16_enable", "int8": "trt_int8_enable"}
+# Every option lmpack sends to onnxruntime's TensorRT provider. The provider refuses a name it does not know
+# (and onnxruntime then falls back to CUDA without saying more than "EP Error"); tests/test_tensorrt.py checks
+# this list against the names onnxruntime documents.
+BUILD_OPTIONS = (
+    "trt_max_workspace_size",
+    "trt_builder_optimization_level",
+    "trt_engine_cache_enable",
+    "trt_engine_cache_path",
+    "trt_dump_ep_context_model",
+    "trt_ep_context_file_path",
+    "trt_ep_context_embed_mode",
+    "trt_timing_cache_enable",
+    "trt_timing_cache_path",
+    "trt_engine_hw_compatible",
+    "trt_sparsity_enable",
+    "trt_profile_min_shapes",
+    "trt_profile_opt_shapes",
+    "trt_profile_max_shapes",
+)
 
 
 def engine_options(
     *,
-    precision: str,
     workspace_gib: float,
     builder_optimization_level: int,
     hardware_compatible: bool,
@@ -32,24 +48,30 @@ def engine_options(
     sparse_weights: bool,
     out_dir: Path,
 ) -> dict[str, Any]:
-    """TensorRT provider options for one build into `out_dir`: precision, workspace, level, caches, EP context."""
+    """TensorRT provider options for one build into `out_dir`: workspace, level, caches, EP context, shapes.
+
+    No precision flag: the engine takes the precision of the graph's own types (an fp16 graph makes an fp16
+    engine). TensorRT 11 removed the fp16/bf16/int8 builder flags, and with TensorRT 10 setting one makes the
+    provider build a weakly typed network, which may run any layer in fp32 or fp16 as it times them.
+
+    The engine cache path is relative: the provider puts it under the EP context model's folder and writes
+    that relative path into the model (ep_cache_context), which is the only form onnxruntime loads (it refuses
+    an absolute path or one with ".."), so the folder can be moved, renamed and shipped.
+    """
     options: dict[str, Any] = {
         "trt_max_workspace_size": int(workspace_gib * (1 << 30)),
         "trt_builder_optimization_level": builder_optimization_level,
         "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(out_dir / ENGINES_DIR),
+        "trt_engine_cache_path": ENGINES_DIR,
         "trt_dump_ep_context_model": True,
         "trt_ep_context_file_path": str(out_dir / ENGINE_MODEL),
         "trt_ep_context_embed_mode": 0,  # the engine stays a separate file, hashed in the manifest like any other
-        "trt_ep_context_compute_capability_enable": True,  # the provider refuses it on another compute capability
         "trt_timing_cache_enable": timing_cache,
         "trt_timing_cache_path": str(out_dir / ENGINES_DIR),
         "trt_engine_hw_compatible": hardware_compatible,
         "trt_sparsity_enable": sparse_weights,
         **shapes,
     }
-    if precision in PRECISION_FLAGS:
-        options[PRECISION_FLAGS[precision]] = True
     return options
 
 

@@ -39,6 +39,7 @@ from lmpack.runtime.trt_plan import (
     EnginePolicy,
     decide,
     device,
+    engine_bounds,
     plain_providers,
 )
 from lmpack.runtime.variant import Variant
@@ -110,7 +111,7 @@ def verify_entry(entry: Path) -> list[str]:
 
 def rebuild_options(variant: Variant, facts: EngineFacts, out_dir: Path) -> dict[str, Any]:
     """The provider options the build host used, from what the variant recorded: its target's [tensorrt]
-    table (variant.json) and the engine's precision and profile shapes (lmpack-model.json)."""
+    table (variant.json) and the engine's profile shapes (lmpack-model.json). The precision is the graph's."""
     from lmpack.runtime.trt_build import engine_options
 
     target = variant.meta.get("target")
@@ -120,7 +121,6 @@ def rebuild_options(variant: Variant, facts: EngineFacts, out_dir: Path) -> dict
     if not isinstance(trt, dict):
         trt = {}
     return engine_options(
-        precision=facts.precision or str(variant.meta.get("precision", "fp32")),
         workspace_gib=float(trt.get("workspace_gib", 4)),
         builder_optimization_level=int(trt.get("builder_optimization_level", 3)),
         hardware_compatible=facts.hardware_compatibility == "ampere_plus",
@@ -256,8 +256,9 @@ def apply_plan(
     if plan.uses_gpu:
         check_gpu_memory(need_bytes, free_gpu(), variant=variant.name)
     if plan.mode == ENGINE:
-        return replace(
-            variant, onnx_path=variant.model_dir / facts.engine_model, providers=engine_providers(plan, facts)
+        return _within_profile(
+            replace(variant, onnx_path=variant.model_dir / facts.engine_model, providers=engine_providers(plan, facts)),
+            facts,
         )
     if plan.mode in (CACHED, REBUILD):
         entry = entry or entry_dir(cache_root(variant.path), variant.name, host)
@@ -311,7 +312,24 @@ def _use_entry(
             log.info("variant %s: another process rebuilt the engine first; using its", variant.name)
         if problems := verify_entry(entry):
             raise StepError(f"the rebuilt engine in {entry} does not check out: {'; '.join(problems)}")
-    return replace(variant, onnx_path=entry / ENGINE_MODEL, providers=engine_providers(plan, facts))
+    return _within_profile(
+        replace(variant, onnx_path=entry / ENGINE_MODEL, providers=engine_providers(plan, facts)), facts
+    )
+
+
+def _within_profile(variant: Variant, facts: EngineFacts) -> Variant:
+    """The variant served from its engine, its context capped to the tokens the engine's profile takes: a longer
+    prompt is then refused as too long for the context, instead of failing inside TensorRT."""
+    bounds = engine_bounds(facts)
+    if bounds is None or (variant.context_length is not None and variant.context_length <= bounds[1]):
+        return variant
+    log.info(
+        "variant %s: context capped to %d tokens, the most the TensorRT engine's profile takes (the model has %s)",
+        variant.name,
+        bounds[1],
+        variant.context_length or "no recorded context",
+    )
+    return replace(variant, context_length=bounds[1])
 
 
 def engine_providers(plan: EnginePlan, facts: EngineFacts) -> list[Any]:

@@ -113,6 +113,32 @@ class EngineFacts:
         }
 
 
+def engine_bounds(facts: EngineFacts) -> tuple[int, int] | None:
+    """(sequences, tokens) the engine's profile takes at most: its max shapes' batch and attention length (an
+    encoder's text length); None when the engine records no profile."""
+    shapes: dict[str, list[int]] = {}
+    for entry in facts.profile_shapes.get("trt_profile_max_shapes", "").split(","):
+        name, _, dims = entry.rpartition(":")
+        if name and all(d.isdigit() for d in dims.split("x")):
+            shapes.setdefault(name, [int(d) for d in dims.split("x")])
+    length = shapes.get("attention_mask") or shapes.get("input_ids")
+    if "input_ids" not in shapes or not length or len(length) < 2:
+        return None
+    return shapes["input_ids"][0], length[1]
+
+
+def beyond_engine(facts: EngineFacts, *, batch: int) -> str | None:
+    """Why serve's batch width cannot run on the engine (TensorRT refuses any input outside its profile)."""
+    bounds = engine_bounds(facts)
+    if bounds is None or batch <= bounds[0]:
+        return None
+    return (
+        f"the TensorRT engine's profile takes at most {bounds[0]} sequences in one run, and serve would batch "
+        f"{batch} (max_batch, or max_concurrency when smaller): set max_batch = {bounds[0]} (serve --max-batch), "
+        f"or build the engine with max_batch = {batch} in the profile's tensorrt step"
+    )
+
+
 def read_engine_facts(model_dir: Path) -> EngineFacts | None:
     """The engine facts of a variant's model directory; None when it has no lmpack-model.json or no engine."""
     path = Path(model_dir) / MODEL_INFO

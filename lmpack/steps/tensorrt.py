@@ -19,7 +19,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lmpack.bundle.variant_dir import MODEL_INFO, TEXT_GENERATION
+from lmpack.config.serve import DEFAULT_MAX_BATCH
 from lmpack.errors import PlanError, StepError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
 from lmpack.runtime.host import (
@@ -37,22 +40,32 @@ from lmpack.steps.export import onnx_model_path, read_model_info
 
 @dataclasses.dataclass(frozen=True)
 class TensorrtParams:
-    # Optimization profile: the engine accepts shapes between min and max and is tuned for opt.
+    """The engine's optimization profile: it accepts shapes between min and max and is tuned for opt.
+
+    onnxruntime's TensorRT provider runs every engine on its first profile only, so one profile covers both
+    a prompt (many tokens, empty cache) and a decode step (one token, full cache): each axis has its own range.
+    The bounds are what `lmpack serve` may send: `max_batch` sequences in one run (serve's max_batch, whose
+    default this shares) and `max_sequence` tokens of prompt and completion together (serve refuses a wider
+    batch and caps the context to it). Encoders: `max_batch` texts of at most `max_sequence` tokens."""
+
     min_batch: int = 1
     opt_batch: int = 1
-    max_batch: int = 4
-    min_sequence: int = 1
+    max_batch: int = DEFAULT_MAX_BATCH
     opt_sequence: int = 128
-    max_sequence: int = 2048
+    max_sequence: int = 4096
     timing_cache: bool = True
     sparse_weights: bool = False
 
     def validate(self) -> str | None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             return "batch sizes must satisfy 1 <= min_batch <= opt_batch <= max_batch"
-        if not 1 <= self.min_sequence <= self.opt_sequence <= self.max_sequence:
-            return "sequence lengths must satisfy 1 <= min_sequence <= opt_sequence <= max_sequence"
+        if not 1 <= self.opt_sequence <= self.max_sequence:
+            return "sequence lengths must satisfy 1 <= opt_sequence <= max_sequence"
         return None
+
+
+# The precisions an engine can have: its graph's float type (no precision flags, see trt_build.engine_options).
+_GRAPH_PRECISIONS = ("fp32", "fp16")
 
 
 class TensorrtStep(Step):
@@ -64,6 +77,20 @@ class TensorrtStep(Step):
     tools = ("onnxruntime-gpu", "tensorrt", "nvidia-ml-py")
 
     def check(self, target, profile) -> None:
+        converted = any(
+            spec.name == "quantize" and spec.params.get("method") == "fp16"
+            for spec in profile.steps[: [s.name for s in profile.steps].index(self.name)]
+        )
+        if profile.precision not in _GRAPH_PRECISIONS:
+            raise PlanError(
+                f"step 'tensorrt' builds engines in the precision of their graph (fp32, or fp16 after a quantize "
+                f'step with method = "fp16"), not {profile.precision!r}'
+            )
+        if profile.precision == "fp16" and not converted:
+            raise PlanError(
+                'an fp16 engine needs an fp16 graph: put a quantize step with method = "fp16" before the '
+                "tensorrt step (TensorRT 11 has no fp16 flag; an fp32 graph makes an fp32 engine)"
+            )
         if target.gpu is None or target.tensorrt is None:
             raise PlanError(
                 f"step 'tensorrt' needs an NVIDIA target with a [tensorrt] table; target "
@@ -87,14 +114,15 @@ class TensorrtStep(Step):
         target, profile = ctx.target, ctx.profile
         # a build sets both, and check() refused a target without a [tensorrt] table
         assert target is not None and target.tensorrt is not None and profile is not None
-        options = provider_options(target, profile.precision, info, self.params, out_dir)
-        build_engine(onnx_model_path(out_dir), options)
+        options = provider_options(target, info, self.params, out_dir)
+        model = onnx_model_path(out_dir)
+        build_engine(model, options)
         if not (out_dir / ENGINE_MODEL).is_file():
             raise StepError(f"the TensorRT provider did not write {ENGINE_MODEL}")
         facts = {
             **gpu,
             **_runtime_versions(),
-            "precision": profile.precision,
+            "precision": graph_precision(model),  # what the engine has, whatever the profile asked for
             "hardware_compatibility": target.tensorrt.hardware_compatibility,
             "version_compatible": target.tensorrt.version_compatible,
             "sparse_weights": self.params.sparse_weights,
@@ -108,42 +136,48 @@ class TensorrtStep(Step):
 def profile_shapes(info: dict[str, Any], params: TensorrtParams) -> dict[str, str]:
     """trt_profile_{min,opt,max}_shapes for every dynamic input, in the provider's "name:AxB,..." form.
 
-    A decoder's inputs: input_ids and position_ids [batch, sequence], attention_mask [batch, past + sequence],
-    past_key_values.N.{key,value} [batch, kv_heads, past, head_dim]. At min the past is empty, at opt and max
-    it fills the rest of the window. Encoders: input_ids, attention_mask, token_type_ids [batch, sequence].
+    A decoder's inputs: input_ids and position_ids [batch, new tokens], attention_mask [batch, past + new],
+    past_key_values.N.{key,value} [batch, kv_heads, past, head_dim]. Min: one token, empty cache. Opt: a decode
+    step at opt_sequence. Max: a whole prompt of max_sequence tokens, or a step with the cache full. Encoders:
+    input_ids, attention_mask, token_type_ids [batch, sequence].
     """
+    batches = {"min": params.min_batch, "opt": params.opt_batch, "max": params.max_batch}
     shapes = {}
-    for level, batch, sequence in (
-        ("min", params.min_batch, params.min_sequence),
-        ("opt", params.opt_batch, params.opt_sequence),
-        ("max", params.max_batch, params.max_sequence),
-    ):
+    for level, batch in batches.items():
         if info["task"] == TEXT_GENERATION:
-            past = 0 if level == "min" else sequence - 1
-            step = 1 if level != "min" else sequence
-            entries = [
-                f"input_ids:{batch}x{step}",
-                f"position_ids:{batch}x{step}",
-                f"attention_mask:{batch}x{past + step}",
-            ]
+            new, total = {"min": (1, 1), "opt": (1, params.opt_sequence), "max": (params.max_sequence,) * 2}[level]
+            past = {"min": 0, "opt": params.opt_sequence - 1, "max": params.max_sequence - 1}[level]
+            entries = [f"input_ids:{batch}x{new}", f"position_ids:{batch}x{new}", f"attention_mask:{batch}x{total}"]
             for layer in range(info["num_layers"]):
                 for kind in ("key", "value"):
                     entries.append(
                         f"past_key_values.{layer}.{kind}:{batch}x{info['num_kv_heads']}x{past}x{info['head_dim']}"
                     )
         else:
-            entries = [f"{name}:{batch}x{sequence}" for name in ("input_ids", "attention_mask", "token_type_ids")]
+            length = {"min": 1, "opt": params.opt_sequence, "max": params.max_sequence}[level]
+            entries = [f"{name}:{batch}x{length}" for name in ("input_ids", "attention_mask", "token_type_ids")]
         shapes[f"trt_profile_{level}_shapes"] = ",".join(entries)
     return shapes
 
 
-def provider_options(
-    target, precision: str, info: dict[str, Any], params: TensorrtParams, out_dir: Path
-) -> dict[str, Any]:
-    """TensorRT provider options for one build: precision, workspace, optimization level, caches, EP context."""
+def graph_precision(model: Path) -> str:
+    """The float type most of the graph's weights have ("fp32" or "fp16"): the precision of a strongly typed
+    engine built from it. Read from the initializers' headers; no weights are loaded."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    counts = {"fp32": 0, "fp16": 0}
+    kinds = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}
+    for init in graph.initializer:
+        if init.data_type in kinds:
+            counts[kinds[init.data_type]] += int(np.prod(init.dims)) if init.dims else 1
+    return max(counts, key=counts.__getitem__)
+
+
+def provider_options(target, info: dict[str, Any], params: TensorrtParams, out_dir: Path) -> dict[str, Any]:
+    """TensorRT provider options for one build: workspace, optimization level, caches, EP context, shapes."""
     trt = target.tensorrt
     return engine_options(
-        precision=precision,
         workspace_gib=trt.workspace_gib,
         builder_optimization_level=trt.builder_optimization_level,
         hardware_compatible=trt.hardware_compatibility == "ampere_plus",

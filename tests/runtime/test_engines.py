@@ -60,10 +60,10 @@ A100_ENGINE = EngineFacts(
     onnxruntime_version="1.20.1",
     tensorrt_version="10.4.0",
     precision="fp16",
-    profile_shapes={
-        "trt_profile_min_shapes": "input_ids:1x1",
-        "trt_profile_opt_shapes": "input_ids:1x1",
-        "trt_profile_max_shapes": "input_ids:4x1",
+    profile_shapes={  # as steps/tensorrt.profile_shapes writes them (past_key_values left out)
+        "trt_profile_min_shapes": "input_ids:1x1,position_ids:1x1,attention_mask:1x1",
+        "trt_profile_opt_shapes": "input_ids:1x1,position_ids:1x1,attention_mask:1x128",
+        "trt_profile_max_shapes": "input_ids:4x256,position_ids:4x256,attention_mask:4x256",
     },
 )
 GPU_STACK = GpuSoftware(
@@ -345,8 +345,12 @@ class FakeBuild:
         self.calls.append((model, options))
         if self.fail:
             raise StepError("TensorRT engine build failed: [TRT] out of memory")
-        Path(options["trt_ep_context_file_path"]).write_bytes(b"rebuilt EP context")
-        engines = Path(options["trt_engine_cache_path"])
+        context = Path(options["trt_ep_context_file_path"])
+        context.write_bytes(b"rebuilt EP context")
+        # the provider puts a relative cache path under the context model's folder, and refuses an absolute one
+        # at load: tensorrt_execution_provider.cc, onnx_ctx_model_helper.cc
+        assert not Path(options["trt_engine_cache_path"]).is_absolute()
+        engines = context.parent / options["trt_engine_cache_path"]
         engines.mkdir(parents=True, exist_ok=True)
         (engines / "TensorrtExecutionProvider_TRTKernel_graph_main_0_0_sm89.engine").write_bytes(b"rebuilt engine")
 
@@ -369,6 +373,27 @@ def _prepare(path: Path, host: HostFacts, policy=EnginePolicy(), build=None, fre
 def test_a_matching_engine_is_served_from_model_ctx_on_tensorrt(engine_variant):
     variant = _prepare(engine_variant, gpu_host())
     assert variant.onnx_path == engine_variant / "model" / "model_ctx.onnx" and variant.providers[0] == TRT
+    # the context is capped to the tokens the engine's profile takes (the tiny Llama's config allows more)
+    assert load_variant(engine_variant).context_length > 256 and variant.context_length == 256
+
+
+def test_serve_refuses_a_batch_wider_than_the_engines_profile(engine_variant):
+    from lmpack.config.serve import ServeSettings
+    from lmpack.errors import ConfigError
+    from lmpack.runtime.server import check_engine_bounds
+    from lmpack.runtime.trt_plan import beyond_engine, engine_bounds
+
+    assert engine_bounds(A100_ENGINE) == (4, 256)
+    variant = _prepare(engine_variant, gpu_host())
+    with pytest.raises(ConfigError) as refused:
+        check_engine_bounds(variant, ServeSettings(max_concurrency=16))  # serve's default max_batch is 8
+    assert "takes at most 4 sequences in one run, and serve would batch 8" in refused.value.message
+    assert "max_batch = 4" in refused.value.message
+    check_engine_bounds(variant, ServeSettings(max_batch=4, max_concurrency=16))
+    check_engine_bounds(variant, ServeSettings(max_concurrency=2))  # a batch never wider than the admitted requests
+    assert beyond_engine(replace(A100_ENGINE, profile_shapes={}), batch=64) is None  # nothing recorded to hold to
+    fallback = _prepare(engine_variant, CPU_ONLY)
+    check_engine_bounds(fallback, ServeSettings(max_batch=64, max_concurrency=64))  # plain ONNX: no profile
 
 
 def test_the_engine_is_rebuilt_once_cached_beside_the_variant_and_checked(engine_variant, caplog):
@@ -379,7 +404,9 @@ def test_the_engine_is_rebuilt_once_cached_beside_the_variant_and_checked(engine
     assert variant.onnx_path == entry / "model_ctx.onnx" and variant.providers == [TRT, CUDA_EP, CPU_EP]
     ((model, options),) = build.calls
     assert model == engine_variant / "model" / "model.onnx"
-    assert options["trt_fp16_enable"] and options["trt_profile_max_shapes"] == "input_ids:4x1"
+    assert options["trt_profile_max_shapes"] == A100_ENGINE.profile_shapes["trt_profile_max_shapes"]
+    assert "trt_fp16_enable" not in options  # the graph's own types make the engine's precision
+    assert options["trt_engine_cache_path"] == "engines"  # relative: the staging folder is renamed after the build
     assert options["trt_max_workspace_size"] == 8 * GIB and options["trt_ep_context_embed_mode"] == 0
     record = json.loads((entry / CACHE_FACTS).read_text())
     assert record["gpu_name"] == "NVIDIA L4" and record["tensorrt_version"] == "10.4.0"
