@@ -128,12 +128,12 @@ def session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lmpack-cache")
 
 
-def _build(request, model_fixture: str, out: Path, profile: str = "int8") -> Path:
-    """The tiny model of `model_fixture` built for cpu-x86 with `profile` into `out`, through the session's cache."""
+def _build(request, model_fixture: str, out: Path, profile: str = "int8", target: str = "cpu-x86") -> Path:
+    """The tiny model of `model_fixture` built for `target` with `profile` into `out`, through the session's cache."""
     from lmpack import api
 
     model, cache = request.getfixturevalue(model_fixture), request.getfixturevalue("session_cache")
-    return api.build(str(model), target="cpu-x86", profile=profile, output_dir=out, cache_dir=cache).variant_dir
+    return api.build(str(model), target=target, profile=profile, output_dir=out, cache_dir=cache).variant_dir
 
 
 def _build_int8_with(request, out: Path, name: str, after: str, line: str) -> Path:
@@ -180,6 +180,16 @@ def llama_variant_fp16_kv(request, tmp_path_factory) -> Path:
     if RUNTIME_ONLY:
         return write_decoder_variant(out / "tiny-llama-int8-fp16-kv", layout="right", kv_cache="fp16")
     return _build_int8_with(request, out, "int8-fp16-kv", "embedding_bits = 8\n", 'kv_cache = "fp16"\n')
+
+
+@pytest.fixture(scope="session")
+def llama_variant_gpu_graph(request, tmp_path_factory) -> Path:
+    """The tiny Llama built for an NVIDIA target (a100 int4): onnxruntime-genai's CUDA graph, fp16 activations and
+    KV cache, which the CPU provider runs too. Runtime-only: a right-padded decoder with an fp16 cache."""
+    out = tmp_path_factory.mktemp("variants-gpu-graph")
+    if RUNTIME_ONLY:
+        return write_decoder_variant(out / "tiny-llama-a100-int4", layout="right", kv_cache="fp16")
+    return _build(request, "tiny_llama", out, profile="int4", target="a100")
 
 
 @pytest.fixture

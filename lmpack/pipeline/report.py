@@ -120,7 +120,8 @@ def _fidelity_lines(fidelity: dict[str, Any]) -> list[str]:
         lines.append(f"tokenizer: checked against {tokenizer['reference']}")
     if parity:
         lines.append(
-            f"export:    fp32 ONNX vs {parity['reference']}: largest difference {parity['max_abs_diff']:.2g} over "
+            f"export:    {parity.get('graph', 'fp32')} ONNX vs {parity['reference']}: largest difference "
+            f"{parity['max_abs_diff']:.2g} over "
             f"{parity['tokens']} tokens (tolerance {parity['tolerance']:g})"
         )
     return lines

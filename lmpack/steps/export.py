@@ -60,6 +60,12 @@ class ExportParams:
     # is on log-probabilities (embedding components for encoders): docs/build.md, "Faithful to the source".
     parity_tokens: int = 128
     parity_tolerance: float = 0.01
+    # The device onnxruntime-genai's builder makes the graph for. "auto": "cuda" on targets with an NVIDIA GPU,
+    # "cpu" elsewhere. A CUDA graph computes in fp16 (its attention and 4-bit matmuls have CUDA kernels for fp16
+    # only) and keeps its KV cache in fp16; a CPU graph computes in fp32. optimum's graphs are fp32 everywhere.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The parity tolerance of an fp16 graph, whose log-probabilities carry fp16's rounding (docs/gpu-targets.md)
+    parity_tolerance_fp16: float = 0.25
 
 
 def model_task(config: dict) -> str:
@@ -107,18 +113,29 @@ class ExportStep(Step):
     Params = ExportParams
     tools = ("optimum", "optimum-onnx", "onnxruntime-genai", "transformers", "torch", "onnx")
 
+    def cache_extra(self, ctx: StepContext) -> dict[str, Any]:
+        return {"device": self.graph_device(ctx)}
+
+    def graph_device(self, ctx: StepContext) -> str:
+        """ "cuda" or "cpu": the device the builder's graph is made for (ExportParams.device)."""
+        if self.params.device != "auto":
+            return self.params.device
+        gpu = ctx.target.gpu if ctx.target is not None else None
+        return "cuda" if gpu is not None and gpu.vendor == "nvidia" else "cpu"
+
     def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
         config = json.loads((source.path / "config.json").read_text())
         task = model_task(config)
         model_type = config.get("model_type", "unknown")
         exporter = choose_exporter(config, task, self.params.exporter)
+        device = self.graph_device(ctx) if exporter == GENAI else "cpu"
         trust_remote_code = bool(ctx.options.get("trust_remote_code"))
         try:
             # Both exporters print progress to stdout; stdout belongs to the command's own (--json) output.
             with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # tracer warnings about shapes are expected for decoders
                 if exporter == GENAI:
-                    _export_genai(source.path, out_dir, trust_remote_code=trust_remote_code)
+                    _export_genai(source.path, out_dir, device=device, trust_remote_code=trust_remote_code)
                 else:
                     _export_optimum(
                         source.path, out_dir, config, task, self.params, trust_remote_code=trust_remote_code
@@ -129,16 +146,17 @@ class ExportStep(Step):
             raise StepError(f"ONNX export of {model_type} with {exporter} failed: {type(exc).__name__}: {exc}") from exc
         copy_side_files(source.path, out_dir)
         info = _model_info(config, task, exporter, source.path)
+        info["graph_device"] = device
         (out_dir / MODEL_INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
-        measured: dict[str, Any] = {"task": task, "model_type": model_type, "exporter": exporter}
+        measured: dict[str, Any] = {"task": task, "model_type": model_type, "exporter": exporter, "device": device}
         if self.params.parity_tokens:
             with ctx.progress("export parity with PyTorch", 1) as advance:
-                measured["parity"] = check_export(
+                measured["parity"] = {"graph": "fp16" if device == "cuda" else "fp32"} | check_export(
                     source.path,
                     out_dir / ONNX_FILE,
                     info,
                     tokens=self.params.parity_tokens,
-                    tolerance=self.params.parity_tolerance,
+                    tolerance=self.params.parity_tolerance_fp16 if device == "cuda" else self.params.parity_tolerance,
                     trust_remote_code=trust_remote_code,
                 )
                 advance(1)
@@ -183,9 +201,10 @@ def _export_optimum(
     save_model(model, out_dir / ONNX_FILE)
 
 
-def _export_genai(src: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
-    """onnxruntime-genai's model builder, fp32 for the CPU: lmpack's own quantize step makes the 8- and 4-bit graphs
-    (its int8 keeps the embedding in fp32). Only the graph is kept: the builder's genai_config.json and its copies
+def _export_genai(src: Path, out_dir: Path, *, device: str, trust_remote_code: bool) -> None:
+    """onnxruntime-genai's model builder, fp32 for the CPU or fp16 for CUDA (`device`): lmpack's own quantize step
+    makes the 8- and 4-bit graphs (its int8 keeps the embedding in the graph's float type). Only the graph is
+    kept: the builder's genai_config.json and its copies
     of the tokenizer files would be a second, unused description of the model. The graph gets lmpack's
     `num_logits_to_keep` input (onnx_graph.keep_last_logits), so a prompt's pass computes one position's logits."""
     import tempfile
@@ -200,8 +219,16 @@ def _export_genai(src: Path, out_dir: Path, *, trust_remote_code: bool) -> None:
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 # hf_remote is the builder's trust_remote_code (on unless told); hf_token=false: no token lookup.
+                precision = "fp16" if device == "cuda" else "fp32"
                 create_model(
-                    None, str(src), str(built), "fp32", "cpu", str(cache), hf_remote=trust_remote_code, hf_token="false"
+                    None,
+                    str(src),
+                    str(built),
+                    precision,
+                    device,
+                    str(cache),
+                    hf_remote=trust_remote_code,
+                    hf_token="false",
                 )
         except Exception as exc:
             tail = " | ".join(chatter.getvalue().strip().splitlines()[-3:])

@@ -58,7 +58,9 @@ def _unbatched(engine: DecoderEngine, prompt: str, steps: int) -> tuple[list[int
     return tokens, logits
 
 
-@pytest.mark.parametrize("variant_fixture", ["llama_variant", "llama_variant_optimum", "llama_variant_fp16_kv"])
+@pytest.mark.parametrize(
+    "variant_fixture", ["llama_variant", "llama_variant_optimum", "llama_variant_fp16_kv", "llama_variant_gpu_graph"]
+)
 def test_padded_batch_steps_give_the_unbatched_logits(variant_fixture, request):
     """Rows of different lengths, padded and masked, fed the unbatched tokens: same logits, same argmax;
     rows leaving mid-way do not disturb the rest. onnxruntime-genai's graph (right-padded rows, each
@@ -76,7 +78,7 @@ def test_padded_batch_steps_give_the_unbatched_logits(variant_fixture, request):
         engine.runner.step(engine.encode_prompt(prompt), cache)
         batch.join(cache)
     assert batch.width == max(lengths) and batch.mask.sum() == sum(lengths)
-    expected_kv = np.float16 if variant_fixture == "llama_variant_fp16_kv" else np.float32
+    expected_kv = np.float16 if variant_fixture in ("llama_variant_fp16_kv", "llama_variant_gpu_graph") else np.float32
     assert {past.dtype for past in batch.values.values()} == {np.dtype(expected_kv)}
     for step in range(11):
         if step == 5:  # the longest prompt's row leaves: the batch narrows (left: by a multiple of EXACT_ALIGN)
