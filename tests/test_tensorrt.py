@@ -168,7 +168,27 @@ def _has_tensorrt_provider() -> bool:
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not _has_tensorrt_provider(), reason="needs an NVIDIA GPU and onnxruntime's TensorRT provider")
-def test_engine_build_records_its_facts(tiny_llama, session_cache, tmp_path):
+def test_an_engine_builds_records_its_facts_and_answers_after_its_variant_moves(tiny_llama, session_cache, tmp_path):
+    """On a GPU with TensorRT: the engine is fp16 as its graph is, and the variant still loads after a move (the
+    engine path in model_ctx.onnx is relative), takes an 8-token prompt and 32 decode steps in one profile."""
+    import shutil
+
+    import numpy as np
+
+    from lmpack.runtime.select import prepare_variant
+    from lmpack.runtime.sessions import DecoderRunner, KVCache
+
     result = api.build(str(tiny_llama), target="a100", profile="fp16-trt", output_dir=tmp_path, cache_dir=session_cache)
     info = json.loads((result.variant_dir / "model" / "lmpack-model.json").read_text())
-    assert info["tensorrt"]["compute_capability"] and (result.variant_dir / "model" / "model_ctx.onnx").is_file()
+    assert info["tensorrt"]["compute_capability"] and info["tensorrt"]["precision"] == "fp16"
+    moved = tmp_path / "elsewhere" / result.variant_dir.name
+    shutil.move(str(result.variant_dir), moved)
+    variant = prepare_variant(moved)
+    assert variant.onnx_path == moved / "model" / "model_ctx.onnx"
+    runner = DecoderRunner(variant.onnx_path, providers=variant.providers, kv_padding=info["kv_padding"])
+    assert runner.session.get_providers()[0] == "TensorrtExecutionProvider"
+    cache = KVCache()
+    logits = runner.step(list(range(5, 13)), cache)
+    for _ in range(32):
+        logits = runner.step([int(np.argmax(logits))], cache)
+    assert cache.length == 8 + 32 and np.isfinite(logits).all()
