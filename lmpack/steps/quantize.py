@@ -13,6 +13,7 @@ from typing import Any, Literal
 from lmpack.bundle.variant_dir import MODEL_INFO
 from lmpack.errors import PlanError
 from lmpack.pipeline.step import ONNX_MODEL, Artifact, Step, StepContext
+from lmpack.steps.block_offsets import quantize_with_offsets
 from lmpack.steps.export import onnx_model_path, read_model_info
 from lmpack.steps.kv_cache import kv_cache_fp16
 from lmpack.steps.onnx_graph import (
@@ -53,10 +54,15 @@ class QuantizeParams:
     # The KV cache's element type: fp16 halves each sequence's cache (steps/kv_cache.py; GroupQueryAttention graphs,
     # that is onnxruntime-genai's export, with the matmul_nbits method; docs/serving.md, "KV cache precision").
     kv_cache: Literal["fp32", "fp16"] = "fp32"
+    # The 4-bit MatMuls keep each block's float minimum: integer zero points plus a per-block offset added back
+    # through a small MatMul of the input's block sums (steps/block_offsets.py; docs/build.md, "The int4 profile").
+    block_offsets: bool = False
 
     def validate(self) -> str | None:
         if self.kv_cache == "fp16" and self.method != "matmul_nbits":
             return f'kv_cache = "fp16" goes with method = "matmul_nbits", not {self.method!r}'
+        if self.block_offsets and (self.method != "matmul_nbits" or self.bits != 4):
+            return 'block_offsets = true goes with method = "matmul_nbits" and bits = 4'
         return None
 
 
@@ -102,6 +108,7 @@ class QuantizeStep(Step):
                     "head_bits": self.params.head_bits or self.params.bits,
                     "sensitive_bits": self.params.sensitive_bits or self.params.bits,
                     "kv_cache": self.params.kv_cache,
+                    "block_offsets": self.params.block_offsets,
                 }
                 if method == "matmul_nbits"
                 else {}
@@ -134,13 +141,24 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
         wider.setdefault(params.head_bits, set()).add(head)
     if params.sensitive_bits and params.sensitive_bits != params.bits:
         wider.setdefault(params.sensitive_bits, set()).update(sensitive_matmuls(model))
+    set_aside = set().union(*wider.values()) | ({shared} if shared else set())
+    # The offsets' own MatMuls stay as they are (fp32): every quantizer pass leaves them out.
+    offset_matmuls = set(
+        quantize_with_offsets(
+            model,
+            {n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set_aside},
+            params.block_size,
+            params.accuracy_level,
+        )
+        if params.block_offsets
+        else ()
+    )
     # nodes_to_include widens rather than narrows the quantizer's selection, so each pass excludes the rest.
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     passes: list[tuple[int, tuple[str, ...], list[str]]] = [
         (bits, ("MatMul",), [m for m in matmuls if m not in names]) for bits, names in sorted(wider.items())
     ]
-    set_aside = set().union(*wider.values()) | ({shared} if shared else set())
-    passes.append((params.bits, op_types, sorted(set_aside)))
+    passes.append((params.bits, op_types, sorted(set_aside | offset_matmuls)))
     quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # one INFO line per node, and warnings about the opset it raises itself
@@ -176,6 +194,7 @@ def _matmul_nbits(src: Path, dst: Path, params: QuantizeParams) -> dict[str, Any
         "embedding_shares_head": bool(shared),
         "fused_matmuls": fused,
         "fp16_kv_cache_layers": fp16_caches,
+        "block_offset_matmuls": len(offset_matmuls),
     }
 
 
