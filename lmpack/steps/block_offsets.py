@@ -1,14 +1,14 @@
 """4-bit MatMuls that keep each block's float minimum: MatMulNBits with integer zero points, plus a per-block
 offset added back through a small MatMul of the input's block sums (the quantize step's `block_offsets`).
 
-A Q4_1 or Q4_K block holds d * q + m with a float minimum m. MatMulNBits computes d * (q - zp) with a 4-bit integer
-zp, which puts every weight of the block off by c = m + zp * d (half a step at most, for a block spanning zero);
-its float zero points would hold m exactly but leave its int8 kernel (several times slower). So the block keeps
-the integer zero point and c is added back: x @ W = MatMulNBits(x) + blocksums(x) @ C, where blocksums(x) [.., K / block] sums x over each
-block's inputs and C [K / block, N] holds each block's c. The sums are made once per input and the MatMuls that
-read the same input share one offsets MatMul (its columns split after). docs/build.md, "The int4 profile", has
-the measurements. Quantizing: q counts steps up from the block's minimum (min-max, 15 steps), so a source already
-on such a grid (a Q4_1 GGUF) is kept exactly.
+A Q4_1 or Q4_K block holds d * q + m with a float minimum m. MatMulNBits computes d * (q - zp) with a 4-bit
+integer zp, which puts every weight of the block off by c = m + zp * d (half a step at most, for a block
+spanning zero); its float zero points would hold m exactly but leave its int8 kernel (several times slower).
+So the block keeps the integer zero point and c is added back: x @ W = MatMulNBits(x) + blocksums(x) @ C,
+where blocksums(x) [.., K / block] sums x over each block's inputs and C [K / block, N] holds each block's c.
+The sums are made once per input, and the MatMuls that read the same input share one offsets MatMul (its
+columns split after). docs/build.md, "The int4 profile", has the measurements. Quantizing: q counts steps up
+from the block's minimum (min-max, 15 steps), so a source already on such a grid (a Q4_1 GGUF) is kept exactly.
 """
 
 from __future__ import annotations
