@@ -6,7 +6,6 @@ cannot; the quantize step wires it in beside the 8-bit head and sensitive layers
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -80,22 +79,12 @@ def test_the_graph_computes_x_at_w_with_one_offsets_matmul_per_input(siblings):
     assert error > 100 * 1e-4 * max(np.abs(w).max() for w in exact)
 
 
-def test_the_int4_profile_with_block_offsets_builds_and_reports_them(tiny_llama, session_cache, tmp_path):
-    """The shipped int4 profile plus block_offsets: the 4-bit layers get their offsets, the 8-bit head and
-    sensitive layers (and the offsets' own MatMuls) do not, and the report counts them."""
+def test_the_int4_profile_keeps_block_offsets_on_its_4_bit_layers_only(tiny_llama, session_cache, tmp_path):
+    """The shipped int4 profile: the 4-bit layers get their offsets, the 8-bit head and sensitive layers (and the
+    offsets' own MatMuls) do not, and the report counts them."""
     from lmpack import api
 
-    shipped = (Path(__file__).parents[1] / "profiles" / "int4.toml").read_text()
-    assert "sensitive_bits = 8\n" in shipped
-    profile = tmp_path / "int4-offsets.toml"
-    profile.write_text(
-        shipped.replace('name = "int4"', 'name = "int4-offsets"').replace(
-            "sensitive_bits = 8\n", "sensitive_bits = 8\nblock_offsets = true\n"
-        )
-    )
-    built = api.build(
-        str(tiny_llama), target="cpu-x86", profile=str(profile), output_dir=tmp_path, cache_dir=session_cache
-    )
+    built = api.build(str(tiny_llama), target="cpu-x86", profile="int4", output_dir=tmp_path, cache_dir=session_cache)
     report = json.loads((built.variant_dir / "report.json").read_text())
     model = onnx.load(str(built.variant_dir / "model" / "model.onnx"), load_external_data=False)
     nodes = model.graph.node

@@ -82,9 +82,10 @@ def test_smollm2_gguf_int8_meets_the_size_and_quality_targets(smollm2_gguf, real
 
 
 def test_smollm2_gguf_int4_meets_the_size_and_quality_targets(smollm2_gguf, real_cache, tmp_path):
+    """The models issue's int4 goal (perplexity within +15%, top-1 0.85), met through the block offsets."""
     report = _build(smollm2_gguf, "int4", tmp_path, real_cache)
-    assert report["quality"]["perplexity_increase"] <= 0.25
-    assert report["sizes"]["onnx_ratio"] <= 0.20
+    assert report["quality"]["perplexity_increase"] <= 0.15 and report["quality"]["top1_agreement"] >= 0.85
+    assert report["sizes"]["onnx_ratio"] <= 0.25
 
 
 def test_minilm_int8_keeps_embeddings(minilm_dir, real_cache, tmp_path):
