@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from lmpack.bundle.variant_dir import POOLINGS
+from lmpack.runtime.device_kv import DeviceKV, shape_of
 from lmpack.runtime.heap import mapped_zeros
 from lmpack.runtime.trt_plan import CUDA_EP, TENSORRT_EP
 
@@ -82,7 +83,7 @@ class KVCache:
 
     length: int = 0
     values: dict[str, Any] = field(default_factory=dict)
-    binding: InPlaceBinding | None = None  # right-padded graphs: the I/O binding of `values`, reused
+    binding: InPlaceBinding | DeviceBinding | None = None  # right-padded graphs: the I/O binding of `values`, reused
     # Right-padded graphs: the positions this sequence may reach (its prompt and max_tokens). Its buffers (and
     # a batch's it joins) are made that long at once, so they need not grow, which copies the whole cache
     # while the old and new buffers are both resident; positions not yet written take no memory (mapped_zeros).
@@ -94,7 +95,8 @@ class KVCache:
         return {name: _as_array(value)[:, :, :end] for name, value in self.values.items()}
 
     def copy(self) -> KVCache:
-        """An independent cache holding the same past (n choices of one prompt each go on from its prefill)."""
+        """An independent cache holding the same past (n choices of one prompt each go on from its prefill); a
+        device cache's copy is made on the host and goes back to the device at its next step."""
         values = {name: array.copy() for name, array in self.past().items()}
         return KVCache(length=self.length, values=values, room=self.room)
 
@@ -125,9 +127,12 @@ class BatchKV:
     lengths: list[int] = field(default_factory=list)
     mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     values: dict[str, Any] = field(default_factory=dict)
-    binding: InPlaceBinding | None = None  # as KVCache.binding
+    binding: InPlaceBinding | DeviceBinding | None = None  # as KVCache.binding
     max_rows: int = 1  # right padding: the rows the buffers are first made with
-    _store: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # right padding: see above
+    _store: dict[str, Any] = field(default_factory=dict, repr=False)  # right padding: see above
+    # Right padding on a GPU: `_store` holds device buffers, reshaped on the device (device_kv.py), and `values`
+    # is the store itself, bound with the batch's current rows.
+    device: DeviceKV | None = None
 
     def __post_init__(self) -> None:
         if self.padding not in KV_PADDINGS:
@@ -164,6 +169,9 @@ class BatchKV:
 
     def join(self, cache: KVCache) -> None:
         """Add one prefilled sequence as the last row; the narrower side is padded with masked zeros."""
+        if self.padding == "right" and self.device is not None:
+            self._join_on_device(cache)
+            return
         new = cache.past()
         if self.padding == "right":
             width = max(self.width if self.lengths else 0, cache.length)
@@ -195,7 +203,17 @@ class BatchKV:
             self.lengths, self.values, self.mask = [], {}, np.zeros((0, 0), dtype=np.int64)
             self._store, self.binding = {}, None  # the binding would keep the buffers alive until the next batch
             return
+        old_width = self.width
         self.lengths = [self.lengths[i] for i in rows]
+        if self.padding == "right" and self.device is not None:
+            if rows != list(range(len(rows))):
+                have_rows, _, have_positions, _ = shape_of(next(iter(self._store.values())))
+                self._store = {
+                    name: self.device.resize(store, rows, old_width, have_rows, have_positions)
+                    for name, store in self._store.items()
+                }
+            self._settle(max(self.lengths))
+            return
         if self.padding == "right":
             width = max(self.lengths)
             if rows != list(range(len(rows))):
@@ -211,6 +229,16 @@ class BatchKV:
     def reserve(self, positions: int) -> None:
         """Right padding: room for `positions` positions in every row (the step about to run needs width + 1).
         `values` stay the same arrays (and their I/O binding stays valid) unless the store had to grow."""
+        if self.device is not None:
+            have_rows, _, have_positions, _ = shape_of(next(iter(self._store.values())))
+            if have_positions < positions:
+                grown = _capacity(positions)
+                self._store = {
+                    name: self.device.resize(store, range(self.size), self.width, have_rows, grown)
+                    for name, store in self._store.items()
+                }
+                self.values = dict(self._store)
+            return
         if self._reserve(self.size, positions, self._store):
             self.values = {name: store[: self.size] for name, store in self._store.items()}
 
@@ -225,9 +253,40 @@ class BatchKV:
         grew, self._store = store is not self._store, store
         return grew
 
+    def _join_on_device(self, cache: KVCache) -> None:
+        """join() for device buffers: the batch's rows and the newcomer's stacked into new buffers on the device,
+        with spare rows (the batcher's max_rows, then doubling) and positions (the newcomer's room)."""
+        assert self.device is not None
+        width = max(self.width if self.lengths else 0, cache.length)
+        sample = next(iter(self._store.values()), None)
+        have_rows, _, have_positions, _ = shape_of(sample) if sample is not None else (0, 0, 0, 0)
+        rows = self.size + 1 if self.size + 1 <= have_rows else max(self.size + 1, 2 * have_rows, self.max_rows)
+        needed = max(width + 1, cache.room)
+        positions = have_positions if have_positions >= needed else _capacity(needed)
+        store = {}
+        for name, value in cache.values.items():
+            if isinstance(value, np.ndarray):  # a prefix-cache hit's rows, or a copy: to the device
+                row = self.device.upload(value[:, :, : cache.length], 1, positions)
+            else:
+                row = self.device.resize(value, [0], cache.length, 1, positions)
+            if self.size:
+                kept = self.device.resize(self._store[name], range(self.size), self.width, self.size, positions)
+                row = self.device.stack(kept, row)
+            store[name] = (
+                row
+                if rows == self.size + 1
+                else self.device.resize(row, range(self.size + 1), positions, rows, positions)
+            )
+        self._store = store
+        self.lengths.append(cache.length)
+        self._settle(width)
+
     def _settle(self, width: int) -> None:
         """Point `values` at the store's first rows and rebuild the mask for `width` columns."""
-        self.values = {name: store[: self.size] for name, store in self._store.items()}
+        if self.device is not None:
+            self.values = dict(self._store)  # bound with `size` rows by address (DeviceBinding)
+        else:
+            self.values = {name: store[: self.size] for name, store in self._store.items()}
         lengths = np.asarray(self.lengths, dtype=np.int64)[:, None]
         self.mask = (np.arange(width)[None, :] < lengths).astype(np.int64)
 
@@ -312,6 +371,7 @@ class DecoderRunner:
         kv_padding: str = "left",
         bind_kv: bool | None = None,
         weights_dir: Path | None = None,
+        device_kv: bool | None = None,
     ):
         if kv_padding not in KV_PADDINGS:
             raise ValueError(f"kv_padding must be one of {KV_PADDINGS}, not {kv_padding!r}")
@@ -332,9 +392,12 @@ class DecoderRunner:
         # Where the KV cache lives between steps: the GPU's memory when a GPU provider runs the graph.
         self.kv_device = "cuda" if self.session.get_providers()[0] in (TENSORRT_EP, CUDA_EP) else "cpu"
         self.bind_kv = self.kv_device != "cpu" if bind_kv is None else bind_kv
-        # Right-padded graphs write their cache in place in host buffers: they are CPU targets' graphs (GPU
-        # profiles export with optimum, whose graphs are left-padded).
+        # Right-padded graphs (GroupQueryAttention: the CPU graphs, and the int8/int4 CUDA graphs of NVIDIA targets)
+        # write their cache in place: in host buffers on the CPU, in the GPU's memory on a GPU provider
+        # (device_kv.py); `device_kv` forces the device buffers on (with the CPU as the device, for tests) or off.
         self.in_place = kv_padding == "right"
+        on_device = self.in_place and (self.kv_device != "cpu" if device_kv is None else device_kv)
+        self.device_kv = DeviceKV(self.kv_device, self.session.get_providers()) if on_device else None
         self._past_layout = {
             name: (self.inputs[name].shape[1], self.inputs[name].shape[3], self._type(name)) for name in self.past_names
         }
@@ -382,7 +445,8 @@ class DecoderRunner:
         keep = ids.shape[1] if keep is None else keep
         feed = self._feed(ids, cache.length, keep=keep)
         if self.in_place:
-            cache.values = _fit(
+            fit = self._fit_on_device if self.device_kv is not None else _fit
+            cache.values = fit(
                 cache.values, self._past_layout, 1, max(cache.length + ids.shape[1], cache.room), (1, cache.length)
             )
             logits = self._run_in_place(feed, cache)
@@ -396,7 +460,7 @@ class DecoderRunner:
 
     def new_batch(self, max_rows: int = 1) -> BatchKV:
         """An empty batch laid out the way this graph wants its pasts (right padding: buffers for `max_rows`)."""
-        return BatchKV(padding=self.kv_padding, max_rows=max_rows)
+        return BatchKV(padding=self.kv_padding, max_rows=max_rows, device=self.device_kv)
 
     def step_batch(self, tokens: Sequence[int], batch: BatchKV) -> np.ndarray:
         """One new token for each row of `batch` in one session run; return logits [rows, vocab], advance the batch.
@@ -464,18 +528,73 @@ class DecoderRunner:
         runs the model").
         """
         bound = holder.binding
-        if bound is None or bound.values is not holder.values:
-            bound = holder.binding = InPlaceBinding(self.session, holder.values, self.present_of)
+        rows = feed["input_ids"].shape[0]
+        if bound is None or bound.values is not holder.values or bound.rows != rows:
+            binding = DeviceBinding if self.device_kv is not None else InPlaceBinding
+            bound = holder.binding = binding(self.session, holder.values, self.present_of, rows)
         return bound.run(feed)
+
+    def _fit_on_device(
+        self, values: dict[str, Any], layout: dict[str, tuple], rows: int, positions: int, filled: tuple[int, int]
+    ) -> dict[str, Any]:
+        """_fit for device buffers: `values` when they are device buffers with room enough, else new ones on the
+        device holding their first `filled` (rows, positions); host arrays (a prefix-cache hit, a copy) go up."""
+        assert self.device_kv is not None
+        sample = next(iter(values.values()), None)
+        have_rows, _, have_positions, _ = shape_of(sample) if sample is not None else (0, 0, 0, 0)
+        if (
+            sample is not None
+            and not isinstance(sample, np.ndarray)
+            and have_rows >= rows
+            and have_positions >= positions
+        ):
+            return values
+        size = (
+            have_positions
+            if have_positions >= positions and not isinstance(sample, np.ndarray)
+            else _capacity(positions)
+        )
+        rows = max(rows, have_rows)
+        if sample is None:
+            return {
+                name: self.device_kv.zeros((rows, heads, size, dim), dtype)
+                for name, (heads, dim, dtype) in layout.items()
+            }
+        if isinstance(sample, np.ndarray):
+            return {
+                name: self.device_kv.upload(v[: filled[0], :, : filled[1]], rows, size) for name, v in values.items()
+            }
+        return {name: self.device_kv.resize(v, range(filled[0]), filled[1], rows, size) for name, v in values.items()}
+
+
+class DeviceBinding:
+    """An I/O binding of device KV buffers (device_kv.py) by address, each past bound as its present too, with
+    the batch's `rows` of them; the logits come back to the host."""
+
+    def __init__(self, session: Any, values: dict[str, Any], present_of: dict[str, str], rows: int):
+        self.session, self.values, self.rows = session, values, rows
+        self.binding = session.io_binding()
+        for name, value in values.items():
+            device, shape = value.device_name(), [rows, *shape_of(value)[1:]]
+            dtype = np.float16 if "float16" in value.data_type() else np.float32
+            self.binding.bind_input(name, device, 0, dtype, shape, value.data_ptr())
+            self.binding.bind_output(present_of[name], device, 0, dtype, shape, value.data_ptr())
+        self.binding.bind_output("logits")  # to the host; bound last, so last in get_outputs()
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        for name, value in feed.items():
+            self.binding.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(self.binding, run_options(feed["input_ids"].size))
+        return self.binding.get_outputs()[-1].numpy()
 
 
 class InPlaceBinding:
     """An I/O binding of one set of KV buffers (each past bound as its present too) and a logits buffer."""
 
-    def __init__(self, session: Any, values: dict[str, np.ndarray], present_of: dict[str, str]):
+    def __init__(self, session: Any, values: dict[str, np.ndarray], present_of: dict[str, str], rows: int = 1):
         import onnxruntime as ort
 
-        self.session = session
+        self.session, self.rows = session, rows
         self.values = values  # the buffers bound: a cache that grows or re-packs gets a new dict, and a new binding
         self.binding = session.io_binding()
         for name, buffer in values.items():

@@ -440,3 +440,43 @@ def test_chunked_prefill_gives_the_whole_prompts_answers(engine):
     finally:
         batcher.stop()
     assert answers == expected
+
+
+@pytest.mark.parametrize("variant_fixture", ["llama_variant", "llama_variant_gpu_graph"])
+def test_device_buffers_give_the_host_buffers_logits(variant_fixture, request):
+    """The GPU path's KV buffers (runtime/device_kv.py: allocated, joined, narrowed and grown by graphs on the
+    session's provider, bound by address), run with the CPU as the device: every step's logits are the host
+    buffers' exactly, through joins, a leaving row, growth past the first 128 positions and a row that
+    arrives as host arrays (a prefix-cache hit)."""
+    from lmpack.runtime.sessions import DecoderRunner
+
+    variant = load_variant(request.getfixturevalue(variant_fixture))
+    host = DecoderEngine(variant, threads=1)
+    device = DecoderRunner(variant.onnx_path, threads=1, kv_padding="right", device_kv=True)
+    assert host.runner.device_kv is None and device.device_kv is not None
+    prompts = [host.encode_prompt(p) for p in PROMPTS]
+
+    def run(runner) -> list[np.ndarray]:
+        seen, batch = [], runner.new_batch(2)
+        first = KVCache()
+        seen.append(runner.step(prompts[0], first))
+        for token in range(140):  # past the first 128 positions: the single cache grows
+            seen.append(runner.step([token % 50 + 3], first))
+        batch.join(first)
+        for prompt in prompts[1:3]:
+            cache = KVCache()
+            seen.append(runner.step(prompt, cache))
+            batch.join(cache)
+        again = KVCache(length=first.length, values=first.past())  # host arrays, as a prefix-cache hit gives
+        seen.append(runner.step([7], again))
+        batch.join(again)
+        for step in range(6):
+            if step == 3:
+                batch.keep([0, 2, 3])
+            seen.extend(runner.step_batch([step + 5] * batch.size, batch))
+        return seen
+
+    expected, got = run(host.runner), run(device)
+    assert len(expected) == len(got)
+    for want, have in zip(expected, got, strict=True):
+        assert np.array_equal(want, have)
