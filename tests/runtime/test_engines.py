@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fake_nvml import fake_nvml
 
 from lmpack import api
 from lmpack.errors import GpuMemoryError, StepError
@@ -484,16 +485,10 @@ def test_nvml_driver_and_free_memory_are_read(monkeypatch):
     """A stand-in pynvml answering as nvidia-ml-py does (bytes names on old versions, ints for CUDA)."""
     from lmpack.runtime.host import probe_driver, probe_gpus
 
-    fake = types.SimpleNamespace(
-        nvmlInit=lambda: None,
-        nvmlShutdown=lambda: None,
-        nvmlDeviceGetCount=lambda: 1,
-        nvmlDeviceGetHandleByIndex=lambda i: i,
+    fake = fake_nvml(
         nvmlDeviceGetCudaComputeCapability=lambda h: (8, 9),
         nvmlDeviceGetName=lambda h: "NVIDIA L4",
         nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=24 * GIB, free=20 * GIB, used=4 * GIB),
-        nvmlSystemGetDriverVersion=lambda: b"550.54.15",
-        nvmlSystemGetCudaDriverVersion=lambda: 12040,
     )
     monkeypatch.setitem(__import__("sys").modules, "pynvml", fake)
     (gpu,), _ = probe_gpus()

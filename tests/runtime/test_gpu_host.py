@@ -13,11 +13,11 @@ import logging
 import shutil
 import subprocess
 import sys
-import types
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fake_nvml import fake_nvml
 
 from lmpack.agent.metrics import gpu_sample
 from lmpack.runtime.elf import read_dynamic
@@ -47,20 +47,13 @@ def _not_supported(*_):
 
 
 def _orin_nvml():
-    return types.SimpleNamespace(
-        nvmlInit=lambda: None,
-        nvmlShutdown=lambda: None,
-        nvmlDeviceGetCount=lambda: 1,
-        nvmlDeviceGetHandleByIndex=lambda i: i,
+    return fake_nvml(
         nvmlDeviceGetCudaComputeCapability=lambda h: (8, 7),
         nvmlDeviceGetName=lambda h: "Orin (nvgpu)",
         nvmlDeviceGetMemoryInfo=_not_supported,
         nvmlDeviceGetUtilizationRates=_not_supported,
         nvmlDeviceGetTemperature=lambda h, sensor: 41,
         nvmlDeviceGetTotalEccErrors=_not_supported,
-        NVML_TEMPERATURE_GPU=0,
-        NVML_MEMORY_ERROR_TYPE_UNCORRECTED=1,
-        NVML_VOLATILE_ECC=0,
     )
 
 

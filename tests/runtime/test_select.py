@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fake_nvml import fake_nvml
 
 from lmpack.bundle.manifest import Compatibility, GpuRequirement, VariantEntry
 from lmpack.errors import NoCompatibleVariantError
@@ -134,21 +135,11 @@ def test_a_small_memory_host_runs_nothing_and_the_error_lists_every_variant(tmp_
 
 
 def test_nvml_facts_become_gpu_facts_and_a_failing_nvml_means_no_gpu(monkeypatch):
-    """The one place NVML is faked: a stand-in pynvml module, as nvidia-ml-py would answer on an A100."""
-    import types
-
+    """NVML's answers through the stand-in pynvml (fake_nvml.py), as nvidia-ml-py would give them on an A100."""
     from lmpack.runtime.host import probe_gpus
 
     calls = []
-    fake = types.SimpleNamespace(
-        nvmlInit=lambda: calls.append("init"),
-        nvmlShutdown=lambda: calls.append("shutdown"),
-        nvmlDeviceGetCount=lambda: 1,
-        nvmlDeviceGetHandleByIndex=lambda i: i,
-        nvmlDeviceGetCudaComputeCapability=lambda h: (8, 0),
-        nvmlDeviceGetName=lambda h: b"NVIDIA A100",
-        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=40 * GIB),
-    )
+    fake = fake_nvml(nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"))
     monkeypatch.setitem(__import__("sys").modules, "pynvml", fake)
     assert probe_gpus() == ((GpuFacts(name="NVIDIA A100", compute_capability="8.0", memory_bytes=40 * GIB),), "")
     assert calls == ["init", "shutdown"]
