@@ -130,3 +130,10 @@ def test_on_a_gpu_the_variant_runs_on_cuda_close_to_the_cpu(profile, tiny_llama,
         logits = engine.runner.step_batch([alone[r][step - 1] for r in rows], batch)
         assert [int(np.argmax(row)) for row in logits] == [alone[r][step] for r in rows], step
     assert last == [tokens[0] for tokens in alone]
+
+
+def test_the_fp32_profile_for_an_nvidia_target_keeps_the_fp32_graph(tiny_llama, session_cache, tmp_path):
+    built = api.build(str(tiny_llama), target="a100", profile="fp32", output_dir=tmp_path, cache_dir=session_cache)
+    _, inputs, outputs = _types(built.variant_dir)
+    assert inputs["past_key_values.0.key"] == FLOAT and outputs["logits"] == FLOAT
+    assert json.loads((built.variant_dir / "model" / "lmpack-model.json").read_text())["graph_device"] == "cpu"

@@ -60,9 +60,10 @@ class ExportParams:
     # is on log-probabilities (embedding components for encoders): docs/build.md, "Faithful to the source".
     parity_tokens: int = 128
     parity_tolerance: float = 0.01
-    # The device onnxruntime-genai's builder makes the graph for. "auto": "cuda" on targets with an NVIDIA GPU,
-    # "cpu" elsewhere. A CUDA graph computes in fp16 (its attention and 4-bit matmuls have CUDA kernels for fp16
-    # only) and keeps its KV cache in fp16; a CPU graph computes in fp32. optimum's graphs are fp32 everywhere.
+    # The device onnxruntime-genai's builder makes the graph for. "auto": "cuda" on targets with an NVIDIA GPU
+    # (for profiles below fp32), "cpu" elsewhere. A CUDA graph computes in fp16 (its attention and 4-bit matmuls
+    # have CUDA kernels for fp16 only) and keeps its KV cache in fp16; a CPU graph computes in fp32. optimum's
+    # graphs are fp32 everywhere.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # The parity tolerance of an fp16 graph, whose log-probabilities carry fp16's rounding (docs/gpu-targets.md)
     parity_tolerance_fp16: float = 0.25
@@ -117,11 +118,14 @@ class ExportStep(Step):
         return {"device": self.graph_device(ctx)}
 
     def graph_device(self, ctx: StepContext) -> str:
-        """ "cuda" or "cpu": the device the builder's graph is made for (ExportParams.device)."""
+        """The device the builder's graph is made for, "cuda" or "cpu" (ExportParams.device). "auto" makes the
+        CUDA graph for an NVIDIA target unless the profile keeps full precision (fp32, tf32): its graph is the
+        fp32 one."""
         if self.params.device != "auto":
             return self.params.device
         gpu = ctx.target.gpu if ctx.target is not None else None
-        return "cuda" if gpu is not None and gpu.vendor == "nvidia" else "cpu"
+        full = ctx.profile is not None and ctx.profile.precision in ("fp32", "tf32")
+        return "cuda" if gpu is not None and gpu.vendor == "nvidia" and not full else "cpu"
 
     def run(self, ctx: StepContext, source: Artifact, out_dir: Path) -> dict[str, Any]:
         config = json.loads((source.path / "config.json").read_text())
