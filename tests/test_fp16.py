@@ -93,3 +93,14 @@ def test_the_range_check_names_the_overflow_of_a_conversion_without_the_fp32_nod
     found = fp16_range(reference, plain, "text-generation", threads=None)
     assert found["beyond_fp16_count"] > 0 and found["max_abs"] > FP16_MAX
     assert all("Pow" in t["tensor"] or "ReduceMean" in t["tensor"] for t in found["beyond_fp16"][:2])
+
+
+def test_an_engines_precision_is_read_from_its_graph(fp16_build, tiny_llama, session_cache, cpu_fp16_target, tmp_path):
+    """What the tensorrt step records: the float type of the graph's weights, whatever the profile says."""
+    from lmpack.steps.tensorrt import graph_precision
+
+    assert graph_precision(fp16_build.variant_dir / "model" / "model.onnx") == "fp16"
+    built = api.build(
+        str(tiny_llama), target=str(cpu_fp16_target), profile="fp32", output_dir=tmp_path, cache_dir=session_cache
+    )
+    assert graph_precision(built.variant_dir / "model" / "model.onnx") == "fp32"
