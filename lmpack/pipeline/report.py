@@ -76,8 +76,9 @@ def render_report(report: dict[str, Any]) -> str:
         size = f"{step['output_bytes'] / 1e6:9.1f} MB" if step["output_bytes"] else " " * 12
         lines.append(f"  {step['step']:<10} {step['seconds']:8.1f} s {size}{'  (cached)' if step['cached'] else ''}")
     sizes = report["sizes"]
+    export = (report.get("fidelity", {}).get("export_parity") or {}).get("graph", "fp32")
     lines.append(
-        f"size:      ONNX {sizes['onnx_bytes'] / 1e6:.1f} MB, {sizes['onnx_ratio']:.1%} of the fp32 export "
+        f"size:      ONNX {sizes['onnx_bytes'] / 1e6:.1f} MB, {sizes['onnx_ratio']:.1%} of the {export} export "
         f"({sizes['reference_onnx_bytes'] / 1e6:.1f} MB); with tokenizer and side files "
         f"{sizes['model_bytes'] / 1e6:.1f} MB"
     )
