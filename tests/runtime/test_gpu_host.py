@@ -167,8 +167,8 @@ def test_onnxruntime_gpu_beside_onnxruntime_is_named_and_blocks_the_gpu(monkeypa
 def test_the_tensorrt_step_refuses_a_build_host_with_both_onnxruntime_builds(
     monkeypatch, tmp_path, tiny_llama, session_cache, lmpack_cli
 ):
-    _fake_distribution(tmp_path / "site", "onnxruntime-gpu")
-    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    # the packages as found above; sys.path itself is left alone here, since the build imports modules that add to it
+    monkeypatch.setattr("lmpack.steps.tensorrt.onnxruntime_packages", lambda: ("onnxruntime", "onnxruntime-gpu"))
     result = lmpack_cli(
         "build", tiny_llama, "--target", "a100", "--profile", "fp16-trt", "-o", tmp_path / "dist",
         "--cache-dir", session_cache,
@@ -229,3 +229,19 @@ def test_a_gpu_variant_without_an_engine_runs_on_cuda_never_on_tensorrt(tmp_path
     assert loaded.providers == [CPU_EP]
     (line,) = [r.getMessage() for r in caplog.records]
     assert "running on the CPU" in line and "no CUDA execution provider" in line
+
+
+def test_doctor_warns_of_two_onnxruntime_builds_and_shows_shared_memory(llama_variant, lmpack_cli, monkeypatch):
+    packages = ("onnxruntime", "onnxruntime-gpu")
+    jetson = HostFacts(
+        arch="x86_64",
+        isa=frozenset({"avx2", "fma"}),
+        memory_bytes=32 * GIB,
+        gpus=(GpuFacts(name="Orin (nvgpu)", compute_capability="8.7", memory_bytes=32 * GIB, unified_memory=True),),
+        software=GpuSoftware(onnxruntime_version="1.22.0", providers=(CPU_EP,), onnxruntime_packages=packages),
+    )
+    monkeypatch.setattr("lmpack.runtime.host.probe_host", lambda: jetson)
+    result = lmpack_cli("doctor", llama_variant)
+    assert result.exit_code == 0, result.output
+    assert "Orin (nvgpu) (compute capability 8.7, 32.0 GiB shared with the CPU)" in result.stdout
+    assert "warning: onnxruntime and onnxruntime-gpu are both installed" in result.stdout
