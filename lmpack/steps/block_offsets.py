@@ -24,72 +24,73 @@ def quantize_with_offsets(model, names: set[str], block_size: int, accuracy_leve
     the offset correction; returns the names of the offset MatMuls, which other quantizer passes must leave alone."""
     from onnx import helper, numpy_helper
 
+    from lmpack.steps.onnx_graph import drop_unused_initializers
+
     graph = model.graph
     weights = {init.name: init for init in graph.initializer}
-    chosen = [n for n in graph.node if n.name in names and n.op_type == "MatMul" and n.input[1] in weights]
     by_input: dict[str, list[Any]] = defaultdict(list)
-    for node in chosen:
-        by_input[node.input[0]].append(node)
-    replaced: dict[int, list[Any]] = {}
+    for node in graph.node:
+        if node.name in names and node.op_type == "MatMul" and node.input[1] in weights:
+            by_input[node.input[0]].append(node)
+    replaced: dict[int, list[Any]] = {}  # id of a MatMul -> the nodes in its place
     offset_matmuls = []
     for index, (source, group) in enumerate(by_input.items()):
         arrays = [numpy_helper.to_array(weights[node.input[1]]) for node in group]
-        k, dtype = arrays[0].shape[0], arrays[0].dtype
-        if any(a.shape[0] != k for a in arrays) or k % block_size:
+        if any(a.shape[0] != arrays[0].shape[0] for a in arrays) or arrays[0].shape[0] % block_size:
             continue  # a ragged last block would need its own sums; such MatMuls stay for the plain quantizer
-        prefix = f"/lmpack_offsets/{index}"
-        sums = f"{prefix}/block_sums"
-        made = [
-            helper.make_node(
-                "Reshape", [source, f"{prefix}/blocks_shape"], [f"{prefix}/blocks"], name=f"{prefix}/Reshape"
-            ),
-            helper.make_node(
-                "ReduceSum", [f"{prefix}/blocks", f"{prefix}/last_axis"], [sums], name=f"{prefix}/ReduceSum", keepdims=0
-            ),
+        quantized = [
+            _quantized(graph, node, weight, block_size, accuracy_level)
+            for node, weight in zip(group, arrays, strict=True)
         ]
-        graph.initializer.extend(
-            [
-                numpy_helper.from_array(
-                    np.array([0, 0, k // block_size, block_size], np.int64), f"{prefix}/blocks_shape"
-                ),
-                numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}/last_axis"),
-            ]
-        )
-        offsets, corrections = [], []
-        for node, weight in zip(group, arrays, strict=True):
-            offset = _replace(graph, node, weight, block_size, accuracy_level, replaced)
-            offsets.append(offset.astype(dtype))
-            corrections.append(f"{node.output[0]}/lmpack_offset")
-        table = f"{prefix}/offsets"
-        graph.initializer.append(numpy_helper.from_array(np.concatenate(offsets, axis=1), table))
-        offset_name = f"{prefix}/MatMul"
-        offset_matmuls.append(offset_name)
-        if len(group) == 1:
-            made.append(helper.make_node("MatMul", [sums, table], corrections, name=offset_name))
-        else:
-            joined = f"{prefix}/corrections"
-            made.append(helper.make_node("MatMul", [sums, table], [joined], name=offset_name))
-            graph.initializer.append(
-                numpy_helper.from_array(np.array([o.shape[1] for o in offsets], np.int64), f"{prefix}/widths")
-            )
-            made.append(
-                helper.make_node("Split", [joined, f"{prefix}/widths"], corrections, name=f"{prefix}/Split", axis=-1)
-            )
-        replaced[id(group[0])] = made + replaced[id(group[0])]
+        prefix = f"/lmpack_offsets/{index}"
+        offsets = [offset.astype(arrays[0].dtype) for _, offset in quantized]
+        corrections = [f"{node.output[0]}/lmpack_offset" for node in group]
+        replaced[id(group[0])] = _offsets_nodes(graph, prefix, source, offsets, corrections, block_size)
+        offset_matmuls.append(f"{prefix}/MatMul")
+        for node, (nodes, _) in zip(group, quantized, strict=True):
+            replaced[id(node)] = replaced.get(id(node), []) + nodes
     nodes = [made for node in graph.node for made in replaced.get(id(node), [node])]
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    drop_unused_initializers(model)  # the replaced MatMuls' fp32 weights
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return offset_matmuls
 
 
-def _replace(graph, node, weight: np.ndarray, block_size: int, accuracy_level: int, replaced: dict) -> np.ndarray:
-    """Put `node`'s MatMulNBits and its Add in `replaced` (under the node's id); return its offsets [K / block, N]."""
+def _offsets_nodes(graph, prefix: str, source: str, offsets: list[np.ndarray], corrections: list[str], block_size: int):
+    """The nodes (and initializers) that make `corrections`, one per MatMul reading `source`: the input's sums
+    over each block, times the offsets of all of them at once, split by MatMul."""
+    from onnx import helper, numpy_helper
+
+    k = offsets[0].shape[0] * block_size
+    shape, axis, blocks, sums, table = (
+        f"{prefix}/{n}" for n in ("blocks_shape", "last_axis", "blocks", "block_sums", "offsets")
+    )
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([0, 0, k // block_size, block_size], np.int64), shape),
+            numpy_helper.from_array(np.array([-1], np.int64), axis),
+            numpy_helper.from_array(np.concatenate(offsets, axis=1), table),
+        ]
+    )
+    made = [
+        helper.make_node("Reshape", [source, shape], [blocks], name=f"{prefix}/Reshape"),
+        helper.make_node("ReduceSum", [blocks, axis], [sums], name=f"{prefix}/ReduceSum", keepdims=0),
+    ]
+    if len(corrections) == 1:
+        return [*made, helper.make_node("MatMul", [sums, table], corrections, name=f"{prefix}/MatMul")]
+    joined, widths = f"{prefix}/corrections", f"{prefix}/widths"
+    graph.initializer.append(numpy_helper.from_array(np.array([o.shape[1] for o in offsets], np.int64), widths))
+    return [
+        *made,
+        helper.make_node("MatMul", [sums, table], [joined], name=f"{prefix}/MatMul"),
+        helper.make_node("Split", [joined, widths], corrections, name=f"{prefix}/Split", axis=-1),
+    ]
+
+
+def _quantized(graph, node, weight: np.ndarray, block_size: int, accuracy_level: int) -> tuple[list, np.ndarray]:
+    """The MatMulNBits and Add in `node`'s place (its weights added to `graph`), and its offsets [K / block, N]."""
     from onnx import helper, numpy_helper
 
     packed, scales, zeros, offset = quantize_blocks(weight, block_size)
@@ -103,7 +104,7 @@ def _replace(graph, node, weight: np.ndarray, block_size: int, accuracy_level: i
         ]
     )
     product, output = f"{node.output[0]}/lmpack_nbits", node.output[0]
-    replaced[id(node)] = [
+    nodes = [
         helper.make_node(
             "MatMulNBits",
             [node.input[0], f"{name}_q4", f"{name}_scales", f"{name}_zero_points"],
@@ -118,7 +119,7 @@ def _replace(graph, node, weight: np.ndarray, block_size: int, accuracy_level: i
         ),
         helper.make_node("Add", [product, f"{output}/lmpack_offset"], [output], name=f"{node.name}_offset"),
     ]
-    return offset
+    return nodes, offset
 
 
 def quantize_blocks(weight: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
