@@ -19,14 +19,13 @@ value a GPU would turn into infinity.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lmpack.steps.onnx_graph import save_model
+from lmpack.steps.onnx_graph import consumer_map, save_model
 
 FP16_MAX = 65504.0
 # Attention masks are built from float32's lowest value (about -3.4e38) in fp32 graphs and from fp16's in the
@@ -41,10 +40,7 @@ def overflow_prone_nodes(model) -> list[str]:
     """Names of the nodes from each square (Pow(x, 2) or Mul(x, x)) through the chain that makes a normalization's
     reciprocal square root: the values there are squares of the hidden state."""
     constants = _scalar_constants(model)
-    consumers: dict[str, list[Any]] = defaultdict(list)
-    for node in model.graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    consumers = consumer_map(model.graph)
     blocked = []
     for node in model.graph.node:
         square = (node.op_type == "Pow" and constants.get(node.input[1]) == 2.0) or (
@@ -101,10 +97,7 @@ def join_fp32_chains(model) -> int:
 
     half, single = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
     graph = model.graph
-    consumers: dict[str, list[Any]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    consumers = consumer_map(graph)
     outputs = {o.name for o in graph.output}
 
     def casts_to(node, to: int) -> bool:

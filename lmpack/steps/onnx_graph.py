@@ -42,6 +42,18 @@ def _consumers(graph, name: str) -> list:
     return [n for n in graph.node if name in n.input]
 
 
+def consumer_map(graph) -> dict[str, list]:
+    """Every tensor's consuming nodes, in graph order (a tensor nothing reads maps to []): one pass, for the
+    rewrites that follow many tensors."""
+    from collections import defaultdict
+
+    consumers: dict[str, list] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    return consumers
+
+
 def upgrade_opset(model, version: int):
     """Convert the default-domain opset up to `version` (attributes that became inputs are moved)."""
     from onnx import version_converter
