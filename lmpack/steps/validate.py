@@ -57,13 +57,17 @@ class ValidateStep(Step):
         reference = ctx.reference()
         info = read_model_info(source.path)
         threads = self.params.threads or None
+        half = (info.get("quantization") or {}).get("method") == "fp16"
+        providers = gate_providers(half)
         if info["task"] == EMBEDDING:
-            metrics = _compare_encoders(reference.path, source.path, threads=threads, progress=ctx.progress)
+            metrics = _compare_encoders(
+                reference.path, source.path, threads=threads, providers=providers, progress=ctx.progress
+            )
         else:
             metrics = _compare_decoders(
-                reference.path, source.path, self.params, threads=threads, progress=ctx.progress
+                reference.path, source.path, self.params, threads=threads, providers=providers, progress=ctx.progress
             )
-        if (info.get("quantization") or {}).get("method") == "fp16":
+        if half:
             with ctx.progress("fp16 range of every half-precision tensor", 1) as advance:
                 metrics["fp16_range"] = fp16_range(reference.path, source.path, info["task"], threads=threads)
                 advance(1)
@@ -95,11 +99,11 @@ class ValidateStep(Step):
             metrics["gate"] = "overridden"
 
 
-def gate_providers(model_dir: Path) -> list[str] | None:
-    """Where the gate runs the optimized model: an fp16 graph on the CUDA provider when this onnxruntime has one,
-    so its arithmetic is really fp16 (the CPU provider computes the nodes it lacks fp16 kernels for in fp32);
-    None (the CPU) otherwise. Never yet run on a GPU (docs/gpu-targets.md)."""
-    if (read_model_info(model_dir).get("quantization") or {}).get("method") != "fp16":
+def gate_providers(half: bool) -> list[str] | None:
+    """Where the gate runs the optimized model: an fp16 graph (`half`) on the CUDA provider when this onnxruntime
+    has one, so its arithmetic is really fp16 (the CPU provider computes the nodes it lacks fp16 kernels for in
+    fp32); None (the CPU) otherwise. Never yet run on a GPU (docs/gpu-targets.md)."""
+    if not half:
         return None
     import onnxruntime as ort
 
@@ -140,7 +144,9 @@ def gate_checks(gate: QualityGate, metrics: dict[str, Any]) -> list[tuple[str, b
     return checks
 
 
-def _compare_decoders(ref_dir: Path, opt_dir: Path, params: ValidateParams, *, threads, progress) -> dict[str, Any]:
+def _compare_decoders(
+    ref_dir: Path, opt_dir: Path, params: ValidateParams, *, threads, providers, progress
+) -> dict[str, Any]:
     """Both models on every domain's text, position by position: perplexity, top-1 agreement and the KL divergence
     of the optimized model's next-token distribution from the reference's, per domain and over all of them."""
     tokenizer = _tokenizer(opt_dir)
@@ -149,7 +155,7 @@ def _compare_decoders(ref_dir: Path, opt_dir: Path, params: ValidateParams, *, t
         for domain, text in eval_texts().items()
     }
     reference = DecoderRunner(onnx_model_path(ref_dir), threads=threads)
-    optimized = DecoderRunner(onnx_model_path(opt_dir), threads=threads, providers=gate_providers(opt_dir))
+    optimized = DecoderRunner(onnx_model_path(opt_dir), threads=threads, providers=providers)
     found: dict[str, Positions] = {}
     with progress("comparing with the reference", sum(map(len, chunks.values()))) as advance:
         for domain, domain_chunks in chunks.items():
@@ -213,7 +219,7 @@ class Positions:
         }
 
 
-def _compare_encoders(ref_dir: Path, opt_dir: Path, *, threads, progress) -> dict[str, Any]:
+def _compare_encoders(ref_dir: Path, opt_dir: Path, *, threads, providers, progress) -> dict[str, Any]:
     sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", all_eval_text()) if len(s.split()) >= 4][:64]
     tokenizer = _tokenizer(opt_dir)
     tokenizer.enable_truncation(128)
@@ -229,7 +235,7 @@ def _compare_encoders(ref_dir: Path, opt_dir: Path, *, threads, progress) -> dic
             threads=threads,
             pooling=info["pooling"],
             normalize=info["normalize"],
-            providers=gate_providers(directory) if label == "optimized" else None,
+            providers=providers if label == "optimized" else None,
         )
         with progress(f"embeddings ({label})", 1) as advance:
             embeddings[label] = np.concatenate(
