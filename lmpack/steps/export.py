@@ -47,6 +47,8 @@ GENAI_ARCHITECTURES = frozenset(
 # whole window, so rows are left-padded; GroupQueryAttention reads each row's length from the mask (its sum)
 # and writes the new keys right after it, so rows are right-padded.
 KV_PADDING = {OPTIMUM: "left", GENAI: "right"}
+# The float type of the builder's graph for each device (ExportParams.device).
+GRAPH_PRECISION = {"cpu": "fp32", "cuda": "fp16"}
 _OPTIMUM_TASK = {TEXT_GENERATION: "text-generation-with-past", EMBEDDING: "feature-extraction"}
 
 
@@ -155,7 +157,7 @@ class ExportStep(Step):
         measured: dict[str, Any] = {"task": task, "model_type": model_type, "exporter": exporter, "device": device}
         if self.params.parity_tokens:
             with ctx.progress("export parity with PyTorch", 1) as advance:
-                measured["parity"] = {"graph": "fp16" if device == "cuda" else "fp32"} | check_export(
+                measured["parity"] = {"graph": GRAPH_PRECISION[device]} | check_export(
                     source.path,
                     out_dir / ONNX_FILE,
                     info,
@@ -223,12 +225,11 @@ def _export_genai(src: Path, out_dir: Path, *, device: str, trust_remote_code: b
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 # hf_remote is the builder's trust_remote_code (on unless told); hf_token=false: no token lookup.
-                precision = "fp16" if device == "cuda" else "fp32"
                 create_model(
                     None,
                     str(src),
                     str(built),
-                    precision,
+                    GRAPH_PRECISION[device],
                     device,
                     str(cache),
                     hf_remote=trust_remote_code,
