@@ -435,9 +435,9 @@ def _startup_line(state: ServerState, sock: Any) -> str:
 
 def check_engine_bounds(variant: Variant, settings: ServeSettings) -> None:
     """Refuse to serve a TensorRT engine with a batch wider than its profile (ConfigError, with the fix)."""
-    from lmpack.runtime.trt_plan import ENGINE_MODEL, beyond_engine, read_engine_facts
+    from lmpack.runtime.trt_plan import ENGINE_MODEL, EngineFacts, beyond_engine
 
-    facts = read_engine_facts(variant.model_dir)
+    facts = EngineFacts.from_info(variant.info)  # lmpack-model.json, read when the variant was loaded
     if facts is None or variant.onnx_path.name != ENGINE_MODEL:
         return
     if (why := beyond_engine(facts, batch=min(settings.max_batch, settings.max_concurrency))) is not None:
