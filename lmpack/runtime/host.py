@@ -129,26 +129,11 @@ def probe_memory() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def read_meminfo(path: Path = Path("/proc/meminfo")) -> dict[str, int]:
-    """/proc/meminfo's fields in bytes ("MemTotal", "MemAvailable", ...); empty where it cannot be read."""
-    fields = {}
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        parts = value.split()
-        if parts and parts[0].isdigit():
-            fields[key.strip()] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
-    return fields
-
-
-def _gpu(pynvml: Any, index: int, meminfo: Path) -> GpuFacts | None:
+def _gpu(pynvml: Any, index: int) -> GpuFacts | None:
     """One GPU's facts, each read on its own (nvml_value); None when even its compute capability is unknown.
 
     A GPU without NVML memory figures shares the host's memory (Jetson Orin's integrated GPU, where the
-    query is "not supported"): its memory is MemTotal and its free memory MemAvailable."""
+    query is "not supported"): its memory is the host's total and its free memory the host's available."""
     handle = pynvml.nvmlDeviceGetHandleByIndex(index)
     capability = nvml_value(pynvml.nvmlDeviceGetCudaComputeCapability, handle)
     if capability is None:
@@ -158,8 +143,10 @@ def _gpu(pynvml: Any, index: int, meminfo: Path) -> GpuFacts | None:
     memory = nvml_value(pynvml.nvmlDeviceGetMemoryInfo, handle)
     unified = memory is None or not getattr(memory, "total", 0)
     if unified:
-        host = read_meminfo(meminfo)
-        total, free = host.get("MemTotal", 0), host.get("MemAvailable")
+        import psutil
+
+        host = psutil.virtual_memory()  # /proc/meminfo's MemTotal and MemAvailable, as probe_memory reads it
+        total, free = host.total, host.available
     else:
         total, free = int(memory.total), getattr(memory, "free", None)
     return GpuFacts(
@@ -171,11 +158,11 @@ def _gpu(pynvml: Any, index: int, meminfo: Path) -> GpuFacts | None:
     )
 
 
-def probe_gpus(meminfo: Path = Path("/proc/meminfo")) -> tuple[tuple[GpuFacts, ...], str]:
+def probe_gpus() -> tuple[tuple[GpuFacts, ...], str]:
     """NVIDIA GPUs via NVML, or () and the reason there are none (no package, no driver, no device)."""
     try:
         with nvml() as pynvml:
-            found = (_gpu(pynvml, index, meminfo) for index in range(pynvml.nvmlDeviceGetCount()))
+            found = (_gpu(pynvml, index) for index in range(pynvml.nvmlDeviceGetCount()))
             gpus = tuple(gpu for gpu in found if gpu is not None)
             return gpus, "" if gpus else "NVML found no GPU"
     except NvmlUnavailable as exc:

@@ -13,6 +13,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,11 +58,12 @@ def _orin_nvml():
     )
 
 
-def test_a_jetson_gpu_is_seen_with_the_hosts_memory_when_nvml_has_no_memory_figures(monkeypatch, tmp_path):
+def test_a_jetson_gpu_is_seen_with_the_hosts_memory_when_nvml_has_no_memory_figures(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", _orin_nvml())
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
-    gpus, note = probe_gpus(meminfo)
+    # the host's memory as psutil reads /proc/meminfo (MemTotal 32000000 kB, MemAvailable 20000000 kB)
+    memory = types.SimpleNamespace(total=32000000 * 1024, available=20000000 * 1024)
+    monkeypatch.setattr("psutil.virtual_memory", lambda: memory)
+    gpus, note = probe_gpus()
     assert note == ""
     assert gpus == (
         GpuFacts(
@@ -78,11 +80,11 @@ def test_a_jetson_gpu_is_seen_with_the_hosts_memory_when_nvml_has_no_memory_figu
     assert sample["gpu_memory_percent"] is None and sample["gpu_utilization_percent"] is None
 
 
-def test_a_gpu_whose_compute_capability_nvml_cannot_tell_is_left_out(monkeypatch, tmp_path):
+def test_a_gpu_whose_compute_capability_nvml_cannot_tell_is_left_out(monkeypatch):
     fake = _orin_nvml()
     fake.nvmlDeviceGetCudaComputeCapability = _not_supported
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    assert probe_gpus(tmp_path / "none") == ((), "NVML found no GPU")
+    assert probe_gpus() == ((), "NVML found no GPU")
 
 
 # --- which TensorRT onnxruntime's provider loads ---------------------------------------------------------
