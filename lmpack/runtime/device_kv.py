@@ -70,11 +70,11 @@ class DeviceKV:
         taken = np.asarray(list(rows), dtype=np.int64)
         pads = np.array([0, 0, 0, 0, out_rows - len(taken), 0, out_positions - keep, 0], dtype=np.int64)
         host = {"rows": taken, "keep": np.array([keep], np.int64), "pads": pads}
-        return self._run("resize", _dtype(src), {"src": src}, host)
+        return self._run("resize", dtype_of(src), {"src": src}, host)
 
     def stack(self, a, b):
         """`a`'s rows, then `b`'s (the same heads, positions and head size)."""
-        return self._run("stack", _dtype(a), {"a": a, "b": b}, {})
+        return self._run("stack", dtype_of(a), {"a": a, "b": b}, {})
 
     def upload(self, array: np.ndarray, out_rows: int, out_positions: int):
         """A host array [rows, heads, positions, head_dim] (a prefix-cache hit's) on the device, padded."""
@@ -84,7 +84,8 @@ class DeviceKV:
         return self.resize(value, range(array.shape[0]), array.shape[2], out_rows, out_positions)
 
 
-def _dtype(value) -> np.dtype:
+def dtype_of(value) -> np.dtype:
+    """An OrtValue's element type (fp16 or fp32, the KV caches' types)."""
     name = value.data_type()  # "tensor(float16)", "tensor(float)"
     return np.dtype(np.float16) if "float16" in name else np.dtype(np.float32)
 

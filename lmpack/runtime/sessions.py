@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from lmpack.bundle.variant_dir import POOLINGS
-from lmpack.runtime.device_kv import DeviceKV, shape_of
+from lmpack.runtime.device_kv import DeviceKV, dtype_of, shape_of
 from lmpack.runtime.heap import mapped_zeros
 from lmpack.runtime.trt_plan import CUDA_EP, TENSORRT_EP
 
@@ -207,11 +207,7 @@ class BatchKV:
         self.lengths = [self.lengths[i] for i in rows]
         if self.padding == "right" and self.device is not None:
             if rows != list(range(len(rows))):
-                have_rows, _, have_positions, _ = shape_of(next(iter(self._store.values())))
-                self._store = {
-                    name: self.device.resize(store, rows, old_width, have_rows, have_positions)
-                    for name, store in self._store.items()
-                }
+                self._resize_on_device(rows, old_width, *self._device_capacity())
             self._settle(max(self.lengths))
             return
         if self.padding == "right":
@@ -230,13 +226,9 @@ class BatchKV:
         """Right padding: room for `positions` positions in every row (the step about to run needs width + 1).
         `values` stay the same arrays (and their I/O binding stays valid) unless the store had to grow."""
         if self.device is not None:
-            have_rows, _, have_positions, _ = shape_of(next(iter(self._store.values())))
+            have_rows, have_positions = self._device_capacity()
             if have_positions < positions:
-                grown = _capacity(positions)
-                self._store = {
-                    name: self.device.resize(store, range(self.size), self.width, have_rows, grown)
-                    for name, store in self._store.items()
-                }
+                self._resize_on_device(range(self.size), self.width, have_rows, _capacity(positions))
                 self.values = dict(self._store)
             return
         if self._reserve(self.size, positions, self._store):
@@ -253,30 +245,41 @@ class BatchKV:
         grew, self._store = store is not self._store, store
         return grew
 
+    def _device_capacity(self) -> tuple[int, int]:
+        """The device buffers' (rows, positions); (0, 0) before any row joined."""
+        sample = next(iter(self._store.values()), None)
+        if sample is None:
+            return 0, 0
+        rows, _, positions, _ = shape_of(sample)
+        return rows, positions
+
+    def _resize_on_device(self, rows: Sequence[int], keep: int, out_rows: int, out_positions: int) -> None:
+        """Every device buffer remade with `rows` first (their first `keep` positions), `out_rows` x `out_positions`."""
+        assert self.device is not None
+        self._store = {
+            name: self.device.resize(store, rows, keep, out_rows, out_positions) for name, store in self._store.items()
+        }
+
     def _join_on_device(self, cache: KVCache) -> None:
-        """join() for device buffers: the batch's rows and the newcomer's stacked into new buffers on the device,
-        with spare rows (the batcher's max_rows, then doubling) and positions (the newcomer's room)."""
+        """join() for device buffers: the batch's rows, then the newcomer's with the spare rows (the batcher's
+        max_rows, then doubling) after it, stacked into new buffers on the device with the newcomer's room."""
         assert self.device is not None
         width = max(self.width if self.lengths else 0, cache.length)
-        sample = next(iter(self._store.values()), None)
-        have_rows, _, have_positions, _ = shape_of(sample) if sample is not None else (0, 0, 0, 0)
+        have_rows, have_positions = self._device_capacity()
         rows = self.size + 1 if self.size + 1 <= have_rows else max(self.size + 1, 2 * have_rows, self.max_rows)
         needed = max(width + 1, cache.room)
         positions = have_positions if have_positions >= needed else _capacity(needed)
         store = {}
         for name, value in cache.values.items():
+            spare = rows - self.size  # the newcomer's row and the free ones below it
             if isinstance(value, np.ndarray):  # a prefix-cache hit's rows, or a copy: to the device
-                row = self.device.upload(value[:, :, : cache.length], 1, positions)
+                row = self.device.upload(value[:, :, : cache.length], spare, positions)
             else:
-                row = self.device.resize(value, [0], cache.length, 1, positions)
+                row = self.device.resize(value, [0], cache.length, spare, positions)
             if self.size:
                 kept = self.device.resize(self._store[name], range(self.size), self.width, self.size, positions)
                 row = self.device.stack(kept, row)
-            store[name] = (
-                row
-                if rows == self.size + 1
-                else self.device.resize(row, range(self.size + 1), positions, rows, positions)
-            )
+            store[name] = row
         self._store = store
         self.lengths.append(cache.length)
         self._settle(width)
@@ -541,19 +544,11 @@ class DecoderRunner:
         device holding their first `filled` (rows, positions); host arrays (a prefix-cache hit, a copy) go up."""
         assert self.device_kv is not None
         sample = next(iter(values.values()), None)
+        on_device = sample is not None and not isinstance(sample, np.ndarray)
         have_rows, _, have_positions, _ = shape_of(sample) if sample is not None else (0, 0, 0, 0)
-        if (
-            sample is not None
-            and not isinstance(sample, np.ndarray)
-            and have_rows >= rows
-            and have_positions >= positions
-        ):
+        if on_device and have_rows >= rows and have_positions >= positions:
             return values
-        size = (
-            have_positions
-            if have_positions >= positions and not isinstance(sample, np.ndarray)
-            else _capacity(positions)
-        )
+        size = have_positions if on_device and have_positions >= positions else _capacity(positions)
         rows = max(rows, have_rows)
         if sample is None:
             return {
@@ -575,8 +570,7 @@ class DeviceBinding:
         self.session, self.values, self.rows = session, values, rows
         self.binding = session.io_binding()
         for name, value in values.items():
-            device, shape = value.device_name(), [rows, *shape_of(value)[1:]]
-            dtype = np.float16 if "float16" in value.data_type() else np.float32
+            device, shape, dtype = value.device_name(), [rows, *shape_of(value)[1:]], dtype_of(value)
             self.binding.bind_input(name, device, 0, dtype, shape, value.data_ptr())
             self.binding.bind_output(present_of[name], device, 0, dtype, shape, value.data_ptr())
         self.binding.bind_output("logits")  # to the host; bound last, so last in get_outputs()
