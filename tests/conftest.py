@@ -183,6 +183,19 @@ def llama_variant_fp16_kv(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cpu_fp16_target(tmp_path_factory) -> Path:
+    """cpu-x86 with fp16 allowed: onnxruntime's CPU provider runs fp16 graphs, so the fp16 path builds here."""
+    shipped = (REPO / "targets" / "cpu-x86.toml").read_text()
+    target = tmp_path_factory.mktemp("targets") / "cpu-fp16.toml"
+    target.write_text(
+        shipped.replace('name = "cpu-x86"', 'name = "cpu-fp16"').replace(
+            'precisions = ["fp32", "int8", "int4"]', 'precisions = ["fp32", "fp16", "int8"]'
+        )
+    )
+    return target
+
+
+@pytest.fixture(scope="session")
 def llama_variant_gpu_graph(request, tmp_path_factory) -> Path:
     """The tiny Llama built for an NVIDIA target (a100 int4): onnxruntime-genai's CUDA graph, fp16 activations and
     KV cache, which the CPU provider runs too. Runtime-only: a right-padded decoder with an fp16 cache."""

@@ -362,19 +362,12 @@ def test_disk_full_leaves_nothing_behind(tiny_llama, session_cache, tmp_path):
     assert result.stdout.strip() == ""  # nothing left on the full disk, not even a hidden partial directory
 
 
-def test_fp16_path_runs_where_the_target_allows_it(tiny_llama, session_cache, tmp_path):
+def test_fp16_path_runs_where_the_target_allows_it(tiny_llama, session_cache, cpu_fp16_target, tmp_path):
     """fp16 is planned only for targets that list it; onnxruntime's CPU provider runs fp16 graphs too."""
-    shipped = (Path(__file__).parents[1] / "targets" / "cpu-x86.toml").read_text()
-    target = tmp_path / "cpu-fp16.toml"
-    target.write_text(
-        shipped.replace('name = "cpu-x86"', 'name = "cpu-fp16"').replace(
-            'precisions = ["fp32", "int8", "int4"]', 'precisions = ["fp32", "fp16", "int8"]'
-        )
-    )
     result = build(
         str(tiny_llama),
         "--target",
-        str(target),
+        str(cpu_fp16_target),
         "--profile",
         "fp16",
         "-o",

@@ -22,19 +22,6 @@ ROOT = Path(__file__).parents[1]
 
 
 @pytest.fixture(scope="module")
-def cpu_fp16_target(tmp_path_factory) -> Path:
-    """cpu-x86 with fp16 allowed: onnxruntime's CPU provider runs fp16 graphs, so the fp16 path builds here."""
-    shipped = (ROOT / "targets" / "cpu-x86.toml").read_text()
-    target = tmp_path_factory.mktemp("targets") / "cpu-fp16.toml"
-    target.write_text(
-        shipped.replace('name = "cpu-x86"', 'name = "cpu-fp16"').replace(
-            'precisions = ["fp32", "int8", "int4"]', 'precisions = ["fp32", "fp16", "int8"]'
-        )
-    )
-    return target
-
-
-@pytest.fixture(scope="module")
 def fp16_build(tiny_llama, session_cache, cpu_fp16_target, tmp_path_factory):
     return api.build(
         str(tiny_llama),
