@@ -161,3 +161,10 @@ class GpuMemoryError(LmpackError):
     """The GPU has too little free memory to load the chosen variant; the message names both numbers."""
 
     exit_code = 20
+
+
+class FleetError(LmpackError):
+    """A `lmpack fleet` command failed: the Ray cluster is unreachable or refused this node's token, the
+    versions of Ray or lmpack differ between nodes, a port is taken, or a deployment did not become healthy."""
+
+    exit_code = 24

@@ -10,7 +10,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lmpack"
 
 # What each part of lmpack may import from the rest of lmpack (besides itself and the package's __version__).
-# Imports flow downward only: cli > api > steps > pipeline, runtime, agent > bundle > config > fsio, nvml > errors.
+# Imports flow downward only: cli > api > steps > pipeline, runtime, agent > bundle > config > fsio, nvml > errors;
+# fleet sits beside api, over runtime.
 MAY_IMPORT = {
     "errors": set(),
     "progress": set(),  # the phase-line callback type: as low as errors
@@ -22,11 +23,13 @@ MAY_IMPORT = {
     "pipeline": {"errors", "progress", "fsio", "config", "bundle"},
     "runtime": {"errors", "progress", "fsio", "nvml", "config", "bundle"},
     "agent": {"errors", "progress", "fsio", "nvml", "config", "bundle"},
+    # the fleet runs the runtime's server in Ray Serve replicas and installs bundles on every node
+    "fleet": {"errors", "progress", "fsio", "nvml", "config", "bundle", "runtime"},
     "steps": {"errors", "progress", "data", "fsio", "nvml", "config", "bundle", "pipeline", "runtime"},
     "api": {"errors", "progress", "data", "fsio", "nvml", "config", "bundle", "pipeline", "runtime", "agent", "steps"},
     "cli": {
         *("errors", "progress", "data", "fsio", "nvml", "config", "bundle", "pipeline", "runtime", "agent", "steps"),
-        "api",
+        *("api", "fleet"),
     },
     "__main__": {"cli"},
 }

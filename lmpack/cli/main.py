@@ -10,6 +10,7 @@ from lmpack.cli.build import build_command, pull_command
 from lmpack.cli.bundle import keygen_command, pack_command, sign_command, verify_command
 from lmpack.cli.catalog import profiles_group, targets_group
 from lmpack.cli.doctor import doctor_command
+from lmpack.cli.fleet import fleet_group
 from lmpack.cli.install import install_command, list_command, uninstall_command
 from lmpack.cli.serve import generate_command, serve_command
 
@@ -55,6 +56,7 @@ for command in (
     status_command,
     switch_command,
     rollback_command,
+    fleet_group,
 ):
     cli.add_command(command)
 

@@ -1,0 +1,79 @@
+"""`lmpack fleet push BUNDLE`: the same verified install as `lmpack install`, on every alive node.
+
+The bundle travels once into Ray's object store and from there to each node over the cluster's own network
+(no shared disk, no internet). On each node a task writes it next to the install prefix and runs
+bundle/install.py's install: the node's own trust (its install.toml, or --public-key as a path on the node),
+every hash, the release venv from the bundled wheels, then the atomic switch of `current`. A node that refuses
+the bundle keeps what it had; the others are not undone. Pushing a version a node has is a no-op there.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lmpack.errors import FleetError, LmpackError
+from lmpack.fleet.cluster import Node, alive_nodes, on_each_node
+
+
+def install_here(data: bytes, prefix: str, public_key: str | None) -> dict[str, Any]:
+    """Runs on a node: install the bundle's bytes under `prefix` (a Ray task; lmpack is the node's own)."""
+    from lmpack.bundle.install import InstallOptions, install
+
+    root = Path(prefix)
+    root.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".push-", suffix=".lmpack", dir=root)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        options = InstallOptions(public_keys=(Path(public_key),) if public_key else ())
+        result = install(Path(name), root, options)
+    finally:
+        Path(name).unlink(missing_ok=True)
+    return {"name": result.name, "version": result.version, "action": result.action, "previous": result.previous}
+
+
+def installed_here(prefix: str) -> list[dict[str, Any]]:
+    """Runs on a node: the releases under `prefix`, as `lmpack list` shows them."""
+    from lmpack.bundle.install import list_releases
+
+    root = Path(prefix)
+    if not root.is_dir():
+        return []
+    return [
+        {"name": r.name, "version": r.version, "current": r.current, "problem": r.problem} for r in list_releases(root)
+    ]
+
+
+def push(bundle: Path, *, prefix: Path, public_key: Path | None = None) -> list[dict[str, Any]]:
+    """Install `bundle` on every alive node; one report per node, failures included (never raised per node)."""
+    import ray
+
+    bundle = Path(bundle)
+    if not bundle.is_file():
+        raise FleetError(f"bundle {bundle} does not exist or is not a file")
+    nodes = alive_nodes()
+    data = ray.put(bundle.read_bytes())
+    results = on_each_node(nodes, install_here, data, str(prefix), str(public_key) if public_key else None)
+    return [_report(node, results[node.node_id]) for node in nodes]
+
+
+def _report(node: Node, result: Any) -> dict[str, Any]:
+    report: dict[str, Any] = {"node": node.address, "node_id": node.node_id, "head": node.head}
+    if isinstance(result, BaseException):
+        message = result.message if isinstance(result, LmpackError) else f"{type(result).__name__}: {result}"
+        return {**report, "ok": False, "error": message}
+    return {**report, "ok": True, **result}
+
+
+def releases_by_node(prefix: Path) -> list[dict[str, Any]]:
+    nodes = alive_nodes()
+    results = on_each_node(nodes, installed_here, str(prefix))
+    return [
+        {"node": n.address, "node_id": n.node_id, "head": n.head, "releases": results[n.node_id]}
+        if not isinstance(results[n.node_id], BaseException)
+        else {"node": n.address, "node_id": n.node_id, "head": n.head, "error": str(results[n.node_id])}
+        for n in nodes
+    ]

@@ -1,0 +1,244 @@
+"""The fleet on three real hosts (network namespaces with their own disks) running real Ray and Ray Serve."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+from conftest import HTTP_PORT, trust
+
+
+def fleet_cli(fleet, host, *args, check=True, timeout=300):
+    return fleet.run(
+        host, "fleet", *args, "--address", fleet.head_address, token=fleet.token, check=check, timeout=timeout
+    )
+
+
+def status(fleet) -> dict:
+    return json.loads(fleet_cli(fleet, fleet.hosts[1], "status", "--prefix", fleet.shared, "--json").stdout)
+
+
+def test_a_pushed_bundle_is_installed_on_every_node_and_served_through_each_nodes_proxy(fleet, fleet_bundles):
+    from openai import OpenAI
+
+    pushed = json.loads(
+        fleet_cli(fleet, fleet.hosts[0], "push", fleet_bundles["1.0.0"], "--prefix", fleet.shared, "--json").stdout
+    )
+    assert sorted(n["node"] for n in pushed["nodes"]) == [h.address for h in fleet.hosts]
+    assert all(n["ok"] and n["action"] == "installed" and n["version"] == "1.0.0" for n in pushed["nodes"])
+    for host in fleet.hosts:  # each host's own disk holds the release
+        assert (host.disk / "releases" / "tiny" / "1.0.0" / "manifest.json").is_file()
+
+    deployed = json.loads(
+        fleet_cli(
+            fleet,
+            fleet.hosts[1],
+            "deploy",
+            "tiny",
+            "1.0.0",
+            "--replicas",
+            2,
+            "--prefix",
+            fleet.shared,
+            "--port",
+            HTTP_PORT,
+            "--max-concurrency",
+            4,
+            "--json",
+        ).stdout
+    )
+    assert deployed["status"]["status"] == "RUNNING" and deployed["previous"] is None
+
+    # Serve runs a proxy on the head and on each node holding a replica: the same API through two of them
+    proxies = [n["address"] for n in status(fleet)["nodes"] if n["proxy"] == "HEALTHY"]
+    assert fleet.hosts[0].address in proxies and len(proxies) >= 2, proxies
+    for address in proxies[:2]:
+        client = OpenAI(base_url=f"http://{address}:{HTTP_PORT}/v1", api_key="unused", max_retries=0)
+        assert "tiny" in [m.id for m in client.models.list().data]
+        answer = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+        )
+        assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens >= 1
+        stream = client.completions.create(model="tiny", prompt="The railway", max_tokens=6, temperature=0, stream=True)
+        assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+
+    now = status(fleet)
+    assert [n["address"] for n in now["nodes"]] == [h.address for h in fleet.hosts] and now["nodes"][0]["head"]
+    assert all(any(r["version"] == "1.0.0" for r in n["releases"]) for n in now["nodes"])
+    model = now["models"]["tiny"]
+    assert model["version"] == "1.0.0" and model["status"] == "RUNNING"
+    assert model["deployments"]["tiny"]["replicas"] == {"RUNNING": 2}
+
+
+def test_a_node_that_does_not_trust_the_bundle_refuses_it_and_keeps_its_release(fleet, fleet_bundles):
+    refusing = fleet.hosts[2]
+    trust(refusing, fleet_bundles["other-pub"])
+    try:
+        done = fleet_cli(
+            fleet, fleet.hosts[0], "push", fleet_bundles["1.1.0"], "--prefix", fleet.shared, "--json", check=False
+        )
+        assert done.returncode == 24, done.stderr
+        nodes = {n["node"]: n for n in json.loads(done.stdout)["nodes"]}
+        assert not nodes[refusing.address]["ok"] and "another key" in nodes[refusing.address]["error"]
+        assert all(n["ok"] and n["version"] == "1.1.0" for a, n in nodes.items() if a != refusing.address)
+        assert json.loads(done.stdout)["failed"] == [refusing.address]
+        assert not (refusing.disk / "releases" / "tiny" / "1.1.0").exists()
+        assert (refusing.disk / "releases" / "tiny" / "current").resolve().name == "1.0.0"
+    finally:
+        trust(refusing, fleet_bundles["pub"])
+    again = json.loads(
+        fleet_cli(fleet, fleet.hosts[0], "push", fleet_bundles["1.1.0"], "--prefix", fleet.shared, "--json").stdout
+    )
+    actions = {n["node"]: n["action"] for n in again["nodes"]}
+    assert actions[refusing.address] == "installed"
+    assert {a for n, a in actions.items() if n != refusing.address} == {"unchanged"}
+
+
+class Load:
+    """Clients sending completions until stopped, counting what failed. They go to the head's proxy, the one
+    Serve always keeps (the others come and go with the replicas; a load balancer follows them by /-/healthz)."""
+
+    def __init__(self, fleet, threads: int = 3):
+        self.urls = [f"http://{fleet.hosts[0].address}:{HTTP_PORT}/v1/completions"]
+        self.ok = 0
+        self.failed: list[str] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._send, args=(i,), daemon=True) for i in range(threads)]
+
+    def _send(self, index: int) -> None:
+        body = {"model": "tiny", "prompt": "The railway", "max_tokens": 4, "temperature": 0}
+        with httpx.Client(timeout=60) as client:
+            n = index
+            while not self.stop.is_set():
+                url = self.urls[n % len(self.urls)]
+                n += 1
+                try:
+                    response = client.post(url, json=body)
+                    if response.status_code == 200:
+                        self.ok += 1
+                    else:
+                        self.failed.append(f"{url}: {response.status_code} {response.text[:200]}")
+                except httpx.HTTPError as exc:
+                    self.failed.append(f"{url}: {type(exc).__name__}: {exc}")
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+
+
+def test_a_rolling_upgrade_under_load_fails_no_request_and_rolls_back(fleet):
+    with Load(fleet) as load:
+        time.sleep(2)
+        before = load.ok
+        upgraded = json.loads(
+            fleet_cli(
+                fleet,
+                fleet.hosts[0],
+                "deploy",
+                "tiny",
+                "1.1.0",
+                "--replicas",
+                2,
+                "--prefix",
+                fleet.shared,
+                "--port",
+                HTTP_PORT,
+                "--max-concurrency",
+                4,
+                "--json",
+            ).stdout
+        )
+        during = load.ok - before
+        time.sleep(1)
+    seconds, failed = upgraded["seconds"], len(load.failed)
+    print(f"\n[fleet timing] rolled 1.0.0 -> 1.1.0 in {seconds} s; {load.ok} requests, {failed} failed")
+    assert upgraded["previous"] == "1.0.0" and upgraded["status"]["status"] == "RUNNING"
+    assert during > 0, "no request was answered while the upgrade rolled"
+    assert load.failed == []
+    assert status(fleet)["models"]["tiny"]["history"] == ["1.0.0", "1.1.0"]
+
+    with Load(fleet) as load:
+        rolled = json.loads(fleet_cli(fleet, fleet.hosts[2], "rollback", "tiny", "--json").stdout)
+    assert rolled["version"] == "1.0.0" and rolled["previous"] == "1.1.0"
+    assert load.failed == [] and load.ok > 0
+    assert status(fleet)["models"]["tiny"]["version"] == "1.0.0"
+
+
+def test_a_client_with_another_token_is_refused(fleet, tmp_path):
+    from lmpack.fleet.token import create_token
+
+    wrong = create_token(tmp_path / "wrong.token")
+    done = fleet.run(
+        fleet.hosts[1],
+        "fleet",
+        "status",
+        "--address",
+        fleet.head_address,
+        "--prefix",
+        fleet.shared,
+        token=wrong,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 24
+    assert "token" in done.stderr
+
+
+class Webhook:
+    """An HTTP endpoint on the bridge's address that keeps the JSON events POSTed to it."""
+
+    def __init__(self):
+        import http.server
+
+        from hosts import BRIDGE_ADDRESS
+
+        events = self.events = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                events.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((BRIDGE_ADDRESS, 0), Handler)
+        self.url = f"http://{BRIDGE_ADDRESS}:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_a_version_that_never_becomes_healthy_is_replaced_by_the_one_before_and_alerts(fleet, tmp_path):
+    """1.1.0 deployed with a variant name no node has: its replicas fail to start, so 1.0.0 serves again."""
+    hook = Webhook()
+    agent_config = tmp_path / "agent.toml"
+    agent_config.write_text(
+        f'schema_version = 1\n[server]\nvariant = "/unused"\n[[notifiers]]\ntype = "webhook"\nurl = "{hook.url}"\n'
+    )
+    try:
+        with Load(fleet) as load:
+            done = fleet_cli(
+                fleet, fleet.hosts[0], "deploy", "tiny", "1.1.0", "--replicas", 2, "--prefix", fleet.shared,
+                "--variant", "no-such-variant", "--timeout", 120, "--agent-config", agent_config, check=False,
+            )  # fmt: skip
+    finally:
+        hook.close()
+    assert done.returncode == 24, done.stderr
+    assert "1.1.0 did not become healthy" in done.stderr and "1.0.0 serves again" in done.stderr
+    assert "no-such-variant" in done.stderr  # the replicas' own error is shown
+    assert [e["alert"] for e in hook.events] == ["fleet_deploy_failed"]
+    assert hook.events[0]["version"] == "1.1.0" and hook.events[0]["restored"] == "1.0.0"
+    model = status(fleet)["models"]["tiny"]
+    assert model["version"] == "1.0.0" and model["status"] == "RUNNING"
+    assert load.failed == [] and load.ok > 0
