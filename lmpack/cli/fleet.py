@@ -235,6 +235,22 @@ def push_command(bundle, prefix, public_key, cluster, token_file, quiet, as_json
     default=None,
     help="Scale up to this many on a queue [default: fixed].",
 )
+@click.option(
+    "--scale-up-delay",
+    "scale_up_delay_s",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds of queue before a replica is added (with --max-replicas).",
+)
+@click.option(
+    "--scale-down-delay",
+    "scale_down_delay_s",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="Seconds of too little work before a replica is removed (with --max-replicas).",
+)
 @click.option("--replicas-per-node", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
     "--gpus-per-replica",
@@ -290,6 +306,8 @@ def deploy_command(
     version,
     replicas,
     max_replicas,
+    scale_up_delay_s,
+    scale_down_delay_s,
     replicas_per_node,
     gpus_per_replica,
     http_host,
@@ -325,6 +343,8 @@ def deploy_command(
         prefix=prefix,
         replicas=replicas,
         max_replicas=max_replicas,
+        scale_up_delay_s=scale_up_delay_s,
+        scale_down_delay_s=scale_down_delay_s,
         replicas_per_node=replicas_per_node,
         gpus_per_replica=gpus_per_replica,
         http_host=http_host,

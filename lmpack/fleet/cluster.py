@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,8 +80,11 @@ def connected(address: str | None, token_file: Path | None) -> Iterator[None]:
     except RuntimeError as exc:  # Ray's version check between this process and the cluster
         raise FleetError(f"could not attach to the Ray cluster: {exc}") from None
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its INFO lines would bury the command's output
+    # Ray prints the cluster's news (a node marked dead, say) on this process's stdout, from a thread of its
+    # own; stdout belongs to the command's output (--json above all), so while attached that goes to stderr.
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         ray.shutdown()
 

@@ -36,6 +36,8 @@ class DeployRequest:
     max_replicas: int | None = None  # None: fixed at `replicas`
     replicas_per_node: int = 1
     gpus_per_replica: float = 0.0
+    scale_up_delay_s: float = 30.0  # Ray Serve's defaults: add replicas after a short queue, remove them slowly
+    scale_down_delay_s: float = 600.0
     http_host: str = "0.0.0.0"
     http_port: int = DEFAULT_HTTP_PORT
     settings: ServeSettings = field(default_factory=ServeSettings)
@@ -125,6 +127,8 @@ def _application(request: DeployRequest) -> Any:
                 "max_replicas": request.max_replicas,
                 # a replica is full when its batch is: more waiting than that asks for another replica
                 "target_ongoing_requests": max(1, min(settings.max_batch, settings.max_concurrency)),
+                "upscale_delay_s": request.scale_up_delay_s,
+                "downscale_delay_s": request.scale_down_delay_s,
             }
         }
     )

@@ -242,3 +242,57 @@ def test_a_version_that_never_becomes_healthy_is_replaced_by_the_one_before_and_
     model = status(fleet)["models"]["tiny"]
     assert model["version"] == "1.0.0" and model["status"] == "RUNNING"
     assert load.failed == [] and load.ok > 0
+
+
+def running_replicas(fleet) -> int:
+    return status(fleet)["models"]["tiny"]["deployments"]["tiny"]["replicas"].get("RUNNING", 0)
+
+
+def wait_until(predicate, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(1)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def test_a_queue_adds_a_replica_and_idleness_removes_it(fleet):
+    fleet_cli(
+        fleet, fleet.hosts[0], "deploy", "tiny", "1.0.0", "--replicas", 1, "--max-replicas", 2, "--max-concurrency", 1,
+        "--scale-up-delay", 1, "--scale-down-delay", 3, "--prefix", fleet.shared,
+    )  # fmt: skip
+    wait_until(lambda: running_replicas(fleet) == 1, 120, "one replica before the load")
+    with Load(fleet, threads=4) as load:
+        up = wait_until(lambda: running_replicas(fleet) == 2, 120, "a second replica under a queue of 4 clients")
+    down = wait_until(lambda: running_replicas(fleet) == 1, 120, "back to one replica once idle")
+    print(f"\n[fleet timing] autoscaling: 1 -> 2 replicas {up:.0f} s into the load, back to 1 {down:.0f} s after it")
+    assert load.failed == [] and load.ok > 0
+
+
+def test_a_worker_host_lost_under_load_has_its_replica_restarted_elsewhere(fleet):
+    fleet_cli(fleet, fleet.hosts[0], "deploy", "tiny", "1.0.0", "--replicas", 2, "--prefix", fleet.shared)
+    wait_until(lambda: running_replicas(fleet) == 2, 120, "two replicas")
+    # a node other than the head holds a replica where Serve runs a proxy (the head always has one)
+    holding = [n["address"] for n in status(fleet)["nodes"] if n["proxy"] == "HEALTHY" and not n["head"]]
+    assert holding, "no worker node holds a replica"
+    lost = next(h for h in fleet.hosts if h.address == holding[0])
+    with Load(fleet) as load:
+        time.sleep(2)
+        lost.kill()
+        killed_at, ok_at_kill = time.monotonic(), load.ok
+        restored = wait_until(
+            lambda: running_replicas(fleet) == 2 and lost.address not in [n["address"] for n in status(fleet)["nodes"]],
+            180,
+            "two replicas again on the hosts left",
+        )
+        failed_at_recovery = len(load.failed)
+        time.sleep(3)
+    after = len(load.failed) - failed_at_recovery
+    print(
+        f"\n[fleet timing] host {lost.address} killed under load: two replicas again after {restored:.0f} s; "
+        f"{load.ok} requests answered ({load.ok - ok_at_kill} after the kill), {len(load.failed)} failed"
+    )
+    assert load.ok > ok_at_kill, "nothing was answered after the host was lost"
+    assert after == 0, load.failed[-after:]  # once the replica is back elsewhere, nothing fails
+    assert time.monotonic() - killed_at < 240
