@@ -75,6 +75,7 @@ class WheelOptions:
     """Ship the runtime wheelhouse; `source` is a local wheel directory to resolve from offline (tests, mirrors)."""
 
     source: Path | None = None
+    extras: tuple[str, ...] = ()  # lmpack extras on top of the runtime (wheels.OPTIONAL_EXTRAS): "fleet"
 
 
 def pack(
@@ -209,7 +210,7 @@ def _stage_wheels(
     platform_tag, python = _target_facts(variants)
     model_entries = list(entries)
     with tempfile.TemporaryDirectory(prefix="lmpack-wheels-", dir=staging.parent) as scratch:
-        runtime = wheelhouse.runtime_set([v.meta["target"] for v in variants])
+        runtime = wheelhouse.runtime_set([v.meta["target"] for v in variants], options.extras)
         wheels = wheelhouse.build_wheelhouse(
             Path(scratch), platform_tag=platform_tag, python=python, source=options.source, runtime=runtime
         )

@@ -33,6 +33,8 @@ LOCK_NAME = "requirements.lock"
 LOCK_PATH = f"{WHEELS_DIR}/{LOCK_NAME}"
 RUNTIME_EXTRA = "runtime"
 RUNTIME_GPU_EXTRA = "runtime-gpu"
+FLEET_EXTRA = "fleet"  # Ray Serve, for `lmpack fleet` (docs/scale-out.md)
+OPTIONAL_EXTRAS = (FLEET_EXTRA,)  # what `lmpack pack --extra` may add to the runtime
 # onnxruntime-gpu's extras that pull NVIDIA's CUDA runtime wheels (nvidia-cuda-runtime, -cudnn, -cublas, ...).
 CUDA_RUNTIME = "onnxruntime-gpu[cuda,cudnn]"
 FORBIDDEN = ("torch", "transformers", "optimum", "optimum-onnx")  # the build half; never on the server
@@ -111,24 +113,28 @@ def _pip(args: list[str], source: Path | None) -> None:
 
 @dataclass(frozen=True)
 class RuntimeSet:
-    """What a wheelhouse resolves besides lmpack itself: one extra of lmpack's, plus further requirements."""
+    """What a wheelhouse resolves besides lmpack itself: one runtime extra of lmpack's, optional extras on top
+    of it (OPTIONAL_EXTRAS), plus further requirements."""
 
     extra: str = RUNTIME_EXTRA
     extra_requirements: tuple[str, ...] = ()
+    extras: tuple[str, ...] = ()
 
     def requirements(self, own_wheel: str) -> list[str]:
-        return [f"{own_wheel}[{self.extra}]", *self.extra_requirements]
+        return [f"{own_wheel}[{','.join((self.extra, *self.extras))}]", *self.extra_requirements]
 
 
-def runtime_set(targets: list[dict]) -> RuntimeSet:
+def runtime_set(targets: list[dict], extras: tuple[str, ...] = ()) -> RuntimeSet:
     """The runtime packages for variants built for `targets` (Target.to_dict()): GPU ones when any has a GPU,
     since onnxruntime-gpu runs the CPU variants too; CUDA runtime wheels unless every GPU target has the
-    vendor's own CUDA (cuda_wheels = false)."""
+    vendor's own CUDA (cuda_wheels = false). `extras`: optional extras of OPTIONAL_EXTRAS to add."""
+    if unknown := sorted(set(extras) - set(OPTIONAL_EXTRAS)):
+        raise BundleError(f"unknown wheelhouse extra {', '.join(unknown)}; known: {', '.join(OPTIONAL_EXTRAS)}")
     gpus = [t["gpu"] for t in targets if t.get("gpu")]
     if not gpus:
-        return RuntimeSet()
+        return RuntimeSet(extras=extras)
     cuda = any(gpu.get("cuda_wheels", True) for gpu in gpus)
-    return RuntimeSet(RUNTIME_GPU_EXTRA, (CUDA_RUNTIME,) if cuda else ())
+    return RuntimeSet(RUNTIME_GPU_EXTRA, (CUDA_RUNTIME,) if cuda else (), extras)
 
 
 def build_wheelhouse(
@@ -213,12 +219,13 @@ def prefetch(destination: Path, *, platform_tag: str, python: str, runtime: Runt
     return [w for w in wheels if w.name != "lmpack"]
 
 
-if __name__ == "__main__":  # python -m lmpack.bundle.wheels DEST PLATFORM_TAG PYTHON [gpu|gpu-no-cuda]
+if __name__ == "__main__":  # python -m lmpack.bundle.wheels DEST PLATFORM_TAG PYTHON [cpu|gpu|gpu-no-cuda] [EXTRA...]
     kind = sys.argv[4] if len(sys.argv) > 4 else "cpu"
     chosen = {
         "cpu": RuntimeSet(),
         "gpu": RuntimeSet(RUNTIME_GPU_EXTRA, (CUDA_RUNTIME,)),
         "gpu-no-cuda": RuntimeSet(RUNTIME_GPU_EXTRA),
     }[kind]
+    chosen = RuntimeSet(chosen.extra, chosen.extra_requirements, tuple(sys.argv[5:]))
     fetched = prefetch(Path(sys.argv[1]), platform_tag=sys.argv[2], python=sys.argv[3], runtime=chosen)
     print(f"{len(fetched)} runtime wheels, {sum(w.size for w in fetched) / 1e6:.1f} MB in {sys.argv[1]}")

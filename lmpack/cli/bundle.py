@@ -9,6 +9,7 @@ import click
 
 from lmpack.bundle import pack as packing
 from lmpack.bundle import signing, verify
+from lmpack.bundle.wheels import OPTIONAL_EXTRAS
 from lmpack.cli.common import emit_json, handle_errors, json_option, phase_printer, quiet_option
 
 _key_path = click.Path(path_type=Path, dir_okay=False)
@@ -49,10 +50,19 @@ _key_path = click.Path(path_type=Path, dir_okay=False)
     help="With --wheels: resolve from this local wheel directory only (pip --no-index --find-links), "
     "ignoring the host's pip configuration.",
 )
+@click.option(
+    "--extra",
+    "extras",
+    multiple=True,
+    type=click.Choice(OPTIONAL_EXTRAS),
+    help="With --wheels: also ship this extra of lmpack's and its dependencies (fleet: Ray Serve, for lmpack fleet).",
+)
 @quiet_option
 @json_option
 @handle_errors
-def pack_command(variant_dirs, output, name, bundle_version, keep_dir, wheels, wheel_source, quiet, as_json) -> None:
+def pack_command(
+    variant_dirs, output, name, bundle_version, keep_dir, wheels, wheel_source, extras, quiet, as_json
+) -> None:
     """Pack variant directories (written by lmpack build) into one deterministic bundle.
 
     The same input always gives the same bytes: sorted members, fixed times, owners and modes.
@@ -62,10 +72,11 @@ def pack_command(variant_dirs, output, name, bundle_version, keep_dir, wheels, w
       lmpack pack dist/smollm2-cpu-x86-int8 -o smollm2-1.0.0.lmpack --name smollm2 --version 1.0.0
       lmpack pack dist/*-int8 -o chat.lmpack --name chat --version 2.1.0 --keep-dir chat-bundle/
       lmpack pack dist/smollm2-cpu-x86-int8 -o smollm2.lmpack --name smollm2 --version 1.0.0 --wheels
+      lmpack pack dist/smollm2-cpu-x86-int8 -o smollm2.lmpack --name smollm2 --version 1.0.0 --wheels --extra fleet
     """
-    if wheel_source is not None and not wheels:
-        raise click.UsageError("--wheel-source needs --wheels")
-    options = packing.WheelOptions(source=wheel_source) if wheels else None
+    if (wheel_source is not None or extras) and not wheels:
+        raise click.UsageError("--wheel-source and --extra need --wheels")
+    options = packing.WheelOptions(source=wheel_source, extras=tuple(extras)) if wheels else None
     result = packing.pack(
         list(variant_dirs),
         output,
