@@ -84,6 +84,7 @@ def fleet_group() -> None:
       lmpack fleet deploy smollm2 1.1.0 --replicas 2 --max-replicas 6 --port 8000
       lmpack fleet status --json
       lmpack fleet rollback smollm2
+      lmpack fleet manifest smollm2 1.1.0 --image registry.local/lmpack:1 > rayservice.yaml
 
     See docs/scale-out.md.
     """
@@ -440,3 +441,79 @@ def _notifier(agent_config: Path | None) -> Callable[[dict], None] | None:
             notifier.send(event)
 
     return send
+
+
+@fleet_group.command("manifest")
+@click.argument("name")
+@click.argument("version")
+@click.option("--image", required=True, help="Container image with Python, lmpack and its fleet extra (your registry).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Worker pods.")
+@click.option("--worker-cpus", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--worker-memory-gib", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--worker-gpus", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-replicas", type=click.IntRange(min=1), default=None)
+@click.option("--port", "http_port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--host-path", type=click.Path(path_type=Path), default=None, help="The nodes' install prefix [default: --prefix]."
+)
+@click.option(
+    "--token-secret", default=None, help="A Secret whose `token` key is Ray's token (token authentication on)."
+)
+@setting_option(serve_setting("threads"))
+@setting_option(serve_setting("max_concurrency"))
+@setting_option(serve_setting("api_key_file"))
+@_prefix_option
+@handle_errors
+def manifest_command(
+    name,
+    version,
+    image,
+    workers,
+    worker_cpus,
+    worker_memory_gib,
+    worker_gpus,
+    replicas,
+    max_replicas,
+    http_port,
+    host_path,
+    token_secret,
+    prefix,
+    **flags,
+) -> None:
+    """Print a KubeRay RayService (YAML) that serves NAME VERSION as `fleet deploy` would, for Kubernetes.
+
+    Every pod mounts the install prefix from its node (--host-path), where `lmpack install` put the release.
+
+    \b
+    Examples:
+      lmpack fleet manifest smollm2 1.1.0 --image registry.local/lmpack:0.9 --workers 3 --replicas 2 > rayservice.yaml
+      lmpack fleet manifest smollm2 1.1.0 --image registry.local/lmpack:0.9 --token-secret lmpack-fleet-token
+    """
+    import yaml
+
+    from lmpack.config.serve import resolve_serve_settings
+    from lmpack.fleet.deploy import DeployRequest
+    from lmpack.fleet.kuberay import manifest
+
+    request = DeployRequest(
+        name=name,
+        version=version,
+        prefix=prefix,
+        replicas=replicas,
+        max_replicas=max_replicas,
+        http_port=http_port,
+        settings=resolve_serve_settings(None, flags),
+    )
+    request.check()
+    resource = manifest(
+        request,
+        image=image,
+        workers=workers,
+        worker_cpus=worker_cpus,
+        worker_memory_gib=worker_memory_gib,
+        worker_gpus=worker_gpus,
+        token_secret=token_secret,
+        host_path=host_path,
+    )
+    click.echo(yaml.safe_dump(resource, sort_keys=False), nl=False)

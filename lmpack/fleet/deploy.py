@@ -106,7 +106,9 @@ def _replica_memory(request: DeployRequest) -> int:
     return max((v.compatibility.min_memory_bytes for v in manifest.variants), default=0)
 
 
-def _application(request: DeployRequest) -> Any:
+def application(request: DeployRequest) -> Any:
+    """The Serve application (one deployment of LmpackReplica) for `request`: `deploy` runs it, and KubeRay builds
+    it through kuberay.app."""
     from ray import serve
 
     from lmpack.fleet.replica import LmpackReplica, ReplicaSpec
@@ -175,7 +177,7 @@ def deploy(
     serve.start(http_options={"host": request.http_host, "port": request.http_port}, proxy_location="EveryNode")
     started = time.monotonic()
     serve.run_many(
-        [serve.RunTarget(_application(request), name=request.name, route_prefix="/")],
+        [serve.RunTarget(application(request), name=request.name, route_prefix="/")],
         wait_for_applications_running=False,
     )
     problem = _wait_running(request, on_phase)
@@ -204,7 +206,7 @@ def deploy(
     on_phase(f"{request.version} did not become healthy ({problem}); restoring {previous.version}")
     back = replace(previous, timeout_s=request.timeout_s)
     serve.run_many(
-        [serve.RunTarget(_application(back), name=back.name, route_prefix="/")], wait_for_applications_running=False
+        [serve.RunTarget(application(back), name=back.name, route_prefix="/")], wait_for_applications_running=False
     )
     restored = _wait_running(back, on_phase)
     raise FleetError(
