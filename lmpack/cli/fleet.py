@@ -28,7 +28,7 @@ _address_option = click.option(
     "cluster",
     default=None,
     metavar="HOST:PORT",
-    help="The head's address [default: the fleet this node belongs to].",
+    help="The head's address [default: the head this host joined, noted by `fleet head`/`join`].",
 )
 _prefix_option = click.option(
     "--prefix",
@@ -36,6 +36,12 @@ _prefix_option = click.option(
     default=DEFAULT_PREFIX,
     show_default=True,
     help="Install root on every node: releases live in PREFIX/releases/NAME/VERSION.",
+)
+_metrics_port_option = click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Prometheus metrics on this port: Ray's, Serve's and each replica's lmpack metrics [default: Ray's choice].",
 )
 _temp_dir_option = click.option(
     "--temp-dir",
@@ -114,10 +120,11 @@ def token_command(path: Path) -> None:
 @click.option(
     "--dashboard", is_flag=True, help="Also start Ray's dashboard on ADDRESS:8265 (it has no authentication)."
 )
+@_metrics_port_option
 @_temp_dir_option
 @json_option
 @handle_errors
-def head_command(address, port, token_file, cpus, memory_gib, dashboard, temp_dir, as_json) -> None:
+def head_command(address, port, token_file, cpus, memory_gib, dashboard, metrics_port, temp_dir, as_json) -> None:
     """Start the fleet's head node on this host (`ray start --head` with token authentication).
 
     \b
@@ -134,6 +141,7 @@ def head_command(address, port, token_file, cpus, memory_gib, dashboard, temp_di
         sizes=_sizes(cpus, memory_gib),
         dashboard=dashboard,
         temp_dir=temp_dir,
+        metrics_port=metrics_port,
     )
     _print_node(result, as_json)
 
@@ -149,10 +157,11 @@ def head_command(address, port, token_file, cpus, memory_gib, dashboard, temp_di
     default=None,
     help="Memory for replicas [default: the host's, less the object store and 1 GiB].",
 )
+@_metrics_port_option
 @_temp_dir_option
 @json_option
 @handle_errors
-def join_command(head, address, token_file, cpus, memory_gib, temp_dir, as_json) -> None:
+def join_command(head, address, token_file, cpus, memory_gib, metrics_port, temp_dir, as_json) -> None:
     """Join this host to the fleet whose head is HEAD (HOST:PORT).
 
     \b
@@ -162,7 +171,15 @@ def join_command(head, address, token_file, cpus, memory_gib, temp_dir, as_json)
     from lmpack.fleet.node import join
 
     _print_node(
-        join(head, address=address, token_file=token_file, sizes=_sizes(cpus, memory_gib), temp_dir=temp_dir), as_json
+        join(
+            head,
+            address=address,
+            token_file=token_file,
+            sizes=_sizes(cpus, memory_gib),
+            temp_dir=temp_dir,
+            metrics_port=metrics_port,
+        ),
+        as_json,
     )
 
 
@@ -179,7 +196,12 @@ def leave_command(force: bool) -> None:
 
 
 @fleet_group.command("push")
-@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False), required=False)
+@click.option(
+    "--sync",
+    is_flag=True,
+    help="Instead of a bundle: give every node the releases the fleet serves, copied from a node that has them.",
+)
 @_prefix_option
 @click.option(
     "--public-key",
@@ -192,30 +214,43 @@ def leave_command(force: bool) -> None:
 @quiet_option
 @json_option
 @handle_errors
-def push_command(bundle, prefix, public_key, cluster, token_file, quiet, as_json) -> None:
+def push_command(bundle, sync, prefix, public_key, cluster, token_file, quiet, as_json) -> None:
     """Verify and install BUNDLE on every alive node, sent over the cluster's network.
 
     Each node runs the same install as `lmpack install` (signature, every hash, the release venv, the atomic
-    switch); a node that refuses the bundle is named and keeps its old release. Exits 24 if any node failed.
+    switch); a node that refuses the bundle is named and keeps its old release. With --sync, a node that joined
+    later gets the releases the fleet serves, copied from a node that has them and verified the same way.
+    Exits 24 if any node failed.
 
     \b
     Examples:
       lmpack fleet push smollm2-1.1.0.lmpack --public-key /etc/lmpack/release.pub
       lmpack fleet push smollm2-1.1.0.lmpack --prefix /srv/lmpack --json
+      lmpack fleet push --sync
     """
     from lmpack.errors import FleetError
-    from lmpack.fleet.push import push
+    from lmpack.fleet import push as pushing
+    from lmpack.fleet.deploy import deployed_releases
 
+    if (bundle is None) == (not sync):
+        raise click.UsageError("give either BUNDLE or --sync")
     say = phase_printer("fleet push", enabled=not (quiet or as_json))
     with _attached(cluster, token_file):
-        say(f"sending {bundle} to every node")
-        reports = push(bundle, prefix=prefix, public_key=public_key)
+        if sync:
+            wanted = deployed_releases()
+            say(f"copying {', '.join(f'{n} {v}' for n, v in wanted) or 'nothing'} to the nodes that lack it")
+            reports = pushing.sync(wanted, prefix=prefix, public_key=public_key)
+        else:
+            say(f"sending {bundle} to every node")
+            reports = pushing.push(bundle, prefix=prefix, public_key=public_key)
     failed = [r["node"] for r in reports if not r["ok"]]
     if as_json:  # one document, the refusals in it; the exit code still says that a node refused
         emit_json({"nodes": reports, "failed": failed})
         if failed:
             sys.exit(FleetError.exit_code)
         return
+    if not reports:
+        click.echo("every node has what the fleet serves")
     for r in reports:
         click.echo(
             f"{r['node']}: {r['action']} {r['name']} {r['version']}"
@@ -223,7 +258,7 @@ def push_command(bundle, prefix, public_key, cluster, token_file, quiet, as_json
             else f"{r['node']}: REFUSED: {r['error']}"
         )
     if failed:
-        raise FleetError(f"{len(failed)} of {len(reports)} nodes did not install the bundle: {', '.join(failed)}")
+        raise FleetError(f"{len(failed)} of {len(reports)} installs failed, on {', '.join(failed)}")
 
 
 @fleet_group.command("deploy")

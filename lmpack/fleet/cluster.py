@@ -7,6 +7,7 @@ token; it never starts a cluster of its own by accident (`ray.init` with an addr
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ from lmpack.fleet.token import check_token_file, ray_auth_env
 NAMESPACE = "lmpack"  # Ray namespace of the fleet's named actors
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource that only the head node has
 CONNECT_TIMEOUT_S = 5.0
+HEAD_FILE = "fleet-head.json"  # in lmpack's config home: the head this host's node belongs to
 
 
 def fleet_env(token_file: Path) -> dict[str, str]:
@@ -51,15 +53,53 @@ def check_reachable(host: str, port: int, *, what: str = "the head") -> None:
         ) from None
 
 
+def _head_file() -> Path:
+    from lmpack.config.paths import config_home
+
+    return config_home() / HEAD_FILE
+
+
+def remember_head(address: str) -> None:
+    """Note the fleet's head on this host (`fleet head`/`join`): later commands here need no --address."""
+    from lmpack.fsio import publish
+
+    path = _head_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    publish(path, lambda staging: staging.write_text(json.dumps({"head": address}) + "\n"))
+
+
+def remembered_head() -> str | None:
+    try:
+        return str(json.loads(_head_file().read_text())["head"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """The address of this host's interface that reaches HOST:PORT (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))
+        return str(probe.getsockname()[0])
+
+
 @contextlib.contextmanager
 def connected(address: str | None, token_file: Path | None) -> Iterator[None]:
-    """Attach this process to the fleet at `address` (HOST:PORT of the head; None: the one this node belongs to)."""
+    """Attach this process to the fleet at `address` (HOST:PORT of the head; None: the head this host joined, as
+    `fleet head`/`join` noted it, else Ray's own search for a local cluster)."""
     token = check_token_file(token_file)
+    address = address or remembered_head()
     os.environ.update(fleet_env(token))
     import ray
 
+    options: dict[str, Any] = {}
     if address is not None:
-        check_reachable(*split_address(address, 6379))
+        head = split_address(address, 6379)
+        check_reachable(*head)
+        # This process's address as the other nodes must reach it (the objects it puts live with it). Ray would
+        # take the one that routes to 8.8.8.8, and on a network without a default route (air-gapped sites) falls
+        # back to the host name's, often 127.0.1.1: the tasks given its objects then wait forever.
+        options["_node_ip_address"] = local_address_towards(*head)
     try:
         ray.init(
             address=address or "auto",
@@ -67,6 +107,7 @@ def connected(address: str | None, token_file: Path | None) -> Iterator[None]:
             logging_level=logging.WARNING,
             log_to_driver=False,
             configure_logging=False,
+            **options,
         )
     except ConnectionError as exc:
         where = address or "this node's cluster"
@@ -128,19 +169,22 @@ def alive_nodes() -> list[Node]:
     return sorted(nodes, key=lambda n: (not n.head, n.address, n.node_id))
 
 
-def on_each_node(nodes: list[Node], fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
-    """Run fn(*args) once on each node (a Ray task pinned to it, no CPU reserved); node id -> its result, or
-    the exception it raised (a node's failure is its own, the others' results still count)."""
+def on_node(node: Node, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) as a Ray task pinned to `node` (no CPU reserved); its ObjectRef. An ObjectRef among `args` is
+    fetched by that node itself, from wherever it lives."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(num_cpus=0, max_retries=0)(fn)
-    refs = {
-        node.node_id: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote(
-            *args
-        )
-        for node in nodes
-    }
+    return task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote(*args)
+
+
+def on_each_node(nodes: list[Node], fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """Run fn(*args) once on each node; node id -> its result, or the exception it raised (a node's failure is
+    its own, the others' results still count)."""
+    import ray
+
+    refs = {node.node_id: on_node(node, fn, *args) for node in nodes}
     results: dict[str, Any] = {}
     for node_id, ref in refs.items():
         try:

@@ -84,6 +84,14 @@ def ledger() -> Any:
     )
 
 
+def deployed_releases() -> list[tuple[str, str]]:
+    """(NAME, VERSION) of each model the fleet serves, from the ledger."""
+    import ray
+
+    book = ledger()
+    return [(name, ray.get(book.get.remote(name))[-1].version) for name in ray.get(book.names.remote())]
+
+
 def _missing_release(request: DeployRequest) -> list[str]:
     """The alive nodes that do not have NAME VERSION installed (a replica there could not start)."""
     missing = []

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lmpack import __version__
 from lmpack.errors import FleetError
-from lmpack.fleet.cluster import check_reachable, connected, fleet_env, split_address
+from lmpack.fleet.cluster import check_reachable, connected, fleet_env, remember_head, split_address
 from lmpack.fleet.token import check_token_file
 
 DEFAULT_PORT = 6379  # Ray's GCS port, the one address a joining node needs
@@ -85,6 +85,7 @@ def start_args(
     join: str | None = None,
     dashboard: bool = False,
     temp_dir: Path | None = None,
+    metrics_port: int | None = None,
 ) -> list[str]:
     """`ray start`'s arguments for a head (head_port) or a node joining `join` (HOST:PORT)."""
     args = [_ray_executable(), "start", f"--node-ip-address={address}"]
@@ -103,6 +104,8 @@ def start_args(
     ]
     if temp_dir is not None:
         args.append(f"--temp-dir={temp_dir}")
+    if metrics_port is not None:  # Ray's Prometheus endpoint on this node (Ray's, Serve's and lmpack's metrics)
+        args.append(f"--metrics-export-port={metrics_port}")
     return args
 
 
@@ -123,15 +126,24 @@ def start_head(
     sizes: NodeSizes | None = None,
     dashboard: bool = False,
     temp_dir: Path | None = None,
+    metrics_port: int | None = None,
 ) -> dict:
     token = check_token_file(token_file)
     check_port_free(address, port)
     sizes = sizes or NodeSizes.of_host()
     _ray_start(
-        start_args(address=address, sizes=sizes, head_port=port, dashboard=dashboard, temp_dir=temp_dir),
+        start_args(
+            address=address,
+            sizes=sizes,
+            head_port=port,
+            dashboard=dashboard,
+            temp_dir=temp_dir,
+            metrics_port=metrics_port,
+        ),
         token,
         "the head",
     )
+    remember_head(f"{address}:{port}")
     return {"role": "head", "address": f"{address}:{port}", "lmpack": __version__, **_sizes_dict(sizes)}
 
 
@@ -142,12 +154,14 @@ def join(
     token_file: Path | None,
     sizes: NodeSizes | None = None,
     temp_dir: Path | None = None,
+    metrics_port: int | None = None,
 ) -> dict:
     token = check_token_file(token_file)
     host, port = split_address(head, DEFAULT_PORT)
     check_reachable(host, port)
     sizes = sizes or NodeSizes.of_host()
-    _ray_start(start_args(address=address, sizes=sizes, join=f"{host}:{port}", temp_dir=temp_dir), token, "this node")
+    args = start_args(address=address, sizes=sizes, join=f"{host}:{port}", temp_dir=temp_dir, metrics_port=metrics_port)
+    _ray_start(args, token, "this node")
     with connected(f"{host}:{port}", token):
         versions = _lmpack_versions()
     if others := sorted({v for v in versions if v != __version__}):
@@ -156,6 +170,7 @@ def join(
             f"this node runs lmpack {__version__}, the fleet runs {', '.join(others)}; the node left again",
             hint="install the same lmpack release (the same bundle) on every node",
         )
+    remember_head(f"{host}:{port}")
     return {"role": "worker", "address": address, "head": f"{host}:{port}", "lmpack": __version__, **_sizes_dict(sizes)}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpack.errors import FleetError, LmpackError
-from lmpack.fleet.cluster import Node, alive_nodes, on_each_node
+from lmpack.fleet.cluster import Node, alive_nodes, on_each_node, on_node
 
 
 def install_here(data: bytes, prefix: str, public_key: str | None) -> dict[str, Any]:
@@ -35,6 +35,20 @@ def install_here(data: bytes, prefix: str, public_key: str | None) -> dict[str, 
     return {"name": result.name, "version": result.version, "action": result.action, "previous": result.previous}
 
 
+def export_here(prefix: str, name: str, version: str) -> bytes:
+    """Runs on a node: its installed NAME VERSION as a bundle tarball again (the release's own manifest and
+    signature; every file re-hashed on the way, so a file that rotted on this disk fails here)."""
+    from lmpack.bundle.archive import write_tarball
+    from lmpack.bundle.releases import release_dir
+    from lmpack.bundle.verify import DirBundle
+
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=prefix) as scratch:
+        path = Path(scratch) / f"{name}-{version}.lmpack"
+        with DirBundle(release_dir(Path(prefix), name, version)) as bundle:
+            write_tarball(path, bundle.manifest_bytes, bundle.signature_bytes, bundle.contents())
+        return path.read_bytes()
+
+
 def installed_here(prefix: str) -> list[dict[str, Any]]:
     """Runs on a node: the releases under `prefix`, as `lmpack list` shows them."""
     from lmpack.bundle.install import list_releases
@@ -49,15 +63,42 @@ def installed_here(prefix: str) -> list[dict[str, Any]]:
 
 def push(bundle: Path, *, prefix: Path, public_key: Path | None = None) -> list[dict[str, Any]]:
     """Install `bundle` on every alive node; one report per node, failures included (never raised per node)."""
-    import ray
-
     bundle = Path(bundle)
     if not bundle.is_file():
         raise FleetError(f"bundle {bundle} does not exist or is not a file")
     nodes = alive_nodes()
-    data = ray.put(bundle.read_bytes())
+    data = _put(bundle.read_bytes())
     results = on_each_node(nodes, install_here, data, str(prefix), str(public_key) if public_key else None)
     return [_report(node, results[node.node_id]) for node in nodes]
+
+
+def sync(pairs: list[tuple[str, str]], *, prefix: Path, public_key: Path | None = None) -> list[dict[str, Any]]:
+    """Install each release of `pairs` (NAME, VERSION) on the alive nodes that lack it, copied from a node that has
+    it (node to node, through Ray's object store); one report per node and release installed."""
+    by_node = {n["node_id"]: n for n in releases_by_node(prefix)}
+    nodes = {n.node_id: n for n in alive_nodes()}
+    reports: list[dict[str, Any]] = []
+    for name, version in pairs:
+        having = [i for i, n in by_node.items() if _has(n, name, version)]
+        lacking = [nodes[i] for i, n in by_node.items() if not _has(n, name, version) and i in nodes]
+        if not lacking:
+            continue
+        if not having:
+            raise FleetError(f"no alive node has {name} {version} to copy", hint="lmpack fleet push BUNDLE")
+        data = on_node(nodes[having[0]], export_here, str(prefix), name, version)  # node to node, never here
+        results = on_each_node(lacking, install_here, data, str(prefix), str(public_key) if public_key else None)
+        reports += [_report(node, results[node.node_id]) for node in lacking]
+    return reports
+
+
+def _has(node: dict[str, Any], name: str, version: str) -> bool:
+    return any(r["name"] == name and r["version"] == version and not r.get("problem") for r in node.get("releases", []))
+
+
+def _put(data: bytes) -> Any:
+    import ray
+
+    return ray.put(data)
 
 
 def _report(node: Node, result: Any) -> dict[str, Any]:

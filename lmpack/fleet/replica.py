@@ -39,29 +39,34 @@ class LmpackReplica:
         from lmpack.bundle.releases import serving_release
         from lmpack.config import paths
         from lmpack.runtime.auth import load_api_keys
-        from lmpack.runtime.engine import load_engine
-        from lmpack.runtime.select import prepare_variant
-        from lmpack.runtime.server import check_engine_bounds, create_app
+        from lmpack.runtime.server import create_app, load_for_serving
 
         settings = spec.settings
-        release = serving_release(Path(spec.prefix), spec.name, spec.version)
-        variant = prepare_variant(
-            release,
-            variant=settings.variant,
-            strict=settings.strict,
-            engine_rebuild=settings.engine_rebuild,
-            engine_cache_dir=settings.engine_cache_dir,
-        )
-        check_engine_bounds(variant, settings)
-        engine = load_engine(variant, threads=settings.threads, max_tokens_limit=settings.max_tokens_limit)
+        engine = load_for_serving(serving_release(Path(spec.prefix), spec.name, spec.version), settings)
         self.spec = spec
-        self.variant_name = variant.name
+        self.variant_name = engine.variant.name
         self._lmpack_app = create_app(
             engine, settings, api_keys=load_api_keys(settings.api_key_file, paths.api_keys_env()), warmup=False
         )
         state = self._lmpack_app.state.lmpack
         state.warm_up()  # before Serve routes here: a failure fails the replica, not a user's request
-        log.info("%s %s: replica ready with %s", spec.name, spec.version, variant.name)
+        self._mirror = self._mirror_metrics(state)
+        log.info("%s %s: replica ready with %s", spec.name, spec.version, self.variant_name)
+
+    def _mirror_metrics(self, state: Any) -> Any:
+        import ray
+
+        from lmpack.fleet.replica_metrics import RayMirror
+
+        if state.metrics.registry is None:  # prometheus-client is not installed: nothing to copy
+            return None
+        tags = {
+            "model": self.spec.name,
+            "version": self.spec.version,
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "node": ray.util.get_node_ip_address(),
+        }
+        return RayMirror(state.metrics.registry, tags).start()
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._lmpack_app

@@ -444,6 +444,22 @@ def check_engine_bounds(variant: Variant, settings: ServeSettings) -> None:
         raise ConfigError(f"variant {variant.name}: {why}")
 
 
+def load_for_serving(path: Path | str, settings: ServeSettings) -> DecoderEngine | EncoderEngine:
+    """The engine of the variant at `path` that suits this host (chosen, its TensorRT engine matched, the batch
+    checked against it), as `lmpack serve` and each fleet replica load it."""
+    from lmpack.runtime.select import prepare_variant
+
+    variant = prepare_variant(
+        path,
+        variant=settings.variant,
+        strict=settings.strict,
+        engine_rebuild=settings.engine_rebuild,
+        engine_cache_dir=settings.engine_cache_dir,
+    )
+    check_engine_bounds(variant, settings)
+    return load_engine(variant, threads=settings.threads, max_tokens_limit=settings.max_tokens_limit)
+
+
 def serve(
     path: Path | str, settings: ServeSettings = ServeSettings(), *, api_keys: frozenset[str] = frozenset()
 ) -> None:
@@ -457,18 +473,9 @@ def serve(
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     from lmpack.runtime.connections import bounded_protocol
     from lmpack.runtime.listen import listen_socket
-    from lmpack.runtime.select import prepare_variant
 
     sock = listen_socket(settings.host, settings.port)  # before loading: a taken port fails in a moment
-    variant = prepare_variant(
-        path,
-        variant=settings.variant,
-        strict=settings.strict,
-        engine_rebuild=settings.engine_rebuild,
-        engine_cache_dir=settings.engine_cache_dir,
-    )
-    check_engine_bounds(variant, settings)
-    engine = load_engine(variant, threads=settings.threads, max_tokens_limit=settings.max_tokens_limit)
+    engine = load_for_serving(path, settings)
     app = create_app(engine, settings, api_keys=api_keys)
     state: ServerState = app.state.lmpack
     log.info("%s", _startup_line(state, sock))

@@ -14,6 +14,7 @@ from hosts import Hosts, isolation_problem  # noqa: E402
 
 PORT = 6379
 HTTP_PORT = 8000
+METRICS_PORT = 9400
 
 
 @pytest.fixture(scope="session")
@@ -33,55 +34,34 @@ def fleet_bundles(llama_variant, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, fleet_bundles):
-    """Three hosts: a head and two nodes that joined it, every host trusting the release key (install.toml)."""
+    """Four hosts: a head and two nodes that joined it, and a fourth that has not joined yet; every host trusts
+    the release key (install.toml)."""
     if (why := isolation_problem()) is not None:
         pytest.skip(why)
     from lmpack.fleet.token import create_token
 
     root = tmp_path_factory.mktemp("fleet")
     token = create_token(root / "fleet.token")
-    hosts = Hosts(root / "hosts", 3)
+    hosts = Hosts(root / "hosts", 4)
     try:
         for host in hosts.hosts:
             trust(host, fleet_bundles["pub"])
         head = hosts.hosts[0]
-        hosts.run(
-            head,
-            "fleet",
-            "head",
-            "--address",
-            head.address,
-            "--port",
-            PORT,
-            "--cpus",
-            1,
-            "--memory-gib",
-            2,
-            "--temp-dir",
-            head.temp,
-            token=token,
-        )
-        for host in hosts.hosts[1:]:
-            hosts.run(
-                host,
-                "fleet",
-                "join",
-                f"{head.address}:{PORT}",
-                "--address",
-                host.address,
-                "--cpus",
-                1,
-                "--memory-gib",
-                2,
-                "--temp-dir",
-                host.temp,
-                token=token,
-            )
+        hosts.run(head, "fleet", "head", "--address", head.address, "--port", PORT, "--cpus", 1, "--memory-gib", 2,
+                  "--metrics-port", METRICS_PORT, "--temp-dir", head.temp, token=token)  # fmt: skip
+        for host in hosts.hosts[1:3]:
+            join(hosts, host, token)
         hosts.token = token
         hosts.head_address = f"{head.address}:{PORT}"
+        hosts.joined = hosts.hosts[:3]
         yield hosts
     finally:
         hosts.close()
+
+
+def join(hosts, host, token: Path) -> None:
+    hosts.run(host, "fleet", "join", f"{hosts.hosts[0].address}:{PORT}", "--address", host.address, "--cpus", 1,
+              "--memory-gib", 2, "--metrics-port", METRICS_PORT, "--temp-dir", host.temp, token=token)  # fmt: skip
 
 
 def trust(host, public_key: Path) -> None:

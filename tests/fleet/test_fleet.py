@@ -7,7 +7,7 @@ import threading
 import time
 
 import httpx
-from conftest import HTTP_PORT, trust
+from conftest import HTTP_PORT, METRICS_PORT, join, trust
 
 
 def fleet_cli(fleet, host, *args, check=True, timeout=300):
@@ -16,8 +16,25 @@ def fleet_cli(fleet, host, *args, check=True, timeout=300):
     )
 
 
-def status(fleet) -> dict:
-    return json.loads(fleet_cli(fleet, fleet.hosts[1], "status", "--prefix", fleet.shared, "--json").stdout)
+def wait_until(predicate, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(1)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+def status(fleet, host=None) -> dict:
+    """`fleet status --json`, from the second host (a node, not the head) unless told otherwise."""
+    host = host or fleet.hosts[1]
+    return json.loads(fleet_cli(fleet, host, "status", "--prefix", fleet.shared, "--json").stdout)
+
+
+def deploy(fleet, host, version: str) -> dict:
+    """Two replicas of tiny VERSION, four generations each: what the tests roll between."""
+    args = ("--replicas", 2, "--prefix", fleet.shared, "--port", HTTP_PORT, "--max-concurrency", 4, "--json")
+    return json.loads(fleet_cli(fleet, host, "deploy", "tiny", version, *args).stdout)
 
 
 def test_a_pushed_bundle_is_installed_on_every_node_and_served_through_each_nodes_proxy(fleet, fleet_bundles):
@@ -26,29 +43,12 @@ def test_a_pushed_bundle_is_installed_on_every_node_and_served_through_each_node
     pushed = json.loads(
         fleet_cli(fleet, fleet.hosts[0], "push", fleet_bundles["1.0.0"], "--prefix", fleet.shared, "--json").stdout
     )
-    assert sorted(n["node"] for n in pushed["nodes"]) == [h.address for h in fleet.hosts]
+    assert sorted(n["node"] for n in pushed["nodes"]) == [h.address for h in fleet.joined]
     assert all(n["ok"] and n["action"] == "installed" and n["version"] == "1.0.0" for n in pushed["nodes"])
-    for host in fleet.hosts:  # each host's own disk holds the release
+    for host in fleet.joined:  # each host's own disk holds the release
         assert (host.disk / "releases" / "tiny" / "1.0.0" / "manifest.json").is_file()
 
-    deployed = json.loads(
-        fleet_cli(
-            fleet,
-            fleet.hosts[1],
-            "deploy",
-            "tiny",
-            "1.0.0",
-            "--replicas",
-            2,
-            "--prefix",
-            fleet.shared,
-            "--port",
-            HTTP_PORT,
-            "--max-concurrency",
-            4,
-            "--json",
-        ).stdout
-    )
+    deployed = deploy(fleet, fleet.hosts[1], "1.0.0")
     assert deployed["status"]["status"] == "RUNNING" and deployed["previous"] is None
 
     # Serve runs a proxy on the head and on each node holding a replica: the same API through two of them
@@ -65,11 +65,31 @@ def test_a_pushed_bundle_is_installed_on_every_node_and_served_through_each_node
         assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
 
     now = status(fleet)
-    assert [n["address"] for n in now["nodes"]] == [h.address for h in fleet.hosts] and now["nodes"][0]["head"]
+    assert [n["address"] for n in now["nodes"]] == [h.address for h in fleet.joined] and now["nodes"][0]["head"]
     assert all(any(r["version"] == "1.0.0" for r in n["releases"]) for n in now["nodes"])
     model = now["models"]["tiny"]
     assert model["version"] == "1.0.0" and model["status"] == "RUNNING"
     assert model["deployments"]["tiny"]["replicas"] == {"RUNNING": 2}
+
+
+def test_each_nodes_metrics_port_shows_the_lmpack_metrics_of_its_replicas(fleet):
+    """Ray's Prometheus endpoint on a node with a replica carries that replica's lmpack counters, tagged."""
+    holding = [n["address"] for n in status(fleet)["nodes"] if n["proxy"] == "HEALTHY" and not n["head"]]
+    assert holding
+    # a proxy sends to a replica on its own node first (Serve's default): these generations are that replica's
+    body = {"model": "tiny", "prompt": "The railway", "max_tokens": 4, "temperature": 0}
+    for _ in range(3):
+        httpx.post(f"http://{holding[0]}:{HTTP_PORT}/v1/completions", json=body, timeout=60).raise_for_status()
+    url = f"http://{holding[0]}:{METRICS_PORT}/metrics"
+    found: list[str] = []
+
+    def copied() -> bool:
+        text = httpx.get(url, timeout=10).text
+        found[:] = [line for line in text.splitlines() if "lmpack_generated_tokens_total{" in line]
+        return any(float(line.rsplit(" ", 1)[1]) > 0 for line in found)
+
+    wait_until(copied, 90, f"lmpack's generated tokens counted at {url}")
+    assert all('model="tiny"' in line and f'node="{holding[0]}"' in line for line in found), found
 
 
 def test_a_node_that_does_not_trust_the_bundle_refuses_it_and_keeps_its_release(fleet, fleet_bundles):
@@ -138,24 +158,7 @@ def test_a_rolling_upgrade_under_load_fails_no_request_and_rolls_back(fleet):
     with Load(fleet) as load:
         time.sleep(2)
         before = load.ok
-        upgraded = json.loads(
-            fleet_cli(
-                fleet,
-                fleet.hosts[0],
-                "deploy",
-                "tiny",
-                "1.1.0",
-                "--replicas",
-                2,
-                "--prefix",
-                fleet.shared,
-                "--port",
-                HTTP_PORT,
-                "--max-concurrency",
-                4,
-                "--json",
-            ).stdout
-        )
+        upgraded = deploy(fleet, fleet.hosts[0], "1.1.0")
         during = load.ok - before
         time.sleep(1)
     seconds, failed = upgraded["seconds"], len(load.failed)
@@ -244,17 +247,21 @@ def test_a_version_that_never_becomes_healthy_is_replaced_by_the_one_before_and_
     assert load.failed == [] and load.ok > 0
 
 
-def running_replicas(fleet) -> int:
-    return status(fleet)["models"]["tiny"]["deployments"]["tiny"]["replicas"].get("RUNNING", 0)
+def test_a_host_that_joins_later_gets_the_served_release_with_push_sync(fleet):
+    late = fleet.hosts[3]
+    join(fleet, late, fleet.token)
+    fleet.joined.append(late)
+    nodes = {n["address"]: n for n in status(fleet)["nodes"]}
+    assert nodes[late.address]["releases"] == []
+    synced = json.loads(fleet_cli(fleet, fleet.hosts[1], "push", "--sync", "--prefix", fleet.shared, "--json").stdout)
+    assert [(n["node"], n["action"], n["version"]) for n in synced["nodes"]] == [(late.address, "installed", "1.0.0")]
+    assert (late.disk / "releases" / "tiny" / "current").resolve().name == "1.0.0"
+    again = json.loads(fleet_cli(fleet, fleet.hosts[1], "push", "--sync", "--prefix", fleet.shared, "--json").stdout)
+    assert again["nodes"] == []
 
 
-def wait_until(predicate, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(1)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+def running_replicas(fleet, host=None) -> int:
+    return status(fleet, host)["models"]["tiny"]["deployments"]["tiny"]["replicas"].get("RUNNING", 0)
 
 
 def test_a_queue_adds_a_replica_and_idleness_removes_it(fleet):
@@ -281,8 +288,12 @@ def test_a_worker_host_lost_under_load_has_its_replica_restarted_elsewhere(fleet
         time.sleep(2)
         lost.kill()
         killed_at, ok_at_kill = time.monotonic(), load.ok
+        head = fleet.hosts[0]  # asked from the head: a command on the lost host has no node to attach to
         restored = wait_until(
-            lambda: running_replicas(fleet) == 2 and lost.address not in [n["address"] for n in status(fleet)["nodes"]],
+            lambda: (
+                running_replicas(fleet, head) == 2
+                and lost.address not in [n["address"] for n in status(fleet, head)["nodes"]]
+            ),
             180,
             "two replicas again on the hosts left",
         )

@@ -89,3 +89,15 @@ def test_a_nodes_declared_memory_leaves_room_for_the_object_store_and_the_system
     assert sizes.memory_bytes + sizes.object_store_bytes < total
     assert sizes.cpus == len(os.sched_getaffinity(0))
     assert NodeSizes.of_host(cpus=1, memory_bytes=2**30).memory_bytes == 2**30
+
+
+def test_the_head_a_host_joined_is_noted_for_later_commands_there(tmp_path):
+    from lmpack.config.paths import config_home
+    from lmpack.fleet.cluster import local_address_towards, remember_head, remembered_head
+
+    assert remembered_head() is None
+    remember_head("10.0.0.1:6379")
+    assert remembered_head() == "10.0.0.1:6379"
+    (config_home() / "fleet-head.json").write_text("not json")
+    assert remembered_head() is None  # a damaged note is no address, never a crash
+    assert local_address_towards("127.0.0.1", 6379) == "127.0.0.1"
