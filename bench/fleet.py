@@ -1,5 +1,5 @@
 """The fleet against one server, in one run: throughput and latency with 1, 2 and 3 replicas behind Ray Serve's
-proxy, beside `lmpack serve` alone on one host; the proxy's overhead per request; the time to roll an upgrade;
+proxy (1 and 2 by default), beside `lmpack serve` alone on one host; the proxy's overhead per request; the time to roll an upgrade;
 the memory of each host (Ray's processes and the replicas).
 
 The hosts are network namespaces on one bridge, each with its own disk at the install path
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--replicas", default="1,2", help="replica counts to measure, comma-separated (at most hosts)")
     args = parser.parse_args()
     if os.environ.get("LMPACK_BENCH_ISOLATED") != "1":  # again, in a network namespace with loopback only
         script = 'ip link set lo up && exec "$@"'
@@ -165,7 +166,7 @@ def main() -> None:
 
         proxy = f"http://{head.address}:{HTTP_PORT}"
         result["fleet"] = {}
-        for replicas in (1, 2, 3):
+        for replicas in (int(n) for n in args.replicas.split(",")):
             started = time.monotonic()
             fleet("deploy", "bench", "1.0.0", "--replicas", replicas, "--prefix", hosts.shared,
                   "--served-model-name", "bench")  # fmt: skip
