@@ -1,6 +1,6 @@
-"""The fleet against one server, in one run: throughput and latency with 1, 2 and 3 replicas behind Ray Serve's
-proxy (1 and 2 by default), beside `lmpack serve` alone on one host; the proxy's overhead per request; the time to roll an upgrade;
-the memory of each host (Ray's processes and the replicas).
+"""The fleet against one server, in one run: throughput and latency with 1 and 2 replicas (--replicas) behind
+Ray Serve's proxy, beside `lmpack serve` alone on one host; the proxy's overhead per request; the time to roll an
+upgrade; the memory of each host (Ray's processes and the replicas).
 
 The hosts are network namespaces on one bridge, each with its own disk at the install path
 (tests/fleet/hosts.py), on this one machine: every host shares its CPUs, so more replicas cannot add
