@@ -89,7 +89,7 @@ def connected(address: str | None, token_file: Path | None) -> Iterator[None]:
     `fleet head`/`join` noted it, else Ray's own search for a local cluster)."""
     token = check_token_file(token_file)
     address = address or remembered_head()
-    os.environ.update(fleet_env(token))
+    os.environ.update(fleet_env(token))  # before Ray is imported: a process that imported it first kept no token
     import ray
 
     options: dict[str, Any] = {}

@@ -236,9 +236,10 @@ def test_failed_starts_back_off_doubling_to_the_maximum(tmp_path):
 
 
 def test_a_request_sent_to_a_hung_server_is_served_by_its_replacement(llama_variant, tmp_path, ports):
-    """The proxy holds requests for backend_wait_seconds (1 s here) while no server is ready, but noticing a hang
-    takes three missed probes (about 2 s here, 32 s with the defaults): a request that went to the hung server
-    waits on through the restart and is answered by the new server instead of a 503."""
+    """The proxy holds requests for backend_wait_seconds (3 s here) while no server is ready, but noticing a hang
+    takes five missed probes (about 5 s here, 32 s with the defaults): a request that went to the hung server
+    waits on through the restart and is answered by the new server instead of a 503. The wait (3 s from the loss
+    of the hung server) covers the new server's start with room on a loaded 2-core machine; 1 s did not, once."""
     import threading
 
     import httpx
@@ -250,9 +251,9 @@ def test_a_request_sent_to_a_hung_server_is_served_by_its_replacement(llama_vari
         server_port=server_port,
         agent_port=agent_port,
         serve_args=[],
-        interval=0.5,
-        misses=3,
-        extra="\n[switch]\nbackend_wait_seconds = 1\n",
+        interval=1.0,
+        misses=5,
+        extra="\n[switch]\nbackend_wait_seconds = 3\n",
     )
     with run_agent(config, tmp=tmp_path) as agent:
         old = agent.ready_pid()
