@@ -19,7 +19,7 @@ from typing import Any
 from lmpack.config.serve import ServeSettings
 from lmpack.errors import FleetError
 from lmpack.fleet.cluster import HEAD_RESOURCE, NAMESPACE, alive_nodes
-from lmpack.fleet.push import releases_by_node
+from lmpack.fleet.push import has_release, releases_by_node
 
 LEDGER = "lmpack-fleet-ledger"
 DEFAULT_HTTP_PORT = 8000
@@ -94,12 +94,9 @@ def deployed_releases() -> list[tuple[str, str]]:
 
 def _missing_release(request: DeployRequest) -> list[str]:
     """The alive nodes that do not have NAME VERSION installed (a replica there could not start)."""
-    missing = []
-    for node in releases_by_node(request.prefix):
-        have = {(r["name"], r["version"]) for r in node.get("releases", []) if not r.get("problem")}
-        if (request.name, request.version) not in have:
-            missing.append(node["node"])
-    return missing
+    nodes = alive_nodes()
+    installed = releases_by_node(nodes, request.prefix)
+    return [n.address for n in nodes if not has_release(installed[n.node_id], request.name, request.version)]
 
 
 def _replica_memory(request: DeployRequest) -> int:
@@ -304,13 +301,15 @@ def fleet_status(prefix: Path) -> dict[str, Any]:
     from ray import serve
 
     book = ledger()
-    releases = {r["node_id"]: r for r in releases_by_node(prefix)}
+    alive = alive_nodes()
+    installed = releases_by_node(alive, prefix)
     serve_status = serve.status()
     proxies = {node_id: str(getattr(p, "value", p)) for node_id, p in serve_status.proxies.items()}
     nodes = []
-    for node in alive_nodes():
+    for node in alive:
         entry = node.to_dict()
-        entry["releases"] = releases.get(node.node_id, {}).get("releases", [])
+        releases = installed[node.node_id]
+        entry["releases"] = [] if isinstance(releases, BaseException) else releases
         entry["proxy"] = proxies.get(node.node_id)
         nodes.append(entry)
     models = {}

@@ -63,11 +63,13 @@ def installed_here(prefix: str) -> list[dict[str, Any]]:
 
 def push(bundle: Path, *, prefix: Path, public_key: Path | None = None) -> list[dict[str, Any]]:
     """Install `bundle` on every alive node; one report per node, failures included (never raised per node)."""
+    import ray
+
     bundle = Path(bundle)
     if not bundle.is_file():
         raise FleetError(f"bundle {bundle} does not exist or is not a file")
     nodes = alive_nodes()
-    data = _put(bundle.read_bytes())
+    data = ray.put(bundle.read_bytes())
     results = on_each_node(nodes, install_here, data, str(prefix), str(public_key) if public_key else None)
     return [_report(node, results[node.node_id]) for node in nodes]
 
@@ -75,30 +77,32 @@ def push(bundle: Path, *, prefix: Path, public_key: Path | None = None) -> list[
 def sync(pairs: list[tuple[str, str]], *, prefix: Path, public_key: Path | None = None) -> list[dict[str, Any]]:
     """Install each release of `pairs` (NAME, VERSION) on the alive nodes that lack it, copied from a node that has
     it (node to node, through Ray's object store); one report per node and release installed."""
-    by_node = {n["node_id"]: n for n in releases_by_node(prefix)}
-    nodes = {n.node_id: n for n in alive_nodes()}
+    nodes = alive_nodes()
+    installed = releases_by_node(nodes, prefix)
     reports: list[dict[str, Any]] = []
     for name, version in pairs:
-        having = [i for i, n in by_node.items() if _has(n, name, version)]
-        lacking = [nodes[i] for i, n in by_node.items() if not _has(n, name, version) and i in nodes]
+        having = [n for n in nodes if has_release(installed[n.node_id], name, version)]
+        lacking = [n for n in nodes if n not in having]
         if not lacking:
             continue
         if not having:
             raise FleetError(f"no alive node has {name} {version} to copy", hint="lmpack fleet push BUNDLE")
-        data = on_node(nodes[having[0]], export_here, str(prefix), name, version)  # node to node, never here
+        data = on_node(having[0], export_here, str(prefix), name, version)  # node to node, never here
         results = on_each_node(lacking, install_here, data, str(prefix), str(public_key) if public_key else None)
         reports += [_report(node, results[node.node_id]) for node in lacking]
     return reports
 
 
-def _has(node: dict[str, Any], name: str, version: str) -> bool:
-    return any(r["name"] == name and r["version"] == version and not r.get("problem") for r in node.get("releases", []))
+def releases_by_node(nodes: list[Node], prefix: Path) -> dict[str, Any]:
+    """Node id -> the releases installed on it (`installed_here`), or the exception that node raised."""
+    return on_each_node(nodes, installed_here, str(prefix))
 
 
-def _put(data: bytes) -> Any:
-    import ray
-
-    return ray.put(data)
+def has_release(releases: Any, name: str, version: str) -> bool:
+    """Whether a node's `releases_by_node` entry holds NAME VERSION, undamaged (a node that failed holds nothing)."""
+    return not isinstance(releases, BaseException) and any(
+        r["name"] == name and r["version"] == version and not r["problem"] for r in releases
+    )
 
 
 def _report(node: Node, result: Any) -> dict[str, Any]:
@@ -107,14 +111,3 @@ def _report(node: Node, result: Any) -> dict[str, Any]:
         message = result.message if isinstance(result, LmpackError) else f"{type(result).__name__}: {result}"
         return {**report, "ok": False, "error": message}
     return {**report, "ok": True, **result}
-
-
-def releases_by_node(prefix: Path) -> list[dict[str, Any]]:
-    nodes = alive_nodes()
-    results = on_each_node(nodes, installed_here, str(prefix))
-    return [
-        {"node": n.address, "node_id": n.node_id, "head": n.head, "releases": results[n.node_id]}
-        if not isinstance(results[n.node_id], BaseException)
-        else {"node": n.address, "node_id": n.node_id, "head": n.head, "error": str(results[n.node_id])}
-        for n in nodes
-    ]
