@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ _token_option = click.option(
     "--token-file",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    envvar="LMPACK_FLEET_TOKEN_FILE",
     help="The fleet's token (mode 0600; the same file on every node) [env: LMPACK_FLEET_TOKEN_FILE].",
 )
 _address_option = click.option(
@@ -51,6 +50,19 @@ _temp_dir_option = click.option(
 )
 
 
+def _sizes_options(func: Callable) -> Callable:
+    """--cpus and --memory-gib: what a node offers Ray's scheduler (head and join alike)."""
+    func = click.option(
+        "--memory-gib",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Memory for replicas [default: the host's, less the object store and 1 GiB].",
+    )(func)
+    return click.option(
+        "--cpus", type=click.IntRange(min=1), default=None, help="CPUs for replicas [default: all usable]."
+    )(func)
+
+
 def _sizes(cpus: int | None, memory: int | None):
     from lmpack.fleet.node import GIB, NodeSizes
 
@@ -68,12 +80,10 @@ def _print_node(result: dict[str, Any], as_json: bool) -> None:
     )
 
 
-@contextlib.contextmanager
-def _attached(cluster: str | None, token_file: Path | None) -> Iterator[None]:
-    from lmpack.fleet.cluster import connected
+def _attached(cluster: str | None, token_file: Path | None) -> AbstractContextManager[None]:
+    from lmpack.fleet.cluster import connected  # Ray comes with it: only once a command runs
 
-    with connected(cluster, token_file):
-        yield
+    return connected(cluster, token_file)
 
 
 @click.group("fleet")
@@ -110,13 +120,7 @@ def token_command(path: Path) -> None:
 @click.option("--address", required=True, metavar="IP", help="This host's address on the cluster network.")
 @click.option("--port", type=click.IntRange(1, 65535), default=6379, show_default=True, help="Ray's port on the head.")
 @_token_option
-@click.option("--cpus", type=click.IntRange(min=1), default=None, help="CPUs for replicas [default: all usable].")
-@click.option(
-    "--memory-gib",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Memory for replicas [default: the host's, less the object store and 1 GiB].",
-)
+@_sizes_options
 @click.option(
     "--dashboard", is_flag=True, help="Also start Ray's dashboard on ADDRESS:8265 (it has no authentication)."
 )
@@ -150,13 +154,7 @@ def head_command(address, port, token_file, cpus, memory_gib, dashboard, metrics
 @click.argument("head")
 @click.option("--address", required=True, metavar="IP", help="This host's address on the cluster network.")
 @_token_option
-@click.option("--cpus", type=click.IntRange(min=1), default=None, help="CPUs for replicas [default: all usable].")
-@click.option(
-    "--memory-gib",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Memory for replicas [default: the host's, less the object store and 1 GiB].",
-)
+@_sizes_options
 @_metrics_port_option
 @_temp_dir_option
 @json_option

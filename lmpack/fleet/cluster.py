@@ -20,6 +20,7 @@ from typing import Any
 from lmpack.errors import FleetError
 from lmpack.fleet.token import check_token_file, ray_auth_env
 
+DEFAULT_PORT = 6379  # Ray's GCS port on the head, the one address a joining node or a command needs
 NAMESPACE = "lmpack"  # Ray namespace of the fleet's named actors
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource that only the head node has
 CONNECT_TIMEOUT_S = 5.0
@@ -94,7 +95,7 @@ def connected(address: str | None, token_file: Path | None) -> Iterator[None]:
 
     options: dict[str, Any] = {}
     if address is not None:
-        head = split_address(address, 6379)
+        head = split_address(address, DEFAULT_PORT)
         check_reachable(*head)
         # This process's address as the other nodes must reach it (the objects it puts live with it). Ray would
         # take the one that routes to 8.8.8.8, and on a network without a default route (air-gapped sites) falls

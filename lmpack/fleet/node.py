@@ -15,15 +15,14 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmpack import __version__
 from lmpack.errors import FleetError
-from lmpack.fleet.cluster import check_reachable, connected, fleet_env, remember_head, split_address
+from lmpack.fleet.cluster import DEFAULT_PORT, check_reachable, connected, fleet_env, remember_head, split_address
 from lmpack.fleet.token import check_token_file
 
-DEFAULT_PORT = 6379  # Ray's GCS port, the one address a joining node needs
 GIB = 1024**3
 OBJECT_STORE_SHARE = 0.2  # of the host's memory: room for a bundle in transit (Ray spills beyond it)
 MIN_OBJECT_STORE = GIB // 2
@@ -144,7 +143,7 @@ def start_head(
         "the head",
     )
     remember_head(f"{address}:{port}")
-    return {"role": "head", "address": f"{address}:{port}", "lmpack": __version__, **_sizes_dict(sizes)}
+    return {"role": "head", "address": f"{address}:{port}", "lmpack": __version__, **asdict(sizes)}
 
 
 def join(
@@ -171,7 +170,7 @@ def join(
             hint="install the same lmpack release (the same bundle) on every node",
         )
     remember_head(f"{host}:{port}")
-    return {"role": "worker", "address": address, "head": f"{host}:{port}", "lmpack": __version__, **_sizes_dict(sizes)}
+    return {"role": "worker", "address": address, "head": f"{host}:{port}", "lmpack": __version__, **asdict(sizes)}
 
 
 def _lmpack_versions() -> list[str]:
@@ -187,7 +186,3 @@ def leave(*, force: bool = False) -> None:
     done = subprocess.run(args, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise FleetError(f"`ray stop` failed: {(done.stderr or done.stdout).strip()[-300:]}")
-
-
-def _sizes_dict(sizes: NodeSizes) -> dict:
-    return {"cpus": sizes.cpus, "memory_bytes": sizes.memory_bytes, "object_store_bytes": sizes.object_store_bytes}

@@ -76,18 +76,3 @@ class LmpackReplica:
         state = self._lmpack_app.state.lmpack
         if state.status == "failed":
             raise RuntimeError(f"{self.spec.name} {self.spec.version}: {state.status_reason}")
-
-    def describe(self) -> dict[str, Any]:
-        """What `lmpack fleet status` shows of this replica."""
-        import ray
-
-        state = self._lmpack_app.state.lmpack
-        return {
-            "name": self.spec.name,
-            "version": self.spec.version,
-            "variant": self.variant_name,
-            "node": ray.get_runtime_context().get_node_id(),
-            "status": state.status,
-            "active": state.admission.active,
-            "waiting": state.admission.waiting,
-        }
