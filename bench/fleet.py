@@ -1,13 +1,16 @@
 """The fleet against one server, in one run: throughput and latency with 1 and 2 replicas (--replicas) behind
 Ray Serve's proxy, beside `lmpack serve` alone on one host; the proxy's overhead per request; the time to roll an
-upgrade; the memory of each host (Ray's processes and the replicas).
+upgrade; the memory of each host (Ray's processes and the replicas); then the head's loss: how long a worker's
+proxy keeps answering once the head's host is cut off, and how long the documented recovery takes (the head
+started again, the nodes joined again, the version deployed again).
 
 The hosts are network namespaces on one bridge, each with its own disk at the install path
 (tests/fleet/hosts.py), on this one machine: every host shares its CPUs, so more replicas cannot add
 throughput here beyond what the cores give; what this shows is the overhead of the fleet, not its scaling.
 Needs root; it runs itself under `unshare -n` (loopback only) so Ray's probes go nowhere.
 
-    sudo .venv/bin/python bench/fleet.py dist/smollm2-135m-instruct.q4-1-cpu-x86-int8 --clients 4 --seconds 20
+    sudo .venv/bin/python bench/fleet.py dist/smollm2-135m-instruct-cpu-x86-int8 --clients 4 --seconds 20 \
+        --json fleet.json --svg docs/img/fleet-smollm2.svg
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -98,6 +102,87 @@ def rss_mib(pids: list[int]) -> float:
     return round(total / 2**20, 1)
 
 
+def timeline(url: str, clients: int, seconds: float, event: Callable[[], None], at: float) -> dict:
+    """`clients` threads posting one-token completions to `url` for `seconds`, `event()` called `at` seconds in:
+    answered and failed requests in each second after the event, and the last second anything was answered."""
+    answered: list[float] = []
+    failed: list[float] = []
+    stop = time.monotonic() + seconds
+
+    def client() -> None:
+        with httpx.Client(timeout=10) as http:
+            while time.monotonic() < stop:
+                try:
+                    ok = http.post(url, json={**BODY, "max_tokens": 1, "model": "bench"}).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                (answered if ok else failed).append(time.monotonic())
+                if not ok:
+                    time.sleep(0.2)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    time.sleep(at)
+    event_at = time.monotonic()
+    event()
+    for thread in threads:
+        thread.join()
+    after = [t - event_at for t in answered if t >= event_at]
+    return {
+        "answered_before": len(answered) - len(after),
+        "answered_after": len(after),
+        "failed_after": sum(1 for t in failed if t >= event_at),
+        "last_answer_s": round(max(after), 1) if after else None,
+        "first_failure_s": round(min((t - event_at for t in failed if t >= event_at), default=-1), 1),
+    }
+
+
+def svg(result: dict) -> str:
+    """Tokens/s and p50/p99 latency of `lmpack serve` alone and of the fleet by replicas: bars, no plotting library."""
+    rows = [("lmpack serve, 1 host", result["serve"])]
+    rows += [(f"fleet, {n} replica{'s' if int(n) > 1 else ''}", row) for n, row in result["fleet"].items()]
+    bar_h, gap, left, width = 18, 8, 170, 260
+    panels = [("total tokens/s", "tokens_per_s", "#2b6cb0"), ("p50 / p99 latency, ms", "p99_ms", "#c05621")]
+    lines = [
+        f'<text x="10" y="18" font-weight="bold">SmolLM2 over Ray Serve: {result["clients"]} clients, '
+        f"{result['cpus']} cores shared by every host</text>"
+    ]
+    for column, (title, key, colour) in enumerate(panels):
+        x0 = left + column * (width + left)
+        top = max(row[key] or 0 for _, row in rows) or 1.0
+        lines.append(f'<text x="{x0 - left + 10}" y="42" font-weight="bold">{title}</text>')
+        for i, (label, row) in enumerate(rows):
+            y = 52 + i * (bar_h + gap)
+            w = (row[key] or 0) / top * width
+            text = f"{row['p50_ms']:.0f} / {row['p99_ms']:.0f}" if key == "p99_ms" else f"{row[key]:.0f}"
+            lines += [
+                f'<text x="{x0 - left + 10}" y="{y + 13}">{label}</text>',
+                f'<rect x="{x0}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{colour}" fill-opacity="0.5"/>',
+                f'<text x="{x0 + w + 4:.1f}" y="{y + 13}">{text}</text>',
+            ]
+            if key == "p99_ms":
+                w50 = (row["p50_ms"] or 0) / top * width
+                lines.append(f'<rect x="{x0}" y="{y}" width="{w50:.1f}" height="{bar_h}" fill="{colour}"/>')
+    height = 52 + len(rows) * (bar_h + gap) + 10
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * (left + width) + 60}" height="{height}" '
+        f'font-family="sans-serif" font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n'
+        + "\n".join(lines)
+        + "\n</svg>\n"
+    )
+
+
+def stop_tree(process: subprocess.Popen) -> None:
+    """SIGTERM to `process` and what it started (nsenter does not pass signals on to its child)."""
+    import psutil
+
+    for child in psutil.Process(process.pid).children(recursive=True):
+        child.terminate()
+    process.terminate()
+    process.wait(30)
+
+
 def wait_ready(url: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -116,6 +201,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--svg", type=Path, default=None, help="write the plot here")
+    parser.add_argument("--head-loss-seconds", type=float, default=150, help="how long to watch after the head's loss")
     parser.add_argument("--replicas", default="1,2", help="replica counts to measure, comma-separated (at most hosts)")
     args = parser.parse_args()
     if os.environ.get("LMPACK_BENCH_ISOLATED") != "1":  # again, in a network namespace with loopback only
@@ -152,7 +239,7 @@ def main() -> None:
         served = subprocess.Popen(
             other.command([str(Path(sys.executable).parent / "lmpack"), "serve",
                            str(hosts.shared / "releases" / "bench" / "current"), "--host", other.address, "--port",
-                           str(SERVE_PORT), "--served-model-name", "bench"], hosts.shared),
+                           str(SERVE_PORT), "--served-model-name", "bench"]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         direct = f"http://{other.address}:{SERVE_PORT}"
@@ -161,8 +248,7 @@ def main() -> None:
             result["serve"] = load(f"{direct}/v1/completions", args.clients, args.seconds)
             result["serve_one_token_ms"] = overhead(f"{direct}/v1/completions")
         finally:
-            served.terminate()
-            served.wait(30)
+            stop_tree(served)
 
         proxy = f"http://{head.address}:{HTTP_PORT}"
         result["fleet"] = {}
@@ -179,11 +265,31 @@ def main() -> None:
         started = time.monotonic()
         fleet("deploy", "bench", "1.0.1", "--replicas", 2, "--prefix", hosts.shared, "--served-model-name", "bench")
         result["roll_2_replicas_s"] = round(time.monotonic() - started, 1)
+
+        # the head's host cut off (every process, as a power cut) while clients use a worker's proxy
+        worker = next(n["address"] for n in fleet("status", "--prefix", hosts.shared)["nodes"]
+                      if n["replicas"] and not n["head"])  # fmt: skip
+        result["head_loss"] = timeline(f"http://{worker}:{HTTP_PORT}/v1/completions", 2, args.head_loss_seconds,
+                                       head.kill, at=5)  # fmt: skip
+        # the recovery docs/scale-out.md gives: the head again, each node out and in again, the version again
+        started = time.monotonic()
+        head.start(hosts.shared)
+        hosts.run(head, "fleet", "head", "--address", head.address, *node, "--temp-dir", head.temp, token=token)
+        for host in hosts.hosts[1:]:
+            hosts.run(host, "fleet", "leave", token=token)
+            hosts.run(host, "fleet", "join", f"{head.address}:6379", "--address", host.address, *node,
+                      "--temp-dir", host.temp, token=token)  # fmt: skip
+        fleet("deploy", "bench", "1.0.1", "--replicas", 2, "--prefix", hosts.shared, "--served-model-name", "bench")
+        result["head_recovery_s"] = round(time.monotonic() - started, 1)
+        overhead(f"{proxy}/v1/completions", n=3)  # it answers again
     finally:
         hosts.close()
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.svg:
+        args.svg.parent.mkdir(parents=True, exist_ok=True)
+        args.svg.write_text(svg(result))
 
 
 if __name__ == "__main__":

@@ -438,10 +438,11 @@ def status_command(prefix, cluster, token_file, as_json) -> None:
         return
     for node in status["nodes"]:
         releases = ", ".join(f"{r['name']} {r['version']}" + ("*" if r["current"] else "") for r in node["releases"])
+        held = ", ".join(f"{r['model']} {r['version']}" for r in node["replicas"])
         click.echo(
             f"{'head' if node['head'] else 'node'} {node['address']}: {node['cpus']:g} CPUs, "
             f"{node['memory_bytes'] / 2**30:.1f} GiB, {node['gpus']:g} GPUs; proxy {node['proxy'] or '-'}; "
-            f"releases: {releases or 'none'}"
+            f"releases: {releases or 'none'}; replicas: {held or 'none'}"
         )
     for name, model in status["models"].items():
         replicas = {}

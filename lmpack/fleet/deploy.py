@@ -25,6 +25,7 @@ LEDGER = "lmpack-fleet-ledger"
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_TIMEOUT_S = 600.0
 POLL_S = 1.0
+SERVE_NAMESPACE = "serve"  # where Ray Serve keeps its actors, the replicas among them
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,14 @@ class DeployRequest:
 
 
 class Ledger:
-    """The fleet's deploy history, per model: the requests that became healthy, oldest first. A detached actor
-    on the head, so a command on any node sees it."""
+    """The fleet's deploy history, per model: the requests that became healthy, oldest first; and where each
+    replica runs, as the replica reported it once ready (Serve's status counts replicas but does not place
+    them, and Ray's state API needs the dashboard). A detached actor on the head, so a command on any node
+    sees it."""
 
     def __init__(self) -> None:
         self.history: dict[str, list[DeployRequest]] = {}
+        self.replicas: dict[str, dict[str, str]] = {}
 
     def add(self, request: DeployRequest) -> None:
         self.history.setdefault(request.name, []).append(request)
@@ -65,6 +69,14 @@ class Ledger:
 
     def names(self) -> list[str]:
         return sorted(self.history)
+
+    def note_replica(self, actor_name: str, placed: dict[str, str]) -> None:
+        self.replicas[actor_name] = placed
+
+    def replicas_among(self, alive: set[str]) -> list[dict[str, str]]:
+        """The replicas whose actors are still alive (by Serve's actor name); the others are forgotten."""
+        self.replicas = {name: placed for name, placed in self.replicas.items() if name in alive}
+        return list(self.replicas.values())
 
 
 def ledger() -> Any:
@@ -275,6 +287,28 @@ def rollback(
     return deploy(replace(earlier[-1], timeout_s=timeout_s), on_phase=on_phase)
 
 
+def note_replica(name: str, version: str) -> None:
+    """Called by a replica once it is ready: the ledger learns its node for `fleet status`."""
+    import ray
+    from ray import serve
+
+    replica_id = serve.get_replica_context().replica_id
+    placed = {
+        "model": name,
+        "version": version,
+        "replica": replica_id.unique_id,
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }
+    ledger().note_replica.remote(replica_id.to_full_id_str(), placed)
+
+
+def _alive_replica_actors() -> set[str]:
+    """The names of Serve's replica actors that are alive (Serve names each after its replica's full id)."""
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == SERVE_NAMESPACE}
+
+
 def app_status(name: str) -> dict[str, Any]:
     from ray import serve
 
@@ -305,12 +339,17 @@ def fleet_status(prefix: Path) -> dict[str, Any]:
     installed = releases_by_node(alive, prefix)
     serve_status = serve.status()
     proxies = {node_id: str(getattr(p, "value", p)) for node_id, p in serve_status.proxies.items()}
+    replicas = ray.get(book.replicas_among.remote(_alive_replica_actors()))
     nodes = []
     for node in alive:
         entry = node.to_dict()
         releases = installed[node.node_id]
         entry["releases"] = [] if isinstance(releases, BaseException) else releases
         entry["proxy"] = proxies.get(node.node_id)
+        entry["replicas"] = sorted(
+            ({k: v for k, v in r.items() if k != "node_id"} for r in replicas if r["node_id"] == node.node_id),
+            key=lambda r: (r["model"], r["version"], r["replica"]),
+        )
         nodes.append(entry)
     models = {}
     for name in ray.get(book.names.remote()):

@@ -164,7 +164,7 @@ def join(
     with connected(f"{host}:{port}", token):
         versions = _lmpack_versions()
     if others := sorted({v for v in versions if v != __version__}):
-        leave(force=True)
+        leave()  # not --force: a raylet that stops in order leaves the fleet's node list at once
         raise FleetError(
             f"this node runs lmpack {__version__}, the fleet runs {', '.join(others)}; the node left again",
             hint="install the same lmpack release (the same bundle) on every node",

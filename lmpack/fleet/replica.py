@@ -19,6 +19,7 @@ from typing import Any
 from ray import serve
 
 from lmpack.config.serve import ServeSettings
+from lmpack.fleet.deploy import note_replica
 
 log = logging.getLogger("lmpack.fleet")
 
@@ -51,6 +52,7 @@ class LmpackReplica:
         state = self._lmpack_app.state.lmpack
         state.warm_up()  # before Serve routes here: a failure fails the replica, not a user's request
         self._mirror = self._mirror_metrics(state)
+        note_replica(spec.name, spec.version)
         log.info("%s %s: replica ready with %s", spec.name, spec.version, self.variant_name)
 
     def _mirror_metrics(self, state: Any) -> Any:

@@ -4,6 +4,8 @@ its own disk at the install path (hosts.py), the tiny Llama packed as signed bun
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,53 +17,69 @@ from hosts import Hosts, isolation_problem  # noqa: E402
 PORT = 6379
 HTTP_PORT = 8000
 METRICS_PORT = 9400
+# Serve's proxies send to a replica on their own node when there is one. The tests' clients all go through
+# the head's proxy, so with that preference a replica on the head would take every request and a lost
+# worker's replica none: spread, each proxy's requests reach every replica, and what a host's loss costs
+# is counted. The setting is Ray's, read by each node's processes from `ray start`'s environment.
+SPREAD = {"RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+
+
+def signed_bundles(variant: Path, root: Path, name: str, versions: tuple[str, ...]) -> dict[str, Path]:
+    """`variant` packed as bundle NAME in each of `versions`, signed by `key`; `other-key` is a key nobody trusts."""
+    from lmpack.bundle import pack, signing
+
+    made = {}
+    made["key"], made["pub"], _ = signing.keygen(root / "release")
+    made["other-key"], made["other-pub"], _ = signing.keygen(root / "other")
+    for version in versions:
+        path = pack.pack([variant], root / f"{name}-{version}.lmpack", name=name, version=version).path
+        pack.sign_bundle(path, made["key"])
+        made[version] = path
+    return made
 
 
 @pytest.fixture(scope="session")
 def fleet_bundles(llama_variant, tmp_path_factory) -> dict[str, Path]:
-    from lmpack.bundle import pack, signing
+    return signed_bundles(llama_variant, tmp_path_factory.mktemp("fleet-bundles"), "tiny", ("1.0.0", "1.1.0"))
 
-    root = tmp_path_factory.mktemp("fleet-bundles")
-    made = {}
-    made["key"], made["pub"], _ = signing.keygen(root / "release")
-    made["other-key"], made["other-pub"], _ = signing.keygen(root / "other")
-    for version in ("1.0.0", "1.1.0"):
-        path = pack.pack([llama_variant], root / f"tiny-{version}.lmpack", name="tiny", version=version).path
-        pack.sign_bundle(path, made["key"])
-        made[version] = path
-    return made
+
+@contextmanager
+def running_fleet(root: Path, public_key: Path, *, hosts: int, joined: int) -> Iterator[Hosts]:
+    """`hosts` hosts, the first a head and the next `joined - 1` joined to it; every host trusts `public_key`."""
+    if (why := isolation_problem()) is not None:
+        pytest.skip(why)
+    from lmpack.fleet.token import create_token
+
+    token = create_token(root / "fleet.token")
+    made = Hosts(root / "hosts", hosts)
+    try:
+        for host in made.hosts:
+            trust(host, public_key)
+        head = made.hosts[0]
+        made.run(head, "fleet", "head", "--address", head.address, "--port", PORT, "--cpus", 1, "--memory-gib", 2,
+                 "--metrics-port", METRICS_PORT, "--temp-dir", head.temp, token=token, env=SPREAD)  # fmt: skip
+        for host in made.hosts[1:joined]:
+            join(made, host, token)
+        made.token = token
+        made.head_address = f"{head.address}:{PORT}"
+        made.joined = made.hosts[:joined]
+        yield made
+    finally:
+        made.close()
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, fleet_bundles):
     """Four hosts: a head and two nodes that joined it, and a fourth that has not joined yet; every host trusts
     the release key (install.toml)."""
-    if (why := isolation_problem()) is not None:
-        pytest.skip(why)
-    from lmpack.fleet.token import create_token
-
-    root = tmp_path_factory.mktemp("fleet")
-    token = create_token(root / "fleet.token")
-    hosts = Hosts(root / "hosts", 4)
-    try:
-        for host in hosts.hosts:
-            trust(host, fleet_bundles["pub"])
-        head = hosts.hosts[0]
-        hosts.run(head, "fleet", "head", "--address", head.address, "--port", PORT, "--cpus", 1, "--memory-gib", 2,
-                  "--metrics-port", METRICS_PORT, "--temp-dir", head.temp, token=token)  # fmt: skip
-        for host in hosts.hosts[1:3]:
-            join(hosts, host, token)
-        hosts.token = token
-        hosts.head_address = f"{head.address}:{PORT}"
-        hosts.joined = hosts.hosts[:3]
+    with running_fleet(tmp_path_factory.mktemp("fleet"), fleet_bundles["pub"], hosts=4, joined=3) as hosts:
         yield hosts
-    finally:
-        hosts.close()
 
 
-def join(hosts, host, token: Path) -> None:
-    hosts.run(host, "fleet", "join", f"{hosts.hosts[0].address}:{PORT}", "--address", host.address, "--cpus", 1,
-              "--memory-gib", 2, "--metrics-port", METRICS_PORT, "--temp-dir", host.temp, token=token)  # fmt: skip
+def join(hosts, host, token: Path, *, check: bool = True, env: dict[str, str] | None = None):
+    return hosts.run(host, "fleet", "join", f"{hosts.hosts[0].address}:{PORT}", "--address", host.address, "--cpus",
+                     1, "--memory-gib", 2, "--metrics-port", METRICS_PORT, "--temp-dir", host.temp, token=token,
+                     check=check, env={**SPREAD, **(env or {})})  # fmt: skip
 
 
 def trust(host, public_key: Path) -> None:
