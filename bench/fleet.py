@@ -149,7 +149,7 @@ def svg(result: dict) -> str:
         f"{result['cpus']} cores shared by every host</text>"
     ]
     for column, (title, key, colour) in enumerate(panels):
-        x0 = left + column * (width + left)
+        x0 = left + column * (width + left + 80)  # room for the values after the first panel's bars
         top = max(row[key] or 0 for _, row in rows) or 1.0
         lines.append(f'<text x="{x0 - left + 10}" y="42" font-weight="bold">{title}</text>')
         for i, (label, row) in enumerate(rows):
@@ -166,7 +166,7 @@ def svg(result: dict) -> str:
                 lines.append(f'<rect x="{x0}" y="{y}" width="{w50:.1f}" height="{bar_h}" fill="{colour}"/>')
     height = 52 + len(rows) * (bar_h + gap) + 10
     return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * (left + width) + 60}" height="{height}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * (left + width) + 160}" height="{height}" '
         f'font-family="sans-serif" font-size="12">\n<rect width="100%" height="100%" fill="white"/>\n'
         + "\n".join(lines)
         + "\n</svg>\n"
@@ -234,7 +234,7 @@ def main() -> None:
 
         fleet("push", bundles["1.0.0"], "--prefix", hosts.shared)
 
-        # one lmpack serve on host 2, the baseline
+        # one lmpack serve on host 2, the baseline, with the settings a replica gets by default
         other = hosts.hosts[1]
         served = subprocess.Popen(
             other.command([str(Path(sys.executable).parent / "lmpack"), "serve",
