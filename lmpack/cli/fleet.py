@@ -217,7 +217,8 @@ def push_command(bundle, sync, prefix, public_key, cluster, token_file, quiet, a
 
     Each node runs the same install as `lmpack install` (signature, every hash, the release venv, the atomic
     switch); a node that refuses the bundle is named and keeps its old release. With --sync, a node that joined
-    later gets the releases the fleet serves, copied from a node that has them and verified the same way.
+    later gets the releases the fleet serves, copied from a node that has them and verified the same way; a
+    node whose copy no longer matches its manifest is named DAMAGED and the copy is taken from another.
     Exits 24 if any node failed.
 
     \b
@@ -253,10 +254,10 @@ def push_command(bundle, sync, prefix, public_key, cluster, token_file, quiet, a
         click.echo(
             f"{r['node']}: {r['action']} {r['name']} {r['version']}"
             if r["ok"]
-            else f"{r['node']}: REFUSED: {r['error']}"
+            else f"{r['node']}: {'DAMAGED' if r.get('action') == 'damaged' else 'REFUSED'}: {r['error']}"
         )
     if failed:
-        raise FleetError(f"{len(failed)} of {len(reports)} installs failed, on {', '.join(failed)}")
+        raise FleetError(f"{len(failed)} of {len(reports)} nodes failed: {', '.join(failed)}")
 
 
 @fleet_group.command("deploy")

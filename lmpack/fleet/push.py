@@ -5,6 +5,7 @@ The bundle travels once into Ray's object store and from there to each node over
 bundle/install.py's install: the node's own trust (its install.toml, or --public-key as a path on the node),
 every hash, the release venv from the bundled wheels, then the atomic switch of `current`. A node that refuses
 the bundle keeps what it had; the others are not undone. Pushing a version a node has is a no-op there.
+`push --sync` copies a release from a node that has it, after checking that node's copy against its manifest.
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ def export_here(prefix: str, name: str, version: str) -> bytes:
         return path.read_bytes()
 
 
+def damage_here(prefix: str, name: str, version: str) -> str | None:
+    """Runs on a node: why its installed NAME VERSION no longer matches its manifest (the first file that
+    differs), or None. Read before a copy is made from it, so a damaged copy is named and another taken."""
+    from lmpack.bundle.releases import release_dir
+    from lmpack.bundle.verify import DirBundle, check_contents
+
+    with DirBundle(release_dir(Path(prefix), name, version)) as bundle:
+        problems = check_contents(bundle, stop_at_first=True)
+    return problems[0] if problems else None
+
+
 def installed_here(prefix: str) -> list[dict[str, Any]]:
     """Runs on a node: the releases under `prefix`, as `lmpack list` shows them."""
     from lmpack.bundle.install import list_releases
@@ -87,10 +99,34 @@ def sync(pairs: list[tuple[str, str]], *, prefix: Path, public_key: Path | None 
             continue
         if not having:
             raise FleetError(f"no alive node has {name} {version} to copy", hint="lmpack fleet push BUNDLE")
-        data = on_node(having[0], export_here, str(prefix), name, version)  # node to node, never here
+        source, damaged = _undamaged_source(having, prefix, name, version)
+        reports += damaged
+        if source is None:
+            continue  # every copy is damaged: each is named, and the nodes that lack it are left as they are
+        data = on_node(source, export_here, str(prefix), name, version)  # node to node, never here
         results = on_each_node(lacking, install_here, data, str(prefix), str(public_key) if public_key else None)
         reports += [_report(node, results[node.node_id]) for node in lacking]
     return reports
+
+
+def _undamaged_source(
+    having: list[Node], prefix: Path, name: str, version: str
+) -> tuple[Node | None, list[dict[str, Any]]]:
+    """The first node of `having` whose NAME VERSION still matches its manifest, and a failed report for each
+    node before it whose copy does not (its release is left as it is: `lmpack fleet push BUNDLE` repairs it)."""
+    import ray
+
+    damaged: list[dict[str, Any]] = []
+    for node in having:
+        try:
+            problem = ray.get(on_node(node, damage_here, str(prefix), name, version))
+        except ray.exceptions.RayError as exc:
+            problem = f"could not be read there: {type(exc).__name__}"
+        if problem is None:
+            return node, damaged
+        error = FleetError(f"its {name} {version} no longer matches its manifest ({problem}); not copied from it")
+        damaged.append({**_report(node, error), "action": "damaged"})
+    return None, damaged
 
 
 def releases_by_node(nodes: list[Node], prefix: Path) -> dict[str, Any]:

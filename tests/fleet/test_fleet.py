@@ -211,15 +211,35 @@ def test_a_host_with_another_lmpack_is_refused_at_join_and_leaves_again(fleet, t
     wait_until(lambda: [n["address"] for n in status(fleet)["nodes"]] == joined, 30, "the refused node gone")
 
 
-def test_a_host_that_joins_later_gets_the_served_release_with_push_sync(fleet):
+def test_a_host_that_joins_later_gets_the_served_release_with_push_sync_from_an_intact_copy(fleet):
     late = fleet.hosts[3]
     join(fleet, late, fleet.token)
     fleet.joined.append(late)
     nodes = {n["address"]: n for n in status(fleet)["nodes"]}
     assert nodes[late.address]["releases"] == []
-    synced = json.loads(fleet_cli(fleet, fleet.hosts[1], "push", "--sync", "--prefix", fleet.shared, "--json").stdout)
-    assert [(n["node"], n["action"], n["version"]) for n in synced["nodes"]] == [(late.address, "installed", "1.0.0")]
+
+    # a file altered in the head's release (the first node a copy would come from): the head is named, its
+    # release left as it is, and the late host gets its copy from the next node that has an intact one
+    head = fleet.hosts[0]
+    release = head.disk / "releases" / "tiny" / "1.0.0"
+    head_current = (head.disk / "releases" / "tiny" / "current").resolve()
+    listed = [f["path"] for f in json.loads((release / "manifest.json").read_text())["files"]]
+    altered = min((release / p for p in listed if p.endswith(".json")), key=lambda f: f.stat().st_size)
+    original = altered.read_bytes()
+    altered.write_bytes(original.replace(b"{", b"[", 1))
+    try:
+        done = fleet_cli(fleet, fleet.hosts[1], "push", "--sync", "--prefix", fleet.shared, "--json", check=False)
+    finally:
+        altered.write_bytes(original)
+    assert done.returncode == 24, done.stderr
+    reports = {n["node"]: n for n in json.loads(done.stdout)["nodes"]}
+    assert sorted(reports) == sorted([head.address, late.address])
+    assert reports[head.address]["action"] == "damaged" and not reports[head.address]["ok"]
+    assert altered.relative_to(release).as_posix() in reports[head.address]["error"], reports[head.address]
+    assert reports[late.address]["ok"] and reports[late.address]["action"] == "installed"
     assert (late.disk / "releases" / "tiny" / "current").resolve().name == "1.0.0"
+    assert (head.disk / "releases" / "tiny" / "current").resolve() == head_current
+
     again = json.loads(fleet_cli(fleet, fleet.hosts[1], "push", "--sync", "--prefix", fleet.shared, "--json").stdout)
     assert again["nodes"] == []
 
