@@ -67,6 +67,9 @@ def _ray_executable() -> str:
 def check_port_free(host: str, port: int) -> None:
     """Refuse a head whose port is taken (or whose address is not this host's) before Ray tries."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as Ray's GCS binds (gRPC sets it): connections a crashed head left in TIME_WAIT do not hold the port,
+        # a listening socket does. Without it a head restarted within a minute of a crash was refused.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

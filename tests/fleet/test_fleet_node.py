@@ -58,6 +58,27 @@ def test_a_head_on_a_taken_port_is_refused_before_ray_starts(lmpack_cli, tmp_pat
     assert f"cannot use 127.0.0.1:{port}" in result.stderr
 
 
+def test_a_port_that_a_crashed_head_left_with_closed_connections_is_free_again():
+    """The head's side closed its connections first (as a killed GCS's do), which leaves them in TIME_WAIT on its
+    port for a minute: a head started again at once must not be refused for them."""
+    from lmpack.fleet.node import check_port_free
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's servers (Ray's GCS) do
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server's side closes first: its end goes to TIME_WAIT
+        client.recv(1)
+        client.close()
+    with pytest.raises(OSError):  # what a plain bind says, the refusal this test is about
+        with socket.socket() as plain:
+            plain.bind(("127.0.0.1", port))
+    check_port_free("127.0.0.1", port)
+
+
 def test_joining_an_unreachable_head_is_named_at_once(lmpack_cli, tmp_path):
     token = create_token(tmp_path / "fleet.token")
     with socket.socket() as closed:  # a port that nothing listens on
